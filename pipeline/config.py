@@ -1,0 +1,293 @@
+"""One typed configuration tree, resolved once: ``configs/default.yaml`` -> preset -> ``key=value``.
+
+``configs/default.yaml`` holds every key with its default (the paper's recipe); a preset only overrides;
+command-line ``key=value`` pairs override both (values are parsed as YAML, so ``optim.epochs=3`` is an
+int and ``augment.blur_p=[1,0.1,0.5]`` a list). The merged tree is validated by pydantic with unknown
+keys forbidden, and every problem is reported as one line naming the key, value and file::
+
+    cfg = load_config("configs/local.yaml", ["optim.epochs=2"])
+    cfg.optim.epochs  # 2
+
+Validation runs on the driver before any Ray resources are requested.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+DEFAULTS_FILE = CONFIG_DIR / "default.yaml"
+
+Prob = Field(ge=0.0, le=1.0)
+
+
+class ConfigError(ValueError):
+    """A configuration problem, always a single line naming the key, value or file."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _range(v: tuple[float, float], lo: float, hi: float, name: str) -> tuple[float, float]:
+    if not (lo <= v[0] <= v[1] <= hi):
+        raise ValueError(f"{name} must satisfy {lo} <= low <= high <= {hi}, got {list(v)}")
+    return v
+
+
+class DataConfig(_Section):
+    root: str | None
+    train_split: str
+    val_split: str | None
+    synthetic_dir: str
+    synthetic_train: int = Field(gt=0)
+    synthetic_val: int = Field(gt=0)
+    synthetic_image_size: int = Field(ge=16, le=1024)
+
+
+class AugmentConfig(_Section):
+    global_size: int = Field(ge=8, le=1024)
+    local_size: int = Field(ge=8, le=1024)
+    n_local: int = Field(ge=0, le=32)
+    global_scale: tuple[float, float]
+    local_scale: tuple[float, float]
+    ratio: tuple[float, float]
+    flip_p: float = Prob
+    jitter_p: float = Prob
+    brightness: float = Field(ge=0.0)
+    contrast: float = Field(ge=0.0)
+    saturation: float = Field(ge=0.0)
+    hue: float = Field(ge=0.0, le=0.5)
+    grayscale_p: float = Prob
+    blur_sigma: tuple[float, float]
+    blur_p: tuple[float, float, float]
+    solarize_p: tuple[float, float, float]
+    solarize_threshold: int = Field(ge=0, le=256)
+
+    @field_validator("global_scale", "local_scale")
+    @classmethod
+    def _scale(cls, v, info):
+        return _range(v, 1e-4, 1.0, info.field_name)
+
+    @field_validator("ratio")
+    @classmethod
+    def _ratio(cls, v):
+        return _range(v, 1e-2, 1e2, "ratio")
+
+    @field_validator("blur_sigma")
+    @classmethod
+    def _sigma(cls, v):
+        return _range(v, 1e-3, 100.0, "blur_sigma")
+
+    @field_validator("blur_p", "solarize_p")
+    @classmethod
+    def _probs(cls, v, info):
+        if not all(0.0 <= p <= 1.0 for p in v):
+            raise ValueError(f"{info.field_name} entries must lie in [0, 1], got {list(v)}")
+        return v
+
+    @model_validator(mode="after")
+    def _sizes(self):
+        if self.local_size > self.global_size:
+            raise ValueError(f"local_size {self.local_size} must not exceed global_size {self.global_size}")
+        return self
+
+
+class ModelConfig(_Section):
+    arch: str
+    model_kwargs: dict[str, Any]
+    drop_path_rate: float = Field(ge=0.0, lt=1.0)
+    out_dim: int = Field(gt=0)
+    hidden_dim: int = Field(gt=0)
+    bottleneck_dim: int = Field(gt=0)
+    norm_last_layer: bool
+
+
+class OptimConfig(_Section):
+    epochs: int = Field(gt=0)
+    batch_size_per_worker: int = Field(gt=0)
+    base_lr: float = Field(gt=0.0)
+    min_lr: float = Field(ge=0.0)
+    warmup_epochs: int = Field(ge=0)
+    weight_decay: float = Field(ge=0.0)
+    weight_decay_end: float = Field(ge=0.0)
+    clip_grad: float
+    freeze_last_layer_epochs: int = Field(ge=0)
+
+    @model_validator(mode="after")
+    def _warmup(self):
+        if self.warmup_epochs > self.epochs:
+            raise ValueError(f"warmup_epochs {self.warmup_epochs} exceeds epochs {self.epochs}")
+        return self
+
+
+class LossConfig(_Section):
+    student_temp: float = Field(gt=0.0)
+    teacher_temp: float = Field(gt=0.0)
+    warmup_teacher_temp: float = Field(gt=0.0)
+    warmup_teacher_temp_epochs: int = Field(ge=0)
+    momentum_teacher: float = Field(ge=0.0, le=1.0)
+    center_momentum: float = Field(ge=0.0, lt=1.0)
+
+
+class RayConfig(_Section):
+    address: str | None
+    num_workers: int = Field(gt=0)
+    use_gpu: Literal["auto"] | bool
+    cpus_per_worker: float = Field(gt=0.0)
+    augment_actors_min: int = Field(ge=1)
+    augment_actors_max: int = Field(ge=1)
+    augment_cpus_per_actor: float = Field(gt=0.0)
+    augment_batch_size: int = Field(gt=0)
+    storage_path: str
+    checkpoint_every_epochs: int = Field(gt=0)
+    num_to_keep: int = Field(gt=0)
+    max_failures: int = Field(ge=-1)
+
+    @model_validator(mode="after")
+    def _pool(self):
+        if self.augment_actors_min > self.augment_actors_max:
+            raise ValueError(
+                f"augment_actors_min {self.augment_actors_min} exceeds augment_actors_max {self.augment_actors_max}"
+            )
+        return self
+
+
+class TrackingConfig(_Section):
+    tracking_uri: str | None
+    experiment: str | None
+    run_name: str | None
+    log_every_steps: int = Field(gt=0)
+
+
+class KnnConfig(_Section):
+    k: int = Field(gt=0)
+    temperature: float = Field(gt=0.0)
+    batch_size: int = Field(gt=0)
+    actors: int = Field(gt=0)
+
+
+class Config(_Section):
+    """The resolved configuration of one run (every key of ``configs/default.yaml``)."""
+
+    seed: int
+    output_dir: str
+    data: DataConfig
+    augment: AugmentConfig
+    model: ModelConfig
+    optim: OptimConfig
+    loss: LossConfig
+    ray: RayConfig
+    tracking: TrackingConfig
+    knn: KnnConfig
+    preset: str = "default"  # filled by load_config: the preset file's stem
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def flat(self) -> dict[str, Any]:
+        """``{"optim.base_lr": 0.0005, ...}`` for MLflow params (sections flattened one level)."""
+        out: dict[str, Any] = {}
+        for key, value in self.to_dict().items():
+            if isinstance(value, dict):
+                out.update({f"{key}.{k}": v for k, v in value.items()})
+            else:
+                out[key] = value
+        return out
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+    return data
+
+
+def _merge(base: dict[str, Any], override: dict[str, Any], source: str, prefix: str = "") -> None:
+    """Recursively merge ``override`` into ``base``; keys must already exist in ``base``."""
+    for key, value in override.items():
+        dotted = f"{prefix}{key}"
+        if key not in base:
+            known = ", ".join(sorted(base)) if isinstance(base, dict) else ""
+            raise ConfigError(f"unknown config key '{dotted}' in {source} (known here: {known})")
+        if isinstance(base[key], dict) and key != "model_kwargs":
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key '{dotted}' in {source} is a section; got value {value!r}")
+            _merge(base[key], value, source, dotted + ".")
+        else:
+            base[key] = value
+
+
+def _dotlist(items: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form key=value")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError:
+            value = raw
+        node = out
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return out
+
+
+def _format_error(err: ValidationError, source: str) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"])
+    msg = first["msg"].removeprefix("Value error, ")
+    value = first.get("input")
+    shown = "" if isinstance(value, dict) else f" (got {value!r})"
+    more = f" [+{err.error_count() - 1} more]" if err.error_count() > 1 else ""
+    return f"invalid config value '{loc}'{shown}: {msg} [{source}]{more}"
+
+
+def resolve_preset(config: str | Path | None) -> Path | None:
+    """A preset path, or a bare name looked up in ``configs/`` (``local`` -> configs/local.yaml)."""
+    if config is None:
+        return None
+    path = Path(config)
+    if not path.exists() and not path.suffix:
+        path = CONFIG_DIR / f"{config}.yaml"
+    return path
+
+
+def load_config(config: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Resolve defaults -> preset -> overrides into a validated :class:`Config`.
+
+    Raises:
+        ConfigError: one line naming the file, key or value at fault.
+    """
+    tree = _read_yaml(DEFAULTS_FILE)
+    preset = resolve_preset(config)
+    sources = [str(DEFAULTS_FILE)]
+    if preset is not None:
+        _merge(tree, _read_yaml(preset), str(preset))
+        sources.append(str(preset))
+        tree["preset"] = preset.stem
+    if overrides:
+        _merge(tree, _dotlist(list(overrides)), "command line")
+        sources.append("command line")
+    try:
+        return Config.model_validate(copy.deepcopy(tree))
+    except ValidationError as e:
+        raise ConfigError(_format_error(e, " -> ".join(Path(s).name for s in sources))) from None
+
+
+def config_from_dict(tree: dict[str, Any]) -> Config:
+    """Rebuild a Config from ``Config.to_dict()`` output (e.g. inside a Ray worker or a checkpoint)."""
+    return Config.model_validate(tree)
