@@ -144,6 +144,7 @@ class RayConfig(_Section):
     augment_actors_max: int = Field(ge=1)
     augment_cpus_per_actor: float = Field(gt=0.0)
     augment_batch_size: int = Field(gt=0)
+    read_cpus_per_task: float = Field(gt=0.0)
     storage_path: str
     checkpoint_every_epochs: int = Field(gt=0)
     num_to_keep: int = Field(gt=0)

@@ -123,20 +123,25 @@ class MultiCropMapper:
         }
 
 
-def read_shards(paths: list[str], *, shuffle: bool = True) -> ray.data.Dataset:
-    """Raw webdataset rows (``__key__``, ``jpg``, ``cls`` as bytes); file order shuffled per epoch."""
+def read_shards(paths: list[str], *, shuffle: bool = True, num_cpus: float = 1.0) -> ray.data.Dataset:
+    """Raw webdataset rows (``__key__``, ``jpg``, ``cls`` as bytes); file order shuffled per epoch.
+
+    Read tasks only move bytes; ``num_cpus`` below 1 lets them fit beside train workers and
+    augmentation actors on small machines (a read task that cannot be scheduled stalls the pipeline).
+    """
     return ray.data.read_webdataset(
         paths,
         decoder=None,
         shuffle="files" if shuffle else None,
         include_paths=False,
+        num_cpus=num_cpus,
     )
 
 
 def multicrop_dataset(paths: list[str], cfg: Config, counter_name: str = COUNTER_NAME) -> ray.data.Dataset:
     """Shards -> multi-crop batches on an autoscaling actor pool (``ray.augment_actors_min..max``)."""
     r = cfg.ray
-    return read_shards(paths).map_batches(
+    return read_shards(paths, num_cpus=r.read_cpus_per_task).map_batches(
         MultiCropMapper,
         fn_constructor_kwargs={"spec": spec_from_config(cfg.augment), "seed": cfg.seed, "counter_name": counter_name},
         batch_size=r.augment_batch_size,

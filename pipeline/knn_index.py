@@ -48,6 +48,10 @@ class EmbedMapper:
         torch.manual_seed(spec.seed)
         self.model = timm.create_model(spec.arch, pretrained=False, num_classes=0, **spec.timm_kwargs)
         if weights is not None:
+            import ray
+
+            if isinstance(weights, ray.ObjectRef):  # shipped once through the object store
+                weights = ray.get(weights)
             self.model.load_state_dict(weights)
         self.model.eval()
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -89,12 +93,22 @@ class Embeddings:
     keys: np.ndarray  # (N,) str
 
 
-def embed(paths: list[str], spec: BackboneSpec, weights: dict[str, torch.Tensor] | None, *, batch_size: int, actors: int) -> Embeddings:
+def embed(
+    paths: list[str],
+    spec: BackboneSpec,
+    weights: dict[str, torch.Tensor] | None,
+    *,
+    batch_size: int,
+    actors: int,
+    read_cpus: float = 1.0,
+) -> Embeddings:
     """Ray Data batch inference over ``paths``; rows come back sorted by key (a stable order)."""
     import ray
 
     weights_ref = ray.put(weights) if weights is not None else None
-    ds = ray.data.read_webdataset(paths, decoder=None).map_batches(
+    from pipeline.data import read_shards
+
+    ds = read_shards(paths, shuffle=False, num_cpus=read_cpus).map_batches(
         EmbedMapper,
         fn_constructor_kwargs={"spec": spec, "weights": weights_ref},
         batch_size=batch_size,
@@ -181,8 +195,8 @@ def evaluate_teacher(cfg, req: KnnRequest, teacher_dir: Path, *, random_baseline
     kn = cfg.knn
     results: dict[str, Any] = {}
     for name, weights in [("teacher", model.state_dict())] + ([("random_init", None)] if random_baseline else []):
-        db = embed(train.paths, spec, weights, batch_size=kn.batch_size, actors=kn.actors)
-        queries = embed(val.paths, spec, weights, batch_size=kn.batch_size, actors=kn.actors)
+        db = embed(train.paths, spec, weights, batch_size=kn.batch_size, actors=kn.actors, read_cpus=cfg.ray.read_cpus_per_task)
+        queries = embed(val.paths, spec, weights, batch_size=kn.batch_size, actors=kn.actors, read_cpus=cfg.ray.read_cpus_per_task)
         if (db.labels < 0).any():
             raise ValueError(f"split '{req.train_split}' of {req.data_root} has unlabelled samples: k-NN voting needs labels")
         num_classes = len(train.classes) if train.classes else int(max(db.labels.max(), queries.labels.max())) + 1

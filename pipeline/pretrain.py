@@ -53,10 +53,10 @@ def ensure_data(cfg: Config) -> str:
     """The dataset root: ``data.root``, or the synthetic demo dataset (generated once) when it is null."""
     if cfg.data.root is not None:
         return cfg.data.root
-    from pipeline.synthetic import make_synthetic_dataset
+    from pipeline.synthetic import VERSION, make_synthetic_dataset
 
     d = cfg.data
-    out = Path(d.synthetic_dir) / f"shapes-{d.synthetic_image_size}px-{d.synthetic_train}-{d.synthetic_val}-s{cfg.seed}"
+    out = Path(d.synthetic_dir) / f"shapes-v{VERSION}-{d.synthetic_image_size}px-{d.synthetic_train}-{d.synthetic_val}-s{cfg.seed}"
     if not (out / "index.json").is_file():
         log.info("no data.root given: generating the synthetic shapes dataset in %s", out)
         make_synthetic_dataset(

@@ -1,0 +1,80 @@
+"""Fixtures for tests that need real services: a local Ray cluster and an MLflow tracking server.
+
+Both are started for real (no mocks) and shared by the whole session; tests that need them are marked
+``ray`` and skip cleanly where Ray or MLflow cannot start.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_http(url: str, timeout: float, proc: subprocess.Popen) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            return False
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return True
+        except OSError:
+            time.sleep(0.5)
+    return False
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """``mlflow server`` on 127.0.0.1 with a SQLite backend and a temp artifact root; yields its URI."""
+    if shutil.which("mlflow") is None and not (Path(sys.executable).parent / "mlflow").exists():
+        pytest.skip("mlflow CLI not installed")
+    root = tmp_path_factory.mktemp("mlflow")
+    port = free_port()
+    exe = str(Path(sys.executable).parent / "mlflow")
+    log = open(root / "server.log", "w")
+    proc = subprocess.Popen(
+        [exe, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{root}/mlflow.db", "--artifacts-destination", str(root / "artifacts")],
+        stdout=log, stderr=subprocess.STDOUT, cwd=root,
+    )
+    uri = f"http://127.0.0.1:{port}"
+    if not _wait_http(f"{uri}/health", 90, proc):
+        proc.kill()
+        pytest.skip(f"mlflow server did not start; see {root / 'server.log'}")
+    yield uri
+    proc.terminate()
+    try:
+        proc.wait(15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log.close()
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A local 2-CPU Ray cluster (dashboard on 127.0.0.1, progress bars off) shared by the session."""
+    ray = pytest.importorskip("ray")
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False,
+                 runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
+    yield ray
+    ray.shutdown()

@@ -1,0 +1,67 @@
+"""Bad input to the jobs: one-line error naming the problem, exit code 2, and Ray never started."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+
+import pytest
+
+
+def _tar(path, members):
+    with tarfile.open(path, "w") as tf:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+
+
+@pytest.fixture
+def no_ray_started():
+    ray = pytest.importorskip("ray")
+    assert not ray.is_initialized()
+    yield
+    assert not ray.is_initialized(), "a bad-input path requested Ray resources"
+
+
+def _run(main, argv, capsys):
+    code = main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    return code, [line for line in err if line.startswith("error:")]
+
+
+@pytest.mark.parametrize(
+    "make, overrides, needle",
+    [
+        (lambda d: None, ["data.root={d}/missing"], "missing does not exist"),
+        (lambda d: d.mkdir(), ["data.root={d}"], "no shards"),
+        (lambda d: (d.mkdir(), _tar(d / "train-000000.tar", [("a.txt", b"hi"), ("a.cls", b"1")])), ["data.root={d}"], "image"),
+        (lambda d: None, ["optim.epochz=3"], "unknown config key 'optim.epochz'"),
+        (lambda d: None, ["optim.clip_grad=abc"], "'optim.clip_grad'"),
+        (lambda d: None, ["loss.teacher_temp=0"], "'loss.teacher_temp' (got 0)"),
+        (lambda d: None, ["data.synthetic_dir={d}", "optim.batch_size_per_worker=100000"], "fewer than one global batch"),
+    ],
+)
+def test_pretrain_rejects_bad_input_before_ray(tmp_path, capsys, no_ray_started, make, overrides, needle):
+    from jobs.pretrain import main
+
+    d = tmp_path / "data"
+    make(d)
+    argv = ["--config", "smoke", *(o.format(d=d) for o in overrides)]
+    code, errors = _run(main, argv, capsys)
+    assert code == 2
+    assert len(errors) == 1 and needle in errors[0], errors
+
+
+def test_missing_preset_file_is_named(tmp_path, capsys, no_ray_started):
+    from jobs.pretrain import main
+
+    code, errors = _run(main, ["--config", str(tmp_path / "nope.yaml")], capsys)
+    assert code == 2 and "nope.yaml" in errors[0]
+
+
+def test_knn_job_rejects_a_folder_without_a_teacher(tmp_path, capsys, no_ray_started):
+    from jobs.build_knn_index import main
+
+    code, errors = _run(main, ["--teacher", str(tmp_path), "--config", "smoke"], capsys)
+    assert code == 2 and "no exported teacher" in errors[0] and str(tmp_path) in errors[0]

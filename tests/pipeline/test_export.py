@@ -1,0 +1,57 @@
+"""Checkpoint state and the exported teacher: timm names, same features, atomic files, weights_only."""
+
+from __future__ import annotations
+
+import timm
+import torch
+
+from dino.backbone import backbone_kwargs
+from dino.train_step import build_student_teacher
+from pipeline.checkpoint import TEACHER_META, TEACHER_WEIGHTS, export_teacher, load_state, load_teacher, save_state
+
+ARCH = "vit_tiny_patch16_224"
+KW = {"depth": 2, "patch_size": 8, "embed_dim": 48, "num_heads": 3}
+
+
+def _teacher():
+    torch.manual_seed(0)
+    student, teacher = build_student_teacher(ARCH, out_dim=32, img_size=32, model_kwargs=KW, hidden_dim=32, bottleneck_dim=16)
+    with torch.no_grad():  # make the teacher differ from any fresh init
+        for p in teacher.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    return teacher.eval()
+
+
+def test_exported_teacher_loads_into_timm_and_gives_the_same_features(tmp_path):
+    teacher = _teacher()
+    meta = {"arch": ARCH, "timm_kwargs": backbone_kwargs(ARCH, 32, KW), "image_size": 32, "run_id": "abc"}
+    out = export_teacher(tmp_path / "t", teacher.state_dict(), meta)
+    assert sorted(p.name for p in out.iterdir()) == sorted([TEACHER_META, TEACHER_WEIGHTS])  # no temp files left
+
+    from safetensors.torch import load_file
+
+    plain = timm.create_model(ARCH, num_classes=0, **meta["timm_kwargs"])
+    plain.load_state_dict(load_file(str(out / TEACHER_WEIGHTS)))  # strict: timm's own key names
+    plain.eval()
+    loaded, meta_back = load_teacher(out)
+    assert meta_back["run_id"] == "abc" and meta_back["arch"] == ARCH
+    for size in (32, 16):  # global and local resolution (dynamic_img_size)
+        x = torch.randn(3, 3, size, size)
+        with torch.no_grad():
+            ref = teacher.backbone(x)
+            torch.testing.assert_close(plain(x), ref, rtol=0, atol=0)
+            torch.testing.assert_close(loaded(x), ref, rtol=0, atol=0)
+
+
+def test_state_round_trips_with_weights_only(tmp_path):
+    teacher = _teacher()
+    opt = torch.optim.AdamW(teacher.parameters())
+    state = {"teacher": teacher.state_dict(), "optimizer": opt.state_dict(), "epoch": 3, "global_step": 42,
+             "config": {"model": {"arch": ARCH}}, "mlflow_run_id": "r1", "center": torch.ones(1, 32)}
+    save_state(tmp_path, state)
+    assert [p.name for p in tmp_path.iterdir()] == ["state.pt"]
+    back = load_state(tmp_path)
+    assert back["epoch"] == 3 and back["global_step"] == 42 and back["mlflow_run_id"] == "r1"
+    assert back["config"] == {"model": {"arch": ARCH}}
+    for k, v in teacher.state_dict().items():
+        assert torch.equal(back["teacher"][k], v)
