@@ -45,12 +45,6 @@ class SampleCounter:
         return {"skipped": self.skipped, "examples": list(self.examples)}
 
 
-def get_or_create_counter(namespace_suffix: str = "") -> Any:
-    """The run's named counter actor (created by the driver; looked up by actors and workers)."""
-    name = COUNTER_NAME + namespace_suffix
-    return SampleCounter.options(name=name, get_if_exists=True, lifetime="detached").remote()
-
-
 def spec_from_config(cfg: AugmentConfig) -> MultiCropSpec:
     return MultiCropSpec(**cfg.model_dump())
 
@@ -87,6 +81,8 @@ class MultiCropMapper:
 
     def _count_skipped(self, keys: list[str]) -> None:
         log.warning("skipped %d undecodable sample(s): %s", len(keys), keys[:5])
+        if not ray.is_initialized():  # in-process use (tests, benchmarks): log only; never start Ray
+            return
         try:
             if self._counter is None:
                 self._counter = ray.get_actor(self.counter_name)

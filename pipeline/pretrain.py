@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import platform
 import subprocess
 import sys
@@ -151,7 +150,7 @@ def pretrain(p: Prepared) -> PretrainResult:
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from pipeline.data import multicrop_dataset
+    from pipeline.data import SampleCounter, multicrop_dataset
     from pipeline.train_loop import LoopPlan, train_loop_per_worker
 
     cfg = p.cfg
@@ -168,8 +167,6 @@ def pretrain(p: Prepared) -> PretrainResult:
         run_id=run_id,
     )
     counter_name = f"dino_sample_counter_{run_id}"
-    from pipeline.data import SampleCounter
-
     counter = SampleCounter.options(name=counter_name, get_if_exists=True).remote()
     ds = multicrop_dataset(p.train.paths, cfg, counter_name=counter_name).select_columns(
         ["global_crops", "local_crops"]
@@ -248,7 +245,3 @@ def export_from_checkpoint(checkpoint, out_dir: Path, run_id: str) -> Path:
         "epoch": state["epoch"],
     }
     return export_teacher(out_dir, state["teacher"], meta)
-
-
-def env_summary() -> str:
-    return f"python {platform.python_version()} on {platform.machine()}, {os.cpu_count()} CPUs"

@@ -1,10 +1,10 @@
 """A small synthetic dataset on which DINO must learn shape, not colour or position.
 
 Each image shows one shape whose category is the class (:data:`CLASSES`), drawn at a random position,
-size (30-60% of the image side), rotation and colour on a cluttered background (a mostly grey,
-tinted gradient with low-frequency noise, pixel noise and a few small blobs). Colours come from a small
-shared palette (:data:`PALETTE`), so colour cannot tell one image from another, and are drawn
-independently of the class and the shape may be lighter or darker than its surround, so raw pixels
+size (30-60% of the image side), rotation and polarity (dark or light) on a cluttered mid-grey
+background (a gradient with low-frequency noise, pixel noise and a few small blobs). Brightness and
+colour are nearly constant across the dataset, so they cannot tie two crops of one image together
+(see :func:`_foreground`), and are drawn independently of the class and the shape may be lighter or darker than its surround, so raw pixels
 are a weak cue (a pixel k-NN is far from perfect), while the class survives DINO's augmentations: crops
 keep part of the outline or texture, and colour jitter, grayscale, blur and solarisation change colour
 and contrast, not geometry. ``tests/pipeline/test_synthetic.py`` measures the pixel k-NN accuracy.
@@ -31,11 +31,8 @@ from pipeline.shards import Sample, write_index, write_shards
 log = logging.getLogger(__name__)
 
 CLASSES = ("circle", "square", "triangle", "plus", "ring", "star", "stripes", "checker")
-VERSION = 2  # bump when the images change: cached copies are keyed by it
+VERSION = 3  # bump when the images change: cached copies are keyed by it
 JPEG_QUALITY = 90
-PALETTE = np.array(
-    [[0.9, 0.2, 0.2], [0.2, 0.7, 0.3], [0.2, 0.35, 0.9], [0.95, 0.85, 0.2], [0.1, 0.1, 0.1], [0.95, 0.95, 0.95]]
-)
 _SUPERSAMPLE = 4  # shapes are drawn at 4x and box-filtered down: anti-aliased edges
 _MIN_CONTRAST = 0.25  # |luma(shape) - luma(background)| in [0, 1]: the shape stays visible in grayscale
 
@@ -86,18 +83,18 @@ def render_image(label: int, size: int, rng: np.random.Generator) -> np.ndarray:
         rx, cx, cy = rng.uniform(0.03, 0.08) * size, *rng.uniform(0, size, 2)
         ry, t = rx * rng.uniform(0.5, 1.0), np.linspace(0, 2 * math.pi, 24, endpoint=False)
         blob = _rotated(cx, cy, rng.uniform(0, math.pi), list(zip(rx * np.cos(t), ry * np.sin(t))))
-        canvas.paste(tuple((_palette(rng) * 255).astype(int).tolist()), mask=_polygon_mask(size, [blob], supersample=2))
+        canvas.paste(tuple((_foreground(rng) * 255).astype(int).tolist()), mask=_polygon_mask(size, [blob], supersample=2))
 
     d = rng.uniform(0.3, 0.6) * size  # shape extent (diameter of its enclosing circle), pixels
     cx, cy = rng.uniform(d / 2, size - d / 2, 2)
     mask = _shape_mask(CLASSES[label], size, cx, cy, d / 2, rng.uniform(0, 2 * math.pi), rng)  # "L"
     alpha = np.asarray(mask, np.float32).reshape(-1)
     under = alpha @ np.asarray(canvas, np.float32).reshape(-1, 3) / max(255 * float(alpha.sum()), 1e-6)
-    fg = _palette(rng)
+    fg = _foreground(rng)
     for _ in range(100):  # colour independent of class; only too-low contrast is redrawn
         if abs(_luma(fg) - _luma(under)) >= _MIN_CONTRAST:
             break
-        fg = _palette(rng)
+        fg = _foreground(rng)
     shade = 1 + 0.15 * _smooth_noise(size, 4, 1, rng)  # uneven lighting on the shape, (H, W, 1)
     shape_rgb = (np.clip(fg.astype(np.float32) * shade, 0, 1) * 255 + 0.5).astype(np.uint8)
     canvas.paste(Image.fromarray(shape_rgb), mask=mask)
@@ -105,10 +102,12 @@ def render_image(label: int, size: int, rng: np.random.Generator) -> np.ndarray:
     return np.clip(np.asarray(canvas, np.int16) + noise, 0, 255).astype(np.uint8)
 
 
-def _palette(rng: np.random.Generator) -> np.ndarray:
-    """A colour from a small shared palette (+ slight jitter): colour is common to many images of every
-    class, so matching two views by colour does not identify an image and DINO has to use shape."""
-    return np.clip(PALETTE[rng.integers(len(PALETTE))] + rng.uniform(-0.04, 0.04, 3), 0, 1)
+def _foreground(rng: np.random.Generator) -> np.ndarray:
+    """Dark or light grey with a faint tint. Colour and brightness are what two crops of one image share
+    most visibly; keeping them nearly constant across the dataset leaves shape as the cue DINO can learn
+    (with random colours, DINO's view-matching latches onto colour, which says nothing about the class)."""
+    level = rng.uniform(0.0, 0.2) if rng.random() < 0.5 else rng.uniform(0.8, 1.0)
+    return np.clip(level + rng.uniform(-0.05, 0.05, 3), 0, 1)
 
 
 def _luma(rgb: np.ndarray) -> float:
@@ -142,8 +141,8 @@ def _coords(size: int) -> tuple[np.ndarray, np.ndarray]:
 
 def _background(size: int, rng: np.random.Generator) -> np.ndarray:
     """Random-colour linear gradient in a random direction plus low-frequency colour noise, float32."""
-    c0 = (0.7 * rng.uniform(0.15, 0.85) + 0.3 * _palette(rng)).astype(np.float32)  # mostly grey, a tint
-    c1 = np.clip(c0 + rng.uniform(-0.25, 0.25), 0, 1).astype(np.float32)
+    c0 = np.full(3, rng.uniform(0.4, 0.6), np.float32)  # mid grey: no global cue that ties two crops together
+    c1 = np.clip(c0 + rng.uniform(-0.15, 0.15), 0, 1).astype(np.float32)
     t = rng.uniform(0, 2 * math.pi)
     y, x = _coords(size)
     ramp = np.clip((x - 0.5) * math.cos(t) + (y - 0.5) * math.sin(t) + 0.5, 0, 1)[..., None]
