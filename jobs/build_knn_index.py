@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.config import load_config
     from pipeline.knn_index import KnnRequest, evaluate_teacher
     from pipeline.pretrain import ensure_data, init_ray
-    from pipeline.shards import load_split
+    from pipeline.storage import resolve_split
     from pipeline.tracking import resolve_tracking_uri
 
     try:
@@ -65,8 +65,8 @@ def main(argv: list[str] | None = None) -> int:
         if not cfg.data.val_split:
             raise ValueError("data.val_split is empty: k-NN evaluation needs a labelled query split")
         root = ensure_data(cfg)
-        load_split(root, cfg.data.train_split)
-        load_split(root, cfg.data.val_split)
+        resolve_split(root, cfg.data.train_split)
+        resolve_split(root, cfg.data.val_split)
     except (ValueError, FileNotFoundError) as e:
         return _cli.fail(str(e))
 

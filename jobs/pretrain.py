@@ -41,9 +41,9 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)
         prepared = prepare(cfg)
         if not args.no_knn and cfg.data.val_split:
-            from pipeline.shards import load_split
+            from pipeline.storage import resolve_split
 
-            load_split(prepared.data_root, cfg.data.val_split)
+            resolve_split(prepared.data_root, cfg.data.val_split)
     except (ValueError, FileNotFoundError) as e:
         return _cli.fail(str(e))
 

@@ -125,8 +125,11 @@ def read_shards(paths: list[str], *, shuffle: bool = True, num_cpus: float = 1.0
     Read tasks only move bytes; ``num_cpus`` below 1 lets them fit beside train workers and
     augmentation actors on small machines (a read task that cannot be scheduled stalls the pipeline).
     """
+    from pipeline.storage import filesystem_for
+
     return ray.data.read_webdataset(
         paths,
+        filesystem=filesystem_for(paths),  # built on the driver from its AWS environment, shipped to tasks
         decoder=None,
         shuffle="files" if shuffle else None,
         include_paths=False,

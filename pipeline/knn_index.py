@@ -186,10 +186,10 @@ def evaluate_teacher(cfg, req: KnnRequest, teacher_dir: Path, *, random_baseline
     pretraining run) is evaluated too, so the gain from DINO is printed side by side.
     """
     from pipeline.checkpoint import load_teacher
-    from pipeline.shards import load_split
+    from pipeline.storage import resolve_split
 
-    train = load_split(req.data_root, req.train_split)
-    val = load_split(req.data_root, req.val_split)
+    train = resolve_split(req.data_root, req.train_split)
+    val = resolve_split(req.data_root, req.val_split)
     model, meta = load_teacher(teacher_dir)
     spec = BackboneSpec(meta["arch"], meta["timm_kwargs"], meta["image_size"], seed=cfg.seed)
     kn = cfg.knn

@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import Config
-from pipeline.shards import DataError, SplitInfo, load_split
+from pipeline.shards import DataError, SplitInfo
+from pipeline.storage import resolve_split
 from pipeline.tracking import create_run, resolve_tracking_uri
 
 log = logging.getLogger(__name__)
@@ -65,13 +66,17 @@ def ensure_data(cfg: Config) -> str:
 
 
 def dataset_name(root: str) -> str:
-    return Path(root.rstrip("/")).name or "dataset"
+    """A short name for experiment/run names: the folder, or the folder holding a shard pattern."""
+    from pipeline.storage import is_pattern
+
+    path = Path(root.rstrip("/"))
+    return (path.parent.name if is_pattern(root) else path.name) or "dataset"
 
 
 def prepare(cfg: Config) -> Prepared:
     """Validate data and sizes and compute the step plan. Raises one-line errors; starts nothing."""
     root = ensure_data(cfg)
-    train = load_split(root, cfg.data.train_split)
+    train = resolve_split(root, cfg.data.train_split)
     global_batch = cfg.optim.batch_size_per_worker * cfg.ray.num_workers
     steps = train.count // global_batch
     if steps == 0:

@@ -26,6 +26,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.fixture(scope="session")
+def port_factory():
+    """A function returning a free TCP port on 127.0.0.1 (tests import fixtures, not conftest)."""
+    return free_port
+
+
 def _wait_http(url: str, timeout: float, proc: subprocess.Popen) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
