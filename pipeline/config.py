@@ -48,6 +48,7 @@ class DataConfig(_Section):
     synthetic_train: int = Field(gt=0)
     synthetic_val: int = Field(gt=0)
     synthetic_image_size: int = Field(ge=16, le=1024)
+    max_bad_fraction: float = Field(ge=0.0, le=1.0)
 
 
 class AugmentConfig(_Section):

@@ -7,7 +7,7 @@ Emitted batch columns (names are stable, see DESIGN.md)::
     key           str   (B,)
     label         int64 (B,)   -1 where a sample carries no ``cls``
 
-A sample whose image cannot be decoded is skipped and counted (``SampleCounter``), never a crash.
+A bad sample is skipped and counted by reason (:mod:`pipeline.sample_stats`), never a crash.
 Shard contents are untrusted: images are decoded by PIL only (``decoder=None`` keeps raw bytes; no
 pickle or other code-executing decoder is ever applied).
 """
@@ -20,29 +20,13 @@ from typing import Any
 import numpy as np
 import ray
 
-from dino.augment import MultiCropAugment, MultiCropSpec, decode_image
+from dino.augment import MultiCropAugment, MultiCropSpec
 from pipeline.config import AugmentConfig, Config
+from pipeline.sample_stats import BatchTally
 
 log = logging.getLogger(__name__)
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
-COUNTER_NAME = "dino_sample_counter"
-
-
-@ray.remote(num_cpus=0)
-class SampleCounter:
-    """Counts samples skipped by the data stage (corrupt images), across all actors and epochs."""
-
-    def __init__(self) -> None:
-        self.skipped = 0
-        self.examples: list[str] = []
-
-    def add(self, n: int, keys: list[str]) -> None:
-        self.skipped += n
-        self.examples = (self.examples + keys)[:20]
-
-    def get(self) -> dict[str, Any]:
-        return {"skipped": self.skipped, "examples": list(self.examples)}
 
 
 def spec_from_config(cfg: AugmentConfig) -> MultiCropSpec:
@@ -60,17 +44,27 @@ def _label(value: Any) -> int:
         return -1
 
 
-def _image_column(batch: dict[str, np.ndarray]) -> str:
-    for k in IMAGE_KEYS:
-        if k in batch:
-            return k
-    raise KeyError(f"batch has no image column (looked for {IMAGE_KEYS}; got {sorted(batch)})")
+def image_bytes(batch: dict[str, np.ndarray]) -> list[bytes | None]:
+    """Per row, the first image member present (jpg, jpeg, png, webp), or None.
+
+    Absent members arrive as None, or as NaN when a whole block lacks that member: bytes or nothing.
+    """
+    n = len(batch["__key__"])
+    columns = [batch[k] for k in IMAGE_KEYS if k in batch]
+    return [next((c[i] for c in columns if isinstance(c[i], (bytes, bytearray))), None) for i in range(n)]
 
 
 class MultiCropMapper:
-    """Callable class for ``map_batches``: raw webdataset rows -> multi-crop uint8 columns."""
+    """Callable class for ``map_batches``: raw webdataset rows -> multi-crop uint8 columns.
 
-    def __init__(self, spec: MultiCropSpec, seed: int, counter_name: str = COUNTER_NAME):
+    Bad samples are skipped and counted by reason (:mod:`pipeline.sample_stats`): ``no_image`` (no
+    jpg/jpeg/png/webp member), ``empty`` (zero bytes), ``undecodable`` (corrupt, truncated, not an
+    image, unsupported mode). Greyscale, palette, RGBA and CMYK images are converted to RGB; a PNG under
+    the ``jpg`` key decodes like any other image; images smaller than a crop are upsampled by the crop's
+    resize like any other. A sample without ``cls`` is kept with label -1 and counted as ``no_label``.
+    """
+
+    def __init__(self, spec: MultiCropSpec, seed: int, counter_name: str | None = None):
         # Each actor draws its own stream: mixing the actor id into the seed keeps actors independent.
         actor_id = ray.get_runtime_context().get_actor_id() if ray.is_initialized() else None
         salt = int(actor_id[-8:], 16) if actor_id else 0
@@ -79,35 +73,52 @@ class MultiCropMapper:
         self.counter_name = counter_name
         self._counter = None
 
-    def _count_skipped(self, keys: list[str]) -> None:
-        log.warning("skipped %d undecodable sample(s): %s", len(keys), keys[:5])
-        if not ray.is_initialized():  # in-process use (tests, benchmarks): log only; never start Ray
+    def _report(self, tally: BatchTally) -> None:
+        self.last_tally = tally  # what the latest batch saw (tests, debugging)
+        if tally.bad:
+            log.warning("skipped %d bad sample(s): %s", len(tally.bad), tally.bad[:3])
+        if not self.counter_name or not ray.is_initialized():  # in-process use: never start Ray
             return
         try:
             if self._counter is None:
                 self._counter = ray.get_actor(self.counter_name)
-            self._counter.add.remote(len(keys), keys)
-        except ValueError:  # no counter (e.g. running outside a pipeline run)
+            self._counter.add.remote(tally.seen, dict(tally.reasons), tally.bad)
+        except ValueError:  # the run's counter is gone (driver finished): counting is best effort
             pass
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         s = self.spec
-        images = batch[_image_column(batch)]
-        keys = batch.get("__key__", np.array([""] * len(images)))
-        labels = batch.get("cls", np.array([None] * len(images), dtype=object))
-        globals_, locals_, out_keys, out_labels, bad = [], [], [], [], []
-        for data, key, label in zip(images, keys, labels):
+        n_rows = len(batch["__key__"])
+        images = image_bytes(batch)
+        labels = batch.get("cls", [None] * n_rows)
+        urls = batch.get("__url__", [""] * n_rows)
+        errors = batch.get("__error__", [None] * n_rows)
+        tally = BatchTally(seen=n_rows)
+        globals_, locals_, out_keys, out_labels = [], [], [], []
+        for data, key, label, url, error in zip(images, batch["__key__"], labels, urls, errors):
+            key, url = str(key), str(url)
+            if isinstance(error, str):  # a shard-level marker (truncated/unreadable shard), not a sample
+                tally.seen -= 1
+                tally.skip(url, key, str(error))
+                continue
+            if data is None:  # no image member
+                tally.skip(url, key, "no_image")
+                continue
+            if len(data) == 0:
+                tally.skip(url, key, "empty")
+                continue
             try:
-                g, loc = self.augment(decode_image(bytes(data)))
-            except Exception:  # corrupt / truncated / unsupported image: skip and count
-                bad.append(str(key))
+                g, loc = self.augment.from_bytes(bytes(data))
+            except Exception:  # corrupt / truncated / not an image / unsupported mode
+                tally.skip(url, key, "undecodable")
                 continue
             globals_.append(g)
             locals_.append(loc)
-            out_keys.append(str(key))
+            out_keys.append(key)
             out_labels.append(_label(label))
-        if bad:
-            self._count_skipped(bad)
+            if out_labels[-1] < 0:
+                tally.note("no_label")
+        self._report(tally)
         n = len(globals_)
         return {
             "global_crops": np.stack(globals_) if n else np.zeros((0, 2, s.global_size, s.global_size, 3), np.uint8),
@@ -120,24 +131,22 @@ class MultiCropMapper:
 
 
 def read_shards(paths: list[str], *, shuffle: bool = True, num_cpus: float = 1.0) -> ray.data.Dataset:
-    """Raw webdataset rows (``__key__``, ``jpg``, ``cls`` as bytes); file order shuffled per epoch.
+    """Raw sample rows (``__key__``, ``__url__``, ``jpg``/..., ``cls`` as bytes; see :mod:`pipeline.tar_reader`).
 
     Read tasks only move bytes; ``num_cpus`` below 1 lets them fit beside train workers and
     augmentation actors on small machines (a read task that cannot be scheduled stalls the pipeline).
     """
     from pipeline.storage import filesystem_for
+    from pipeline.tar_reader import read_shard
 
-    return ray.data.read_webdataset(
-        paths,
-        filesystem=filesystem_for(paths),  # built on the driver from its AWS environment, shipped to tasks
-        decoder=None,
-        shuffle="files" if shuffle else None,
-        include_paths=False,
-        num_cpus=num_cpus,
-    )
+    fs = filesystem_for(paths)  # built on the driver from its AWS environment, shipped to read tasks
+    ds = ray.data.from_items([{"path": p} for p in paths], override_num_blocks=max(1, len(paths)))
+    if shuffle:
+        ds = ds.randomize_block_order()  # one block per shard: file order shuffled per epoch
+    return ds.flat_map(read_shard, fn_kwargs={"filesystem": fs}, num_cpus=num_cpus)
 
 
-def multicrop_dataset(paths: list[str], cfg: Config, counter_name: str = COUNTER_NAME) -> ray.data.Dataset:
+def multicrop_dataset(paths: list[str], cfg: Config, counter_name: str | None = None) -> ray.data.Dataset:
     """Shards -> multi-crop batches on an autoscaling actor pool (``ray.augment_actors_min..max``)."""
     r = cfg.ray
     return read_shards(paths, num_cpus=r.read_cpus_per_task).map_batches(

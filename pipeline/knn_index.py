@@ -64,14 +64,15 @@ class EmbedMapper:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from dino.augment import decode_image
         from dino.crops import crops_to_input
-        from pipeline.data import _image_column, _label
+        from pipeline.data import _label, image_bytes
 
         images, keys, labels = [], [], []
-        col = _image_column(batch)
-        cls = batch.get("cls", [None] * len(batch[col]))
-        for data, key, label in zip(batch[col], batch["__key__"], cls):
+        cls = batch.get("cls", [None] * len(batch["__key__"]))
+        for data, key, label in zip(image_bytes(batch), batch["__key__"], cls):
+            if data is None:  # shard-level marker or a sample without an image
+                continue
             try:
-                img = self.transform(decode_image(bytes(data)).convert("RGB"))
+                img = self.transform(decode_image(data).convert("RGB"))
             except Exception:
                 log.warning("skipped undecodable sample %s", key)
                 continue

@@ -155,7 +155,8 @@ def pretrain(p: Prepared) -> PretrainResult:
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from pipeline.data import SampleCounter, multicrop_dataset
+    from pipeline.data import multicrop_dataset
+    from pipeline.sample_stats import SampleCounter, skipped_total
     from pipeline.train_loop import LoopPlan, train_loop_per_worker
 
     cfg = p.cfg
@@ -170,8 +171,9 @@ def pretrain(p: Prepared) -> PretrainResult:
         global_batch_size=p.global_batch_size,
         tracking_uri=p.tracking_uri,
         run_id=run_id,
+        counter_name=f"dino_sample_counter_{run_id}",
     )
-    counter_name = f"dino_sample_counter_{run_id}"
+    counter_name = plan.counter_name
     counter = SampleCounter.options(name=counter_name, get_if_exists=True).remote()
     ds = multicrop_dataset(p.train.paths, cfg, counter_name=counter_name).select_columns(
         ["global_crops", "local_crops"]
@@ -203,12 +205,17 @@ def pretrain(p: Prepared) -> PretrainResult:
         raise
     skipped = ray.get(counter.get.remote())
     ray.kill(counter)
+    stopped = (result.metrics or {}).get("stopped")
+    if stopped:
+        client.set_tag(run_id, "stopped", stopped[:5000])
+        client.set_terminated(run_id, "FAILED")
+        raise DataError(f"run {p.run_name} stopped: {stopped}")
     if result.checkpoint is None:
         client.set_terminated(run_id, "FAILED")
         raise RuntimeError(f"training of run {p.run_name} finished without a checkpoint")
     teacher_dir = export_from_checkpoint(result.checkpoint, Path(cfg.output_dir) / p.run_name / "teacher", run_id)
     client.log_artifacts(run_id, str(teacher_dir), artifact_path="teacher")
-    client.log_metric(run_id, "data_skipped_samples", skipped["skipped"])
+    client.log_metric(run_id, "data_skipped_samples", skipped_total(skipped))
     client.set_terminated(run_id, "FINISHED")
     return PretrainResult(
         run_id=run_id,
@@ -216,7 +223,7 @@ def pretrain(p: Prepared) -> PretrainResult:
         teacher_dir=teacher_dir,
         checkpoint_path=result.checkpoint.path,
         data_root=p.data_root,
-        metrics={**dict(result.metrics or {}), "skipped_samples": skipped["skipped"]},
+        metrics={**dict(result.metrics or {}), "skipped_samples": skipped_total(skipped), "data": skipped},
     )
 
 

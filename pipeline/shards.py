@@ -576,3 +576,140 @@ def write_index(out_dir: str | os.PathLike, splits: dict[str, list[dict]], class
         raise
     _fsync_dir(out)
     return path
+
+
+# ---------------------------------------------------------------------------------------- verifying
+
+
+class ShardVerificationError(DataError):
+    """A written shard that does not read back as indexed. The message is one line naming the shard."""
+
+
+@dataclass(frozen=True)
+class SplitCheck:
+    """What :func:`verify_split` read back: ``shards`` files holding ``samples`` samples in ``bytes``."""
+
+    split: str
+    shards: int
+    samples: int
+    bytes: int
+
+
+def existing_split(root: str | os.PathLike, split: str) -> Path | None:
+    """The first thing in local ``root`` that already holds ``split``, or None.
+
+    That is ``root/index.json`` if it lists the split, else the lowest-numbered ``{split}-NNNNNN.tar``.
+    Writers call this to refuse overwriting a split unless told to.
+
+    Raises:
+        DataError: ``root/index.json`` exists but is malformed.
+    """
+    root = Path(root)
+    index = read_index(root) if root.is_dir() else None
+    if index is not None and split in index["splits"]:
+        return root / INDEX_NAME
+    if not root.is_dir():
+        return None
+    shards = sorted(
+        (int(m["num"]), p) for p in root.iterdir() if (m := _SHARD_RE.match(p.name)) and m["split"] == split
+    )
+    return shards[0][1] if shards else None
+
+
+def verify_split(root: str | os.PathLike, split: str) -> SplitCheck:
+    """Reads back every shard of ``split`` listed in local ``root/index.json`` and checks it.
+
+    Per shard: it is a readable tar (every header checksum valid, no member truncated); every member is a
+    regular file named ``{key}.{ext}`` with a safe key (:func:`is_safe_key`) and ``ext`` one of
+    :data:`IMAGE_EXTS` or ``cls``; each sample's members are contiguous, it has exactly one non-empty
+    image and at most one ``cls``, which parses as an ASCII int in ``[0, len(classes))`` (``>= 0`` when
+    the index has no classes); no key repeats within the split; the number of samples equals the index
+    count. Only headers and ``cls`` members are read: image data is seeked over.
+
+    Raises:
+        ShardVerificationError: the first failure, naming the shard (or the index when the split is
+            missing from it).
+    """
+    root = Path(root)
+    index = read_index(root)
+    if index is None or split not in index["splits"]:
+        raise ShardVerificationError(f"{root / INDEX_NAME}: split {split!r} is not indexed")
+    classes = index.get("classes")
+    seen: set[str] = set()
+    total = size = 0
+    shards = index["splits"][split]["shards"]
+    for entry in shards:
+        path = root / entry["name"]
+        try:
+            n = _verify_shard(path, None if classes is None else len(classes), seen)
+            size += path.stat().st_size
+        except ShardVerificationError:
+            raise
+        except DataError as e:  # from _scan_tar: already names the shard
+            raise ShardVerificationError(str(e)) from e
+        except (OSError, tarfile.TarError, EOFError) as e:
+            raise ShardVerificationError(f"{path}: cannot read shard: {e}") from e
+        if n != entry["count"]:
+            raise ShardVerificationError(
+                f"{path}: holds {n} samples but {root / INDEX_NAME} says {entry['count']}"
+            )
+        total += n
+    return SplitCheck(split, len(shards), total, size)
+
+
+def _verify_shard(path: Path, n_classes: int | None, seen: set[str]) -> int:
+    """Checks one shard (see :func:`verify_split`); adds its keys to ``seen``; returns its sample count."""
+
+    def bad(what: str) -> ShardVerificationError:
+        return ShardVerificationError(f"{path}: {what}")
+
+    # Pass 1, strict structure from the headers alone (tarfile would stop silently at a corrupt header).
+    samples, key, exts = 0, None, []
+
+    def close_sample() -> None:
+        if key is None:
+            return
+        if sum(e in IMAGE_EXTS for e in exts) != 1 or exts.count("cls") > 1 or len(set(exts)) != len(exts):
+            raise bad(f"sample {key!r} has members {['.' + e for e in exts]}; expected one image and at most one .cls")
+        if key in seen:
+            raise bad(f"sample key {key!r} occurs twice in the split")
+        seen.add(key)
+
+    for name, is_file in _scan_tar(path):
+        k, ext = _member_key_ext(name)
+        if not is_file:
+            raise bad(f"member {name!r} is not a regular file")
+        if k is None or not is_safe_key(k) or (ext not in IMAGE_EXTS and ext != "cls"):
+            exts = ",".join((*IMAGE_EXTS, "cls"))
+            raise bad(f"malformed member name {name!r}: expected KEY.{{{exts}}} with KEY in [A-Za-z0-9_-]")
+        if k != key:
+            close_sample()
+            key, exts = k, []
+            samples += 1
+        exts.append(ext)
+    close_sample()
+    if samples == 0:
+        return 0
+    with open(path, "rb") as f:  # a complete tar ends with two zero blocks; a truncated one does not
+        f.seek(max(0, os.fstat(f.fileno()).st_size - 2 * _TAR_BLOCK))
+        if f.read() != bytes(2 * _TAR_BLOCK):
+            raise bad("corrupt tar shard: no end-of-archive blocks (truncated?)")
+
+    # Pass 2, contents of the small members: labels parse, images are not empty.
+    with tarfile.open(path, "r:") as tf:
+        for m in tf:
+            k, ext = _member_key_ext(m.name)
+            if ext in IMAGE_EXTS and m.size == 0:
+                raise bad(f"member {m.name!r} is empty")
+            if ext != "cls":
+                continue
+            f = tf.extractfile(m)
+            text = f.read() if f is not None else b""
+            if len(text) != m.size:
+                raise bad(f"member {m.name!r} is truncated")
+            if not re.fullmatch(rb"\d+", text.strip()):
+                raise bad(f"label {m.name!r} is {text[:20]!r}, not an ASCII int")
+            label = int(text)
+            if n_classes is not None and label >= n_classes:
+                raise bad(f"label {m.name!r} is {label}, outside the {n_classes} indexed classes")
+    return samples

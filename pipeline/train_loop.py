@@ -11,7 +11,7 @@ import logging
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 import torch.distributed as dist
@@ -23,6 +23,8 @@ from dino.schedules import build_schedules
 from dino.train_step import build_student_teacher, dino_step
 from pipeline.checkpoint import load_state, save_state
 from pipeline.config import Config, config_from_dict
+from pipeline.sample_stats import bad_fraction_error
+from pipeline.sample_stats import metrics as data_metrics
 from pipeline.tracking import MetricsTracker, NullTracker
 
 log = logging.getLogger(__name__)
@@ -36,6 +38,7 @@ class LoopPlan:
     global_batch_size: int
     tracking_uri: str
     run_id: str
+    counter_name: str | None = None  # the run's SampleCounter actor (bad samples by reason)
 
 
 def _distributed() -> bool:
@@ -45,8 +48,16 @@ def _distributed() -> bool:
 class DinoRunner:
     """Student, teacher, loss, optimizer and schedules of one worker, plus state (de)serialisation."""
 
-    def __init__(self, cfg: Config, plan: LoopPlan, device: torch.device, wrap_ddp=None):
+    def __init__(
+        self,
+        cfg: Config,
+        plan: LoopPlan,
+        device: torch.device,
+        wrap_ddp=None,
+        data_stats: Callable[[], dict[str, Any]] | None = None,
+    ):
         self.cfg, self.plan, self.device = cfg, plan, device
+        self.data_stats = data_stats  # rank 0: returns the run's bad-sample counts
         m, o, lc = cfg.model, cfg.optim, cfg.loss
         torch.manual_seed(cfg.seed)  # identical initialisation on every rank (DDP also broadcasts)
         student, teacher = build_student_teacher(
@@ -134,7 +145,8 @@ class DinoRunner:
         steps = window_steps = 0
         losses: list[torch.Tensor] = []
         it = iter(batches)
-        while steps < self.plan.steps_per_epoch:
+        stopped = None
+        while steps < self.plan.steps_per_epoch and stopped is None:
             t0 = time.perf_counter()
             try:
                 batch = next(it)
@@ -167,11 +179,26 @@ class DinoRunner:
                     },
                     step=self.global_step,
                 )
+                stopped = self.check_data(tracker)
                 t_window, window_steps = now, 0
         self.epoch += 1
         elapsed = time.perf_counter() - t_epoch
         mean_loss = torch.stack(losses).mean().item() if losses else float("nan")
-        return {"epoch": self.epoch, "steps": steps, "mean_loss": mean_loss, "epoch_time_s": elapsed}
+        summary = {"epoch": self.epoch, "steps": steps, "mean_loss": mean_loss, "epoch_time_s": elapsed}
+        return {**summary, "stopped": stopped} if stopped else summary
+
+    def check_data(self, tracker) -> str | None:
+        """Log bad-sample counts (rank 0) and decide, on every rank alike, whether to stop the run."""
+        message = None
+        if self.data_stats is not None:
+            stats = self.data_stats()
+            tracker.log_metrics(data_metrics(stats), step=self.global_step)
+            message = bad_fraction_error(stats, self.cfg.data.max_bad_fraction)
+        if _distributed():
+            box = [message]
+            dist.broadcast_object_list(box, src=0)
+            message = box[0]
+        return message
 
     def center_divergence(self) -> float:
         """Max |centre_rank - centre_rank0| over ranks: 0 when distributed centering is in sync."""
@@ -194,7 +221,19 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
     device = ray.train.torch.get_device()
-    runner = DinoRunner(cfg, plan, device, wrap_ddp=lambda m: ray.train.torch.prepare_model(m, move_to_device=False))
+    data_stats = None
+    if rank == 0 and plan.counter_name:
+        import ray
+
+        counter = ray.get_actor(plan.counter_name)
+        data_stats = lambda: ray.get(counter.get.remote())  # noqa: E731
+    runner = DinoRunner(
+        cfg,
+        plan,
+        device,
+        wrap_ddp=lambda m: ray.train.torch.prepare_model(m, move_to_device=False),
+        data_stats=data_stats,
+    )
 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
@@ -208,6 +247,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     for _ in range(runner.epoch, cfg.optim.epochs):
         batches = shard.iter_torch_batches(batch_size=B, drop_last=True, prefetch_batches=2)
         summary = runner.train_epoch(batches, tracker)
+        if "stopped" in summary:  # every rank agrees (broadcast): report without a checkpoint and end
+            tracker.set_tag("stopped", summary["stopped"][:5000])
+            tracker.flush()
+            ray.train.report({**summary, "global_step": runner.global_step})
+            return
         tracker.log_metrics({"epoch_mean_loss": summary["mean_loss"]}, step=runner.global_step)
         tracker.flush()
         last = runner.epoch == cfg.optim.epochs

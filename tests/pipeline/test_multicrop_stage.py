@@ -77,3 +77,53 @@ def test_zero_or_one_local_crop(n_local):
     spec = MultiCropSpec(global_size=32, local_size=16, n_local=n_local)
     out = MultiCropMapper(spec, seed=0)(_batch([_jpeg(0)]))
     assert out["local_crops"].shape == (1, n_local, 16, 16, 3)
+
+
+def _encoded(mode: str, fmt: str, size=(40, 30)) -> bytes:
+    rng = np.random.default_rng(7)
+    img = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).convert(mode)
+    buf = io.BytesIO()
+    img.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def test_bad_sample_catalogue_is_converted_or_skipped_and_counted_by_reason():
+    good = _jpeg(1)
+    rows = [
+        ("ok", good, b"1"),
+        ("gray", _jpeg(2, mode="L"), b"2"),
+        ("cmyk", _encoded("CMYK", "JPEG"), b"3"),
+        ("palette", _encoded("P", "PNG"), b"0"),
+        ("rgba", _encoded("RGBA", "PNG"), b"1"),
+        ("png_under_jpg", _encoded("RGB", "PNG"), b"2"),
+        ("tiny", _encoded("RGB", "JPEG", size=(3, 2)), b"3"),  # smaller than any crop: upsampled
+        ("nolabel", good, None),
+        ("corrupt", b"\xff\xd8\xff\xe0garbage", b"1"),
+        ("truncated", good[: len(good) // 2], b"1"),
+        ("zero", b"", b"1"),
+        ("text", b"hello, not an image", b"1"),
+        ("noimage", None, b"1"),
+    ]
+    batch = {
+        "__key__": np.array([r[0] for r in rows], dtype=object),
+        "jpg": np.array([r[1] for r in rows], dtype=object),
+        "cls": np.array([r[2] for r in rows], dtype=object),
+        "__url__": np.array(["s3://b/train-000007.tar"] * len(rows), dtype=object),
+    }
+    mapper = MultiCropMapper(SPEC, seed=0)
+    out = mapper(batch)
+    kept = ["ok", "gray", "cmyk", "palette", "rgba", "png_under_jpg", "tiny", "nolabel"]
+    assert out["key"].tolist() == kept
+    assert out["label"].tolist() == [1, 2, 3, 0, 1, 2, 3, -1]
+    assert out["global_crops"].shape == (8, 2, 32, 32, 3) and out["local_crops"].shape == (8, 3, 16, 16, 3)
+    tally = mapper.last_tally
+    assert tally.seen == 13 and tally.skipped == 5
+    assert dict(tally.reasons) == {"undecodable": 3, "empty": 1, "no_image": 1, "no_label": 1}
+    assert ("s3://b/train-000007.tar", "zero", "empty") in tally.bad
+
+
+def test_block_without_any_image_column_is_all_no_image():
+    batch = {"__key__": np.array(["a", "b"], dtype=object), "txt": np.array([b"x", b"y"], dtype=object)}
+    mapper = MultiCropMapper(SPEC, seed=0)
+    out = mapper(batch)
+    assert len(out["key"]) == 0 and dict(mapper.last_tally.reasons) == {"no_image": 2}

@@ -390,8 +390,11 @@ def test_make_shards_converts_folder(image_folder, tmp_path, capsys):
     out = tmp_path / "out"
     assert make_shards.main([str(image_folder), str(out), "--shard-size", "3", "--workers", "1"]) == 0
     stdout = capsys.readouterr().out.splitlines()
-    assert stdout[0] == f"split train: wrote 4 images to 2 shards in {out}, skipped 1"
-    assert stdout[1] == "skipped unreadable or duplicate images: dog/broken.jpg"
+    assert stdout[0].startswith(f"split train: wrote 4 images to 2 shards in {out}, skipped 1 (in-process, ")
+    assert stdout[1] == f"skipped by reason: corrupt 1; listed in {out / 'skipped.jsonl'}"
+    assert stdout[2] == "skipped images: dog/broken.jpg"
+    assert stdout[3].startswith(f"verified split train in {out}: 2 shards, 4 samples, ")
+    assert len(stdout) == 4
 
     info = load_split(out, "train")
     assert (info.counts, info.classes) == ([3, 1], ["cat", "dog"])
@@ -436,7 +439,10 @@ def test_make_shards_worker_pool_gives_same_result_as_serial(image_folder):
     serial = list(make_shards._loaded(paths * 50, workers=1))
     pooled = list(make_shards._loaded(paths * 50, workers=2))  # 350 paths >= 100 per worker: uses the pool
     assert pooled == serial
-    assert sum(d is None for d, _ in serial) == 3 * 50  # .hidden.jpg ("junk"), broken.jpg, notes.txt
+    reasons = sorted(r for d, r, _ in serial[:7] if d is None)
+    # .hidden.jpg ("junk") and broken.jpg are damaged JPEGs; notes.txt is not an image format at all
+    assert reasons == ["corrupt", "corrupt", "unsupported-format"]
+    assert sum(d is None for d, _, _ in serial) == 3 * 50
 
 
 def test_make_shards_runs_as_a_script_in_synthetic_mode(tmp_path):
@@ -446,7 +452,12 @@ def test_make_shards_runs_as_a_script_in_synthetic_mode(tmp_path):
     res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     counts = "train: 16 images in 2 shards, val: 8 images in 1 shards"
-    assert res.stdout.strip() == f"synthetic shapes dataset in {out} ({counts})"
+    lines = res.stdout.strip().splitlines()
+    assert lines[0] == f"synthetic shapes dataset in {out} ({counts})"
+    assert [line.split(":")[0] for line in lines[1:]] == [f"verified split {s} in {out}" for s in ("train", "val")]
+    assert "2 shards, 16 samples" in lines[1] and "1 shards, 8 samples" in lines[2]
+    again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
+    assert again.returncode == 2 and "--overwrite" in again.stderr  # an existing split is never replaced silently
     assert [load_split(out, s).counts for s in ("train", "val")] == [[10, 6], [8]]
 
 

@@ -1,0 +1,93 @@
+"""Counting bad samples across the data stage, by reason, and failing cleanly above a bad fraction.
+
+A bad sample in the middle of a run is skipped and counted, never a crash. The multi-crop actors report
+what they saw to one named :class:`SampleCounter` actor per run; the training loop (rank 0) logs the
+counts to MLflow and stops the run with a clear error once the bad fraction exceeds
+``data.max_bad_fraction``, naming the worst shards and a few keys.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import PurePosixPath
+from typing import Any
+
+import ray
+
+REASONS = ("undecodable", "empty", "no_image", "truncated_shard", "unreadable_shard")  # skipped
+NOTES = ("no_label", "converted")  # kept, but worth counting
+
+
+@ray.remote(num_cpus=0)
+class SampleCounter:
+    """Totals over all actors and epochs: rows seen, skipped per reason, per shard, example keys."""
+
+    def __init__(self) -> None:
+        self.seen = 0
+        self.reasons: Counter[str] = Counter()
+        self.shards: Counter[str] = Counter()
+        self.examples: list[tuple[str, str, str]] = []  # (shard, key, reason)
+
+    def add(self, seen: int, reasons: dict[str, int], bad: list[tuple[str, str, str]]) -> None:
+        self.seen += seen
+        self.reasons.update(reasons)
+        self.shards.update(shard for shard, _, _ in bad)
+        if len(self.examples) < 50:
+            self.examples.extend(bad[: 50 - len(self.examples)])
+
+    def get(self) -> dict[str, Any]:
+        return {
+            "seen": self.seen,
+            "reasons": dict(self.reasons),
+            "shards": dict(self.shards.most_common(10)),
+            "examples": list(self.examples),
+        }
+
+
+@dataclass
+class BatchTally:
+    """What one ``map_batches`` call saw, sent to the counter in one message."""
+
+    seen: int = 0
+    reasons: Counter = field(default_factory=Counter)
+    bad: list[tuple[str, str, str]] = field(default_factory=list)
+
+    def skip(self, shard: str, key: str, reason: str) -> None:
+        self.reasons[reason] += 1
+        self.bad.append((shard, key, reason))
+
+    def note(self, reason: str) -> None:
+        self.reasons[reason] += 1
+
+    @property
+    def skipped(self) -> int:
+        return sum(n for r, n in self.reasons.items() if r in REASONS)
+
+
+def skipped_total(stats: dict[str, Any]) -> int:
+    return sum(n for r, n in stats["reasons"].items() if r in REASONS)
+
+
+def bad_fraction_error(stats: dict[str, Any], max_fraction: float, min_seen: int = 100) -> str | None:
+    """A one-line error when more than ``max_fraction`` of the samples seen were skipped, else None.
+
+    Not judged before ``min_seen`` samples (a few bad files at the start are not a trend).
+    """
+    seen, skipped = stats["seen"], skipped_total(stats)
+    if seen < min_seen or skipped <= max_fraction * seen:
+        return None
+    shards = ", ".join(f"{PurePosixPath(s).name} ({n})" for s, n in list(stats["shards"].items())[:5])
+    keys = ", ".join(f"{k} ({r})" for _, k, r in stats["examples"][:5])
+    reasons = ", ".join(f"{r}={n}" for r, n in sorted(stats["reasons"].items()) if r in REASONS)
+    return (
+        f"{skipped} of {seen} samples ({100 * skipped / seen:.1f}%) were bad, above data.max_bad_fraction="
+        f"{max_fraction}: {reasons}; worst shards: {shards}; e.g. keys {keys}"
+    )
+
+
+def metrics(stats: dict[str, Any]) -> dict[str, float]:
+    """``data/seen``, ``data/skipped`` and ``data/<reason>`` for MLflow."""
+    out = {"data/seen": float(stats["seen"]), "data/skipped": float(skipped_total(stats))}
+    out.update({f"data/{r}": float(n) for r, n in stats["reasons"].items()})
+    return out
