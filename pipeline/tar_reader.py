@@ -15,19 +15,12 @@ import tarfile
 from collections.abc import Iterator
 from typing import Any
 
+from pipeline.shards import _member_key_ext
+
 log = logging.getLogger(__name__)
 
 KEEP = ("jpg", "jpeg", "png", "webp", "cls")
 COLUMNS = ("__key__", "__url__", "__error__") + KEEP
-
-
-def _split_name(name: str) -> tuple[str, str] | None:
-    """``dir/abc.def.jpg`` -> (``dir/abc``, ``def.jpg``); None for names without an extension."""
-    head, _, base = name.rpartition("/")
-    if "." not in base:
-        return None
-    stem, ext = base.split(".", 1)
-    return (f"{head}/{stem}" if head else stem), ext.lower()
 
 
 def _row(key: str, url: str, members: dict[str, bytes], error: str | None = None) -> dict[str, Any]:
@@ -45,10 +38,9 @@ def iter_samples(fileobj, url: str) -> Iterator[dict[str, Any]]:
             for member in tf:
                 if not member.isfile():
                     continue
-                parts = _split_name(member.name)
-                if parts is None:
+                k, ext = _member_key_ext(member.name)  # the same key rule as shard discovery
+                if k is None:
                     continue
-                k, ext = parts
                 if k != key:
                     if key is not None:
                         yield _row(key, url, members)

@@ -8,6 +8,7 @@ testable without Ray Data. Only rank 0 has side effects (MLflow metrics, checkpo
 from __future__ import annotations
 
 import logging
+import math
 import tempfile
 import time
 from dataclasses import dataclass
@@ -160,7 +161,7 @@ class DinoRunner:
             if self.global_step % every == 0 or steps == self.plan.steps_per_epoch:
                 now = time.perf_counter()
                 loss = out["loss"].item()  # one host sync per logging window, not per step
-                if not torch.isfinite(torch.tensor(loss)):
+                if not math.isfinite(loss):
                     raise FloatingPointError(f"non-finite DINO loss {loss} at global step {self.global_step}")
                 v = self.schedules.at(self.global_step - 1)
                 tracker.log_metrics(
