@@ -3,9 +3,12 @@
     python benchmarks/pipeline_throughput.py                         # Imagenette train shards, all cores
     python benchmarks/pipeline_throughput.py --shards DIR --cores 2 --limit 2000 --n-local 8
 
-Prints: the single-core rate of the multi-crop mapper (one process pinned to one core, same images),
-the Ray Data rate with an actor pool of ``--cores`` actors (1 CPU each), the scaling efficiency
-(pipeline rate / (cores x single-core rate); target >= 90%), and the shape and bytes of emitted batches.
+Prints: the single-core rate of the multi-crop mapper (one process pinned to one core, same images;
+measured before and after the pipeline run), the Ray Data rate with an actor pool of ``--cores``
+actors (0.9 CPU each, leaving room for the read task), the scaling efficiency (pipeline rate /
+(cores x single-core rate); target >= 90%), where the machine's CPU went while timed (actors, read
+tasks, this driver = consumer + Ray Data's scheduler, other Ray processes), the images/s per CPU-second
+the actors got against the single-core rate, and the shape and bytes of emitted batches.
 """
 
 from __future__ import annotations
@@ -28,7 +31,12 @@ def single_core_rate(paths: list[str], spec, limit: int, core: int) -> float:
 
     from pipeline.data import MultiCropMapper
 
+    import cv2
+    import torch
+
     os.sched_setaffinity(0, {core})
+    torch.set_num_threads(1)  # as in an actor (Ray sets OMP_NUM_THREADS=1): one thread per core
+    cv2.setNumThreads(1)
     rows = {"__key__": [], "jpg": [], "cls": []}
     for sample in wds.WebDataset(paths, shardshuffle=False):
         for k in rows:
@@ -44,6 +52,38 @@ def single_core_rate(paths: list[str], spec, limit: int, core: int) -> float:
     return len(batch["jpg"]) / (time.perf_counter() - t0)
 
 
+def cpu_seconds() -> dict[int, tuple[str, float]]:
+    """Per process of this machine: (command line, user+system CPU seconds)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        out[int(pid)] = (cmd, (int(fields[11]) + int(fields[12])) / tick)
+    return out
+
+
+def cpu_groups(before: dict, after: dict) -> dict[str, float]:
+    """CPU seconds spent between two snapshots, per group: augmentation actors, read tasks, this driver
+    (the consumer and Ray Data's scheduler), other Ray processes. Grouped by each process's final
+    title (a Ray worker is ``ray::IDLE`` until it becomes an actor); processes that exited are lost."""
+    groups = {"actors": 0.0, "reads": 0.0, "driver": 0.0, "ray_other": 0.0}
+    for pid, (cmd, cpu) in after.items():
+        spent = cpu - before.get(pid, ("", 0.0))[1]
+        if pid == os.getpid():
+            groups["driver"] += spent
+        elif "MapWorker" in cmd:  # the actor title is cut short: ray::MapWorker(MapBatches(MultiCropM...
+            groups["actors"] += spent
+        elif "read_shard" in cmd:
+            groups["reads"] += spent
+        elif "ray" in cmd:
+            groups["ray_other"] += spent
+    return groups
+
+
 def pipeline_rate(paths: list[str], cfg, limit: int, cores: int) -> tuple[float, dict]:
     import ray
 
@@ -51,16 +91,23 @@ def pipeline_rate(paths: list[str], cfg, limit: int, cores: int) -> tuple[float,
 
     ray.init(num_cpus=cores, include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
-    ds = multicrop_dataset(paths, cfg).limit(limit)
+    # Whole shards, consumed until ``limit`` images: ``Dataset.limit`` would add a slice task in a fresh
+    # worker process (~1.3 s of CPU importing Ray Data), a cost a training run never pays.
+    ds = multicrop_dataset(paths, cfg)
     n, shape, t0, t_first = 0, {}, time.perf_counter(), None
     for batch in ds.iter_batches(batch_size=cfg.ray.augment_batch_size, batch_format="numpy", prefetch_batches=4):
         if t_first is None:  # exclude actor start-up: time from the first batch on
-            t_first, n0 = time.perf_counter(), len(batch["key"])
+            t_first, n0, cpu0 = time.perf_counter(), len(batch["key"]), cpu_seconds()
             shape = {k: (v.shape, v.dtype.str, v.nbytes) for k, v in batch.items() if k in ("global_crops", "local_crops")}
         n += len(batch["key"])
-    elapsed = time.perf_counter() - t_first
+        if n >= limit:  # snapshot inside the loop: leaving it shuts the pool down
+            elapsed, cpu1 = time.perf_counter() - t_first, cpu_seconds()
+            break
+    else:
+        elapsed, cpu1 = time.perf_counter() - t_first, cpu_seconds()
     ray.shutdown()
-    return (n - n0) / elapsed, {"startup_s": t_first - t0, **shape}
+    share = {k: v / elapsed for k, v in cpu_groups(cpu0, cpu1).items()}  # cores' worth each group used
+    return (n - n0) / elapsed, {"startup_s": t_first - t0, "cores_used": share, **shape}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -82,21 +129,32 @@ def main(argv: list[str] | None = None) -> dict:
         None,
         [f"augment.n_local={args.n_local}", f"ray.augment_actors_min={args.cores}",
          f"ray.augment_actors_max={args.cores}", "ray.augment_cpus_per_actor=0.9",  # leave room for reads
-         "ray.read_cpus_per_task=0.01", f"ray.augment_batch_size={args.batch}"],
+         "ray.read_cpus_per_task=0.01", "ray.read_concurrency=1", f"ray.augment_batch_size={args.batch}"],
     )
     paths = load_split(args.shards, args.split).paths
-    single = single_core_rate(paths, spec_from_config(cfg.augment), args.single_limit, core=0)
+    spec = spec_from_config(cfg.augment)
+    # The single-core rate is measured before and after the pipeline run (this VM drifts by tens of
+    # percent over minutes); the ideal uses their mean.
+    before = single_core_rate(paths, spec, args.single_limit, core=0)
     os.sched_setaffinity(0, set(range(os.cpu_count())))
     rate, info = pipeline_rate(paths, cfg, args.limit, args.cores)
+    after = single_core_rate(paths, spec, args.single_limit, core=0)
+    single = (before + after) / 2
     ideal = args.cores * single
     g, l = info["global_crops"], info["local_crops"]
     per_sample = (g[2] + l[2]) / g[0][0]
     print(f"multi-crop 2x{cfg.augment.global_size} + {args.n_local}x{cfg.augment.local_size}, {args.shards}")
-    print(f"single core (pinned, in-process):   {single:8.1f} images/s")
+    print(f"single core (pinned, in-process):   {single:8.1f} images/s  (before {before:.1f}, after {after:.1f})")
     print(f"Ray Data, {args.cores} actors x 0.9 CPU:     {rate:8.1f} images/s  (start-up {info['startup_s']:.1f} s excluded)")
     print(f"scaling vs {args.cores} x single core:       {100 * rate / ideal:8.1f} %  (target >= 90%)")
+    used = info["cores_used"]
+    per_actor_core = rate / used["actors"]
+    print("cores used while timed:            " + ", ".join(f"{k} {v:.2f}" for k, v in used.items()))
+    print(f"images/s per actor CPU-second:      {per_actor_core:8.1f}  "
+          f"({100 * per_actor_core / single:.1f} % of the single-core rate: the stage's own overhead)")
     print(f"batch columns: global_crops {g[0]} {g[1]}, local_crops {l[0]} {l[1]}; {per_sample / 1e3:.1f} kB/sample")
-    return {"single": single, "pipeline": rate, "scaling": rate / ideal, "bytes_per_sample": per_sample}
+    return {"single": single, "pipeline": rate, "scaling": rate / ideal, "bytes_per_sample": per_sample,
+            "cores_used": used, "actor_efficiency": per_actor_core / single}
 
 
 if __name__ == "__main__":

@@ -392,12 +392,20 @@ class MultiCropAugment:
         self.rng = np.random.default_rng(seed)
         self.min_area = min_source_area(spec)
 
-    def from_array(self, img: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """``img`` (H, W, 3) uint8 RGB -> (global (2, G, G, 3), local (N, L, L, 3)) uint8."""
+    def from_array(
+        self, img: np.ndarray, out: tuple[np.ndarray, np.ndarray] | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """``img`` (H, W, 3) uint8 RGB -> (global (2, G, G, 3), local (N, L, L, 3)) uint8.
+
+        ``out``: arrays of those shapes to write into (e.g. rows of a batch buffer), saving a copy.
+        """
         s = self.spec
         size = (img.shape[1], img.shape[0])
-        g = np.empty((2, s.global_size, s.global_size, 3), np.uint8)
-        loc = np.empty((s.n_local, s.local_size, s.local_size, 3), np.uint8)
+        if out is None:
+            g = np.empty((2, s.global_size, s.global_size, 3), np.uint8)
+            loc = np.empty((s.n_local, s.local_size, s.local_size, 3), np.uint8)
+        else:
+            g, loc = out
         for k in range(2 + s.n_local):
             p = sample_params(self.rng, s, k, size)
             if k < 2:
@@ -423,6 +431,8 @@ class MultiCropAugment:
         img.load()
         return np.asarray(img if img.mode == "RGB" else img.convert("RGB"))
 
-    def from_bytes(self, data: bytes) -> tuple[np.ndarray, np.ndarray]:
+    def from_bytes(
+        self, data: bytes, out: tuple[np.ndarray, np.ndarray] | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """``decode`` then augment: bytes -> (global (2, G, G, 3), local (N, L, L, 3)) uint8."""
-        return self.from_array(self.decode(data))
+        return self.from_array(self.decode(data), out)

@@ -94,7 +94,11 @@ class MultiCropMapper:
         urls = batch.get("__url__", [""] * n_rows)
         errors = batch.get("__error__", [None] * n_rows)
         tally = BatchTally(seen=n_rows)
-        globals_, locals_, out_keys, out_labels = [], [], [], []
+        # Crops are written straight into the batch buffers (no per-sample arrays to stack); a sample
+        # that fails part-way is overwritten by the next good one, and the buffers are cut to ``n``.
+        globals_ = np.empty((n_rows, 2, s.global_size, s.global_size, 3), np.uint8)
+        locals_ = np.empty((n_rows, s.n_local, s.local_size, s.local_size, 3), np.uint8)
+        out_keys, out_labels = [], []
         for data, key, label, url, error in zip(images, batch["__key__"], labels, urls, errors):
             key, url = str(key), str(url)
             if isinstance(error, str):  # a shard-level marker (truncated/unreadable shard), not a sample
@@ -107,49 +111,50 @@ class MultiCropMapper:
             if len(data) == 0:
                 tally.skip(url, key, "empty")
                 continue
+            n = len(out_keys)
             try:
-                g, loc = self.augment.from_bytes(bytes(data))
+                self.augment.from_bytes(bytes(data), out=(globals_[n], locals_[n]))
             except Exception:  # corrupt / truncated / not an image / unsupported mode
                 tally.skip(url, key, "undecodable")
                 continue
-            globals_.append(g)
-            locals_.append(loc)
             out_keys.append(key)
             out_labels.append(_label(label))
             if out_labels[-1] < 0:
                 tally.note("no_label")
         self._report(tally)
-        n = len(globals_)
+        n = len(out_keys)
         return {
-            "global_crops": np.stack(globals_) if n else np.zeros((0, 2, s.global_size, s.global_size, 3), np.uint8),
-            "local_crops": np.stack(locals_)
-            if n
-            else np.zeros((0, s.n_local, s.local_size, s.local_size, 3), np.uint8),
+            "global_crops": globals_[:n],
+            "local_crops": locals_[:n],
             "key": np.array(out_keys, dtype=object),
             "label": np.array(out_labels, dtype=np.int64),
         }
 
 
-def read_shards(paths: list[str], *, shuffle: bool = True, num_cpus: float = 1.0) -> ray.data.Dataset:
+def read_shards(
+    paths: list[str], *, shuffle: bool = True, num_cpus: float = 1.0, concurrency: int | None = None
+) -> ray.data.Dataset:
     """Raw sample rows (``__key__``, ``__url__``, ``jpg``/..., ``cls`` as bytes; see :mod:`pipeline.tar_reader`).
 
     Read tasks only move bytes; ``num_cpus`` below 1 lets them fit beside train workers and
     augmentation actors on small machines (a read task that cannot be scheduled stalls the pipeline).
     """
     from pipeline.storage import filesystem_for
-    from pipeline.tar_reader import read_shard
+    from pipeline.tar_reader import read_shard_tables
 
     fs = filesystem_for(paths)  # built on the driver from its AWS environment, shipped to read tasks
     ds = ray.data.from_items([{"path": p} for p in paths], override_num_blocks=max(1, len(paths)))
     if shuffle:
         ds = ds.randomize_block_order()  # one block per shard: file order shuffled per epoch
-    return ds.flat_map(read_shard, fn_kwargs={"filesystem": fs}, num_cpus=num_cpus)
+    return ds.map_batches(
+        read_shard_tables, batch_size=1, fn_kwargs={"filesystem": fs}, num_cpus=num_cpus, concurrency=concurrency
+    )
 
 
 def multicrop_dataset(paths: list[str], cfg: Config, counter_name: str | None = None) -> ray.data.Dataset:
     """Shards -> multi-crop batches on an autoscaling actor pool (``ray.augment_actors_min..max``)."""
     r = cfg.ray
-    return read_shards(paths, num_cpus=r.read_cpus_per_task).map_batches(
+    return read_shards(paths, num_cpus=r.read_cpus_per_task, concurrency=r.read_tasks()).map_batches(
         MultiCropMapper,
         fn_constructor_kwargs={"spec": spec_from_config(cfg.augment), "seed": cfg.seed, "counter_name": counter_name},
         batch_size=r.augment_batch_size,

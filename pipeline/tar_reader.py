@@ -54,6 +54,32 @@ def iter_samples(fileobj, url: str) -> Iterator[dict[str, Any]]:
         yield _row(f"{key or ''}#truncated", url, {}, error="truncated_shard")
 
 
+def to_table(rows: list[dict[str, Any]]):
+    """Sample rows -> one Arrow table with typed columns (strings, binary members; missing = null)."""
+    import pyarrow as pa
+
+    types = {"__key__": pa.string(), "__url__": pa.string(), "__error__": pa.string()}
+    return pa.table({c: pa.array([r[c] for r in rows], type=types.get(c, pa.binary())) for c in COLUMNS})
+
+
+def read_shard_tables(batch: dict[str, Any], filesystem=None, rows_per_table: int = 64):
+    """``map_batches`` generator: shard paths -> their samples as Arrow tables of ``rows_per_table`` rows.
+
+    Columnar output is what keeps the read stage cheap: Ray builds blocks from typed Arrow columns
+    instead of converting one Python dict per sample (the ``flat_map`` form took ~20% of a core at
+    300 images/s on the benchmark machine; this takes a few percent).
+    """
+    for path in batch["path"]:
+        rows: list[dict[str, Any]] = []
+        for row in read_shard({"path": str(path)}, filesystem):
+            rows.append(row)
+            if len(rows) == rows_per_table:
+                yield to_table(rows)
+                rows = []
+        if rows:
+            yield to_table(rows)
+
+
 def read_shard(row: dict[str, Any], filesystem=None) -> Iterator[dict[str, Any]]:
     """``flat_map`` function: ``{"path": ...}`` -> the shard's sample rows."""
     path = row["path"]

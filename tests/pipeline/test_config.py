@@ -81,3 +81,11 @@ def test_bad_files_give_one_line_errors_naming_the_file(tmp_path):
     unknown.write_text("optim:\n  epoch: 3\n")
     with pytest.raises(ConfigError, match=r"unknown config key 'optim.epoch' in .*typo.yaml"):
         load_config(unknown)
+
+
+def test_read_tasks_defaults_to_one_per_eight_augmentation_cpus_and_honours_an_explicit_cap():
+    from pipeline.config import load_config
+
+    assert load_config(None, ["ray.augment_actors_max=4", "ray.augment_cpus_per_actor=1"]).ray.read_tasks() == 1
+    assert load_config(None, ["ray.augment_actors_max=20", "ray.augment_cpus_per_actor=2"]).ray.read_tasks() == 5
+    assert load_config(None, ["ray.augment_actors_max=20", "ray.read_concurrency=3"]).ray.read_tasks() == 3

@@ -6,7 +6,7 @@ import io
 import pickle
 import tarfile
 
-from pipeline.tar_reader import COLUMNS, iter_samples, read_shard
+from pipeline.tar_reader import COLUMNS, iter_samples, read_shard, read_shard_tables
 
 
 def _tar(members: list[tuple[str, bytes]]) -> bytes:
@@ -49,3 +49,25 @@ def test_unreadable_or_garbage_files_become_markers(tmp_path):
     assert len(rows) == 1 and rows[0]["__error__"] == "truncated_shard"
     rows = list(read_shard({"path": str(tmp_path / "vanished.tar")}))
     assert len(rows) == 1 and rows[0]["__error__"] == "unreadable_shard"
+
+
+def test_tables_are_typed_chunks_in_shard_order(tmp_path):
+    import pyarrow as pa
+
+    paths = []
+    for s in range(2):
+        p = tmp_path / f"s{s}.tar"
+        p.write_bytes(_tar([(f"s{s}k{i}.jpg", bytes([i]) * 7) for i in range(5)] + [(f"s{s}k0.cls", b"4")]))
+        paths.append(str(p))
+    # s{s}k0.cls comes after the other members: a separate sample with the same key (webdataset groups
+    # only consecutive members), kept with jpg null.
+    tables = list(read_shard_tables({"path": paths}, rows_per_table=4))
+    assert [t.num_rows for t in tables] == [4, 2, 4, 2]  # never mixes shards in one table
+    assert all(t.column_names == list(COLUMNS) for t in tables)
+    assert tables[0].schema.field("jpg").type == pa.binary()
+    assert tables[0].schema.field("__key__").type == pa.string()
+    keys = [k for t in tables for k in t.column("__key__").to_pylist()]
+    assert keys == [k for s in range(2) for k in [f"s{s}k{i}" for i in range(5)] + [f"s{s}k0"]]
+    last = tables[1].to_pylist()[-1]
+    assert last["__key__"] == "s0k0" and last["jpg"] is None and last["cls"] == b"4"
+    assert tables[0].to_pylist()[1]["jpg"] == bytes([1]) * 7 and tables[0].to_pylist()[1]["cls"] is None
