@@ -45,13 +45,18 @@ def param_groups(model: nn.Module) -> list[dict[str, Any]]:
 def build_optimizer(model: nn.Module, fused: bool | None = None) -> torch.optim.AdamW:
     """AdamW over :func:`param_groups`; lr and weight decay are set by :func:`set_hyperparams`.
 
+    Build it after moving the model to its device: ``fused=None`` looks at where the parameters are.
+
     Args:
         model: The student (optionally DDP-wrapped).
-        fused: Use the fused AdamW kernel. ``None`` means "if all parameters are on CUDA".
+        fused: Use the fused AdamW kernel (one kernel launch for all parameters). ``None``: fused
+            if every trainable parameter is on CUDA, unfused (foreach) otherwise, e.g. on CPU.
+            ``True`` / ``False`` are passed to :class:`torch.optim.AdamW` as given.
     """
     groups = param_groups(model)
     if fused is None:
-        fused = all(p.is_cuda for g in groups for p in g["params"])
+        params = [p for g in groups for p in g["params"]]
+        fused = bool(params) and all(p.is_cuda for p in params)
     return torch.optim.AdamW(groups, lr=0.0, fused=fused)
 
 

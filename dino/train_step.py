@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from dino.backbone import create_backbone
 from dino.ema import update_teacher
 from dino.head import DINOHead
+from dino.health import step_health
 from dino.loss import DINOLoss
 from dino.multicrop import MultiCropWrapper
 from dino.optim import cancel_last_layer_grads, clip_gradients, set_hyperparams
@@ -69,6 +70,73 @@ def build_student_teacher(
     return student, teacher
 
 
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+
+
+def precision_settings(
+    device: torch.device | str, precision: str
+) -> tuple[torch.dtype | None, torch.amp.GradScaler | None]:
+    """The ``autocast_dtype`` and ``scaler`` arguments of :func:`dino_step` for a precision name.
+
+    * ``"auto"``: bf16 on CUDA (fp16 with a scaler on GPUs without native bf16, e.g. V100 / T4,
+      where bf16 is emulated), fp32 elsewhere;
+    * ``"bf16"``: bf16 autocast, no scaler (bf16 has float32's exponent range); also on CPU;
+    * ``"fp16"``: fp16 autocast and a ``GradScaler`` for ``device``'s type;
+    * ``"fp32"``: no autocast, no scaler.
+
+    Parameters and optimizer state stay float32 in every case; the loss runs in float32.
+
+    Args:
+        device: The training device.
+        precision: One of :data:`PRECISIONS`.
+
+    Returns:
+        ``(autocast_dtype or None, GradScaler or None)``; a fresh scaler on every call.
+
+    Raises:
+        ValueError: If ``precision`` is not one of :data:`PRECISIONS`.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    device = torch.device(device)
+    if precision == "auto":
+        if device.type != "cuda":
+            precision = "fp32"
+        else:
+            native_bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
+            precision = "bf16" if native_bf16 else "fp16"
+    if precision == "bf16":
+        return torch.bfloat16, None
+    if precision == "fp16":
+        return torch.float16, torch.amp.GradScaler(device.type)
+    return None, None
+
+
+def maybe_compile(module: nn.Module, enabled: bool, backend: Any = "inductor") -> nn.Module:
+    """``torch.compile(dynamic=False)`` a backbone in place (``Module.compile``), if ``enabled``.
+
+    In place, so ``state_dict`` keys, the EMA's parameter order and DDP's view of the parameters do
+    not change. Pass the *backbone* (``student.backbone``, ``teacher.backbone``), not the
+    :class:`MultiCropWrapper`, whose crop loop and ``torch.cat`` see varying shapes. Multi-crop
+    feeds the student's backbone two static shapes, ``[2B, 3, G, G]`` and ``[N B, 3, L, L]``, and
+    the teacher's one, ``[2B, 3, G, G]`` under ``no_grad``: with ``dynamic=False`` that is three
+    graphs, all traced on the first step (student and teacher share the forward's code, whose
+    cache holds up to 8), and no recompilation afterwards as long as ``B`` stays constant (a
+    short last batch would add graphs: drop it).
+
+    Args:
+        module: The module to compile in place.
+        enabled: Compile only if ``True`` (so the config flag can be passed straight through).
+        backend: ``torch.compile`` backend (tests pass a counting backend).
+
+    Returns:
+        ``module`` itself.
+    """
+    if enabled:
+        module.compile(dynamic=False, backend=backend)
+    return module
+
+
 def dino_step(
     student: nn.Module,
     teacher: nn.Module,
@@ -82,6 +150,8 @@ def dino_step(
     freeze_last_layer: bool,
     autocast_dtype: torch.dtype | None = None,
     scaler: torch.amp.GradScaler | None = None,
+    health: bool = False,
+    skip_nonfinite: bool = False,
 ) -> dict[str, Tensor]:
     """Forward, loss, backward, clip, optimizer step and teacher EMA update.
 
@@ -97,9 +167,20 @@ def dino_step(
         freeze_last_layer: Drop the head's last-layer gradients this step.
         autocast_dtype: Autocast dtype of the forward passes (e.g. ``torch.bfloat16``) or ``None``.
         scaler: Optional ``GradScaler`` (float16 training).
+        health: Also return the collapse diagnostics of :mod:`dino.health`, computed from this
+            step's detached logits with the loss's targets (centre before its update).
+        skip_nonfinite: Check the loss (and, without a scaler, the gradient norm) after backward;
+            if either is NaN/inf, leave student, teacher, optimizer and centre untouched. The check
+            reads one flag back to the host (one synchronisation per step) and, under
+            ``torch.distributed``, agrees across ranks with one all-reduce. With a scaler, gradient
+            overflow stays the scaler's business (it skips the optimizer step and lowers the scale;
+            the EMA and centre are updated as without this option); a non-finite loss is skipped.
+            When ``False`` nothing is checked and nothing synchronises.
 
     Returns:
-        ``{"loss": scalar, "grad_norm": scalar}`` tensors on the device (no host synchronisation).
+        ``{"loss": (), "grad_norm": ()}`` tensors on the device (no host synchronisation), plus
+        ``"teacher_entropy"`` and ``"kl"`` (float32, nats) with ``health``, plus ``"skipped"``
+        (int64, 1 if the step was skipped, else 0) with ``skip_nonfinite``.
     """
     set_hyperparams(optimizer, values.lr, values.weight_decay)
     student_crops = [global_crops] if local_crops is None else [global_crops, local_crops]
@@ -108,10 +189,15 @@ def dino_step(
         if autocast_dtype is not None
         else contextlib.nullcontext()
     )
+    out: dict[str, Tensor] = {}
+    # The loss updates the centre in its forward: keep the old one to restore on a skipped step.
+    center_before = loss_fn.center.clone() if skip_nonfinite else None
     with autocast:
         with torch.no_grad():
             teacher_logits = teacher([global_crops])  # (2B, K)
         student_logits = student(student_crops)  # ((2 + N) B, K)
+        if health:  # before the loss, which moves the centre
+            out |= step_health(loss_fn, student_logits, teacher_logits, values.teacher_temp)
         loss = loss_fn(student_logits, teacher_logits, values.teacher_temp)  # ()
 
     optimizer.zero_grad(set_to_none=True)
@@ -121,6 +207,23 @@ def dino_step(
     else:
         loss.backward()
     grad_norm = clip_gradients(student, clip_grad)
+    out |= {"loss": loss.detach(), "grad_norm": grad_norm.detach()}
+
+    if skip_nonfinite:
+        finite = torch.isfinite(out["loss"])
+        if scaler is None:
+            finite = finite & torch.isfinite(out["grad_norm"])
+        skipped = (~finite).to(torch.int64)  # ()
+        if _distributed():  # one rank's bad step is every rank's: the replicas must stay equal
+            torch.distributed.all_reduce(skipped, op=torch.distributed.ReduceOp.MAX)
+        out["skipped"] = skipped
+        if skipped.item():  # the one host synchronisation of this policy
+            loss_fn.center.copy_(center_before)
+            if scaler is not None:
+                scaler.update()  # ends the scaler's step (unscale_ was called); sees inf grads
+            optimizer.zero_grad(set_to_none=True)
+            return out
+
     if freeze_last_layer:
         cancel_last_layer_grads(student)
     if scaler is not None:
@@ -130,4 +233,8 @@ def dino_step(
         optimizer.step()
 
     update_teacher(student, teacher, values.teacher_momentum)
-    return {"loss": loss.detach(), "grad_norm": grad_norm.detach()}
+    return out
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()

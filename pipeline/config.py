@@ -52,6 +52,13 @@ class DataConfig(_Section):
     synthetic_image_size: int = Field(ge=16, le=1024)
     max_bad_fraction: float = Field(ge=0.0, le=1.0)
 
+    @field_validator("root")
+    @classmethod
+    def _required(cls, v):
+        if v == "???":  # a preset's way of saying "no default: the user must give it"
+            raise ValueError("required by this preset: pass data.root=<folder or s3://bucket/prefix with shards>")
+        return v
+
 
 class AugmentConfig(_Section):
     global_size: int = Field(ge=8, le=1024)
@@ -121,6 +128,9 @@ class OptimConfig(_Section):
     weight_decay_end: float = Field(ge=0.0)
     clip_grad: float
     freeze_last_layer_epochs: int = Field(ge=0)
+    precision: Literal["auto", "bf16", "fp16", "fp32"]
+    compile: bool
+    channels_last: bool
 
     @model_validator(mode="after")
     def _warmup(self):
@@ -162,6 +172,7 @@ class RayConfig(_Section):
         return max(1, math.ceil(self.augment_actors_max * self.augment_cpus_per_actor / 8))
     storage_path: str
     checkpoint_every_epochs: int = Field(gt=0)
+    checkpoint_every_steps: int = Field(ge=0)
     num_to_keep: int = Field(gt=0)
     max_failures: int = Field(ge=-1)
 
@@ -179,6 +190,17 @@ class TrackingConfig(_Section):
     experiment: str | None
     run_name: str | None
     log_every_steps: int = Field(gt=0)
+    if_unreachable: Literal["fail", "local"]
+    register_model: str | None
+
+
+class HealthConfig(_Section):
+    collapse_action: Literal["warn", "stop"]
+    collapse_patience: int = Field(gt=0)
+    nonfinite: Literal["stop", "skip"]
+    max_skipped_steps: int = Field(ge=0)
+    attention_every_epochs: int = Field(ge=0)
+    attention_images: int = Field(gt=0)
 
 
 class KnnConfig(_Section):
@@ -200,6 +222,7 @@ class Config(_Section):
     loss: LossConfig
     ray: RayConfig
     tracking: TrackingConfig
+    health: HealthConfig
     knn: KnnConfig
     preset: str = "default"  # filled by load_config: the preset file's stem
 

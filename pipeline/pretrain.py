@@ -37,6 +37,7 @@ class Prepared:
     tracking_uri: str
     experiment: str
     run_name: str
+    val: SplitInfo | None = None  # for attention maps (and the k-NN evaluation); None when absent
 
 
 @dataclass
@@ -47,6 +48,7 @@ class PretrainResult:
     checkpoint_path: str
     data_root: str
     metrics: dict[str, Any] = field(default_factory=dict)
+    model_version: str | None = None  # "name/version" in the MLflow model registry
 
 
 def ensure_data(cfg: Config) -> str:
@@ -86,16 +88,51 @@ def prepare(cfg: Config) -> Prepared:
         )
     name = dataset_name(root)
     experiment = cfg.tracking.experiment or f"dino-{name}-{cfg.preset}"
-    run_name = cfg.tracking.run_name or f"{cfg.model.arch}-{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_name = cfg.tracking.run_name or f"{cfg.model.arch}-{name}-{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    val = None
+    if cfg.data.val_split:
+        try:
+            val = resolve_split(root, cfg.data.val_split)
+        except (DataError, FileNotFoundError, ValueError):
+            val = None  # optional here; the k-NN evaluation checks it with its own error
     return Prepared(
         cfg=cfg,
         data_root=root,
         train=train,
         steps_per_epoch=steps,
         global_batch_size=global_batch,
-        tracking_uri=resolve_tracking_uri(cfg.tracking.tracking_uri),
+        tracking_uri=check_tracking_uri(resolve_tracking_uri(cfg.tracking.tracking_uri), cfg),
         experiment=experiment,
         run_name=run_name,
+        val=val,
+    )
+
+
+def check_tracking_uri(uri: str, cfg: Config) -> str:
+    """An HTTP tracking server must answer ``/health`` before anything starts.
+
+    Unreachable: a one-line error (``tracking.if_unreachable=fail``), or a warning and a local SQLite
+    store under ``output_dir`` (``=local``) whose runs can be imported later.
+    """
+    import urllib.request
+
+    if not uri.startswith(("http://", "https://")):
+        return uri
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5) as r:
+            if r.status == 200:
+                return uri
+            problem = f"HTTP {r.status}"
+    except OSError as e:
+        problem = str(getattr(e, "reason", e))
+    if cfg.tracking.if_unreachable == "local":
+        local = "sqlite:///" + str((Path(cfg.output_dir) / "mlflow-offline.db").resolve())
+        Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+        log.warning("MLflow server %s unreachable (%s): tracking to %s instead", uri, problem, local)
+        return local
+    raise DataError(
+        f"MLflow tracking server {uri} is not reachable ({problem}); start it, fix tracking.tracking_uri / "
+        f"MLFLOW_TRACKING_URI, or pass tracking.if_unreachable=local to track to a local store"
     )
 
 
@@ -108,6 +145,9 @@ def init_ray(address: str | None) -> None:
     ctx = ray.data.DataContext.get_current()
     if not sys.stdout.isatty():
         ctx.enable_progress_bars = False
+    import os
+
+    address = address or os.environ.get("RAY_ADDRESS")  # set for a `ray job submit` driver
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
@@ -162,9 +202,15 @@ def pretrain(p: Prepared) -> PretrainResult:
     cfg = p.cfg
     init_ray(cfg.ray.address)
     use_gpu = _resolve_gpu(cfg.ray.use_gpu)
-    run_id = create_run(p.tracking_uri, p.experiment, p.run_name, cfg.flat(), run_tags(p, use_gpu))
-    log.info("MLflow run %s (%s) in experiment %s at %s", run_id, p.run_name, p.experiment, p.tracking_uri)
-    _log_config_artifact(p, run_id)
+    run_id = find_run(p.tracking_uri, p.experiment, p.run_name)
+    if run_id is not None:  # a re-submitted run name: continue that run (Ray Train resumes its checkpoints)
+        _client(p.tracking_uri).update_run(run_id, status="RUNNING")
+        _client(p.tracking_uri).set_tag(run_id, "resubmitted_at", time.strftime("%Y-%m-%d %H:%M:%S"))
+        log.info("run name %s exists: resuming MLflow run %s and its Ray Train checkpoints", p.run_name, run_id)
+    else:
+        run_id = create_run(p.tracking_uri, p.experiment, p.run_name, cfg.flat(), run_tags(p, use_gpu))
+        log.info("MLflow run %s (%s) in experiment %s at %s", run_id, p.run_name, p.experiment, p.tracking_uri)
+        _log_config_artifact(p, run_id)
 
     plan = LoopPlan(
         steps_per_epoch=p.steps_per_epoch,
@@ -172,6 +218,7 @@ def pretrain(p: Prepared) -> PretrainResult:
         tracking_uri=p.tracking_uri,
         run_id=run_id,
         counter_name=f"dino_sample_counter_{run_id}",
+        attention_paths=tuple(p.val.paths) if p.val is not None else (),
     )
     counter_name = plan.counter_name
     counter = SampleCounter.options(name=counter_name, get_if_exists=True).remote()
@@ -203,6 +250,8 @@ def pretrain(p: Prepared) -> PretrainResult:
     except Exception:
         client.set_terminated(run_id, "FAILED")
         raise
+    finally:
+        prune_unregistered_checkpoints(storage, p.run_name)
     skipped = ray.get(counter.get.remote())
     ray.kill(counter)
     stopped = (result.metrics or {}).get("stopped")
@@ -216,6 +265,7 @@ def pretrain(p: Prepared) -> PretrainResult:
     teacher_dir = export_from_checkpoint(result.checkpoint, Path(cfg.output_dir) / p.run_name / "teacher", run_id)
     client.log_artifacts(run_id, str(teacher_dir), artifact_path="teacher")
     client.log_metric(run_id, "data_skipped_samples", skipped_total(skipped))
+    model_version = register_teacher(client, run_id, p, teacher_dir)
     client.set_terminated(run_id, "FINISHED")
     return PretrainResult(
         run_id=run_id,
@@ -224,7 +274,88 @@ def pretrain(p: Prepared) -> PretrainResult:
         checkpoint_path=result.checkpoint.path,
         data_root=p.data_root,
         metrics={**dict(result.metrics or {}), "skipped_samples": skipped_total(skipped), "data": skipped},
+        model_version=model_version,
     )
+
+
+def prune_unregistered_checkpoints(storage: str, run_name: str) -> list[str]:
+    """Delete ``checkpoint_*`` folders of a finished run that Ray Train never registered.
+
+    A worker killed between writing a checkpoint and the controller registering it leaves the folder
+    behind; Ray Train never resumes from it (only from its snapshot's list) and never deletes it, so each
+    failure would leave a full optimizer state on the storage. Returns the names removed.
+    """
+    import pyarrow.fs as pafs
+
+    from pipeline.storage import filesystem_for
+
+    uri = f"{storage.rstrip('/')}/{run_name}"
+    fs = filesystem_for([uri]) or pafs.LocalFileSystem()
+    root = uri.split("://", 1)[-1]
+    try:
+        snapshot = json.loads(fs.open_input_stream(f"{root}/checkpoint_manager_snapshot.json").read())
+    except (OSError, ValueError):
+        return []  # no snapshot: nothing is known to be registered; leave everything alone
+    keep = {r["checkpoint_dir_name"] for r in snapshot.get("checkpoint_results", [])}
+    latest = snapshot.get("latest_checkpoint_result") or {}
+    keep.add(latest.get("checkpoint_dir_name", ""))
+    removed = []
+    for info in fs.get_file_info(pafs.FileSelector(root)):
+        name = info.base_name
+        if info.type == pafs.FileType.Directory and name.startswith("checkpoint_") and name not in keep:
+            fs.delete_dir(info.path)
+            removed.append(name)
+    if removed:
+        log.info("removed %d unregistered checkpoint folder(s) of %s: %s", len(removed), run_name, removed)
+    return removed
+
+
+def find_run(tracking_uri: str, experiment: str, run_name: str) -> str | None:
+    """The id of the run named ``run_name`` in ``experiment`` (the oldest, if several), or None."""
+    client = _client(tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return None
+    safe = run_name.replace("'", "\\'")
+    runs = client.search_runs(
+        [exp.experiment_id], filter_string=f"tags.`mlflow.runName` = '{safe}'", order_by=["attributes.start_time ASC"]
+    )
+    return runs[0].info.run_id if runs else None
+
+
+def register_teacher(client, run_id: str, p: Prepared, teacher_dir: Path) -> str | None:
+    """Register the exported teacher (run artifact ``teacher/``) in the MLflow model registry.
+
+    Name: ``tracking.register_model`` (``auto`` = ``dino-<dataset>-<preset>``); tags carry the timm arch
+    and image size so a user can rebuild the backbone. Registry errors warn; they never fail the run.
+    """
+    name = p.cfg.tracking.register_model
+    if not name:
+        return None
+    if name == "auto":
+        name = f"dino-{dataset_name(p.data_root)}-{p.cfg.preset}"
+    meta = json.loads((teacher_dir / "teacher.json").read_text())
+    try:
+        try:
+            client.create_registered_model(name, description="DINO teacher backbones (safetensors + teacher.json)")
+        except Exception as e:
+            if "RESOURCE_ALREADY_EXISTS" not in str(e) and "already exists" not in str(e):
+                raise
+        source = f"{client.get_run(run_id).info.artifact_uri}/teacher"
+        version = client.create_model_version(
+            name,
+            source=source,
+            run_id=run_id,
+            tags={"timm_arch": meta["arch"], "image_size": str(meta["image_size"]),
+                  "global_step": str(meta["global_step"]), "format": "safetensors"},
+            description=f"{meta['arch']} teacher of run {p.run_name} at step {meta['global_step']}",
+        )
+    except Exception as e:
+        log.warning("could not register the teacher in the MLflow model registry as %s: %s", name, e)
+        return None
+    client.set_tag(run_id, "registered_model", f"{name}/{version.version}")
+    log.info("teacher registered as model %s version %s", name, version.version)
+    return f"{name}/{version.version}"
 
 
 def _client(uri: str):

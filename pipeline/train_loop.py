@@ -21,12 +21,13 @@ from dino.crops import crops_to_input
 from dino.loss import DINOLoss
 from dino.optim import build_optimizer
 from dino.schedules import build_schedules
-from dino.train_step import build_student_teacher, dino_step
+from dino.health import CollapseMonitor
+from dino.train_step import build_student_teacher, dino_step, maybe_compile, precision_settings
 from pipeline.checkpoint import load_state, save_state
 from pipeline.config import Config, config_from_dict
 from pipeline.sample_stats import bad_fraction_error
 from pipeline.sample_stats import metrics as data_metrics
-from pipeline.tracking import MetricsTracker, NullTracker
+from pipeline.tracking import MetricsTracker, NullTracker, last_logged_step
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,7 @@ class LoopPlan:
     tracking_uri: str
     run_id: str
     counter_name: str | None = None  # the run's SampleCounter actor (bad samples by reason)
+    attention_paths: tuple[str, ...] = ()  # val shards whose first images get attention maps (rank 0)
 
 
 def _distributed() -> bool:
@@ -74,8 +76,17 @@ class DinoRunner:
         self.student_module = student.to(device)
         self.teacher = teacher.to(device)
         self.student = wrap_ddp(self.student_module) if wrap_ddp else self.student_module
+        if o.compile:  # after DDP wrapping: compile the backbones (two static crop shapes -> two graphs)
+            maybe_compile(self.student_module.backbone, True)
+            maybe_compile(self.teacher.backbone, True)
         self.loss_fn = DINOLoss(m.out_dim, student_temp=lc.student_temp, center_momentum=lc.center_momentum).to(device)
-        self.optimizer = build_optimizer(self.student_module)
+        self.optimizer = build_optimizer(self.student_module)  # fused AdamW on CUDA
+        self.autocast_dtype, self.scaler = precision_settings(device, o.precision)
+        self.channels_last = o.channels_last and device.type == "cuda"
+        self.monitor = CollapseMonitor(m.out_dim, patience=cfg.health.collapse_patience)
+        self.skipped_steps = 0  # non-finite steps skipped (health.nonfinite = skip), this run
+        self.steps_in_epoch = 0  # steps of the current epoch done (checkpointed: mid-epoch resume)
+        self.collapse: str | None = None  # the collapse verdict of the latest window
         spe = plan.steps_per_epoch
         self.total_steps = spe * o.epochs
         self.schedules = build_schedules(
@@ -105,6 +116,9 @@ class DinoRunner:
             "center": self.loss_fn.center.detach().cpu(),
             "epoch": self.epoch,
             "global_step": self.global_step,
+            "skipped_steps": self.skipped_steps,
+            "steps_in_epoch": self.steps_in_epoch,
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "config": self.cfg.to_dict(),
             "mlflow_run_id": self.plan.run_id,
         }
@@ -116,13 +130,20 @@ class DinoRunner:
         self.loss_fn.center.copy_(state["center"].to(self.device))
         self.epoch = int(state["epoch"])
         self.global_step = int(state["global_step"])
+        self.skipped_steps = int(state.get("skipped_steps", 0))
+        self.steps_in_epoch = int(state.get("steps_in_epoch", 0))
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
 
     # -- training --------------------------------------------------------------------------------
-    def step(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def step(self, batch: dict[str, torch.Tensor], health: bool = False) -> dict[str, torch.Tensor]:
         values = self.schedules.at(self.global_step)
         g = crops_to_input(batch["global_crops"], self.device)  # (2B, 3, G, G)
         local = batch["local_crops"]
         loc = crops_to_input(local, self.device) if local.shape[1] > 0 else None  # (NB, 3, L, L)
+        if self.channels_last:
+            g = g.contiguous(memory_format=torch.channels_last)
+            loc = loc.contiguous(memory_format=torch.channels_last) if loc is not None else None
         out = dino_step(
             self.student,
             self.teacher,
@@ -133,72 +154,130 @@ class DinoRunner:
             values,
             clip_grad=self.cfg.optim.clip_grad,
             freeze_last_layer=self.global_step < self.freeze_steps,
+            autocast_dtype=self.autocast_dtype,
+            scaler=self.scaler,
+            health=health,
+            skip_nonfinite=self.cfg.health.nonfinite == "skip",
         )
         self.global_step += 1
         return out
 
-    def train_epoch(self, batches: Iterable[dict[str, torch.Tensor]], tracker) -> dict[str, float]:
-        """Run up to ``steps_per_epoch`` steps; log every ``log_every_steps``; returns the epoch summary."""
+    def train_epoch(
+        self,
+        batches: Iterable[dict[str, torch.Tensor]],
+        tracker,
+        save_checkpoint: Callable[[dict[str, Any]], None] | None = None,
+    ) -> dict[str, float]:
+        """Run the epoch's remaining steps; log every ``log_every_steps``; returns the epoch summary.
+
+        ``save_checkpoint(metrics)`` is called (on every rank) every ``ray.checkpoint_every_steps``
+        global steps inside the epoch; the epoch-end checkpoint is the caller's.
+        """
         every = self.cfg.tracking.log_every_steps
+        ckpt_every = self.cfg.ray.checkpoint_every_steps
+        spe = self.plan.steps_per_epoch
+        skip_policy = self.cfg.health.nonfinite == "skip"
         B = self.plan.global_batch_size
         t_epoch = t_window = time.perf_counter()
-        wait = 0.0
-        steps = window_steps = 0
+        wait = window_wait = 0.0
+        steps = self.steps_in_epoch  # non-zero after a resume from a mid-epoch checkpoint
+        window_steps = 0
         losses: list[torch.Tensor] = []
         it = iter(batches)
         stopped = None
-        while steps < self.plan.steps_per_epoch and stopped is None:
+        while steps < spe and stopped is None:
             t0 = time.perf_counter()
             try:
                 batch = next(it)
             except StopIteration:
                 break
-            wait += time.perf_counter() - t0
-            out = self.step(batch)
-            losses.append(out["loss"])
+            waited = time.perf_counter() - t0
+            wait += waited
+            window_wait += waited
+            log_now = (self.global_step + 1) % every == 0 or steps + 1 == spe
+            out = self.step(batch, health=log_now)
             steps += 1
+            self.steps_in_epoch = steps
             window_steps += 1
-            if self.global_step % every == 0 or steps == self.plan.steps_per_epoch:
-                now = time.perf_counter()
-                loss = out["loss"].item()  # one host sync per logging window, not per step
-                if not math.isfinite(loss):
-                    raise FloatingPointError(f"non-finite DINO loss {loss} at global step {self.global_step}")
-                v = self.schedules.at(self.global_step - 1)
-                tracker.log_metrics(
-                    {
-                        "loss": loss,
-                        "lr": v.lr,
-                        "weight_decay": v.weight_decay,
-                        "teacher_momentum": v.teacher_momentum,
-                        "teacher_temp": v.teacher_temp,
-                        "grad_norm": out["grad_norm"].item(),
-                        "center_norm": self.loss_fn.center.norm().item(),
-                        "center_divergence": self.center_divergence(),
-                        "images_per_s": window_steps * B / max(now - t_window, 1e-9),
-                        "data_wait_fraction": wait / max(now - t_epoch, 1e-9),
-                        "epoch": self.epoch + steps / self.plan.steps_per_epoch,
-                    },
-                    step=self.global_step,
-                )
-                stopped = self.check_data(tracker)
-                t_window, window_steps = now, 0
-        self.epoch += 1
+            if skip_policy and bool(out["skipped"]):  # the step already synchronised to decide
+                self.skipped_steps += 1
+                log.warning("non-finite loss at global step %d: step skipped (%d so far)", self.global_step, self.skipped_steps)
+            else:
+                losses.append(out["loss"])
+            if log_now:
+                stopped = self._log_window(out, tracker, window_steps, time.perf_counter() - t_window, window_wait, wait,
+                                           time.perf_counter() - t_epoch, steps)
+                t_window, window_steps, window_wait = time.perf_counter(), 0, 0.0
+            if stopped is None and save_checkpoint and ckpt_every and self.global_step % ckpt_every == 0 and steps < spe:
+                tracker.flush(timeout=0)
+                save_checkpoint({"epoch": self.epoch + steps / spe, "global_step": self.global_step})
+        if stopped is None:  # the epoch is over (all its steps, or the data ran out early)
+            self.epoch += 1
+            self.steps_in_epoch = 0
         elapsed = time.perf_counter() - t_epoch
-        mean_loss = torch.stack(losses).mean().item() if losses else float("nan")
+        mean_loss = torch.stack(losses).float().mean().item() if losses else float("nan")
         summary = {"epoch": self.epoch, "steps": steps, "mean_loss": mean_loss, "epoch_time_s": elapsed}
         return {**summary, "stopped": stopped} if stopped else summary
 
-    def check_data(self, tracker) -> str | None:
-        """Log bad-sample counts (rank 0) and decide, on every rank alike, whether to stop the run."""
-        message = None
+    def _log_window(self, out, tracker, window_steps, window_s, window_wait, epoch_wait, epoch_s, steps) -> str | None:
+        """One logging window: metrics + health to MLflow (rank 0), and the run-wide stop decision."""
+        B = self.plan.global_batch_size
+        loss = out["loss"].item()  # one host sync per logging window, not per step
+        problems = []
+        if not math.isfinite(loss) and self.cfg.health.nonfinite == "stop":
+            problems.append(
+                f"non-finite DINO loss ({loss}) at global step {self.global_step}: stopped with the last good "
+                f"checkpoint kept (set health.nonfinite=skip to skip such steps, or lower optim.base_lr)"
+            )
+        if self.skipped_steps > self.cfg.health.max_skipped_steps:
+            problems.append(f"{self.skipped_steps} non-finite steps skipped, more than health.max_skipped_steps")
+        v = self.schedules.at(self.global_step - 1)
+        entropy, kl = out["teacher_entropy"].item(), out["kl"].item()
+        metrics = {
+            "loss": loss,
+            "lr": v.lr,
+            "weight_decay": v.weight_decay,
+            "teacher_momentum": v.teacher_momentum,
+            "teacher_temp": v.teacher_temp,
+            "grad_norm": out["grad_norm"].item(),
+            "center_norm": self.loss_fn.center.norm().item(),
+            "center_divergence": self.center_divergence(),
+            "teacher_entropy": entropy,
+            "teacher_entropy_ratio": entropy / math.log(self.cfg.model.out_dim),
+            "kl_teacher_student": kl,
+            "images_per_s": window_steps * B / max(window_s, 1e-9),
+            "step_time_s": window_s / max(window_steps, 1),
+            "data_wait_s": window_wait / max(window_steps, 1),
+            "data_wait_fraction": epoch_wait / max(epoch_s, 1e-9),
+            "skipped_steps": self.skipped_steps,
+            "epoch": self.epoch + steps / self.plan.steps_per_epoch,
+        }
+        if self.scaler is not None:
+            metrics["grad_scale"] = self.scaler.get_scale()
+        tracker.log_metrics(metrics, step=self.global_step)
+        verdict = self.monitor.update(entropy, kl)
+        if verdict and verdict != self.collapse:  # warn and tag once per episode, not every window
+            log.warning("collapse suspected at step %d: %s (h(Pt)=%.4g, KL=%.4g)", self.global_step, verdict, entropy, kl)
+            tracker.set_tag("collapse", f"{verdict} at step {self.global_step}")
+        self.collapse = verdict
+        if verdict and self.cfg.health.collapse_action == "stop":
+                problems.append(f"collapse ({verdict}) at global step {self.global_step}: h(Pt)={entropy:.4g}, KL={kl:.4g}")
+        return self.agree_stop(problems[0] if problems else None, tracker)
+
+    def agree_stop(self, local: str | None, tracker) -> str | None:
+        """Log bad-sample counts (rank 0) and decide, on every rank alike, whether to stop the run.
+
+        A reason from any rank (non-finite loss, collapse) or from rank 0's data counts stops all ranks.
+        """
+        message = local
         if self.data_stats is not None:
             stats = self.data_stats()
             tracker.log_metrics(data_metrics(stats), step=self.global_step)
-            message = bad_fraction_error(stats, self.cfg.data.max_bad_fraction)
+            message = message or bad_fraction_error(stats, self.cfg.data.max_bad_fraction)
         if _distributed():
-            box = [message]
-            dist.broadcast_object_list(box, src=0)
-            message = box[0]
+            box: list[str | None] = [None] * dist.get_world_size()
+            dist.all_gather_object(box, message)
+            message = next((m for m in box if m), None)
         return message
 
     def center_divergence(self) -> float:
@@ -242,28 +321,73 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             runner.load_state_dict(load_state(d, map_location=device))
         log.info("rank %d resumed from epoch %d, global step %d", rank, runner.epoch, runner.global_step)
 
-    tracker = MetricsTracker(plan.tracking_uri, plan.run_id) if rank == 0 else NullTracker()
+    tracker = NullTracker()
+    if rank == 0:
+        # After a restart the run already holds steps up to where the dead group got: never log a step twice.
+        skip = last_logged_step(plan.tracking_uri, plan.run_id) if checkpoint is not None else -1
+        tracker = MetricsTracker(plan.tracking_uri, plan.run_id, skip_through_step=skip)
+        if checkpoint is not None:
+            tracker.set_tag("resumed_from_step", str(runner.global_step))
+            log.info("resuming MLflow run %s: steps <= %d already logged are not re-sent", plan.run_id, skip)
+    attention = _attention_logger(cfg, plan, runner, device) if rank == 0 else None
+
+    def save_checkpoint(metrics: dict[str, Any]) -> None:
+        with tempfile.TemporaryDirectory() as d:
+            if rank == 0:
+                save_state(d, runner.state_dict())
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+            else:
+                ray.train.report(metrics, checkpoint=None)
+
     shard = ray.train.get_dataset_shard("train")
     B = cfg.optim.batch_size_per_worker
-    for _ in range(runner.epoch, cfg.optim.epochs):
-        batches = shard.iter_torch_batches(batch_size=B, drop_last=True, prefetch_batches=2)
-        summary = runner.train_epoch(batches, tracker)
-        if "stopped" in summary:  # every rank agrees (broadcast): report without a checkpoint and end
-            tracker.set_tag("stopped", summary["stopped"][:5000])
-            tracker.flush()
-            ray.train.report({**summary, "global_step": runner.global_step})
-            return
-        tracker.log_metrics({"epoch_mean_loss": summary["mean_loss"]}, step=runner.global_step)
-        tracker.flush()
-        last = runner.epoch == cfg.optim.epochs
-        metrics = {**summary, "global_step": runner.global_step}
-        if last or runner.epoch % cfg.ray.checkpoint_every_epochs == 0:
-            with tempfile.TemporaryDirectory() as d:
-                if rank == 0:
-                    save_state(d, runner.state_dict())
-                    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
-                else:
-                    ray.train.report(metrics, checkpoint=None)
-        else:
-            ray.train.report(metrics)
-    tracker.flush()
+    try:
+        while runner.epoch < cfg.optim.epochs:
+            batches = shard.iter_torch_batches(batch_size=B, drop_last=True, prefetch_batches=2)
+            summary = runner.train_epoch(batches, tracker, save_checkpoint)
+            if "stopped" in summary:  # every rank agrees: report without a checkpoint and end
+                log.error("rank %d: run stopped: %s", rank, summary["stopped"])
+                tracker.set_tag("stopped", summary["stopped"][:5000])
+                tracker.flush()
+                ray.train.report({**summary, "global_step": runner.global_step})
+                return
+            tracker.log_metrics({"epoch_mean_loss": summary["mean_loss"]}, step=runner.global_step)
+            if attention is not None and cfg.health.attention_every_epochs and (
+                runner.epoch % cfg.health.attention_every_epochs == 0 or runner.epoch == cfg.optim.epochs
+            ):
+                attention(runner.epoch)
+            tracker.flush(timeout=0)
+            last = runner.epoch == cfg.optim.epochs
+            metrics = {**summary, "global_step": runner.global_step}
+            if last or runner.epoch % cfg.ray.checkpoint_every_epochs == 0:
+                save_checkpoint(metrics)
+            else:
+                ray.train.report(metrics)
+    finally:
+        tracker.close()
+
+
+def _attention_logger(cfg: Config, plan: LoopPlan, runner: DinoRunner, device: torch.device):
+    """Rank 0: a function logging the teacher's attention maps of fixed val images at an epoch, or None."""
+    if not cfg.health.attention_every_epochs or not plan.attention_paths:
+        return None
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.attention_maps import fixed_val_images, log_attention_maps
+
+    try:
+        images = fixed_val_images(list(plan.attention_paths), cfg.health.attention_images, cfg.augment.global_size)
+    except Exception as e:  # a diagnostic: never a reason to fail the run
+        log.warning("attention maps disabled: cannot read val images (%s)", e)
+        return None
+    if len(images) == 0:
+        return None
+    client = MlflowClient(plan.tracking_uri)
+
+    def log_maps(epoch: int) -> None:
+        try:
+            log_attention_maps(client, plan.run_id, runner.teacher.backbone, images, epoch, device)
+        except Exception as e:  # a diagnostic must never stop training
+            log.warning("attention maps at epoch %d failed: %s", epoch, e)
+
+    return log_maps

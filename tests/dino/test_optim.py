@@ -79,3 +79,38 @@ def test_clip_gradients_disabled_still_returns_norm():
     norm = clip_gradients(model, max_norm=0.0)
     torch.testing.assert_close(norm, total)
     assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads, strict=True))
+
+
+def test_fused_adamw_only_by_default_on_cuda(tiny, tiny_kwargs):
+    student, _ = build_student_teacher(tiny.arch, **tiny_kwargs)
+    assert not build_optimizer(student).defaults["fused"]  # CPU parameters: foreach AdamW
+    frozen = torch.nn.Linear(2, 2).requires_grad_(False)  # no trainable parameter: nothing to fuse
+    assert not build_optimizer(frozen, fused=None).defaults["fused"]
+    assert not build_optimizer(student, fused=False).defaults["fused"]
+
+
+def test_fused_true_is_passed_through(tiny, tiny_kwargs):
+    student, _ = build_student_teacher(tiny.arch, **tiny_kwargs)
+    twin = build_optimizer(student, fused=False)
+    try:
+        opt = build_optimizer(student, fused=True)
+    except RuntimeError as e:  # builds without a fused CPU kernel
+        pytest.skip(f"fused AdamW unavailable on CPU here: {e}")
+    assert opt.defaults["fused"]
+    # Same update as the foreach kernel (fused AdamW is the same maths in one kernel).
+    params = [p for g in opt.param_groups for p in g["params"]]
+    start = [p.detach().clone() for p in params]
+    grads = [torch.randn_like(p) for p in params]
+    for o in (opt, twin):
+        set_hyperparams(o, lr=1e-2, weight_decay=0.04)
+    results = []
+    for o in (opt, twin):
+        with torch.no_grad():
+            for p, s in zip(params, start, strict=True):
+                p.copy_(s)
+        for p, g in zip(params, grads, strict=True):
+            p.grad = g.clone()
+        o.step()
+        results.append([p.detach().clone() for p in params])
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)

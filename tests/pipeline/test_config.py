@@ -32,7 +32,7 @@ def test_preset_then_command_line_override_in_that_order():
 
 def test_every_preset_validates_and_round_trips():
     for path in sorted(CONFIG_DIR.glob("*.yaml")):
-        cfg = load_config(path)
+        cfg = load_config(path, ["data.root=s3://b/x"] if "???" in path.read_text() else [])
         assert config_from_dict(cfg.to_dict()) == cfg
         flat = cfg.flat()
         assert flat["optim.epochs"] == cfg.optim.epochs and flat["seed"] == cfg.seed
@@ -89,3 +89,80 @@ def test_read_tasks_defaults_to_one_per_eight_augmentation_cpus_and_honours_an_e
     assert load_config(None, ["ray.augment_actors_max=4", "ray.augment_cpus_per_actor=1"]).ray.read_tasks() == 1
     assert load_config(None, ["ray.augment_actors_max=20", "ray.augment_cpus_per_actor=2"]).ray.read_tasks() == 5
     assert load_config(None, ["ray.augment_actors_max=20", "ray.read_concurrency=3"]).ray.read_tasks() == 3
+
+
+def test_default_yaml_is_the_papers_vit_s16_recipe_at_a_global_batch_of_1024():
+    from dino.schedules import build_schedules
+
+    cfg = load_config()
+    global_batch = cfg.optim.batch_size_per_worker * cfg.ray.num_workers
+    assert (cfg.optim.batch_size_per_worker, cfg.ray.num_workers, global_batch) == (64, 16, 1024)
+    assert (cfg.optim.epochs, cfg.optim.warmup_epochs) == (100, 10)
+    assert cfg.model.arch == "vit_small_patch16_224" and cfg.model.out_dim == 65536
+    assert (cfg.augment.global_size, cfg.augment.local_size, cfg.augment.n_local) == (224, 96, 10)
+    # 10 steps per epoch: the warm-up climbs from 0 for 100 steps to the scaled peak 0.0005 * 1024 / 256.
+    o, loss = cfg.optim, cfg.loss
+    s = build_schedules(
+        base_lr=o.base_lr, min_lr=o.min_lr, global_batch_size=global_batch, warmup_steps=10 * o.warmup_epochs,
+        total_steps=10 * o.epochs, weight_decay=o.weight_decay, weight_decay_end=o.weight_decay_end,
+        momentum_teacher=loss.momentum_teacher, teacher_temp=loss.teacher_temp,
+        warmup_teacher_temp=loss.warmup_teacher_temp, warmup_teacher_temp_steps=0,
+    )
+    assert float(s.lr.max()) == pytest.approx(0.002) and float(s.lr[100]) == pytest.approx(0.002)
+    assert float(s.lr[0]) == 0.0 and float(s.lr[99]) == pytest.approx(0.002)  # linear from 0, as in the paper
+
+
+# Preset -> {dotted key: expected value}: what each preset is for.
+PRESET_VALUES = {
+    "smoke": {"ray.num_workers": 1, "augment.n_local": 2, "augment.global_size": 32, "optim.epochs": 1},
+    "local": {"ray.num_workers": 1, "augment.n_local": 4, "data.root": None, "optim.epochs": 15},
+    "imagenette": {
+        "data.root": "../shared/data/imagenette2-224", "data.train_split": "train", "data.val_split": "val",
+        "ray.num_workers": 1, "augment.global_size": 64, "augment.local_size": 32,
+        "model.model_kwargs": {"depth": 6, "patch_size": 8, "embed_dim": 128, "num_heads": 4},
+    },
+    "vit_small_imagenet": {
+        "model.arch": "vit_small_patch16_224", "model.norm_last_layer": False, "model.out_dim": 65536,
+        "optim.epochs": 300, "optim.base_lr": 0.0005, "loss.teacher_temp": 0.07,
+        "loss.warmup_teacher_temp": 0.04, "loss.warmup_teacher_temp_epochs": 30, "ray.use_gpu": True,
+        "ray.num_workers": 16, "optim.batch_size_per_worker": 64, "augment.n_local": 10, "data.root": "s3://b/in1k",
+    },
+    "vit_base_imagenet": {
+        "model.arch": "vit_base_patch16_224", "model.norm_last_layer": True, "model.out_dim": 65536,
+        "optim.epochs": 400, "optim.base_lr": 0.00075, "optim.min_lr": 2e-6, "optim.clip_grad": 0.3,
+        "optim.freeze_last_layer_epochs": 3, "loss.teacher_temp": 0.07, "loss.warmup_teacher_temp_epochs": 50,
+        "augment.global_scale": [0.25, 1.0], "augment.local_scale": [0.05, 0.25], "augment.n_local": 10,
+        "ray.use_gpu": True, "ray.num_workers": 16, "data.root": "s3://b/in1k",
+    },
+}
+
+
+@pytest.mark.parametrize("preset", sorted(PRESET_VALUES))
+def test_each_preset_loads_with_its_values(preset):
+    needs_root = PRESET_VALUES[preset].get("data.root") == "s3://b/in1k"
+    flat = load_config(preset, ["data.root=s3://b/in1k"] if needs_root else []).flat()
+    assert flat["preset"] == preset
+    assert {k: flat[k] for k in PRESET_VALUES[preset]} == PRESET_VALUES[preset]
+
+
+def test_every_preset_is_checked_above():
+    assert {p.stem for p in CONFIG_DIR.glob("*.yaml")} - {"default"} == set(PRESET_VALUES)
+
+
+def test_imagenette_preset_points_at_the_shared_benchmark_shards():
+    from pipeline.shards import load_split
+
+    cfg = load_config("imagenette")
+    root = CONFIG_DIR.parent / cfg.data.root  # relative to the repository root, where jobs are started
+    if not root.is_dir():
+        pytest.skip(f"shared Imagenette shards not present at {root}")
+    train, val = load_split(root, cfg.data.train_split), load_split(root, cfg.data.val_split)
+    assert (sum(train.counts), sum(val.counts)) == (9469, 3925)
+    assert len(train.classes or []) == 10
+    assert sum(train.counts) // (cfg.optim.batch_size_per_worker * cfg.ray.num_workers) == 147
+
+
+@pytest.mark.parametrize("preset", ["vit_small_imagenet", "vit_base_imagenet"])
+def test_imagenet_presets_require_a_data_root(preset):
+    with pytest.raises(ConfigError, match=rf"invalid config value 'data.root' \(got '\?\?\?'\): required by this preset.*{preset}.yaml"):
+        load_config(preset)

@@ -1,0 +1,216 @@
+"""Last-layer ``[CLS]`` self-attention maps of a ViT, their thresholding and a figure of them.
+
+The "emerging segmentation" of DINO (Caron et al. 2021, "Emerging Properties in Self-Supervised
+Vision Transformers", arXiv 2104.14294, Fig. 1 and 3, Sec. 4.2.1): the attention of the ``[CLS]``
+query to the patch keys in the last block, per head, highlights the object without any supervision.
+The paper's figures keep, per map, the smallest set of patches holding 60% of the attention mass
+(reference ``visualize_attention.py``, ``--threshold 0.6``).
+
+timm's ``Attention`` uses fused SDPA when it can, which never materialises the attention weights, so
+:func:`last_cls_attention` captures the input of the last block's attention module and recomputes the
+``[CLS]`` row of ``softmax(q k^T * scale)`` from its own ``qkv`` projection (and ``q_norm``/``k_norm``).
+
+Pure torch + numpy: no matplotlib (the colour map is a small built-in LUT).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+# Viridis at 0, 1/8, ..., 1 (sRGB, 0-255); linearly interpolated to a 256-entry LUT.
+_VIRIDIS_ANCHORS = np.array(
+    [
+        (68, 1, 84),
+        (71, 44, 122),
+        (59, 82, 139),
+        (44, 114, 142),
+        (33, 145, 140),
+        (39, 173, 129),
+        (92, 200, 99),
+        (170, 220, 50),
+        (253, 231, 37),
+    ],
+    dtype=np.float64,
+)
+_ANCHOR_AT = np.linspace(0.0, 1.0, len(_VIRIDIS_ANCHORS))
+COLORMAP = np.stack(
+    [np.interp(np.linspace(0.0, 1.0, 256), _ANCHOR_AT, c) for c in _VIRIDIS_ANCHORS.T], axis=-1
+).round().astype(np.uint8)  # (256, 3)
+
+OVERLAY_RGB = (255, 48, 48)  # colour blended into the image where the thresholded mean map is set
+OVERLAY_ALPHA = 0.5
+SEPARATOR = 2  # px of white between tiles
+SEPARATOR_VALUE = 255
+
+
+class _Captured(Exception):
+    """Raised by the capture hook to stop the forward pass once the last block's input is known."""
+
+
+def _unwrap(backbone: nn.Module) -> nn.Module:
+    """The timm VisionTransformer inside a ``torch.compile`` wrapper (hooks belong on the original)."""
+    return getattr(backbone, "_orig_mod", backbone)
+
+
+@torch.no_grad()
+def last_cls_attention(backbone: nn.Module, images: Tensor) -> Tensor:
+    """Softmax attention of the ``[CLS]`` query to every patch key in the last transformer block.
+
+    The model is run in eval mode up to the last block's attention module, whose input is captured
+    by a forward pre-hook; the rest of the forward pass is skipped. The per-module ``training`` flags
+    are restored and the hook removed afterwards, also when the forward pass raises.
+
+    Args:
+        backbone: A timm ``VisionTransformer`` with a class token (as made by
+            :func:`dino.backbone.create_backbone`), possibly with register tokens and possibly wrapped
+            by ``torch.compile``.
+        images: ``(B, 3, H, W)`` normalised images on the model's device.
+
+    Returns:
+        ``(B, heads, h, w)`` float32 attention weights, ``(h, w)`` the patch grid of ``(H, W)``.
+        Prefix tokens (``[CLS]`` and registers) are excluded, so each map sums to at most 1; the rest
+        of the mass went to the prefix tokens.
+
+    Raises:
+        TypeError: If the model is not a timm ViT with a ``qkv`` attention in its last block.
+        ValueError: If the model has no class token.
+    """
+    model = _unwrap(backbone)
+    blocks = getattr(model, "blocks", None)
+    attn_mod = getattr(blocks[-1], "attn", None) if blocks is not None and len(blocks) else None
+    if attn_mod is None or not hasattr(attn_mod, "qkv"):
+        raise TypeError(f"{type(model).__name__} is not a timm VisionTransformer with qkv attention blocks")
+    if getattr(model, "cls_token", None) is None:
+        raise ValueError("the model has no class token: there is no [CLS] attention to show")
+
+    captured: dict[str, Tensor] = {}
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        captured["x"] = args[0] if args else kwargs["x"]
+        raise _Captured  # the last block's MLP and the final norm are not needed
+
+    modes = [(m, m.training) for m in model.modules()]
+    handle = attn_mod.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        model.eval()
+        try:
+            model.forward_features(images)
+        except _Captured:
+            pass
+    finally:
+        handle.remove()
+        for m, training in modes:
+            m.training = training
+    if "x" not in captured:
+        raise TypeError(f"{type(model).__name__}.forward_features never reached its last block's attention")
+
+    x = captured["x"]  # (B, N, C): normed tokens entering the last attention
+    b, n, _ = x.shape
+    nh, hd = attn_mod.num_heads, attn_mod.head_dim
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        qkv = attn_mod.qkv(x.to(attn_mod.qkv.weight.dtype))  # (B, N, 3 * nh * hd)
+        q, k, _ = qkv.reshape(b, n, 3, nh, hd).permute(2, 0, 3, 1, 4).unbind(0)  # each (B, nh, N, hd)
+        q, k = attn_mod.q_norm(q), attn_mod.k_norm(k)
+        q_cls = q[:, :, :1].float() * attn_mod.scale  # (B, nh, 1, hd)
+        # b: image, h: head, d: head channel, n: key token
+        logits = torch.einsum("bhd,bhnd->bhn", q_cls[:, :, 0], k.float())  # (B, nh, N)
+        attn = logits.softmax(dim=-1)
+
+    prefix = int(getattr(model, "num_prefix_tokens", 1))
+    gh, gw = model.patch_embed.dynamic_feat_size(tuple(images.shape[-2:]))
+    if n - prefix != gh * gw:
+        raise TypeError(f"{n - prefix} patch tokens do not form the expected {gh}x{gw} grid")
+    return attn[:, :, prefix:].reshape(b, nh, gh, gw)  # (B, nh, h, w)
+
+
+def threshold_attention(attn: Tensor, mass: float = 0.6) -> Tensor:
+    """Per map, the smallest set of patches whose attention sums to at least ``mass`` of the total.
+
+    As in the DINO figures (reference ``visualize_attention.py``): sort a map's values in decreasing
+    order and keep patches while the mass kept *before* them is below ``mass * total``. Ties are
+    broken by position (stable sort), so the result is deterministic.
+
+    Args:
+        attn: ``(..., h, w)`` non-negative maps.
+        mass: Fraction of each map's total to keep, in ``(0, 1]``.
+
+    Returns:
+        ``(..., h, w)`` bool mask.
+    """
+    if not 0.0 < mass <= 1.0:
+        raise ValueError(f"mass must be in (0, 1], got {mass}")
+    flat = torch.as_tensor(attn).detach().flatten(-2).double()  # (..., h*w), float64 for the sums
+    vals, idx = torch.sort(flat, dim=-1, descending=True, stable=True)
+    before = vals.cumsum(dim=-1) - vals  # mass kept before each sorted patch
+    keep_sorted = before < mass * flat.sum(dim=-1, keepdim=True)
+    keep = torch.zeros_like(keep_sorted).scatter_(-1, idx, keep_sorted)
+    return keep.reshape(flat.shape[:-1] + tuple(attn.shape[-2:]))
+
+
+def _upsample_nearest(maps: np.ndarray, height: int, width: int) -> np.ndarray:
+    """``(..., h, w)`` -> ``(..., height, width)``: output pixel ``(i, j)`` takes ``(i*h//height, j*w//width)``."""
+    h, w = maps.shape[-2:]
+    rows = np.arange(height) * h // height
+    cols = np.arange(width) * w // width
+    return maps[..., rows[:, None], cols[None, :]]
+
+
+def colorize(maps: np.ndarray) -> np.ndarray:
+    """``(..., h, w)`` float maps -> ``(..., h, w, 3)`` uint8, each map min-max scaled on its own.
+
+    A constant map is drawn in the colour map's lowest colour.
+    """
+    lo = maps.min(axis=(-2, -1), keepdims=True)
+    span = maps.max(axis=(-2, -1), keepdims=True) - lo
+    unit = np.divide(maps - lo, span, out=np.zeros(maps.shape, np.float64), where=span > 0)
+    return COLORMAP[np.rint(unit * 255).astype(np.intp)]
+
+
+def overlay_mask(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """``(H, W, 3)`` uint8 image with :data:`OVERLAY_RGB` alpha-blended where the ``(H, W)`` mask is set."""
+    blended = np.rint(image * (1.0 - OVERLAY_ALPHA) + np.asarray(OVERLAY_RGB) * OVERLAY_ALPHA).astype(np.uint8)
+    return np.where(mask[..., None], blended, image)
+
+
+def attention_figure(images_uint8: np.ndarray, attn: Tensor | np.ndarray, mass: float = 0.6) -> np.ndarray:
+    """One grid image of the attention maps: a row per image, a column per view.
+
+    Columns: the image, each head's map, the mean over heads, and the image with the mean map's
+    ``mass`` threshold (:func:`threshold_attention`) overlaid (:func:`overlay_mask`). Maps are
+    upsampled to the image size (nearest) and colour-mapped (:data:`COLORMAP`, per-map min-max).
+    Tiles are separated by :data:`SEPARATOR` white pixels; no outer border.
+
+    Args:
+        images_uint8: ``(B, H, W, 3)`` uint8 RGB images (the un-normalised network input).
+        attn: ``(B, heads, h, w)`` attention maps, e.g. from :func:`last_cls_attention`.
+        mass: Attention mass kept by the threshold.
+
+    Returns:
+        ``(B*H + (B-1)*SEPARATOR, C*W + (C-1)*SEPARATOR, 3)`` uint8, ``C = heads + 3``.
+    """
+    images = np.asarray(images_uint8)
+    attn_t = torch.as_tensor(attn).detach().float().cpu()
+    if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
+        raise ValueError(f"expected (B, H, W, 3) uint8 images, got {images.shape} {images.dtype}")
+    if attn_t.ndim != 4 or attn_t.shape[0] != images.shape[0]:
+        raise ValueError(f"expected (B={images.shape[0]}, heads, h, w) attention, got {tuple(attn_t.shape)}")
+    b, height, width, _ = images.shape
+    nh = attn_t.shape[1]
+    mean = attn_t.mean(dim=1)  # (B, h, w)
+    mask = _upsample_nearest(threshold_attention(mean, mass).numpy(), height, width)  # (B, H, W)
+    maps = torch.cat([attn_t, mean[:, None]], dim=1).double().numpy()  # (B, nh + 1, h, w)
+    colored = colorize(_upsample_nearest(maps, height, width))  # (B, nh + 1, H, W, 3)
+
+    cols = nh + 3
+    out = np.full(
+        (b * height + (b - 1) * SEPARATOR, cols * width + (cols - 1) * SEPARATOR, 3), SEPARATOR_VALUE, np.uint8
+    )
+    for i in range(b):
+        tiles = [images[i], *colored[i], overlay_mask(images[i], mask[i])]
+        y = i * (height + SEPARATOR)
+        for j, tile in enumerate(tiles):
+            x = j * (width + SEPARATOR)
+            out[y : y + height, x : x + width] = tile
+    return out

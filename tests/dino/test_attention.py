@@ -1,0 +1,194 @@
+"""Last-layer [CLS] attention against timm's own (unfused) attention weights; threshold; figure."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from dino.attention import (
+    COLORMAP,
+    OVERLAY_ALPHA,
+    OVERLAY_RGB,
+    SEPARATOR,
+    attention_figure,
+    last_cls_attention,
+    threshold_attention,
+)
+from dino.backbone import create_backbone
+
+
+class _Record(nn.Module):
+    """Stands in for the last block's ``attn_drop`` (identity in eval): records the softmax weights."""
+
+    def __init__(self):
+        super().__init__()
+        self.weights = None
+
+    def forward(self, attn):
+        self.weights = attn.detach().clone()
+        return attn
+
+
+def _reference_cls_attention(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """timm's unfused path on a copy: the materialised (B, nh, N, N) softmax, [CLS] row, patch keys."""
+    ref = copy.deepcopy(model).eval()
+    for blk in ref.blocks:
+        blk.attn.fused_attn = False
+    rec = ref.blocks[-1].attn.attn_drop = _Record()
+    with torch.no_grad():
+        ref(x)
+    b, nh = rec.weights.shape[:2]
+    gh, gw = x.shape[-2] // 8, x.shape[-1] // 8
+    return rec.weights[:, :, 0, ref.num_prefix_tokens :].reshape(b, nh, gh, gw)
+
+
+def _model(tiny, **extra):
+    return create_backbone(tiny.arch, 0.0, tiny.img, {**tiny.kwargs, **extra})
+
+
+@pytest.mark.parametrize(
+    "extra, hw",
+    [
+        ({}, (32, 32)),
+        ({"reg_tokens": 4}, (32, 48)),  # registers are prefix tokens; non-square 4x6 grid
+        ({"qk_norm": True, "qkv_bias": True}, (40, 24)),
+    ],
+)
+def test_matches_timm_materialised_attention(tiny, extra, hw):
+    model = _model(tiny, **extra)
+    # Non-trivial q_norm / k_norm affine parameters, so forgetting them would show.
+    attn = model.blocks[-1].attn
+    for norm in (attn.q_norm, attn.k_norm):
+        for p in norm.parameters():
+            p.data.normal_(1.0, 0.5)
+    x = torch.randn(3, 3, *hw)
+    got = last_cls_attention(model, x)
+    want = _reference_cls_attention(model, x)
+    assert got.shape == (3, 3, hw[0] // 8, hw[1] // 8) and got.dtype == torch.float32
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    sums = got.sum(dim=(-2, -1))  # the rest went to the prefix tokens
+    assert (sums <= 1 + 1e-6).all() and (sums > 0).all()
+    if extra.get("reg_tokens"):
+        assert model.num_prefix_tokens == 5 and (sums < 1 - 1e-4).all()
+
+
+def test_state_restored_and_no_hooks_left_even_on_error(tiny):
+    model = _model(tiny)
+    model.train()
+    model.blocks[0].eval()  # mixed modes must come back exactly
+    modes = {name: m.training for name, m in model.named_modules()}
+    attn = model.blocks[-1].attn
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        before = model.eval()(x)
+    model.train()
+    model.blocks[0].eval()
+
+    last_cls_attention(model, x)
+    assert {name: m.training for name, m in model.named_modules()} == modes
+    assert not attn._forward_pre_hooks and not attn._forward_hooks
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(x), before, atol=0, rtol=0)  # weights untouched
+    model.train()
+    model.blocks[0].eval()
+
+    with pytest.raises(RuntimeError):
+        last_cls_attention(model, torch.randn(2, 4, 32, 32))  # 4 channels: patch_embed fails
+    assert {name: m.training for name, m in model.named_modules()} == modes
+    assert not attn._forward_pre_hooks
+
+
+def test_no_class_token_is_refused(tiny):
+    model = create_backbone(tiny.arch, 0.0, tiny.img, {**tiny.kwargs, "class_token": False, "global_pool": "avg"})
+    with pytest.raises(ValueError, match="class token"):
+        last_cls_attention(model, torch.randn(1, 3, 32, 32))
+
+
+def _numpy_threshold(m: np.ndarray, mass: float) -> np.ndarray:
+    """Keep the k largest values, k the first count whose running sum reaches mass * total."""
+    flat = m.ravel().astype(np.float64)
+    order = np.argsort(-flat, kind="stable")
+    csum = np.cumsum(flat[order])
+    k = int(np.argmax(csum >= mass * flat.sum())) + 1
+    keep = np.zeros(flat.size, bool)
+    keep[order[:k]] = True
+    return keep.reshape(m.shape)
+
+
+@pytest.mark.parametrize("mass", [0.1, 0.6, 0.9, 1.0])
+def test_threshold_is_the_minimal_set_reaching_mass(mass):
+    g = torch.Generator().manual_seed(1)
+    maps = torch.rand(4, 3, 7, 9, generator=g) ** 4  # peaky, like attention
+    maps = maps / maps.sum(dim=(-2, -1), keepdim=True) * 0.8  # prefix tokens took 20%
+    mask = threshold_attention(maps, mass)
+    assert mask.dtype == torch.bool and mask.shape == maps.shape
+    for idx in np.ndindex(4, 3):
+        m, keep = maps[idx].double().numpy(), mask[idx].numpy()
+        np.testing.assert_array_equal(keep, _numpy_threshold(m, mass))
+        total, kept = m.sum(), m[keep].sum()
+        assert kept >= mass * total
+        assert kept - m[keep].min() < mass * total  # dropping the smallest kept patch falls short
+
+
+def test_threshold_table():
+    m = torch.tensor([[0.5, 0.125], [0.0, 0.375]])  # exactly representable, total 1
+    assert threshold_attention(m, 0.6).tolist() == [[True, False], [False, True]]  # 0.5 + 0.375
+    assert threshold_attention(m, 0.5).tolist() == [[True, False], [False, False]]  # 0.5 alone is enough
+    assert threshold_attention(m, 0.9).tolist() == [[True, True], [False, True]]  # never the zero
+    assert threshold_attention(m * 8, 0.6).tolist() == [[True, False], [False, True]]  # relative to the total
+    with pytest.raises(ValueError):
+        threshold_attention(m, 0.0)
+
+
+def test_colormap_is_viridis_like():
+    assert COLORMAP.shape == (256, 3) and COLORMAP.dtype == np.uint8
+    assert COLORMAP[0].tolist() == [68, 1, 84] and COLORMAP[255].tolist() == [253, 231, 37]
+    luminance = COLORMAP[::16].astype(float) @ [0.299, 0.587, 0.114]
+    assert (np.diff(luminance) > 0).all()  # brighter means more attention
+
+
+def test_figure_layout_and_values():
+    rng = np.random.default_rng(0)
+    b, nh, h, w, size = 2, 3, 4, 4, 16
+    images = rng.integers(0, 256, (b, size, size, 3), dtype=np.uint8)
+    attn = torch.from_numpy(rng.random((b, nh, h, w)) ** 3).float()
+    fig = attention_figure(images, attn, mass=0.6)
+    cols = nh + 3
+    assert fig.shape == (b * size + (b - 1) * SEPARATOR, cols * size + (cols - 1) * SEPARATOR, 3)
+    assert fig.dtype == np.uint8
+    np.testing.assert_array_equal(attention_figure(images, attn, mass=0.6), fig)  # deterministic
+
+    def tile(i, j):
+        y, x = i * (size + SEPARATOR), j * (size + SEPARATOR)
+        return fig[y : y + size, x : x + size]
+
+    def expected_colour(m):  # independent: np.kron upsampling, per-map min-max, LUT
+        up = np.kron(m, np.ones((size // h, size // w)))
+        return COLORMAP[np.rint((up - up.min()) / (up.max() - up.min()) * 255).astype(int)]
+
+    assert (fig[size : size + SEPARATOR] == 255).all()  # row separator
+    assert (fig[:, size : size + SEPARATOR] == 255).all()  # column separator
+    mean = attn.mean(dim=1)
+    for i in range(b):
+        np.testing.assert_array_equal(tile(i, 0), images[i])
+        for j in range(nh):
+            np.testing.assert_array_equal(tile(i, 1 + j), expected_colour(attn[i, j].double().numpy()))
+        np.testing.assert_array_equal(tile(i, 1 + nh), expected_colour(mean[i].double().numpy()))
+        mask = np.kron(_numpy_threshold(mean[i].double().numpy(), 0.6), np.ones((4, 4))).astype(bool)
+        assert 0 < mask.sum() < mask.size  # both branches exercised
+        overlay = tile(i, 2 + nh)
+        np.testing.assert_array_equal(overlay[~mask], images[i][~mask])  # untouched outside the mask
+        blended = np.rint(images[i] * (1 - OVERLAY_ALPHA) + np.array(OVERLAY_RGB) * OVERLAY_ALPHA)
+        np.testing.assert_array_equal(overlay[mask], blended[mask].astype(np.uint8))
+
+
+def test_figure_from_a_model(tiny):
+    model = _model(tiny, reg_tokens=4)
+    images = np.random.default_rng(1).integers(0, 256, (2, 32, 48, 3), dtype=np.uint8)
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+    fig = attention_figure(images, last_cls_attention(model, x))
+    assert fig.shape == (2 * 32 + SEPARATOR, 6 * 48 + 5 * SEPARATOR, 3)

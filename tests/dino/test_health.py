@@ -1,0 +1,205 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from dino.health import (
+    CollapseMonitor,
+    step_health,
+    teacher_entropy,
+    teacher_student_kl,
+)
+from dino.loss import DINOLoss
+
+K = 64
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def numpy_entropy(teacher, center, teacher_temp):
+    """Row by row, in float64: mean of -sum_k p_k log p_k (with 0 log 0 = 0)."""
+    p = _softmax((teacher.double().numpy() - center.double().numpy()) / teacher_temp)
+    rows = [-sum(pk * math.log(pk) for pk in row if pk > 0) for row in p]
+    return sum(rows) / len(rows)
+
+
+def numpy_kl(student, teacher, center, n_global, teacher_temp, student_temp):
+    """KL(Pt_i || Ps_j) for every teacher view i and student view j != i, explicit loops."""
+    b = teacher.shape[0] // n_global
+    t_views = np.split(teacher.double().numpy(), n_global)
+    s_views = np.split(student.double().numpy(), student.shape[0] // b)
+    pair_kls = []
+    for i, t in enumerate(t_views):
+        p_t = _softmax((t - center.double().numpy()) / teacher_temp)
+        for j, s in enumerate(s_views):
+            if i == j:
+                continue  # the loss skips the same view
+            p_s = _softmax(s / student_temp)
+            per_image = [
+                sum(pt * (math.log(pt) - math.log(ps)) for pt, ps in zip(p_t[r], p_s[r]) if pt > 0)
+                for r in range(b)
+            ]
+            pair_kls.append(sum(per_image) / b)
+    return sum(pair_kls) / len(pair_kls)
+
+
+def test_entropy_of_uniform_teacher_is_log_k():
+    teacher = torch.full((2 * 4, K), 3.0)  # equal logits: softmax is uniform whatever tau_t
+    h = teacher_entropy(teacher, torch.zeros(1, K), teacher_temp=0.04)
+    assert h.shape == () and h.dtype == torch.float32
+    assert h.item() == pytest.approx(math.log(K), rel=1e-6)
+
+
+def test_entropy_of_one_hot_like_teacher_is_zero():
+    teacher = torch.zeros(2 * 4, K)
+    teacher[torch.arange(8), torch.randint(K, (8,))] = 10.0  # others at exp(-250): exact zeros
+    h = teacher_entropy(teacher, torch.zeros(1, K), teacher_temp=0.04)
+    assert torch.isfinite(h)  # 0 log 0 taken as 0, not NaN
+    assert h.item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_entropy_uses_the_center():
+    teacher = torch.randn(2 * 5, K) * 2
+    center = torch.randn(1, K)
+    h = teacher_entropy(teacher, center, teacher_temp=0.07)
+    assert h.item() == pytest.approx(numpy_entropy(teacher, center, 0.07), rel=1e-5)
+    # Subtracting the centre makes a difference the comparison above can see.
+    assert abs(numpy_entropy(teacher, torch.zeros(1, K), 0.07) - h.item()) > 1e-2
+
+
+def test_kl_of_identical_distributions_is_zero():
+    view = torch.randn(4, K)
+    # Every view identical and tau_s * (t - c) / tau_t == s: Ps == Pt for every pair.
+    teacher = torch.cat([view, view]) / 0.1 * 0.04
+    student = torch.cat([view] * 5)
+    kl = teacher_student_kl(
+        student, teacher, torch.zeros(1, K), teacher_temp=0.04, student_temp=0.1
+    )
+    assert kl.item() == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("n_global, n_local", [(2, 0), (2, 4), (3, 2), (1, 3)])
+def test_kl_equals_numpy_reference(n_global, n_local):
+    b = 5
+    student = torch.randn((n_global + n_local) * b, K) * 3
+    teacher = torch.randn(n_global * b, K) * 3
+    center = torch.randn(1, K)
+    kl = teacher_student_kl(
+        student, teacher, center, teacher_temp=0.04, student_temp=0.1, n_global_crops=n_global
+    )
+    expected = numpy_kl(student, teacher, center, n_global, 0.04, 0.1)
+    assert kl.shape == () and kl.item() > 0
+    assert kl.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_step_health_uses_the_loss_targets_before_the_center_update():
+    loss_fn = DINOLoss(K, student_temp=0.1, center_momentum=0.8)
+    loss_fn.center.copy_(torch.randn(1, K))
+    center_before = loss_fn.center.clone()
+    student = torch.randn(6 * 4, K) * 3
+    teacher = torch.randn(2 * 4, K) * 3 + 1.0
+    health = step_health(loss_fn, student, teacher, teacher_temp=0.05)
+    assert torch.equal(loss_fn.center, center_before)  # health leaves the centre alone
+    loss = loss_fn(student, teacher, teacher_temp=0.05)
+
+    assert set(health) == {"teacher_entropy", "kl"}
+    assert health["teacher_entropy"].item() == pytest.approx(
+        numpy_entropy(teacher, center_before, 0.05), rel=1e-5
+    )
+    assert health["kl"].item() == pytest.approx(
+        numpy_kl(student, teacher, center_before, 2, 0.05, 0.1), rel=1e-5
+    )
+    # Paper Sec. 5.3: H(Pt, Ps) = h(Pt) + KL(Pt || Ps); with the loss's pairing (each teacher view
+    # has the same number of partners) the means over pairs satisfy it too.
+    torch.testing.assert_close(health["teacher_entropy"] + health["kl"], loss.detach())
+    # The logit-level functions with the pre-update centre give the same bits.
+    assert torch.equal(
+        health["teacher_entropy"], teacher_entropy(teacher, center_before, teacher_temp=0.05)
+    )
+    kl = teacher_student_kl(student, teacher, center_before, teacher_temp=0.05, student_temp=0.1)
+    assert torch.equal(health["kl"], kl)
+
+
+def test_health_is_float32_under_bf16_autocast():
+    student = torch.randn(6 * 4, K).bfloat16()
+    teacher = torch.randn(2 * 4, K).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        health = step_health(DINOLoss(K), student, teacher, teacher_temp=0.04)
+    assert all(v.dtype == torch.float32 for v in health.values())
+    expected = numpy_kl(student.float(), teacher.float(), torch.zeros(1, K), 2, 0.04, 0.1)
+    assert health["kl"].item() == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    "student_rows, teacher_rows, n_global, match",
+    [(24, 7, 2, "n_global_crops"), (25, 8, 2, "not divisible by batch"), (4, 4, 1, "two views")],
+)
+def test_kl_rejects_bad_shapes(student_rows, teacher_rows, n_global, match):
+    with pytest.raises(ValueError, match=match):
+        teacher_student_kl(
+            torch.randn(student_rows, K),
+            torch.randn(teacher_rows, K),
+            torch.zeros(1, K),
+            teacher_temp=0.04,
+            student_temp=0.1,
+            n_global_crops=n_global,
+        )
+
+
+# -- CollapseMonitor ------------------------------------------------------------------------------
+
+LOG_K = math.log(K)
+HEALTHY = (0.5 * LOG_K, 1.0)  # entropy mid-way, KL well above 1e-3 log K
+
+
+@pytest.mark.parametrize(
+    "bad, reason",
+    [
+        ((0.0, 1.0), "entropy_zero"),
+        ((LOG_K, 1.0), "entropy_uniform"),
+        ((0.5 * LOG_K, 0.0), "kl_to_zero"),
+        ((float("nan"), 1.0), "nonfinite"),
+        ((1.0, float("inf")), "nonfinite"),
+    ],
+)
+def test_monitor_reports_after_patience_consecutive_bad_checks(bad, reason):
+    monitor = CollapseMonitor(K, patience=3)
+    assert [monitor.update(*bad) for _ in range(3)] == [None, None, reason]
+    assert monitor.update(*bad) == reason  # still reported while it lasts
+    assert monitor.update(*HEALTHY) is None  # a good check resets the count ...
+    assert [monitor.update(*bad) for _ in range(3)] == [None, None, reason]  # ... to zero
+
+
+def test_monitor_thresholds_are_fractions_of_log_k():
+    monitor = CollapseMonitor(K, kl_floor=1e-3, entropy_margin=0.01, patience=1)
+    assert monitor.conditions(0.0099 * LOG_K, 1.0)["entropy_zero"]
+    assert not monitor.conditions(0.0101 * LOG_K, 1.0)["entropy_zero"]
+    assert monitor.conditions(0.9901 * LOG_K, 1.0)["entropy_uniform"]
+    assert not monitor.conditions(0.9899 * LOG_K, 1.0)["entropy_uniform"]
+    assert monitor.conditions(0.5 * LOG_K, 0.99e-3 * LOG_K)["kl_to_zero"]
+    assert not monitor.conditions(0.5 * LOG_K, 1.01e-3 * LOG_K)["kl_to_zero"]
+    assert monitor.update(*HEALTHY) is None
+
+
+def test_monitor_counts_each_condition_separately():
+    monitor = CollapseMonitor(K, patience=2)
+    # Bad every time, but never the same way twice in a row: no condition lasts two checks.
+    for _ in range(3):
+        assert monitor.update(0.0, 1.0) is None  # entropy_zero
+        assert monitor.update(0.5 * LOG_K, 0.0) is None  # kl_to_zero
+    # Both at once (the paper's collapse): the entropy reason comes first.
+    assert monitor.update(*HEALTHY) is None
+    assert [monitor.update(0.0, 0.0) for _ in range(2)] == [None, "entropy_zero"]
+    assert monitor.counts["kl_to_zero"] == 2
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"out_dim": 1}, {"patience": 0}, {"kl_floor": 0.0}, {"entropy_margin": 0.5}]
+)
+def test_monitor_rejects_bad_settings(kwargs):
+    with pytest.raises(ValueError, match=next(iter(kwargs))):
+        CollapseMonitor(**{"out_dim": K, **kwargs})

@@ -1,0 +1,126 @@
+"""The training runner without Ray: mid-epoch checkpoints resume to the same weights, non-finite
+losses stop (or are skipped and counted), collapse is tagged and can stop the run, health is logged."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from pipeline.config import load_config
+from pipeline.train_loop import DinoRunner, LoopPlan
+
+
+class _Tracker:
+    def __init__(self):
+        self.logged, self.tags = [], {}
+
+    def log_metrics(self, m, step):
+        self.logged.append((step, m))
+
+    def set_tag(self, k, v):
+        self.tags[k] = v
+
+    def flush(self, timeout=60.0):
+        return True
+
+
+def _batches(n, seed=0, bad_at=()):
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        g = torch.randint(0, 256, (4, 2, 32, 32, 3), dtype=torch.uint8, generator=gen)
+        loc = torch.randint(0, 256, (4, 2, 16, 16, 3), dtype=torch.uint8, generator=gen)
+        out.append({"global_crops": g, "local_crops": loc})
+    return out
+
+
+def _runner(*overrides, spe=6):
+    cfg = load_config("smoke", ["tracking.log_every_steps=2", "health.attention_every_epochs=0", *overrides])
+    return DinoRunner(cfg, LoopPlan(steps_per_epoch=spe, global_batch_size=4, tracking_uri="", run_id="r"),
+                      torch.device("cpu"))
+
+
+def test_mid_epoch_checkpoint_resumes_to_the_same_weights():
+    batches = _batches(6)
+    full = _runner("ray.checkpoint_every_steps=2")
+    saved = []
+    full.train_epoch(iter(batches), _Tracker(), lambda m: saved.append((m, copy.deepcopy(full.state_dict()))))
+    assert [m["global_step"] for m, _ in saved] == [2, 4]  # not at the epoch end: that one is the caller's
+    assert saved[1][0]["epoch"] == 4 / 6
+
+    resumed = _runner("ray.checkpoint_every_steps=2")
+    resumed.load_state_dict(saved[1][1])
+    assert resumed.steps_in_epoch == 4 and resumed.epoch == 0
+    summary = resumed.train_epoch(iter(batches[4:]), _Tracker())
+    assert summary["steps"] == 6 and resumed.epoch == 1 and resumed.global_step == 6 and resumed.steps_in_epoch == 0
+    for (k, a), b in zip(full.student_module.state_dict().items(), resumed.student_module.state_dict().values()):
+        assert torch.equal(a, b), k
+    assert torch.equal(full.loss_fn.center, resumed.loss_fn.center)
+
+
+def test_health_metrics_are_logged_each_window():
+    runner = _runner()
+    tracker = _Tracker()
+    runner.train_epoch(iter(_batches(6)), tracker)
+    logged = [m for _, m in tracker.logged if "loss" in m]
+    assert [s for s, m in tracker.logged if "loss" in m] == [2, 4, 6]
+    K = runner.cfg.model.out_dim
+    for m in logged:
+        assert 0.0 <= m["teacher_entropy"] <= torch.log(torch.tensor(float(K))).item() + 1e-5
+        assert m["kl_teacher_student"] >= 0.0
+        # The paper's decomposition: cross-entropy = h(Pt) + KL(Pt||Ps); the loss is that of the window's last step.
+        assert abs(m["teacher_entropy"] + m["kl_teacher_student"] - m["loss"]) < 1e-4
+        assert m["step_time_s"] > 0 and m["data_wait_s"] >= 0 and m["skipped_steps"] == 0
+
+
+def test_non_finite_loss_stops_with_a_clear_message():
+    runner = _runner()
+    batches = _batches(6)
+    before = copy.deepcopy(runner.teacher.state_dict())
+    poisoned = {k: v.clone() for k, v in batches[0].items()}
+    runner_step = runner.step
+
+    def nan_step(batch, health=False):  # the loss of every step is NaN (as after a blow-up)
+        out = runner_step(batch, health)
+        out["loss"] = torch.tensor(float("nan"))
+        return out
+
+    runner.step = nan_step
+    summary = runner.train_epoch(iter([poisoned] + batches[1:]), _Tracker())
+    assert summary["steps"] == 2  # stopped at the first logging window
+    assert "non-finite DINO loss (nan) at global step 2" in summary["stopped"]
+    assert "last good checkpoint kept" in summary["stopped"] and "health.nonfinite=skip" in summary["stopped"]
+    assert runner.epoch == 0  # not counted as a finished epoch: no checkpoint follows a stop
+    assert set(before) == set(runner.teacher.state_dict())
+
+
+def test_skip_policy_counts_skipped_steps_and_goes_on():
+    runner = _runner("health.nonfinite=skip", "health.max_skipped_steps=5")
+    batches = _batches(6)
+    bad = {"global_crops": batches[1]["global_crops"], "local_crops": batches[1]["local_crops"]}
+    orig = runner.step
+
+    def step(batch, health=False):
+        if batch is bad:  # an inf pixel reaches the network
+            batch = {"global_crops": batch["global_crops"].float().fill_(float("inf")), "local_crops": batch["local_crops"]}
+        return orig(batch, health)
+
+    runner.step = step
+    tracker = _Tracker()
+    summary = runner.train_epoch(iter([batches[0], bad] + batches[2:]), tracker)
+    assert "stopped" not in summary and summary["steps"] == 6 and runner.skipped_steps == 1
+    assert [m["skipped_steps"] for _, m in tracker.logged if "loss" in m] == [1, 1, 1]
+    assert all(torch.isfinite(p).all() for p in runner.student_module.parameters())
+
+
+def test_collapse_is_tagged_and_can_stop_the_run():
+    for action, stops in (("warn", False), ("stop", True)):
+        runner = _runner(f"health.collapse_action={action}", "health.collapse_patience=2")
+        runner.monitor.update = lambda entropy, kl: "kl_to_zero"  # as after `patience` windows with KL ~ 0
+        tracker = _Tracker()
+        summary = runner.train_epoch(iter(_batches(6)), tracker)
+        assert tracker.tags["collapse"] == "kl_to_zero at step 2"
+        assert ("stopped" in summary) == stops
+        if stops:
+            assert summary["stopped"].startswith("collapse (kl_to_zero) at global step 2")
