@@ -146,9 +146,8 @@ def read_shards(
     ds = ray.data.from_items([{"path": p} for p in paths], override_num_blocks=max(1, len(paths)))
     if shuffle:
         ds = ds.randomize_block_order()  # one block per shard: file order shuffled per epoch
-    return ds.map_batches(
-        read_shard_tables, batch_size=1, fn_kwargs={"filesystem": fs}, num_cpus=num_cpus, concurrency=concurrency
-    )
+    compute = ray.data.TaskPoolStrategy(size=concurrency) if concurrency else None
+    return ds.map_batches(read_shard_tables, batch_size=1, fn_kwargs={"filesystem": fs}, num_cpus=num_cpus, compute=compute)
 
 
 def multicrop_dataset(paths: list[str], cfg: Config, counter_name: str | None = None) -> ray.data.Dataset:

@@ -95,6 +95,9 @@ def prepare(cfg: Config) -> Prepared:
             val = resolve_split(root, cfg.data.val_split)
         except (DataError, FileNotFoundError, ValueError):
             val = None  # optional here; the k-NN evaluation checks it with its own error
+    check_ray_address(cfg.ray.address)
+    check_writable(cfg.ray.storage_path, "ray.storage_path")
+    check_writable(cfg.output_dir, "output_dir")
     return Prepared(
         cfg=cfg,
         data_root=root,
@@ -106,6 +109,36 @@ def prepare(cfg: Config) -> Prepared:
         run_name=run_name,
         val=val,
     )
+
+
+def check_ray_address(address: str | None) -> None:
+    """A ``host:port`` (or ``ray://host:port``) Ray address must accept a TCP connection within 5 s."""
+    import socket
+
+    if not address or address == "auto" or address.startswith(("http://", "https://")):
+        return  # local cluster, or "auto" (Ray finds the running one and says so itself)
+    hostport = address.split("://", 1)[-1].rstrip("/")
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise DataError(f"ray.address '{address}' is not of the form host:port, ray://host:port or auto")
+    try:
+        with socket.create_connection((host, int(port)), timeout=5):
+            return
+    except OSError as e:
+        raise DataError(f"Ray cluster at ray.address '{address}' is not reachable ({e}); is the head running?") from None
+
+
+def check_writable(path: str, key: str) -> None:
+    """A local output folder must be creatable and writable (object stores are checked by their first write)."""
+    if "://" in path:
+        return
+    folder = Path(path)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
+            pass
+    except OSError as e:
+        raise DataError(f"{key} '{path}' is not writable ({e.strerror or e})") from None
 
 
 def check_tracking_uri(uri: str, cfg: Config) -> str:

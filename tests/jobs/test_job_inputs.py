@@ -45,6 +45,12 @@ def _run(main, argv, capsys):
         (lambda d: None, ["optim.clip_grad=abc"], "'optim.clip_grad'"),
         (lambda d: None, ["loss.teacher_temp=0"], "'loss.teacher_temp' (got 0)"),
         (lambda d: None, ["data.synthetic_dir={d}", "optim.batch_size_per_worker=100000"], "fewer than one global batch"),
+        (lambda d: None, ["data.synthetic_dir={d}", "ray.address=127.0.0.1:9"], "Ray cluster at ray.address '127.0.0.1:9' is not reachable"),
+        (lambda d: None, ["data.synthetic_dir={d}", "ray.address=nonsense"], "ray.address 'nonsense' is not of the form"),
+        (lambda d: (d.mkdir(), (d / "file").write_text("x")), ["data.synthetic_dir={d}/syn", "ray.storage_path={d}/file/ray"],
+         "ray.storage_path '"),
+        (lambda d: None, ["data.synthetic_dir={d}", "tracking.tracking_uri=http://127.0.0.1:9"],
+         "MLflow tracking server http://127.0.0.1:9 is not reachable"),
     ],
 )
 def test_pretrain_rejects_bad_input_before_ray(tmp_path, capsys, no_ray_started, make, overrides, needle):
@@ -70,3 +76,14 @@ def test_knn_job_rejects_a_folder_without_a_teacher(tmp_path, capsys, no_ray_sta
 
     code, errors = _run(main, ["--teacher", str(tmp_path), "--config", "smoke"], capsys)
     assert code == 2 and "no exported teacher" in errors[0] and str(tmp_path) in errors[0]
+
+
+def test_unreachable_mlflow_can_fall_back_to_a_local_store(tmp_path, caplog):
+    from pipeline.config import load_config
+    from pipeline.pretrain import prepare
+
+    cfg = load_config("smoke", [f"data.synthetic_dir={tmp_path / 'syn'}", f"output_dir={tmp_path / 'out'}",
+                                "tracking.tracking_uri=http://127.0.0.1:9", "tracking.if_unreachable=local"])
+    p = prepare(cfg)
+    assert p.tracking_uri == "sqlite:///" + str((tmp_path / "out" / "mlflow-offline.db").resolve())
+    assert any("MLflow server http://127.0.0.1:9 unreachable" in r.message for r in caplog.records)
