@@ -87,3 +87,49 @@ def knn_accuracy(scores: Tensor, labels: Tensor, topk: Sequence[int] = (1, 5)) -
         correct = (top == labels[:, None]).any(dim=1)  # (M,)
         result[k] = 100.0 * correct.float().mean().item() if len(labels) else 0.0
     return result
+
+
+@torch.no_grad()
+def vote_for_each_k(
+    similarities: Tensor, neighbour_labels: Tensor, num_classes: int, ks: Sequence[int], temperature: float
+) -> dict[int, Tensor]:
+    """Class scores for several ``k`` from one search of ``max(ks)`` neighbours.
+
+    Args:
+        similarities: ``[M, K]`` similarities sorted in decreasing order along each row (as faiss and
+            ``topk`` return them), ``K >= max(ks)`` or ``K`` = the database size.
+        neighbour_labels: ``[M, K]`` labels of those neighbours.
+        num_classes: Number of classes ``C``.
+        ks: Neighbour counts; each is clamped to ``K`` (a database smaller than ``k``).
+        temperature: ``T`` in the weight ``exp(similarity / T)``.
+
+    Returns:
+        ``{k: [M, C] scores}`` equal to :func:`weighted_vote` on the first ``k`` columns.
+    """
+    kmax = similarities.shape[1]
+    return {k: weighted_vote(similarities[:, : min(k, kmax)], neighbour_labels[:, : min(k, kmax)], num_classes, temperature) for k in ks}
+
+
+def per_class_accuracy(scores: Tensor, labels: Tensor, num_classes: int, topk: int = 5) -> dict[str, Tensor]:
+    """Per-class counts and top-1 / top-``topk`` hits.
+
+    Args:
+        scores: ``[M, C]`` class scores.
+        labels: ``[M]`` true labels in ``[0, C)``.
+        num_classes: ``C``.
+        topk: The wider accuracy (clamped to ``C``).
+
+    Returns:
+        ``{"count", "top1", "topk"}``, each ``[C]`` int64: samples of the class, and how many of them
+        have the true class first / among the first ``topk``.
+    """
+    labels = labels.to(scores.device, torch.long)
+    top = scores.topk(min(topk, scores.shape[1]), dim=1).indices  # (M, k)
+    hit1 = (top[:, 0] == labels).long()  # (M,)
+    hitk = (top == labels[:, None]).any(dim=1).long()  # (M,)
+    zeros = torch.zeros(num_classes, dtype=torch.long, device=scores.device)
+    return {
+        "count": zeros.clone().scatter_add_(0, labels, torch.ones_like(labels)),
+        "top1": zeros.clone().scatter_add_(0, labels, hit1),
+        "topk": zeros.clone().scatter_add_(0, labels, hitk),
+    }

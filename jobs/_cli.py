@@ -19,6 +19,12 @@ def setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
+def quiet_libraries() -> None:
+    """faiss logs each CPU-feature build it could not load; MLflow draws download progress bars."""
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
 def fail(message: str, code: int = 2) -> int:
     """Print a one-line error to stderr and return the exit code."""
     print(f"error: {message}", file=sys.stderr)

@@ -2,12 +2,16 @@
 
 Usage::
 
+    python jobs/build_knn_index.py --run-id <mlflow run id>                 # the run's own data and config
     python jobs/build_knn_index.py --teacher outputs/<run>/teacher [--config PRESET] [key=value ...]
-    python jobs/build_knn_index.py --run-id <mlflow run id>  data.root=/data/imagenette
+    python jobs/build_knn_index.py --run-id <id> data.root=/data/imagenette knn.index=hnsw --random-baseline
+    python jobs/build_knn_index.py --teacher <dir> data.root=s3://b/coll data.val_split=null   # index only
 
-The database is ``data.train_split`` of ``data.root``; queries are ``data.val_split``. The index and its
-manifest are written under ``--out`` (default: next to the teacher) and logged to MLflow as a run linked
-to the pretraining run.
+The database is ``data.train_split`` of ``data.root``; queries are ``data.val_split`` (null: build the
+index without evaluating). With ``--run-id`` and no ``--config`` the run's logged config is the base, so
+the run's dataset, image size and seed are used; ``key=value`` overrides apply on top. The index folder
+(``--out``, default: next to the teacher) holds the faiss index, the features as Parquet, the manifest
+and the accuracy tables; it is logged to MLflow as a run linked to the pretraining run.
 """
 
 from __future__ import annotations
@@ -23,50 +27,66 @@ except ImportError:
     from jobs import _cli
 
 
-def _teacher_from_run(run_id: str, tracking_uri: str) -> Path:
-    from mlflow.tracking import MlflowClient
+def _load_config(args):
+    """``--config`` (default ``local``), or with ``--run-id`` and no ``--config`` the run's logged config."""
+    from pipeline.config import load_config
+    from pipeline.teacher_source import run_config
+    from pipeline.tracking import resolve_tracking_uri
 
-    client = MlflowClient(tracking_uri)
-    try:
-        client.get_run(run_id)
-    except Exception as e:
-        raise ValueError(f"MLflow run {run_id} not found at {tracking_uri} ({type(e).__name__})") from None
-    names = {a.path for a in client.list_artifacts(run_id, "teacher")}
-    if "teacher/teacher.json" not in names:
-        raise ValueError(f"MLflow run {run_id} has no exported teacher (artifacts/teacher/teacher.json)")
-    dest = Path(tempfile.mkdtemp(prefix="dino-teacher-"))
-    return Path(client.download_artifacts(run_id, "teacher", str(dest)))
+    cfg = load_config(args.config or "local", args.overrides)
+    if not args.run_id or args.config:
+        return cfg, None
+    uri = resolve_tracking_uri(cfg.tracking.tracking_uri)
+    tree = run_config(args.run_id, uri)
+    if tree is None:
+        return cfg, f"run {args.run_id} logged no config.json: using the 'local' preset"
+    import yaml
+
+    tree.pop("preset", None)
+    tree.setdefault("tracking", {})["tracking_uri"] = cfg.tracking.tracking_uri  # where we found the run
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / f"run-{args.run_id[:8]}.yaml"
+        path.write_text(yaml.safe_dump(tree))
+        return load_config(path, args.overrides), None
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     src = parser.add_mutually_exclusive_group(required=True)
     src.add_argument("--teacher", help="folder with teacher_backbone.safetensors + teacher.json")
-    src.add_argument("--run-id", help="MLflow pretraining run whose exported teacher to use")
-    parser.add_argument("--config", default="local", help="preset for data/knn/ray settings (default: local)")
+    src.add_argument("--run-id", help="MLflow pretraining run whose exported teacher (and, by default, config) to use")
+    parser.add_argument("--config", help="preset for data/knn/ray settings (default: the run's config with --run-id, else local)")
     parser.add_argument("--out", help="index output folder (default: <teacher>/../knn)")
-    parser.add_argument("--random-baseline", action="store_true", help="also evaluate the arch at random init")
+    parser.add_argument("--random-baseline", action="store_true", help="also evaluate the arch at random init (same pass)")
     parser.add_argument("overrides", nargs="*", help="config overrides as key=value")
     args = parser.parse_args(argv)
     _cli.setup_logging()
+    _cli.quiet_libraries()
 
-    from pipeline.config import load_config
-    from pipeline.knn_index import KnnRequest, evaluate_teacher
-    from pipeline.pretrain import ensure_data, init_ray
+    from pipeline.faiss_index import MANIFEST_FILE
+    from pipeline.knn_index import KnnRequest, evaluate_teacher, require_labels
+    from pipeline.pretrain import check_ray_address, ensure_data, init_ray
+    from pipeline.shards import DataError
     from pipeline.storage import resolve_split
+    from pipeline.teacher_source import require_teacher, teacher_from_run
     from pipeline.tracking import resolve_tracking_uri
 
-    try:
-        cfg = load_config(args.config, args.overrides)
+    try:  # every input problem surfaces here, before Ray starts
+        cfg, note = _load_config(args)
+        if note:
+            print(f"note: {note}", file=sys.stderr)
         uri = resolve_tracking_uri(cfg.tracking.tracking_uri)
-        teacher = Path(args.teacher) if args.teacher else _teacher_from_run(args.run_id, uri)
-        if not (teacher / "teacher.json").is_file():
-            raise ValueError(f"no exported teacher in {teacher} (teacher.json missing)")
-        if not cfg.data.val_split:
-            raise ValueError("data.val_split is empty: k-NN evaluation needs a labelled query split")
+        teacher = require_teacher(args.teacher) if args.teacher else teacher_from_run(args.run_id, uri, cfg.output_dir)
         root = ensure_data(cfg)
-        resolve_split(root, cfg.data.train_split)
-        resolve_split(root, cfg.data.val_split)
+        train = resolve_split(root, cfg.data.train_split)
+        val = resolve_split(root, cfg.data.val_split) if cfg.data.val_split else None
+        if val is not None:  # cheap look at each split's first sample; the full check follows embedding
+            require_labels(train, root)
+            require_labels(val, root)
+        out = Path(args.out) if args.out else teacher.parent / "knn"
+        if out.exists() and any(out.iterdir()) and not (out / MANIFEST_FILE).is_file():
+            raise ValueError(f"--out {out} exists and is not a k-NN index folder (no {MANIFEST_FILE}); choose another")
+        check_ray_address(cfg.ray.address)
     except (ValueError, FileNotFoundError) as e:
         return _cli.fail(str(e))
 
@@ -74,13 +94,32 @@ def main(argv: list[str] | None = None) -> int:
 
     run_id = args.run_id or json.loads((teacher / "teacher.json").read_text()).get("run_id")
     init_ray(cfg.ray.address)
-    req = KnnRequest(root, cfg.data.train_split, cfg.data.val_split, Path(args.out or teacher.parent / "knn"), uri, run_id)
-    res = evaluate_teacher(cfg, req, teacher, random_baseline=args.random_baseline)
-    print(f"k-NN (k={cfg.knn.k}, T={cfg.knn.temperature}): top-1 {res['teacher']['top1']:.2f}%  top-5 {res['teacher']['top5']:.2f}%")
-    if "random_init" in res:
-        print(f"random init: top-1 {res['random_init']['top1']:.2f}%  top-5 {res['random_init']['top5']:.2f}%")
-    print(f"index: {res['index_dir']}; MLflow run {res['mlflow_run_id']}")
+    req = KnnRequest(root, cfg.data.train_split, cfg.data.val_split or None, out, uri, run_id)
+    try:
+        res = evaluate_teacher(cfg, req, teacher, random_baseline=args.random_baseline)
+    except DataError as e:  # found only after embedding: unlabelled samples, a split with no decodable image
+        return _cli.fail(str(e))
+    _report(cfg, res)
     return 0
+
+
+def _report(cfg, res: dict) -> None:
+    kn = cfg.knn
+    print(f"index: {res['index_dir']} ({res['index_type']}, {res['n_db']} vectors, {res['index_params'] or 'exact'})")
+    if res.get("recall_at_k"):
+        print("recall vs exact search (" + str(res["recall_queries"]) + " queries): "
+              + "  ".join(f"@{k} {r:.4f}" for k, r in res["recall_at_k"].items()))
+    if "teacher" in res:
+        print(f"weighted k-NN on '{cfg.data.val_split}' ({res['n_queries']} queries), T={kn.temperature}, exact search:")
+        print(f"  {'model':<12} {'k':>4} {'top-1':>7} {'top-5':>7}")
+        for name in ("teacher", "random_init"):
+            for k, acc in res.get(name, {}).get("by_k", {}).items():
+                print(f"  {name:<12} {k:>4} {acc['top1']:7.2f} {acc['top5']:7.2f}")
+    else:
+        print("no evaluation split (data.val_split is null): index only")
+    if res.get("mlflow_run_id"):
+        print(f"MLflow k-NN run {res['mlflow_run_id']}")
+    print(f"query: python jobs/query_knn.py --index {res['index_dir']} IMAGE.jpg [--key KEY]")
 
 
 if __name__ == "__main__":

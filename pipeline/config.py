@@ -205,9 +205,23 @@ class HealthConfig(_Section):
 
 class KnnConfig(_Section):
     k: int = Field(gt=0)
+    ks: tuple[int, ...] = Field(min_length=1)
     temperature: float = Field(gt=0.0)
     batch_size: int = Field(gt=0)
     actors: int = Field(gt=0)
+    index: Literal["flat", "ivf", "hnsw"]
+    nlist: int = Field(gt=0)
+    nprobe: int = Field(gt=0)
+    hnsw_m: int = Field(ge=2)
+    hnsw_ef_search: int = Field(gt=0)
+    recall_sample: int = Field(gt=0)
+
+    @field_validator("ks")
+    @classmethod
+    def _ks(cls, v):
+        if any(k <= 0 for k in v):
+            raise ValueError(f"every k must be positive, got {list(v)}")
+        return v
 
 
 class Config(_Section):

@@ -1,15 +1,23 @@
-"""Embed shards with a (teacher) backbone via Ray Data batch inference, build a faiss index, evaluate k-NN.
+"""Embed shards with the teacher, build and save the faiss index, evaluate k-NN as the paper does, log to MLflow.
 
-Evaluation follows the paper (Caron et al. 2021, Sec. 4.1): L2-normalised CLS features of the train
-split form the database, each val image votes with its k=20 nearest neighbours weighted by
-exp(similarity / 0.07); top-1 is the accuracy of the highest-scoring class.
+Evaluation follows the paper (Caron et al. 2021, Sec. 4.1, after Wu et al. 2018): L2-normalised CLS
+features of the database split (train), each image of the labelled evaluation split (val) votes with
+its ``k`` nearest neighbours weighted by ``exp(similarity / T)``, ``T = 0.07``; top-1/top-5 for every
+``k`` in ``knn.ks`` (paper: 10, 20, 100, 200; headline ``knn.k`` = 20). Accuracies always come from
+exact search, whatever ``knn.index`` is saved, so they compare across index kinds; an approximate index
+is judged by its recall@k against that exact search instead.
+
+Passes over the data: one (:func:`pipeline.embed.embed_splits`), for both splits and, with the random
+baseline, both models.
 """
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import logging
-import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,211 +25,231 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline.embed import BackboneSpec
+from pipeline.faiss_index import (
+    IndexManifest,
+    IndexSpec,
+    build_index,
+    exact_index,
+    measure_recall,
+    save_index_dir,
+    search,
+)
+from pipeline.features import Embeddings
+from pipeline.shards import DataError
+
 log = logging.getLogger(__name__)
 
-INDEX_FILE = "index.faiss"
-MANIFEST_FILE = "manifest.json"
+__all__ = ["BackboneSpec", "KnnRequest", "accuracy_rows", "check_labels", "evaluate_teacher", "knn_scores", "require_labels"]
 
-
-@dataclass(frozen=True)
-class BackboneSpec:
-    """How to rebuild a backbone inside an embedding actor; ``weights`` None means random init from ``seed``."""
-
-    arch: str
-    timm_kwargs: dict[str, Any]
-    image_size: int
-    seed: int = 0
-
-
-def eval_resize(image_size: int) -> int:
-    """Shorter-side resize before the centre crop, in the usual 256/224 ratio."""
-    return int(round(image_size * 256 / 224))
-
-
-class EmbedMapper:
-    """``map_batches`` callable: raw rows -> ``{"feature": (B, D) float32 L2-normalised, "label", "key"}``."""
-
-    def __init__(self, spec: BackboneSpec, weights: dict[str, torch.Tensor] | None):
-        import timm
-        from torchvision import transforms as T
-
-        torch.manual_seed(spec.seed)
-        self.model = timm.create_model(spec.arch, pretrained=False, num_classes=0, **spec.timm_kwargs)
-        if weights is not None:
-            import ray
-
-            if isinstance(weights, ray.ObjectRef):  # shipped once through the object store
-                weights = ray.get(weights)
-            self.model.load_state_dict(weights)
-        self.model.eval()
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.model.to(self.device)
-        self.transform = T.Compose(
-            [T.Resize(eval_resize(spec.image_size), interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(spec.image_size)]
-        )
-
-    @torch.no_grad()
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from dino.augment import decode_image
-        from dino.crops import crops_to_input
-        from pipeline.data import _label, image_bytes
-
-        images, keys, labels = [], [], []
-        cls = batch.get("cls", [None] * len(batch["__key__"]))
-        for data, key, label in zip(image_bytes(batch), batch["__key__"], cls):
-            if data is None:  # shard-level marker or a sample without an image
-                continue
-            try:
-                img = self.transform(decode_image(data).convert("RGB"))
-            except Exception:
-                log.warning("skipped undecodable sample %s", key)
-                continue
-            images.append(np.asarray(img))
-            keys.append(str(key))
-            labels.append(_label(label))
-        if not images:
-            return {"feature": np.zeros((0, self.model.num_features), np.float32), "label": np.zeros(0, np.int64), "key": np.array([], dtype=object)}
-        x = torch.from_numpy(np.stack(images)[:, None])  # (B, 1, H, W, 3) uint8
-        feats = self.model(crops_to_input(x, self.device))  # (B, D)
-        feats = torch.nn.functional.normalize(feats.float(), dim=-1).cpu().numpy()
-        return {"feature": feats, "label": np.array(labels, np.int64), "key": np.array(keys, dtype=object)}
-
-
-@dataclass
-class Embeddings:
-    features: np.ndarray  # (N, D) float32, L2-normalised
-    labels: np.ndarray  # (N,) int64, -1 = unlabelled
-    keys: np.ndarray  # (N,) str
-
-
-def embed(
-    paths: list[str],
-    spec: BackboneSpec,
-    weights: dict[str, torch.Tensor] | None,
-    *,
-    batch_size: int,
-    actors: int,
-    read_cpus: float = 1.0,
-) -> Embeddings:
-    """Ray Data batch inference over ``paths``; rows come back sorted by key (a stable order)."""
-    import ray
-
-    weights_ref = ray.put(weights) if weights is not None else None
-    from pipeline.data import read_shards
-
-    ds = read_shards(paths, shuffle=False, num_cpus=read_cpus).map_batches(
-        EmbedMapper,
-        fn_constructor_kwargs={"spec": spec, "weights": weights_ref},
-        batch_size=batch_size,
-        compute=ray.data.ActorPoolStrategy(size=actors),
-        num_gpus=1 if ray.cluster_resources().get("GPU", 0) > 0 else 0,
-        num_cpus=1,
-    )
-    rows = ds.to_pandas()
-    if len(rows) == 0:
-        raise ValueError(f"no decodable images in {len(paths)} shard(s), e.g. {paths[0]}")
-    rows = rows.sort_values("key", kind="stable")
-    return Embeddings(
-        features=np.stack(rows["feature"].to_numpy()).astype(np.float32),
-        labels=rows["label"].to_numpy().astype(np.int64),
-        keys=rows["key"].to_numpy(),
-    )
-
-
-def build_index(features: np.ndarray):
-    """Exact inner-product (= cosine on unit vectors) faiss index over ``features`` ``(N, D)``."""
-    import faiss
-
-    index = faiss.IndexFlatIP(features.shape[1])
-    index.add(np.ascontiguousarray(features, dtype=np.float32))
-    return index
-
-
-def knn_evaluate(index, db_labels: np.ndarray, queries: Embeddings, num_classes: int, k: int, temperature: float) -> dict[str, float]:
-    """Weighted k-NN top-1/top-5 (percent) of ``queries`` against the indexed database."""
-    from dino.knn import knn_accuracy, weighted_vote
-
-    if (queries.labels < 0).any():
-        raise ValueError("evaluation split has samples without a label ('cls'): k-NN accuracy needs labels")
-    k = min(k, index.ntotal)
-    sims, idx = index.search(np.ascontiguousarray(queries.features, dtype=np.float32), k)  # (M, k)
-    scores = weighted_vote(torch.from_numpy(sims), torch.from_numpy(db_labels[idx]), num_classes, temperature)
-    acc = knn_accuracy(scores, torch.from_numpy(queries.labels), topk=(1, min(5, num_classes)))
-    return {"top1": acc[1], "top5": acc[min(5, num_classes)]}
-
-
-def save_index(index, out_dir: Path, manifest: dict[str, Any], keys: np.ndarray) -> Path:
-    """Write index + manifest (with key order) under temporary names, then rename into place."""
-    import faiss
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tmp_index = out_dir / f".{INDEX_FILE}.tmp"
-    tmp_manifest = out_dir / f".{MANIFEST_FILE}.tmp"
-    try:
-        faiss.write_index(index, str(tmp_index))
-        tmp_manifest.write_text(json.dumps({**manifest, "keys": [str(k) for k in keys]}))
-        os.replace(tmp_index, out_dir / INDEX_FILE)
-        os.replace(tmp_manifest, out_dir / MANIFEST_FILE)
-    finally:
-        tmp_index.unlink(missing_ok=True)
-        tmp_manifest.unlink(missing_ok=True)
-    return out_dir
+ACCURACY_TABLE = "knn_accuracy"  # .csv and .json
+PER_CLASS_TABLE = "knn_per_class.csv"
 
 
 @dataclass(frozen=True)
 class KnnRequest:
-    """What to embed and where to report it."""
+    """What to embed and where to report it. ``val_split`` None: build the index only, no evaluation."""
 
     data_root: str
     train_split: str
-    val_split: str
+    val_split: str | None
     out_dir: Path
     tracking_uri: str
     pretrain_run_id: str | None
 
 
-def evaluate_teacher(cfg, req: KnnRequest, teacher_dir: Path, *, random_baseline: bool = True) -> dict[str, Any]:
-    """Embed train (database) and val (queries) with the exported teacher, index, evaluate, log to MLflow.
+def check_labels(emb: Embeddings, split: str, root: str, classes: list[str] | None) -> None:
+    """Every sample labelled, and inside the dataset's class list when it has one; else a one-line DataError."""
+    missing = int((emb.labels < 0).sum())
+    if missing:
+        raise DataError(
+            f"split {split!r} of {root}: {missing} of {len(emb)} samples have no label ('cls' member); "
+            f"weighted k-NN evaluation needs labels on the database and evaluation splits"
+        )
+    if classes is not None and emb.labels.max() >= len(classes):
+        raise DataError(f"split {split!r} of {root}: label {int(emb.labels.max())} outside the dataset's {len(classes)} classes")
 
-    With ``random_baseline`` the same architecture at its random initialisation (same seed as the
-    pretraining run) is evaluated too, so the gain from DINO is printed side by side.
+
+def require_labels(info, root: str) -> None:
+    """Before Ray: the split's first sample must carry a ``cls`` label (a cheap guard; one shard member read).
+
+    Raises:
+        DataError: naming the split and shard when its first sample has no label.
     """
-    from pipeline.checkpoint import load_teacher
-    from pipeline.storage import resolve_split
+    from pipeline.storage import filesystem_for
+    from pipeline.tar_reader import read_shard
 
+    first = info.paths[0]
+    rows = read_shard({"path": first}, filesystem_for([first]))
+    try:
+        row = next((r for r in rows if r["__error__"] is None), None)
+    finally:
+        rows.close()  # stop streaming the shard after its first sample
+    if row is not None and row["cls"] is None:
+        raise DataError(
+            f"split {info.split!r} of {root} has no labels (sample {row['__key__']} in {first} has no 'cls' "
+            f"member): k-NN evaluation needs labelled splits; pass data.val_split=null to build the index only"
+        )
+
+
+def knn_scores(index, db_labels: np.ndarray, queries: np.ndarray, num_classes: int, ks: list[int], temperature: float) -> dict[int, torch.Tensor]:
+    """``{k: (M, C) class scores}`` of the weighted vote, from one search of ``max(ks)`` neighbours."""
+    from dino.knn import vote_for_each_k
+
+    sims, ids = search(index, queries, max(ks))  # (M, K) each, best first
+    return vote_for_each_k(torch.from_numpy(sims), torch.from_numpy(db_labels[ids]), num_classes, ks, temperature)
+
+
+def accuracy_rows(scores: dict[int, torch.Tensor], labels: np.ndarray) -> dict[int, dict[str, float]]:
+    """``{k: {"top1": %, "top5": %}}`` (top-5 clamped to the class count)."""
+    from dino.knn import knn_accuracy
+
+    out = {}
+    for k, s in scores.items():
+        acc = knn_accuracy(s, torch.from_numpy(labels), topk=(1, 5))
+        out[k] = {"top1": acc[1], "top5": acc[5]}
+    return out
+
+
+def _csv(header: list[str], rows: list[list[Any]]) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(header)
+    w.writerows(rows)
+    return buf.getvalue()
+
+
+def _per_class_rows(scores: torch.Tensor, labels: np.ndarray, num_classes: int, classes: list[str] | None) -> list[list[Any]]:
+    from dino.knn import per_class_accuracy
+
+    pc = per_class_accuracy(scores, torch.from_numpy(labels), num_classes, topk=5)
+    rows = []
+    for c in range(num_classes):
+        n = int(pc["count"][c])
+        name = classes[c] if classes is not None else str(c)
+        rows.append([c, name, n, round(100.0 * int(pc["top1"][c]) / n, 4) if n else "", round(100.0 * int(pc["topk"][c]) / n, 4) if n else ""])
+    return rows
+
+
+def _evaluate(pairs: dict[str, tuple[Embeddings, Embeddings]], teacher_exact, num_classes: int, classes: list[str] | None,
+              ks: list[int], kn, eval_split: str) -> tuple[dict[str, Any], dict[str, str]]:
+    """Weighted k-NN of each model's ``(database, queries)`` by exact search: accuracies and the table files."""
+    results, acc_rows, per_class = {}, [], []
+    for name, (db, q) in pairs.items():
+        index = teacher_exact if name == "teacher" else exact_index(db.features)
+        scores = knn_scores(index, db.labels, q.features, num_classes, ks, kn.temperature)
+        by_k = accuracy_rows(scores, q.labels)
+        results[name] = {**by_k[kn.k], "by_k": by_k}
+        acc_rows += [[name, k, round(v["top1"], 4), round(v["top5"], 4)] for k, v in by_k.items()]
+        if name == "teacher":
+            per_class = _per_class_rows(scores[kn.k], q.labels, num_classes, classes)
+    db, q = pairs["teacher"]
+    tables = {
+        f"{ACCURACY_TABLE}.csv": _csv(["model", "k", "top1", "top5"], acc_rows),
+        f"{ACCURACY_TABLE}.json": json.dumps(
+            {"temperature": kn.temperature, "eval_split": eval_split, "n_queries": len(q), "n_db": len(db),
+             "rows": [dict(zip(["model", "k", "top1", "top5"], r)) for r in acc_rows]}, indent=2),
+        PER_CLASS_TABLE: _csv(["class_id", "class_name", "count", f"top1_k{kn.k}", f"top5_k{kn.k}"], per_class),
+    }
+    return results, tables
+
+
+def evaluate_teacher(cfg, req: KnnRequest, teacher_dir: Path, *, random_baseline: bool = True, embed_fn=None) -> dict[str, Any]:
+    """Embed (one pass), build + save the index, evaluate every k in ``knn.ks``, log a child MLflow run.
+
+    With ``random_baseline`` (and an evaluation split) the same architecture at its random
+    initialisation is embedded in the same pass and evaluated next to the teacher. ``embed_fn`` replaces
+    :func:`pipeline.embed.embed_splits` (Ray Data), e.g. by :func:`pipeline.embed.embed_in_process`.
+
+    Returns ``{"teacher": {"top1", "top5", "by_k"}, "random_init": ..., "index_dir", "n_db", "n_queries",
+    "recall_at_k", "mlflow_run_id", ...}`` (accuracies in percent; ``top1``/``top5`` at ``knn.k``).
+    """
+    from pipeline.checkpoint import TEACHER_WEIGHTS, load_teacher
+    from pipeline.embed import embed_splits
+    from pipeline.storage import resolve_split
+    from pipeline.teacher_source import file_sha256
+
+    kn = cfg.knn
+    ks = sorted(set(kn.ks) | {kn.k})
     train = resolve_split(req.data_root, req.train_split)
-    val = resolve_split(req.data_root, req.val_split)
+    val = resolve_split(req.data_root, req.val_split) if req.val_split else None
+    if val is not None and req.val_split == req.train_split:
+        log.warning("evaluation split is the database split %r: every query finds itself, accuracies are optimistic", req.train_split)
     model, meta = load_teacher(teacher_dir)
     spec = BackboneSpec(meta["arch"], meta["timm_kwargs"], meta["image_size"], seed=cfg.seed)
-    kn = cfg.knn
-    results: dict[str, Any] = {}
-    for name, weights in [("teacher", model.state_dict())] + ([("random_init", None)] if random_baseline else []):
-        db = embed(train.paths, spec, weights, batch_size=kn.batch_size, actors=kn.actors, read_cpus=cfg.ray.read_cpus_per_task)
-        queries = embed(val.paths, spec, weights, batch_size=kn.batch_size, actors=kn.actors, read_cpus=cfg.ray.read_cpus_per_task)
-        if (db.labels < 0).any():
-            raise ValueError(f"split '{req.train_split}' of {req.data_root} has unlabelled samples: k-NN voting needs labels")
-        num_classes = len(train.classes) if train.classes else int(max(db.labels.max(), queries.labels.max())) + 1
-        index = build_index(db.features)
-        acc = knn_evaluate(index, db.labels, queries, num_classes, kn.k, kn.temperature)
-        results[name] = acc
-        if name == "teacher":
-            manifest = {
-                "arch": meta["arch"],
-                "timm_kwargs": meta["timm_kwargs"],
-                "run_id": meta.get("run_id"),
-                "feature_dim": int(db.features.shape[1]),
-                "count": int(index.ntotal),
-                "index_type": "IndexFlatIP",
-                "split": req.train_split,
-                "data_root": req.data_root,
-            }
-            results["index_dir"] = str(save_index(index, req.out_dir, manifest, db.keys))
-            results["n_db"], results["n_queries"] = int(index.ntotal), len(queries.labels)
-    results["mlflow_run_id"] = _log_knn_run(cfg, req, results)
+    models = {"teacher": (spec, model.state_dict())}
+    if random_baseline and val is not None:
+        models["random_init"] = (spec, None)
+    splits = {req.train_split: train} | ({req.val_split: val} if val is not None else {})
+
+    t0 = time.perf_counter()
+    emb = (embed_fn or embed_splits)(splits, models, batch_size=kn.batch_size, actors=kn.actors, read_cpus=cfg.ray.read_cpus_per_task)
+    embed_s = time.perf_counter() - t0
+    db = emb["teacher"][req.train_split]
+    queries = emb["teacher"][req.val_split] if val is not None else None
+    n_images = len(db) + (len(queries) if queries is not None and req.val_split != req.train_split else 0)
+    log.info("embedded %d image(s) in %.1f s (%.1f images/s)", n_images, embed_s, n_images / max(embed_s, 1e-9))
+
+    classes = train.classes
+    results: dict[str, Any] = {"n_db": len(db), "n_queries": len(queries) if queries is not None else 0, "ks": ks, "k": kn.k}
+    num_classes = 0
+    if queries is not None:
+        check_labels(db, req.train_split, req.data_root, classes)
+        check_labels(queries, req.val_split, req.data_root, classes)
+        num_classes = len(classes) if classes is not None else int(max(db.labels.max(), queries.labels.max())) + 1
+
+    # The saved index, and exact search for the paper's protocol and as the recall reference.
+    t0 = time.perf_counter()
+    index, params = build_index(db.features, IndexSpec.from_config(kn))
+    build_s = time.perf_counter() - t0
+    exact = index if kn.index == "flat" else exact_index(db.features)
+    recall, n_recall = None, 0
+    if kn.index != "flat":
+        sample_from = queries.features if queries is not None else db.features
+        recall, n_recall = measure_recall(index, exact, sample_from, ks, kn.recall_sample, seed=cfg.seed)
+        log.info("%s index recall@k vs exact on %d queries: %s", kn.index, n_recall, {k: round(v, 4) for k, v in recall.items()})
+
+    tables: dict[str, str] = {}
+    if queries is not None:
+        pairs = {name: (emb[name][req.train_split], emb[name][req.val_split]) for name in models}
+        accuracies, tables = _evaluate(pairs, exact, num_classes, classes, ks, kn, req.val_split)
+        results.update(accuracies)
+
+    manifest = IndexManifest(
+        arch=meta["arch"],
+        timm_kwargs=meta["timm_kwargs"],
+        image_size=meta["image_size"],
+        run_id=meta.get("run_id") or req.pretrain_run_id,
+        feature_dim=db.dim,
+        count=len(db),
+        index_type=kn.index,
+        faiss_index=type(index).__name__,
+        index_params=params,
+        recall_at_k=recall,
+        recall_queries=n_recall,
+        data_root=req.data_root,
+        split=req.train_split,
+        eval_split=req.val_split if queries is not None else None,
+        classes=classes,
+        skipped=train.count - len(db),
+        teacher_dir=str(Path(teacher_dir).absolute()),
+        teacher_sha256=file_sha256(Path(teacher_dir) / TEACHER_WEIGHTS),
+        tracking_uri=req.tracking_uri,
+    )
+    out = save_index_dir(req.out_dir, index, db, manifest, eval_rows=queries, extra=tables)
+    results.update(index_dir=str(out), recall_at_k=recall, recall_queries=n_recall, index_type=kn.index,
+                   index_params=params, embed_s=embed_s, build_s=build_s, tables=sorted(tables))
+    try:
+        results["mlflow_run_id"] = _log_knn_run(cfg, req, results, manifest)
+    except Exception as e:  # the index is on disk; a tracking outage must not lose it
+        log.warning("k-NN results not logged to MLflow at %s: %s: %s", req.tracking_uri, type(e).__name__, e)
+        results["mlflow_run_id"] = None
     return results
 
 
-def _log_knn_run(cfg, req: KnnRequest, results: dict[str, Any]) -> str:
+def _log_knn_run(cfg, req: KnnRequest, results: dict[str, Any], manifest: IndexManifest) -> str:
+    """A run (child of the pretraining run when known) with params, metrics, tables and the index folder."""
+    from mlflow.entities import Metric, Param
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(req.tracking_uri)
@@ -235,17 +263,33 @@ def _log_knn_run(cfg, req: KnnRequest, results: dict[str, Any]) -> str:
         exp = client.get_experiment_by_name("dino-knn")
         exp_id = exp.experiment_id if exp else client.create_experiment("dino-knn")
         run_name = "knn"
-    run = client.create_run(exp_id, run_name=run_name, tags=tags)
-    rid = run.info.run_id
-    for key, value in (("k", cfg.knn.k), ("temperature", cfg.knn.temperature), ("data_root", req.data_root)):
-        client.log_param(rid, key, value)
+    rid = client.create_run(exp_id, run_name=run_name, tags=tags).info.run_id
+    kn = cfg.knn
+    params = {
+        "k": kn.k, "ks": ",".join(map(str, results["ks"])), "temperature": kn.temperature, "data_root": req.data_root,
+        "split": req.train_split, "eval_split": req.val_split or "", "arch": manifest.arch, "index": kn.index,
+        "faiss_index": manifest.faiss_index, "n_db": results["n_db"], "n_queries": results["n_queries"],
+        "batch_size": kn.batch_size, "actors": kn.actors, **{f"index.{k}": v for k, v in results["index_params"].items()},
+    }
+    now = int(time.time() * 1000)
+    metrics = {"embed_s": results["embed_s"], "index_build_s": results["build_s"]}
     for name in ("teacher", "random_init"):
-        if name in results:
-            prefix = "knn" if name == "teacher" else f"knn_{name}"
-            client.log_metric(rid, f"{prefix}_top1", results[name]["top1"])
-            client.log_metric(rid, f"{prefix}_top5", results[name]["top5"])
-            if req.pretrain_run_id:
-                client.log_metric(req.pretrain_run_id, f"{prefix}_top1", results[name]["top1"])
-    client.log_artifact(rid, str(Path(results["index_dir"]) / MANIFEST_FILE), artifact_path="index")
+        if name not in results:
+            continue
+        prefix = "knn" if name == "teacher" else f"knn_{name}"
+        metrics[f"{prefix}_top1"], metrics[f"{prefix}_top5"] = results[name]["top1"], results[name]["top5"]
+        for k, acc in results[name]["by_k"].items():
+            metrics[f"{prefix}_top1_k{k}"], metrics[f"{prefix}_top5_k{k}"] = acc["top1"], acc["top5"]
+    for k, r in (results["recall_at_k"] or {}).items():
+        metrics[f"index_recall_at_{k}"] = r
+    client.log_batch(
+        rid,
+        metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()],
+        params=[Param(k, str(v)) for k, v in params.items()],
+    )
+    client.log_artifacts(rid, results["index_dir"], artifact_path="index")
+    if req.pretrain_run_id and "teacher" in results:
+        for key in ("knn_top1", "knn_top5"):
+            client.log_metric(req.pretrain_run_id, key, metrics[key])
     client.set_terminated(rid, "FINISHED")
     return rid

@@ -129,16 +129,19 @@ def check_ray_address(address: str | None) -> None:
 
 
 def check_writable(path: str, key: str) -> None:
-    """A local output folder must be creatable and writable (object stores are checked by their first write)."""
+    """A local output folder must be writable: it, or the nearest folder above it that exists (nothing is
+    created here; object stores are checked by their first write)."""
+    import os
+
     if "://" in path:
         return
-    folder = Path(path)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
-            pass
-    except OSError as e:
-        raise DataError(f"{key} '{path}' is not writable ({e.strerror or e})") from None
+    folder = Path(path).resolve()
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        raise DataError(f"{key} '{path}' is not writable ({folder} is a file)")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise DataError(f"{key} '{path}' is not writable (no write permission on {folder})")
 
 
 def check_tracking_uri(uri: str, cfg: Config) -> str:

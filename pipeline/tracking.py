@@ -144,6 +144,17 @@ class MetricsTracker:
             time.sleep(0.05)
         return self.pending() == 0
 
+    def flush_before_checkpoint(self, timeout: float = 30.0) -> bool:
+        """Make every step up to now durable before a checkpoint makes it resumable.
+
+        A group restarted from this checkpoint only re-logs steps after it, so a step still buffered when
+        rank 0 dies would otherwise be lost. During an outage this does not wait (training never pauses
+        for tracking); those points stay buffered.
+        """
+        if self._warned:
+            return False
+        return self.flush(timeout)
+
     def close(self, timeout: float = 120.0) -> bool:
         """Final flush and stop the sender; warns with the count of points that could not be sent."""
         sent = self.flush(timeout)
@@ -178,7 +189,21 @@ class NullTracker:
     def flush(self, timeout: float = 60.0) -> bool:
         return True
 
+    def flush_before_checkpoint(self, timeout: float = 30.0) -> bool:
+        """Make every step up to now durable before a checkpoint makes it resumable.
+
+        A group restarted from this checkpoint only re-logs steps after it, so a step still buffered when
+        rank 0 dies would otherwise be lost. During an outage this does not wait (training never pauses
+        for tracking); those points stay buffered.
+        """
+        if self._warned:
+            return False
+        return self.flush(timeout)
+
     def close(self, timeout: float = 120.0) -> bool:
+        return True
+
+    def flush_before_checkpoint(self, timeout: float = 30.0) -> bool:
         return True
 
     def set_tag(self, key: str, value: str) -> None:

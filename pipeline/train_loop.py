@@ -209,7 +209,7 @@ class DinoRunner:
                                            time.perf_counter() - t_epoch, steps)
                 t_window, window_steps, window_wait = time.perf_counter(), 0, 0.0
             if stopped is None and save_checkpoint and ckpt_every and self.global_step % ckpt_every == 0 and steps < spe:
-                tracker.flush(timeout=0)
+                tracker.flush_before_checkpoint()
                 save_checkpoint({"epoch": self.epoch + steps / spe, "global_step": self.global_step})
         if stopped is None:  # the epoch is over (all its steps, or the data ran out early)
             self.epoch += 1
@@ -356,7 +356,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 runner.epoch % cfg.health.attention_every_epochs == 0 or runner.epoch == cfg.optim.epochs
             ):
                 attention(runner.epoch)
-            tracker.flush(timeout=0)
+            tracker.flush_before_checkpoint()
             last = runner.epoch == cfg.optim.epochs
             metrics = {**summary, "global_step": runner.global_step}
             if last or runner.epoch % cfg.ray.checkpoint_every_epochs == 0:

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from dino.knn import knn_accuracy, knn_predict
+from dino.knn import knn_accuracy, knn_predict, per_class_accuracy, vote_for_each_k, weighted_vote
 
 
 def test_hand_built_example():
@@ -58,3 +58,42 @@ def test_accuracy_percent():
         2: pytest.approx(100.0),
         5: pytest.approx(100.0),
     }
+
+
+def _vote_reference(sims, labels, c, t):
+    """Straight from the paper's sentence: each neighbour adds exp(sim / T) to its class."""
+    out = np.zeros((len(sims), c))
+    for i in range(len(sims)):
+        for s, y in zip(sims[i], labels[i]):
+            out[i, y] += math.exp(s / t)
+    return out
+
+
+def test_weighted_vote_equals_a_straightforward_reference():
+    rng = np.random.default_rng(1)
+    sims = -np.sort(-rng.uniform(-1, 1, size=(9, 7)), axis=1)  # best first, as a search returns them
+    labels = rng.integers(0, 5, size=(9, 7))
+    got = weighted_vote(torch.from_numpy(sims), torch.from_numpy(labels), 5, 0.07)
+    np.testing.assert_allclose(got.numpy(), _vote_reference(sims, labels, 5, 0.07), rtol=1e-12)
+
+
+def test_vote_for_each_k_is_the_vote_on_the_first_k_neighbours():
+    rng = np.random.default_rng(2)
+    sims = -np.sort(-rng.uniform(-1, 1, size=(6, 12)), axis=1)
+    labels = rng.integers(0, 4, size=(6, 12))
+    got = vote_for_each_k(torch.from_numpy(sims), torch.from_numpy(labels), 4, [1, 5, 12, 200], 0.07)
+    assert sorted(got) == [1, 5, 12, 200]
+    for k, scores in got.items():
+        kk = min(k, 12)  # 200 > the 12 neighbours there are: all of them
+        np.testing.assert_allclose(scores.numpy(), _vote_reference(sims[:, :kk], labels[:, :kk], 4, 0.07), rtol=1e-12)
+
+
+def test_per_class_accuracy_table():
+    # 3 classes; top-1 predictions 0, 2, 1, 1, 2 and top-2 sets {0,1}, {2,0}, {1,2}, {1,0}, {2,1}.
+    scores = torch.tensor([[0.9, 0.5, 0.1], [0.4, 0.1, 0.8], [0.1, 0.7, 0.3], [0.3, 0.6, 0.2], [0.1, 0.3, 0.9]])
+    labels = torch.tensor([0, 0, 1, 2, 1])
+    pc = per_class_accuracy(scores, labels, 3, topk=2)
+    assert pc["count"].tolist() == [2, 2, 1]
+    assert pc["top1"].tolist() == [1, 1, 0]  # class 0: sample 0 right; class 1: sample 2 right; class 2: sample 3 wrong
+    assert pc["topk"].tolist() == [2, 2, 0]  # sample 1 has 0 second; sample 4 has 1 second; sample 3's set is {1,0}
+    assert pc["top1"].sum().item() / 5 * 100 == pytest.approx(knn_accuracy(scores, labels, topk=(1,))[1])

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -44,9 +45,33 @@ def ray_head(port_factory):
         pytest.skip(f"ray start --head failed: {out.stderr[-2000:]}")
     address = f"http://127.0.0.1:{dash}"
     yield {"address": address, "env": env}
-    subprocess.run([str(BIN / "ray"), "stop", "--force"], env={**env, "RAY_TMPDIR": str(temp)}, capture_output=True,
-                   timeout=120)
+    _stop_cluster(temp)
     shutil.rmtree(temp, ignore_errors=True)
+
+
+def _stop_cluster(temp: Path) -> None:
+    """Stop only this head's processes (`ray stop` would also kill the session's own Ray cluster, and with
+    its GCS the pytest process): its daemons name ``temp`` on their command lines; workers follow the raylet."""
+    def ours() -> list[int]:
+        pids = []
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if str(temp).encode() in cmd and int(pid) != os.getpid():
+                pids.append(int(pid))
+        return pids
+
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in ours():
+            try:
+                os.kill(pid, sig)
+            except OSError:
+                pass
+        deadline = time.monotonic() + 15
+        while ours() and time.monotonic() < deadline:
+            time.sleep(0.5)
 
 
 def _submit(head, tmp, uri, *extra, wait=True):
@@ -109,7 +134,10 @@ def test_submitted_job_survives_a_killed_worker_and_tracks_one_run(ray_head, mlf
             time.sleep(1.0)  # let the controller register that checkpoint (a report is not yet a checkpoint)
             pids = _train_worker_pids(ray_head)
             assert len(pids) == 2, pids
-            victim = pids[-1]
+            # Rank 0: the worker that writes MLflow and checkpoints is the hard case.
+            logs = _job_logs(ray_head, job_id, shared_tmp)
+            rank0 = {int(p) for p in re.findall(r"RayTrainWorker pid=(\d+)\).*from rank 0\s*$", logs, re.M)}
+            victim = next(pid for pid in pids if pid in rank0)
             os.kill(victim, signal.SIGKILL)
             killed_at = time.time()
             break

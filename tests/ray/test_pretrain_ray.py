@@ -90,4 +90,8 @@ def test_two_worker_pretraining_tracks_exports_and_evaluates(tmp_path, ray_clust
     assert child.data.tags["mlflow.parentRunId"] == result.run_id
     assert child.data.metrics["knn_top1"] == pytest.approx(knn["teacher"]["top1"])
     manifest = json.loads((tmp_path / "knn" / "manifest.json").read_text())
-    assert manifest["count"] == 96 and manifest["feature_dim"] == 48 and len(manifest["keys"]) == 96
+    assert manifest["count"] == 96 and manifest["feature_dim"] == 48 and manifest["run_id"] == result.run_id
+    from pipeline.features import read_features
+
+    keys = read_features(tmp_path / "knn" / manifest["features_file"], with_features=False).keys  # the key order
+    assert len(keys) == 96 and list(keys) == sorted(keys)

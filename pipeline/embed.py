@@ -1,0 +1,223 @@
+"""Ray Data batch inference: shards -> evaluation views -> L2-normalised CLS features.
+
+One pass over the data, whatever is asked for. The database split and the evaluation split are read
+together (a shard listed by both, e.g. ``train_split == val_split``, is read once); each image is
+decoded and centre-cropped once (:func:`dino.eval_view.center_view`), and every model (the teacher and,
+optionally, the same architecture at random initialisation) embeds that same uint8 view. Rows carry
+their shard path, so the driver assigns them to splits. (The first version ran one Ray Data pass per
+split and per model, decoding every image up to four times.)
+
+Where the work runs::
+
+    CPU-only cluster:  read tasks -> [decode + crop + embed]  knn.actors actors, 1 CPU each
+    GPUs present:      read tasks -> [decode + crop]  CPU tasks -> [embed]  knn.actors actors, 1 GPU each
+
+With GPUs the decode is a separate CPU stage: a GPU actor fed only by the one CPU it holds would idle.
+The views travel as uint8 ``(B, S, S, 3)``; conversion and normalisation happen on the actor's device.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.features import Embeddings
+from pipeline.shards import DataError, SplitInfo
+
+log = logging.getLogger(__name__)
+
+META_COLUMNS = ("key", "label", "shard")
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """How to rebuild a backbone inside an embedding actor (weights travel separately)."""
+
+    arch: str
+    timm_kwargs: dict[str, Any]
+    image_size: int
+    seed: int = 0  # random init (weights None) is drawn from this seed
+
+
+def build_backbone(spec: BackboneSpec, weights: dict[str, torch.Tensor] | None) -> torch.nn.Module:
+    """``timm.create_model(arch, num_classes=0, **timm_kwargs)`` with ``weights`` loaded (strict), eval mode."""
+    import timm
+
+    torch.manual_seed(spec.seed)
+    model = timm.create_model(spec.arch, pretrained=False, num_classes=0, **spec.timm_kwargs)
+    if weights is not None:
+        model.load_state_dict(weights)
+    return model.eval()
+
+
+def decode_views(batch: dict[str, Any], image_size: int) -> dict[str, np.ndarray]:
+    """``map_batches`` function: raw shard rows -> ``view`` uint8 ``(B, S, S, 3)`` + ``key``, ``label``, ``shard``.
+
+    Shard-level marker rows, samples without an image and undecodable images are skipped (counted on
+    the driver as the difference to the split's sample count); images are decoded by PIL only.
+    """
+    from dino.augment import decode_image
+    from dino.eval_view import center_view
+    from pipeline.data import _label, image_bytes
+
+    n = len(batch["__key__"])
+    images = image_bytes(batch)
+    labels = batch.get("cls", [None] * n)
+    urls = batch.get("__url__", [""] * n)
+    errors = batch.get("__error__", [None] * n)
+    views = np.empty((n, image_size, image_size, 3), np.uint8)
+    keys, out_labels, shards, bad = [], [], [], 0
+    for data, key, label, url, error in zip(images, batch["__key__"], labels, urls, errors):
+        if isinstance(error, str) or data is None or len(data) == 0:
+            bad += not isinstance(error, str)
+            continue
+        try:
+            views[len(keys)] = center_view(decode_image(bytes(data)), image_size)
+        except Exception:  # corrupt / truncated / not an image
+            bad += 1
+            continue
+        keys.append(str(key))
+        out_labels.append(_label(label))
+        shards.append(str(url))
+    if bad:
+        log.warning("skipped %d sample(s) without a decodable image", bad)
+    m = len(keys)
+    return {
+        "view": views[:m],
+        "key": np.array(keys, dtype=object),
+        "label": np.array(out_labels, dtype=np.int64),
+        "shard": np.array(shards, dtype=object),
+    }
+
+
+class Embedder:
+    """``map_batches`` callable class: views (or raw rows, ``decode=True``) -> ``feature_<model>`` columns.
+
+    ``models`` maps a name to ``(BackboneSpec, weights)``; weights are a state dict, a Ray object ref of
+    one (shipped once through the object store), or None for random initialisation.
+    """
+
+    def __init__(self, models: dict[str, tuple[BackboneSpec, Any]], image_size: int, decode: bool):
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.image_size, self.decode = image_size, decode
+        self.models = {}
+        for name, (spec, weights) in models.items():
+            if weights is not None and not isinstance(weights, dict):  # a ray.ObjectRef
+                import ray
+
+                weights = ray.get(weights)
+            self.models[name] = build_backbone(spec, weights).to(self.device)
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, np.ndarray]:
+        from dino.eval_view import embed_views
+
+        if self.decode:
+            batch = decode_views(batch, self.image_size)
+        views = torch.from_numpy(np.ascontiguousarray(batch["view"]))  # (B, S, S, 3) uint8
+        out = {c: batch[c] for c in META_COLUMNS}
+        for name, model in self.models.items():
+            if len(views):
+                out[f"feature_{name}"] = embed_views(model, views, self.device).numpy()  # (B, D)
+            else:
+                out[f"feature_{name}"] = np.zeros((0, model.num_features), np.float32)
+        return out
+
+
+def collect(batches: Iterable[dict[str, np.ndarray]], splits: dict[str, SplitInfo], models: list[str]) -> dict[str, dict[str, Embeddings]]:
+    """Embedder output batches -> ``{model: {split: Embeddings}}``, rows of each split sorted by key.
+
+    A row belongs to every split that lists its shard. Raises :class:`DataError` naming the split when
+    a split ends up with no decodable image.
+    """
+    parts: dict[str, list[np.ndarray]] = {c: [] for c in (*META_COLUMNS, *(f"feature_{m}" for m in models))}
+    for batch in batches:
+        for c, chunks in parts.items():
+            chunks.append(np.asarray(batch[c]))
+    cols = {c: np.concatenate(v) if v else np.zeros(0) for c, v in parts.items()}
+    keys, shards = cols["key"].astype(object), cols["shard"].astype(object)
+    out: dict[str, dict[str, Embeddings]] = {m: {} for m in models}
+    for split, info in splits.items():
+        rows = np.flatnonzero(np.isin(shards.astype(str), np.asarray(info.paths, dtype=str)))
+        if len(rows) == 0:
+            raise DataError(
+                f"split {split!r} is empty: none of its {info.count} sample(s) in {len(info.paths)} shard(s) "
+                f"(e.g. {info.paths[0]}) has a decodable image"
+            )
+        rows = rows[np.argsort(keys[rows].astype(str), kind="stable")]
+        if len(rows) < info.count:
+            log.warning("split %r: embedded %d of %d samples (%d skipped)", split, len(rows), info.count, info.count - len(rows))
+        dupes = len(rows) - len(np.unique(keys[rows].astype(str)))
+        if dupes:
+            log.warning("split %r: %d duplicate key(s); a query by key returns the first", split, dupes)
+        for m in models:
+            feats = cols[f"feature_{m}"]
+            out[m][split] = Embeddings(
+                features=np.ascontiguousarray(feats[rows], dtype=np.float32),
+                labels=cols["label"][rows].astype(np.int64),
+                keys=keys[rows],
+                shards=shards[rows],
+            )
+    return out
+
+
+def embed_splits(
+    splits: dict[str, SplitInfo],
+    models: dict[str, tuple[BackboneSpec, dict[str, torch.Tensor] | None]],
+    *,
+    batch_size: int,
+    actors: int,
+    read_cpus: float = 1.0,
+) -> dict[str, dict[str, Embeddings]]:
+    """Embed every split with every model in one Ray Data pass; ``{model: {split: Embeddings}}``."""
+    import ray
+
+    from pipeline.data import read_shards
+
+    sizes = {spec.image_size for spec, _ in models.values()}
+    if len(sizes) != 1:
+        raise ValueError(f"models to embed together must share one input size, got {sorted(sizes)}")
+    image_size = sizes.pop()
+    shipped = {name: (spec, ray.put(w) if w is not None else None) for name, (spec, w) in models.items()}
+    paths = sorted({p for info in splits.values() for p in info.paths})  # a shard in two splits is read once
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    ds = read_shards(paths, shuffle=False, num_cpus=read_cpus)
+    embedder = {"fn_constructor_kwargs": {"models": shipped, "image_size": image_size, "decode": not gpus},
+                "batch_size": batch_size, "num_cpus": 1, "zero_copy_batch": True}
+    if gpus:
+        if actors > gpus:
+            log.warning("knn.actors=%d but the cluster has %d GPU(s): using %d GPU actors", actors, gpus, gpus)
+        ds = ds.map_batches(decode_views, fn_kwargs={"image_size": image_size}, batch_size=batch_size, num_cpus=1)
+        ds = ds.map_batches(Embedder, compute=ray.data.ActorPoolStrategy(size=min(actors, gpus)), num_gpus=1, **embedder)
+    else:
+        ds = ds.map_batches(Embedder, compute=ray.data.ActorPoolStrategy(size=actors), **embedder)
+    log.info("embedding %d shard(s) of %s with %s on %s", len(paths), "+".join(splits), "+".join(models), f"{min(actors, gpus)} GPU(s)" if gpus else f"{actors} CPU actor(s)")
+    return collect(ds.iter_batches(batch_size=None, batch_format="numpy"), splits, list(models))
+
+
+def embed_in_process(
+    splits: dict[str, SplitInfo],
+    models: dict[str, tuple[BackboneSpec, dict[str, torch.Tensor] | None]],
+    *,
+    batch_size: int,
+    **_: Any,
+) -> dict[str, dict[str, Embeddings]]:
+    """:func:`embed_splits` without Ray: the same reader, views, models and collection, in this process.
+
+    For small collections and tests (the data source is swappable; the maths is the same code).
+    """
+    from pipeline.storage import filesystem_for
+    from pipeline.tar_reader import read_shard_tables
+
+    sizes = {spec.image_size for spec, _ in models.values()}
+    if len(sizes) != 1:
+        raise ValueError(f"models to embed together must share one input size, got {sorted(sizes)}")
+    embedder = Embedder(models, sizes.pop(), decode=True)
+    paths = sorted({p for info in splits.values() for p in info.paths})
+    tables = read_shard_tables({"path": paths}, filesystem_for(paths), rows_per_table=batch_size)
+    batches = (embedder({c: np.array(t.column(c).to_pylist(), dtype=object) for c in t.column_names}) for t in tables)
+    return collect(batches, splits, list(models))

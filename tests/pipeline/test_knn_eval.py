@@ -1,0 +1,188 @@
+"""The k-NN job's pipeline without Ray: one-pass embedding equals embedding image by image, the paper's
+evaluation equals an independent brute-force k-NN on the saved features, and what reaches MLflow."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import timm
+import torch
+
+from dino.knn import knn_accuracy, knn_predict
+from pipeline.checkpoint import export_teacher
+from pipeline.config import load_config
+from pipeline.embed import BackboneSpec, collect, embed_in_process
+from pipeline.features import read_features
+from pipeline.knn_index import KnnRequest, check_labels, evaluate_teacher, require_labels
+from pipeline.shards import DataError, Sample, load_split, write_index, write_shards
+from pipeline.synthetic import CLASSES, make_synthetic_dataset
+
+ARCH = "vit_tiny_patch16_224"
+KW = {"img_size": 32, "patch_size": 8, "depth": 2, "embed_dim": 48, "num_heads": 3, "dynamic_img_size": True}
+
+
+def _teacher(path, seed=1, **kw):
+    torch.manual_seed(seed)
+    kwargs = {**KW, **kw}
+    model = timm.create_model(ARCH, num_classes=0, **kwargs)
+    meta = {"arch": ARCH, "timm_kwargs": kwargs, "image_size": 32, "run_id": None}
+    return export_teacher(path, {f"backbone.{k}": v for k, v in model.state_dict().items()}, meta), model.eval()
+
+
+def _jpeg() -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (120, 30, 200)).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shapes")
+    make_synthetic_dataset(root, n_train=40, n_val=16, image_size=32, shard_size=16)
+    return str(root)
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    return _teacher(tmp_path_factory.mktemp("t") / "teacher")
+
+
+def test_one_pass_embedding_equals_embedding_each_image(data, teacher):
+    from dino.augment import decode_image
+    from dino.eval_view import center_view, embed_views
+    from pipeline.tar_reader import read_shard
+
+    _, model = teacher
+    splits = {"train": load_split(data, "train"), "val": load_split(data, "val")}
+    spec = BackboneSpec(ARCH, KW, 32, seed=0)
+    emb = embed_in_process(splits, {"teacher": (spec, model.state_dict()), "random_init": (spec, None)}, batch_size=8)
+    for split, n in (("train", 40), ("val", 16)):
+        t = emb["teacher"][split]
+        assert len(t) == n and list(t.keys) == sorted(f"{split}_{i:06d}" for i in range(n))
+        np.testing.assert_allclose(np.linalg.norm(t.features, axis=1), 1.0, atol=1e-5)
+        rows = {r["__key__"]: r for p in splits[split].paths for r in read_shard({"path": p})}
+        assert [int(rows[k]["cls"]) for k in t.keys] == t.labels.tolist()
+        assert all(k in {r["__key__"] for r in read_shard({"path": s})} for k, s in zip(t.keys[:3], t.shards[:3]))
+        views = torch.from_numpy(np.stack([center_view(decode_image(rows[k]["jpg"]), 32) for k in t.keys]))
+        np.testing.assert_allclose(t.features, embed_views(model, views, "cpu").numpy(), atol=1e-5)
+        torch.manual_seed(0)
+        fresh = timm.create_model(ARCH, num_classes=0, **KW).eval()
+        np.testing.assert_allclose(emb["random_init"][split].features, embed_views(fresh, views, "cpu").numpy(), atol=1e-5)
+
+
+def test_a_shard_listed_by_two_splits_is_read_once_and_belongs_to_both(data):
+    info = load_split(data, "val")
+    batch = {"key": np.array(["b", "a"], dtype=object), "label": np.array([1, 2]), "shard": np.array([info.paths[0]] * 2, dtype=object),
+             "feature_m": np.eye(2, dtype=np.float32)}
+    out = collect([batch], {"db": info, "q": info}, ["m"])
+    for split in ("db", "q"):
+        assert list(out["m"][split].keys) == ["a", "b"] and out["m"][split].labels.tolist() == [2, 1]
+        np.testing.assert_array_equal(out["m"][split].features, [[0, 1], [1, 0]])
+
+
+def test_a_split_without_decodable_images_is_named_empty(data):
+    splits = {"train": load_split(data, "train"), "val": load_split(data, "val")}
+    rows = {"key": np.array(["x"], dtype=object), "label": np.array([0]), "shard": np.array([splits["train"].paths[0]], dtype=object),
+            "feature_m": np.ones((1, 2), np.float32)}
+    with pytest.raises(DataError, match=r"split 'val' is empty: none of its 16 sample\(s\) in 1 shard\(s\)"):
+        collect([rows], splits, ["m"])
+
+
+def test_labels_missing_are_named(tmp_path, data):
+    root = tmp_path / "unlabelled"
+    write_index(root, {"val": write_shards([Sample(f"v{i}", _jpeg(), None) for i in range(3)], root, "val")}, None)
+    with pytest.raises(DataError, match=r"split 'val' of .* has no labels \(sample v0 in .*val-000000.tar has no 'cls' member\)"):
+        require_labels(load_split(root, "val"), str(root))
+
+    from pipeline.features import Embeddings
+
+    emb = Embeddings(np.zeros((4, 2), np.float32), np.array([0, -1, 2, -1]), np.array(list("abcd"), dtype=object), np.array(["s"] * 4, dtype=object))
+    with pytest.raises(DataError, match=r"split 'val' of /d: 2 of 4 samples have no label \('cls' member\)"):
+        check_labels(emb, "val", "/d", None)
+    emb.labels[:] = [0, 1, 2, 9]
+    with pytest.raises(DataError, match="label 9 outside the dataset's 8 classes"):
+        check_labels(emb, "val", "/d", list(CLASSES))
+
+
+@pytest.mark.parametrize("index", ["flat", "ivf"])
+def test_evaluation_is_the_paper_protocol_and_reaches_mlflow(tmp_path, data, teacher, index):
+    from mlflow.tracking import MlflowClient
+
+    tdir, _ = teacher
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    parent = client.create_run(client.create_experiment("pre"), run_name="pre-run").info.run_id
+    cfg = load_config("smoke", [f"knn.index={index}", "knn.nlist=8", "knn.nprobe=2", "knn.ks=[1,5,20,200]", "knn.k=20"])
+    req = KnnRequest(data, "train", "val", tmp_path / "knn", uri, parent)
+    res = evaluate_teacher(cfg, req, tdir, random_baseline=True, embed_fn=embed_in_process)
+
+    # Independent: brute-force k-NN (dino.knn.knn_predict, torch topk) on the features written to Parquet.
+    db, q = read_features(tmp_path / "knn" / "features.parquet"), read_features(tmp_path / "knn" / "eval_features.parquet")
+    assert len(db) == res["n_db"] == 40 and len(q) == res["n_queries"] == 16
+    for k in (1, 5, 20, 200):
+        scores = knn_predict(torch.from_numpy(db.features), torch.from_numpy(db.labels), torch.from_numpy(q.features), 8, k=k, temperature=0.07)
+        acc = knn_accuracy(scores, torch.from_numpy(q.labels), topk=(1, 5))
+        assert res["teacher"]["by_k"][k]["top1"] == pytest.approx(acc[1]) and res["teacher"]["by_k"][k]["top5"] == pytest.approx(acc[5])
+    assert res["teacher"]["top1"] == res["teacher"]["by_k"][20]["top1"]
+    assert set(res["random_init"]["by_k"]) == {1, 5, 20, 200}
+
+    manifest = json.loads((tmp_path / "knn" / "manifest.json").read_text())
+    assert manifest["count"] == 40 and manifest["feature_dim"] == 48 and manifest["index_type"] == index
+    assert manifest["classes"] == list(CLASSES) and manifest["eval_split"] == "val" and manifest["run_id"] == parent
+    if index == "ivf":
+        assert manifest["faiss_index"] == "IndexIVFFlat" and manifest["index_params"] == {"nlist": 8, "nprobe": 2}
+        assert manifest["recall_queries"] == 16 and set(manifest["recall_at_k"]) == {"1", "5", "20", "200"}
+    else:
+        assert manifest["faiss_index"] == "IndexFlatIP" and manifest["recall_at_k"] is None
+
+    with open(tmp_path / "knn" / "knn_per_class.csv") as f:
+        per_class = list(csv.DictReader(f))
+    assert [r["class_name"] for r in per_class] == list(CLASSES)
+    assert sum(int(r["count"]) for r in per_class) == 16
+    hits = sum(int(r["count"]) * float(r["top1_k20"]) / 100 for r in per_class if r["count"] != "0")
+    assert hits / 16 * 100 == pytest.approx(res["teacher"]["top1"])
+    table = json.loads((tmp_path / "knn" / "knn_accuracy.json").read_text())
+    assert {(r["model"], r["k"]) for r in table["rows"]} == {(m, k) for m in ("teacher", "random_init") for k in (1, 5, 20, 200)}
+
+    run = client.get_run(res["mlflow_run_id"])
+    assert run.data.tags["mlflow.parentRunId"] == parent and run.data.params["index"] == index
+    for k in (1, 5, 20, 200):
+        assert run.data.metrics[f"knn_top1_k{k}"] == pytest.approx(res["teacher"]["by_k"][k]["top1"])
+        assert run.data.metrics[f"knn_random_init_top5_k{k}"] == pytest.approx(res["random_init"]["by_k"][k]["top5"])
+        if index == "ivf":
+            assert run.data.metrics[f"index_recall_at_{k}"] == pytest.approx(manifest["recall_at_k"][str(k)])
+    assert client.get_run(parent).data.metrics["knn_top1"] == pytest.approx(res["teacher"]["top1"])
+    artifacts = {a.path for a in client.list_artifacts(res["mlflow_run_id"], "index")}
+    assert {f"index/{n}" for n in ("index.faiss", "features.parquet", "manifest.json", "knn_accuracy.csv", "knn_per_class.csv")} <= artifacts
+
+
+def test_index_only_without_an_evaluation_split(tmp_path, data, teacher):
+    tdir, _ = teacher
+    cfg = load_config("smoke")
+    req = KnnRequest(data, "train", None, tmp_path / "knn", f"sqlite:///{tmp_path}/m.db", None)
+    res = evaluate_teacher(cfg, req, tdir, embed_fn=embed_in_process)
+    assert "teacher" not in res and res["n_db"] == 40 and res["n_queries"] == 0
+    assert sorted(p.name for p in (tmp_path / "knn").iterdir()) == ["features.parquet", "index.faiss", "manifest.json"]
+
+
+def test_gpu_layout_decode_stage_then_embed_equals_the_fused_actor(data, teacher):
+    """With GPUs, decoding is its own CPU stage feeding ``Embedder(decode=False)``: same output as fused."""
+    from pipeline.embed import Embedder, decode_views
+    from pipeline.tar_reader import read_shard_tables
+
+    _, model = teacher
+    models = {"teacher": (BackboneSpec(ARCH, KW, 32), model.state_dict())}
+    table = next(read_shard_tables({"path": load_split(data, "val").paths}, rows_per_table=8))
+    raw = {c: np.array(table.column(c).to_pylist(), dtype=object) for c in table.column_names}
+    fused = Embedder(models, 32, decode=True)(dict(raw))
+    staged = Embedder(models, 32, decode=False)(decode_views(dict(raw), 32))
+    assert list(fused["key"]) == list(staged["key"]) and len(fused["key"]) == 8
+    np.testing.assert_array_equal(fused["feature_teacher"], staged["feature_teacher"])
+    assert staged["feature_teacher"].shape == (8, 48) and list(staged["label"]) == list(fused["label"])
