@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from pipeline.embed import BackboneSpec
+from pipeline.tracking import redact, strip_credentials
 from pipeline.faiss_index import (
     IndexManifest,
     IndexSpec,
@@ -234,7 +235,7 @@ def evaluate_teacher(cfg, req: KnnRequest, teacher_dir: Path, *, random_baseline
         skipped=train.count - len(db),
         teacher_dir=str(Path(teacher_dir).absolute()),
         teacher_sha256=file_sha256(Path(teacher_dir) / TEACHER_WEIGHTS),
-        tracking_uri=req.tracking_uri,
+        tracking_uri=strip_credentials(req.tracking_uri),  # the manifest is shared: no credentials
     )
     out = save_index_dir(req.out_dir, index, db, manifest, eval_rows=queries, extra=tables)
     results.update(index_dir=str(out), recall_at_k=recall, recall_queries=n_recall, index_type=kn.index,
@@ -285,7 +286,7 @@ def _log_knn_run(cfg, req: KnnRequest, results: dict[str, Any], manifest: IndexM
     client.log_batch(
         rid,
         metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()],
-        params=[Param(k, str(v)) for k, v in params.items()],
+        params=[Param(k, str(v)) for k, v in redact(params).items()],
     )
     client.log_artifacts(rid, results["index_dir"], artifact_path="index")
     if req.pretrain_run_id and "teacher" in results:

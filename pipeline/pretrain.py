@@ -20,7 +20,7 @@ from typing import Any
 from pipeline.config import Config
 from pipeline.shards import DataError, SplitInfo
 from pipeline.storage import resolve_split
-from pipeline.tracking import create_run, resolve_tracking_uri
+from pipeline.tracking import create_run, redact, resolve_tracking_uri
 
 log = logging.getLogger(__name__)
 
@@ -403,7 +403,7 @@ def _client(uri: str):
 def _log_config_artifact(p: Prepared, run_id: str) -> None:
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "config.json"
-        path.write_text(json.dumps(p.cfg.to_dict(), indent=2))
+        path.write_text(json.dumps(redact(p.cfg.to_dict()), indent=2))  # no credentials in artifacts
         _client(p.tracking_uri).log_artifact(run_id, str(path))
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -210,6 +211,39 @@ class NullTracker:
         pass
 
 
+# Environment variables whose values must never reach MLflow (params, tags, config.json).
+SECRET_NAME = re.compile(r"SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL|ACCESS_KEY|API_KEY|PRIVATE_KEY", re.IGNORECASE)
+_USERINFO = re.compile(r"([a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s]+@")
+
+
+def secret_values(environ: dict[str, str] | None = None) -> list[str]:
+    """Values of secret-looking environment variables (AWS keys, MLflow tokens, ...), longest first."""
+    env = os.environ if environ is None else environ
+    values = {v for k, v in env.items() if SECRET_NAME.search(k) and len(v) >= 6}
+    return sorted(values, key=len, reverse=True)
+
+
+def redact(value: Any, secrets: list[str] | None = None) -> Any:
+    """``value`` with URL credentials (``scheme://user:pass@``) and secret env values replaced by ``***``;
+    dicts and lists are redacted recursively, other types returned as they are."""
+    secrets = secret_values() if secrets is None else secrets
+    if isinstance(value, dict):
+        return {k: redact(v, secrets) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(redact(v, secrets) for v in value)
+    if not isinstance(value, str):
+        return value
+    out = _USERINFO.sub(r"\1***@", value)
+    for secret in secrets:
+        out = out.replace(secret, "***")
+    return out
+
+
+def strip_credentials(uri: str | None) -> str | None:
+    """``uri`` without ``user:pass@`` (for files users share: MLflow auth then comes from the environment)."""
+    return _USERINFO.sub(r"\1", uri) if uri else uri
+
+
 def create_run(tracking_uri: str, experiment: str, run_name: str, params: dict[str, Any], tags: dict[str, str]) -> str:
     """Create (or reuse by name) the experiment, start a run, log the full resolved config; returns the run id."""
     from mlflow.entities import Param, RunTag
@@ -218,7 +252,9 @@ def create_run(tracking_uri: str, experiment: str, run_name: str, params: dict[s
     client = MlflowClient(tracking_uri)
     exp = client.get_experiment_by_name(experiment)
     exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
-    run = client.create_run(exp_id, run_name=run_name, tags=tags)
+    secrets = secret_values()
+    run = client.create_run(exp_id, run_name=run_name, tags=redact(dict(tags), secrets))
+    params = redact(dict(params), secrets)
     items = [Param(k, json.dumps(v) if isinstance(v, (dict, list)) else str(v)) for k, v in params.items()]
     for i in range(0, len(items), 100):
         client.log_batch(run.info.run_id, params=items[i : i + 100], tags=[RunTag("mlflow.runName", run_name)])
