@@ -190,17 +190,6 @@ class NullTracker:
     def flush(self, timeout: float = 60.0) -> bool:
         return True
 
-    def flush_before_checkpoint(self, timeout: float = 30.0) -> bool:
-        """Make every step up to now durable before a checkpoint makes it resumable.
-
-        A group restarted from this checkpoint only re-logs steps after it, so a step still buffered when
-        rank 0 dies would otherwise be lost. During an outage this does not wait (training never pauses
-        for tracking); those points stay buffered.
-        """
-        if self._warned:
-            return False
-        return self.flush(timeout)
-
     def close(self, timeout: float = 120.0) -> bool:
         return True
 

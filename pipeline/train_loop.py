@@ -177,7 +177,6 @@ class DinoRunner:
         ckpt_every = self.cfg.ray.checkpoint_every_steps
         spe = self.plan.steps_per_epoch
         skip_policy = self.cfg.health.nonfinite == "skip"
-        B = self.plan.global_batch_size
         t_epoch = t_window = time.perf_counter()
         wait = window_wait = 0.0
         steps = self.steps_in_epoch  # non-zero after a resume from a mid-epoch checkpoint
