@@ -63,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     _cli.setup_logging()
     _cli.quiet_libraries()
 
+    from pipeline.checkpoint import load_teacher
     from pipeline.faiss_index import MANIFEST_FILE
     from pipeline.knn_index import KnnRequest, evaluate_teacher, require_labels
     from pipeline.pretrain import check_ray_address, ensure_data, init_ray
@@ -77,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"note: {note}", file=sys.stderr)
         uri = resolve_tracking_uri(cfg.tracking.tracking_uri)
         teacher = require_teacher(args.teacher) if args.teacher else teacher_from_run(args.run_id, uri, cfg.output_dir)
+        load_teacher(teacher)  # readable weights that fit teacher.json: one line now, not a traceback under Ray
         root = ensure_data(cfg)
         train = resolve_split(root, cfg.data.train_split)
         val = resolve_split(root, cfg.data.val_split) if cfg.data.val_split else None

@@ -637,7 +637,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"make_shards: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # disk full, permissions: write_shards already removed its temporary files
-        print(f"make_shards: failed: {e}", file=sys.stderr)
+        print(f"make_shards: failed writing {args.paths[-1]}: {' '.join(str(e).split())}; no partial shard was left "
+              f"under a final name", file=sys.stderr)
         return 1
     finally:
         if started_ray:

@@ -36,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from pipeline.config import load_config
     from pipeline.pretrain import prepare, pretrain
+    from pipeline.shards import DataError
 
     try:  # every input problem surfaces here, before Ray starts
         cfg = load_config(args.config, args.overrides)
@@ -47,7 +48,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         return _cli.fail(str(e))
 
-    result = pretrain(prepared)
+    try:
+        result = pretrain(prepared)
+    except DataError as e:  # a run stopped for a stated reason (checkpoint storage, health): one line
+        return _cli.fail(str(e), code=1)
     print(f"pretraining finished: MLflow run {result.run_id} ({prepared.run_name}) at {result.tracking_uri}")
     print(f"teacher exported to {result.teacher_dir}; final checkpoint {result.checkpoint_path}")
     if result.metrics.get("skipped_samples"):

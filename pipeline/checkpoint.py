@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from pickle import UnpicklingError  # only the exception: nothing here unpickles
 from typing import Any
 
 import torch
@@ -18,6 +19,20 @@ import torch
 STATE_FILE = "state.pt"
 TEACHER_WEIGHTS = "teacher_backbone.safetensors"
 TEACHER_META = "teacher.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint or exported teacher that cannot be used. The message is one line naming the file."""
+
+    def __init__(self, message: str):
+        super().__init__(" ".join(str(message).split()))
+
+
+def _reason(e: Exception) -> str:
+    """The informative line of a (often multi-line) loader error, e.g. ``Unsupported global: GLOBAL os.system``."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    named = [line for line in lines if "Unsupported" in line or "WeightsUnpickler error" in line]
+    return (named or lines or [type(e).__name__])[0][:300]
 
 
 def _atomic_write(path: Path, write) -> None:
@@ -41,7 +56,15 @@ def load_state(directory: str | Path, map_location: str | torch.device = "cpu") 
     path = Path(directory) / STATE_FILE
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint has no {STATE_FILE}: {directory}")
-    return torch.load(path, map_location=map_location, weights_only=True)
+    try:  # weights_only: tensors and plain containers only; a pickle that would run code is refused
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except UnpicklingError as e:
+        raise CheckpointError(
+            f"{path}: refused: holds objects other than tensors and plain data ({_reason(e)}); "
+            f"checkpoints are loaded with weights_only=True"
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a readable checkpoint ({_reason(e)})") from None
 
 
 def backbone_state(wrapper_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -65,13 +88,27 @@ def export_teacher(out_dir: str | Path, teacher_state: dict[str, torch.Tensor], 
 def load_teacher(directory: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
     """The exported backbone as ``timm.create_model(arch, num_classes=0, **timm_kwargs)``, in eval mode."""
     import timm
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     d = Path(directory)
     meta_path, weights_path = d / TEACHER_META, d / TEACHER_WEIGHTS
     if not meta_path.is_file() or not weights_path.is_file():
         raise FileNotFoundError(f"no exported teacher in {d} (need {TEACHER_META} and {TEACHER_WEIGHTS})")
-    meta = json.loads(meta_path.read_text())
-    model = timm.create_model(meta["arch"], pretrained=False, num_classes=0, **meta["timm_kwargs"])
-    model.load_state_dict(load_file(str(weights_path)))
+    try:
+        meta = json.loads(meta_path.read_text())
+        model = timm.create_model(meta["arch"], pretrained=False, num_classes=0, **meta["timm_kwargs"])
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
+        raise CheckpointError(f"{meta_path}: not a usable teacher description ({type(e).__name__}: {_reason(e)})") from None
+    try:
+        weights = load_file(str(weights_path))  # safetensors: no code runs on load
+    except (SafetensorError, OSError, ValueError) as e:  # garbage, truncated, unreadable
+        raise CheckpointError(f"{weights_path}: not a readable safetensors file ({_reason(e)})") from None
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as e:
+        raise CheckpointError(
+            f"{weights_path}: weights do not fit {meta['arch']} with {meta['timm_kwargs']} from {TEACHER_META} "
+            f"({' '.join(str(e).split())[:300]})"
+        ) from None
     return model.eval(), meta

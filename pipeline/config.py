@@ -153,6 +153,7 @@ class RayConfig(_Section):
     num_workers: int = Field(gt=0)
     use_gpu: Literal["auto"] | bool
     cpus_per_worker: float = Field(gt=0.0)
+    torch_threads: int | None = Field(ge=1)
     augment_actors_min: int = Field(ge=1)
     augment_actors_max: int = Field(ge=1)
     augment_cpus_per_actor: float = Field(gt=0.0)
@@ -205,6 +206,7 @@ class HealthConfig(_Section):
 
 class KnnConfig(_Section):
     k: int = Field(gt=0)
+    image_size: int | None = Field(gt=0)
     ks: tuple[int, ...] = Field(min_length=1)
     temperature: float = Field(gt=0.0)
     batch_size: int = Field(gt=0)

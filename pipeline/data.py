@@ -10,6 +10,13 @@ Emitted batch columns (names are stable, see DESIGN.md)::
 A bad sample is skipped and counted by reason (:mod:`pipeline.sample_stats`), never a crash.
 Shard contents are untrusted: images are decoded by PIL only (``decoder=None`` keeps raw bytes; no
 pickle or other code-executing decoder is ever applied).
+
+Fault tolerance is Ray Data 2.60's default, relied on rather than restated (passing retry options to
+``map_batches`` is deprecated there): a read task whose worker dies is re-run (``max_retries=-1``) and a
+dead augmentation actor is restarted with the batch it held re-sent (``max_restarts=-1``,
+``max_task_retries=-1``). A map task's outputs are numbered, so a re-run's outputs replace the lost
+attempt's instead of adding to them: every sample is delivered exactly once per pass
+(``tests/ray/test_data_faults.py`` checks this, so a change of those defaults fails a test).
 """
 
 from __future__ import annotations

@@ -177,7 +177,8 @@ def evaluate_teacher(cfg, req: KnnRequest, teacher_dir: Path, *, random_baseline
     if val is not None and req.val_split == req.train_split:
         log.warning("evaluation split is the database split %r: every query finds itself, accuracies are optimistic", req.train_split)
     model, meta = load_teacher(teacher_dir)
-    spec = BackboneSpec(meta["arch"], meta["timm_kwargs"], meta["image_size"], seed=cfg.seed)
+    image_size = kn.image_size or meta["image_size"]  # knn.image_size overrides the size the teacher was exported for
+    spec = BackboneSpec(meta["arch"], meta["timm_kwargs"], image_size, seed=cfg.seed)
     models = {"teacher": (spec, model.state_dict())}
     if random_baseline and val is not None:
         models["random_init"] = (spec, None)
@@ -219,7 +220,7 @@ def evaluate_teacher(cfg, req: KnnRequest, teacher_dir: Path, *, random_baseline
     manifest = IndexManifest(
         arch=meta["arch"],
         timm_kwargs=meta["timm_kwargs"],
-        image_size=meta["image_size"],
+        image_size=image_size,
         run_id=meta.get("run_id") or req.pretrain_run_id,
         feature_dim=db.dim,
         count=len(db),

@@ -283,8 +283,11 @@ def pretrain(p: Prepared) -> PretrainResult:
     client = _client(p.tracking_uri)
     try:
         result = trainer.fit()
-    except Exception:
+    except Exception as e:
         client.set_terminated(run_id, "FAILED")
+        storage_error = checkpoint_storage_error(e)
+        if storage_error is not None:  # retried ray.max_failures times like any worker failure; it persisted
+            raise DataError(f"run {p.run_name} stopped: {storage_error}; {last_checkpoint_note(storage, p.run_name)}") from None
         raise
     finally:
         prune_unregistered_checkpoints(storage, p.run_name)
@@ -314,6 +317,42 @@ def pretrain(p: Prepared) -> PretrainResult:
     )
 
 
+def checkpoint_storage_error(error: BaseException) -> str | None:
+    """The one-line message of a worker's :class:`~pipeline.train_loop.CheckpointStorageError` inside a
+    failed ``trainer.fit()`` (Ray Train wraps worker exceptions), or None if it was not that."""
+    import re
+
+    from pipeline.train_loop import CheckpointStorageError
+
+    for failure in (getattr(error, "worker_failures", None) or {}).values():
+        base = getattr(failure, "_base_exc", failure)  # Ray Train's UserExceptionWithTraceback
+        if isinstance(base, CheckpointStorageError):
+            return str(base)
+        found = re.search(r"CheckpointStorageError: (.+)$", str(failure), re.MULTILINE)
+        if found:
+            return found.group(1).strip()
+    return None
+
+
+def last_checkpoint_note(storage: str, run_name: str) -> str:
+    """Where the run's last registered checkpoint is, for an error message."""
+    try:
+        import pyarrow.fs as pafs
+
+        from pipeline.storage import filesystem_for
+
+        uri = f"{storage.rstrip('/')}/{run_name}"
+        fs = filesystem_for([uri]) or pafs.LocalFileSystem()
+        snapshot = json.loads(fs.open_input_stream(f"{uri.split('://', 1)[-1]}/checkpoint_manager_snapshot.json").read())
+        last = (snapshot.get("latest_checkpoint_result") or {}).get("checkpoint_dir_name")
+    except (OSError, ValueError):
+        last = None
+    if not last:
+        return "no checkpoint of this run was registered"
+    return (f"last good checkpoint {storage.rstrip('/')}/{run_name}/{last} is intact; re-submit the run name "
+            f"once the storage is writable to resume from it")
+
+
 def prune_unregistered_checkpoints(storage: str, run_name: str) -> list[str]:
     """Delete ``checkpoint_*`` folders of a finished run that Ray Train never registered.
 
@@ -336,11 +375,14 @@ def prune_unregistered_checkpoints(storage: str, run_name: str) -> list[str]:
     latest = snapshot.get("latest_checkpoint_result") or {}
     keep.add(latest.get("checkpoint_dir_name", ""))
     removed = []
-    for info in fs.get_file_info(pafs.FileSelector(root)):
-        name = info.base_name
-        if info.type == pafs.FileType.Directory and name.startswith("checkpoint_") and name not in keep:
-            fs.delete_dir(info.path)
-            removed.append(name)
+    try:
+        for info in fs.get_file_info(pafs.FileSelector(root)):
+            name = info.base_name
+            if info.type == pafs.FileType.Directory and name.startswith("checkpoint_") and name not in keep:
+                fs.delete_dir(info.path)
+                removed.append(name)
+    except OSError as e:  # the storage refuses (read-only, gone): never mask the run's own outcome
+        log.warning("could not remove unregistered checkpoint folders of %s: %s", run_name, e)
     if removed:
         log.info("removed %d unregistered checkpoint folder(s) of %s: %s", len(removed), run_name, removed)
     return removed
@@ -418,7 +460,7 @@ def export_from_checkpoint(checkpoint, out_dir: Path, run_id: str) -> Path:
     meta = {
         "arch": cfg["model"]["arch"],
         "timm_kwargs": backbone_kwargs(cfg["model"]["arch"], cfg["augment"]["global_size"], cfg["model"]["model_kwargs"]),
-        "image_size": cfg["augment"]["global_size"],
+        "image_size": cfg["knn"].get("image_size") or cfg["augment"]["global_size"],  # the evaluation view
         "run_id": run_id,
         "global_step": state["global_step"],
         "epoch": state["epoch"],

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import tempfile
 import time
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from dino.crops import crops_to_input
 from dino.loss import DINOLoss
@@ -23,7 +25,7 @@ from dino.optim import build_optimizer
 from dino.schedules import build_schedules
 from dino.health import CollapseMonitor
 from dino.train_step import build_student_teacher, dino_step, maybe_compile, precision_settings
-from pipeline.checkpoint import load_state, save_state
+from pipeline.checkpoint import CheckpointError, load_state, save_state
 from pipeline.config import Config, config_from_dict
 from pipeline.sample_stats import bad_fraction_error
 from pipeline.sample_stats import metrics as data_metrics
@@ -42,6 +44,17 @@ class LoopPlan:
     run_id: str
     counter_name: str | None = None  # the run's SampleCounter actor (bad samples by reason)
     attention_paths: tuple[str, ...] = ()  # val shards whose first images get attention maps (rank 0)
+
+
+def model_signature(tree: dict[str, Any]) -> dict[str, Any]:
+    """What fixes the shapes of the saved weights: architecture, head sizes and the global crop size."""
+    m = tree["model"]
+    keys = ("arch", "model_kwargs", "out_dim", "hidden_dim", "bottleneck_dim", "norm_last_layer")
+    return {**{k: m.get(k) for k in keys}, "global_size": tree["augment"]["global_size"]}
+
+
+def _has_batchnorm(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
 def _distributed() -> bool:
@@ -73,6 +86,10 @@ class DinoRunner:
             hidden_dim=m.hidden_dim,
             bottleneck_dim=m.bottleneck_dim,
         )
+        if _distributed() and device.type == "cuda" and _has_batchnorm(student):
+            # ConvNets: batch statistics over the global batch, as the reference code does (GPU only in torch).
+            student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
+            teacher = nn.SyncBatchNorm.convert_sync_batchnorm(teacher)
         self.student_module = student.to(device)
         self.teacher = teacher.to(device)
         self.student = wrap_ddp(self.student_module) if wrap_ddp else self.student_module
@@ -124,8 +141,22 @@ class DinoRunner:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.student_module.load_state_dict(state["student"])
-        self.teacher.load_state_dict(state["teacher"])
+        """Restore a checkpoint; one-line :class:`CheckpointError` when it was written for another model
+        (e.g. a re-submitted ``tracking.run_name`` with another ``model.arch``)."""
+        if state.get("config"):
+            have, want = model_signature(state["config"]), model_signature(self.cfg.to_dict())
+            diff = [f"{k} {have[k]!r} in the checkpoint, {want[k]!r} configured" for k in want if have[k] != want[k]]
+            if diff:
+                raise CheckpointError(
+                    f"checkpoint of MLflow run {state.get('mlflow_run_id')} was written for another model "
+                    f"({'; '.join(diff)}): resume it with its own model config, or start a new run "
+                    f"(another tracking.run_name or ray.storage_path)"
+                )
+        try:
+            self.student_module.load_state_dict(state["student"])
+            self.teacher.load_state_dict(state["teacher"])
+        except RuntimeError as e:  # shapes/keys differ and the checkpoint holds no config to say why
+            raise CheckpointError(f"checkpoint does not fit the configured model: {' '.join(str(e).split())[:300]}") from None
         self.optimizer.load_state_dict(state["optimizer"])
         self.loss_fn.center.copy_(state["center"].to(self.device))
         self.epoch = int(state["epoch"])
@@ -297,6 +328,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = config_from_dict(loop_config["config"])
     plan = LoopPlan(**loop_config["plan"])
+    if cfg.ray.torch_threads:  # e.g. 2 threads on a 2-core node whose augmentation needs only a fraction of a core
+        torch.set_num_threads(cfg.ray.torch_threads)
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
     device = ray.train.torch.get_device()
@@ -330,11 +363,20 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             log.info("resuming MLflow run %s: steps <= %d already logged are not re-sent", plan.run_id, skip)
     attention = _attention_logger(cfg, plan, runner, device) if rank == 0 else None
 
+    fresh = checkpoint is None
+
     def save_checkpoint(metrics: dict[str, Any]) -> None:
         with tempfile.TemporaryDirectory() as d:
             if rank == 0:
                 save_state(d, runner.state_dict())
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+                upload = _paused_upload(runner.global_step) if fresh else None
+                try:
+                    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d), checkpoint_upload_fn=upload)
+                except OSError as e:  # storage unwritable, full, or gone: say where, in one line
+                    where = ray.train.get_context().get_storage().experiment_fs_path
+                    raise CheckpointStorageError(
+                        f"cannot write the checkpoint of step {runner.global_step} to {where}: {' '.join(str(e).split())}"
+                    ) from e
             else:
                 ray.train.report(metrics, checkpoint=None)
 
@@ -366,9 +408,45 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         tracker.close()
 
 
+class CheckpointStorageError(OSError):
+    """Rank 0 could not write a checkpoint to ``ray.storage_path``; the message is one line naming it."""
+
+
+CHECKPOINT_PAUSE_ENV = "DINO_TEST_CHECKPOINT_PAUSE"
+
+
+def _paused_upload(step: int):
+    """Test hook, off unless ``DINO_TEST_CHECKPOINT_PAUSE=<global step>:<seconds>`` is set: an upload
+    function for ``ray.train.report`` that copies the checkpoint of that step to storage as Ray Train
+    does, logs where, and sleeps before returning, i.e. before the checkpoint is reported and registered.
+    Only a worker group that started without a checkpoint pauses (its restart goes straight on). It gives
+    a test a window to kill a worker while a checkpoint is written but not yet registered
+    (tests/ray/test_checkpoint_faults.py)."""
+    spec = os.environ.get(CHECKPOINT_PAUSE_ENV, "")
+    at, _, seconds = spec.partition(":")
+    if not spec or int(at) != step:
+        return None
+
+    def upload(checkpoint, dir_name: str):
+        import ray.train
+
+        persisted = ray.train.get_context().get_storage().persist_current_checkpoint(checkpoint, dir_name)
+        log.warning("%s: checkpoint of step %d written to %s, not reported; pausing %s s", CHECKPOINT_PAUSE_ENV,
+                    step, persisted.path, seconds)
+        time.sleep(float(seconds))
+        return persisted
+
+    return upload
+
+
 def _attention_logger(cfg: Config, plan: LoopPlan, runner: DinoRunner, device: torch.device):
     """Rank 0: a function logging the teacher's attention maps of fixed val images at an epoch, or None."""
     if not cfg.health.attention_every_epochs or not plan.attention_paths:
+        return None
+    from dino.backbone import is_vit
+
+    if not is_vit(cfg.model.arch):
+        log.info("attention maps off: %s has no [CLS] attention (not a ViT)", cfg.model.arch)
         return None
     from mlflow.tracking import MlflowClient
 

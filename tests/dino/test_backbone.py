@@ -36,3 +36,36 @@ def test_drop_path_rate_reaches_last_block(tiny):
         tiny.arch, drop_path_rate=0.1, img_size=tiny.img, model_kwargs=tiny.kwargs
     )
     assert model.blocks[-1].drop_path1.drop_prob == pytest.approx(0.1)
+
+
+CONVNET = "resnet10t"  # a small timm ResNet: no img_size, BatchNorm, any input size
+
+
+def test_convnets_get_no_token_kwargs_and_take_any_crop_size():
+    assert backbone_kwargs(CONVNET, 64, {"drop_rate": 0.0}) == {"drop_rate": 0.0}
+    assert backbone_kwargs("vit_tiny_patch16_224", 64)["dynamic_img_size"] is True
+    model = create_backbone(CONVNET, img_size=64).eval()
+    for size in (64, 32, 24):
+        assert model(torch.randn(2, 3, size, size)).shape == (2, model.num_features)
+
+
+def test_convnet_dino_step_trains_the_student_and_keeps_teacher_batchnorm_statistics():
+    from dino.loss import DINOLoss
+    from dino.optim import build_optimizer
+    from dino.schedules import StepValues
+    from dino.train_step import build_student_teacher, dino_step
+
+    torch.manual_seed(0)
+    student, teacher = build_student_teacher(CONVNET, out_dim=32, drop_path_rate=0.0, img_size=32,
+                                             hidden_dim=32, bottleneck_dim=16)
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    stats = teacher.backbone.bn1.running_mean.clone() if hasattr(teacher.backbone, "bn1") else None
+    values = StepValues(lr=1e-3, weight_decay=0.04, teacher_momentum=0.99, teacher_temp=0.04)
+    out = dino_step(student, teacher, DINOLoss(32), build_optimizer(student),
+                    torch.randn(8, 3, 32, 32), torch.randn(8, 3, 16, 16), values, clip_grad=3.0, freeze_last_layer=False)
+    assert torch.isfinite(out["loss"])
+    changed = [k for k, v in student.state_dict().items() if "weight" in k and not torch.equal(v, before[k])]
+    assert any(k.startswith("backbone.") for k in changed)
+    # The teacher runs in train mode (batch statistics, as in the reference code): its BN buffers move.
+    if stats is not None:
+        assert not torch.equal(teacher.backbone.bn1.running_mean, stats)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import timm
 import torch
 
@@ -13,18 +14,21 @@ ARCH = "vit_tiny_patch16_224"
 KW = {"depth": 2, "patch_size": 8, "embed_dim": 48, "num_heads": 3}
 
 
-def _teacher():
+def _teacher(arch=ARCH, kw=KW):
     torch.manual_seed(0)
-    student, teacher = build_student_teacher(ARCH, out_dim=32, img_size=32, model_kwargs=KW, hidden_dim=32, bottleneck_dim=16)
-    with torch.no_grad():  # make the teacher differ from any fresh init
+    student, teacher = build_student_teacher(arch, out_dim=32, img_size=32, model_kwargs=kw, hidden_dim=32, bottleneck_dim=16)
+    with torch.no_grad():  # make the teacher differ from any fresh init (BatchNorm statistics too)
         for p in teacher.parameters():
             p.add_(0.01 * torch.randn_like(p))
+        teacher.train()([torch.randn(4, 3, 32, 32)])
     return teacher.eval()
 
 
-def test_exported_teacher_loads_into_timm_and_gives_the_same_features(tmp_path):
-    teacher = _teacher()
-    meta = {"arch": ARCH, "timm_kwargs": backbone_kwargs(ARCH, 32, KW), "image_size": 32, "run_id": "abc"}
+@pytest.mark.parametrize("arch,kw", [(ARCH, KW), ("resnet10t", {})], ids=["vit", "convnet"])
+def test_exported_teacher_loads_into_timm_and_gives_the_same_features(tmp_path, arch, kw):
+    ARCH = arch  # noqa: N806  (the same body for both families)
+    teacher = _teacher(arch, kw)
+    meta = {"arch": ARCH, "timm_kwargs": backbone_kwargs(ARCH, 32, kw), "image_size": 32, "run_id": "abc"}
     out = export_teacher(tmp_path / "t", teacher.state_dict(), meta)
     assert sorted(p.name for p in out.iterdir()) == sorted([TEACHER_META, TEACHER_WEIGHTS])  # no temp files left
 

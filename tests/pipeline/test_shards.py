@@ -26,6 +26,7 @@ from pipeline.shards import (
     load_split,
     read_index,
     safe_key,
+    verify_split,
     write_index,
     write_shards,
 )
@@ -166,6 +167,39 @@ def test_disk_full_at_fsync_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         write_shards(_samples(2), tmp_path, "train")
     assert _files(tmp_path) == []
+
+
+def test_make_shards_hitting_a_real_file_size_limit_leaves_only_complete_shards(tmp_path):
+    """A real write failure, not a patched one: the script runs under ``RLIMIT_FSIZE`` (the kernel fails
+    the write that would pass the limit with EFBIG, as it fails one past a full disk with ENOSPC; a
+    tmpfs small enough to fill needs a mount this test cannot do). Three shards are complete before the
+    fourth, holding a large image, passes the limit."""
+    import resource
+
+    src, out = tmp_path / "src", tmp_path / "out"
+    (src / "cat").mkdir(parents=True)
+    (src / "dog").mkdir()
+    for i in range(6):  # ~10 KB each: shards of two stay far below the limit
+        (src / "cat" / f"a{i}.jpg").write_bytes(_jpeg(i, (64, 64)))
+    (src / "dog" / "z.jpg").write_bytes(_jpeg(9, (512, 512)))  # ~240 KB: its shard passes the limit
+    assert len((src / "dog" / "z.jpg").read_bytes()) > 150_000
+    cmd = [sys.executable, "jobs/make_shards.py", str(src), str(out), "--workers", "1"]
+    assert subprocess.run([*cmd, "--split", "val"], cwd=REPO, capture_output=True, timeout=120, check=False).returncode == 0
+    before = {n: (out / n).read_bytes() for n in _files(out)}
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (150_000, 150_000))
+
+    res = subprocess.run([*cmd, "--shard-size", "2"], cwd=REPO, capture_output=True, text=True, timeout=120,
+                         preexec_fn=limit, check=False)
+    assert res.returncode == 1, res.stderr
+    err = res.stderr.strip().splitlines()[-1]
+    assert err == (f"make_shards: failed writing {out}: [Errno {errno.EFBIG}] File too large; "
+                   f"no partial shard was left under a final name")
+    # No train shard under a final name (the three complete ones were temporary until the split was
+    # whole), no temporary file left, and the split written before is untouched and still verifies.
+    assert {n: (out / n).read_bytes() for n in _files(out)} == before
+    assert "train" not in read_index(out)["splits"] and verify_split(out, "val").samples == 7
 
 
 def test_stale_higher_shards_of_the_split_are_removed(tmp_path):

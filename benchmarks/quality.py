@@ -1,0 +1,255 @@
+"""Feature quality after a fixed CPU budget: DINO's teacher against raw pixels and random initialisation.
+
+    python benchmarks/quality.py                                  # Imagenette shards, imagenette preset, 30 min
+    python benchmarks/quality.py --minutes 10 --data DIR          # any webdataset root with train/val splits
+    python benchmarks/quality.py --epochs 12 model.out_dim=2048   # fixed epochs; key=value overrides the preset
+
+Weighted k-NN (the paper's protocol: k=20, T=0.07, exp(sim/T) votes; database = train split, queries =
+val split) of three features of the same evaluation view (resize + centre crop to the preset's global
+crop size, :mod:`dino.eval_view`):
+
+* (a) **raw pixels**: the view as the backbone receives it (ImageNet mean/std normalisation) flattened
+  and L2-normalised (cosine similarity); the plain uint8 values, a weaker baseline, are printed too;
+* (b) **random init**: the preset's backbone at its initialisation (the seed the run starts from);
+* (c) **DINO teacher** after pretraining with the preset through the real pipeline
+  (:func:`pipeline.pretrain.pretrain`: a local Ray cluster, Ray Data augmentation actors, a Ray Train
+  worker, MLflow tracking, checkpoints, export), for as many epochs as fit the budget.
+
+The budget is wall-clock time of the whole pretraining call on this machine (Ray start, workers,
+training, checkpoints, export, model registration). Unless ``--epochs`` is given, the number of epochs
+is calibrated first (not counted): a few DINO steps of the preset's model are timed in this process
+with the worker's thread count, and ``epochs = (budget - overhead) / (steps per epoch x step time x
+slowdown)``, where ``--overhead-s`` and ``--slowdown`` (augmentation and Ray sharing the cores) are
+this machine's measured values. The pretraining time actually spent is printed next to the budget.
+
+(b) and (c) are embedded by the k-NN job's own code (:func:`pipeline.knn_index.evaluate_teacher`, in
+this process), which also writes the index and logs a k-NN MLflow run linked to the pretraining run.
+The figures are logged as ``quality_*`` metrics of the pretraining run and written as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+DEFAULT_DATA = REPO.parent / "shared" / "data" / "imagenette2-224"
+
+log = logging.getLogger("quality")
+
+
+def say(text: str) -> None:
+    """A progress line on stdout (Ray and MLflow reconfigure logging)."""
+    print(f"[quality {time.strftime('%H:%M:%S')}] {text}", flush=True)
+
+
+def raw_pixel_features(views, normalise: bool = True):
+    """``(N, S, S, 3)`` uint8 views -> ``(N, 3 S S)`` float32 L2-normalised rows.
+
+    ``normalise``: the backbone's own input (ImageNet mean/std per channel, :func:`dino.crops.crops_to_input`)
+    flattened; otherwise the uint8 values as they are (all in the positive orthant: a weaker baseline,
+    reported for reference).
+    """
+    import torch
+
+    from dino.crops import crops_to_input
+
+    out = []
+    for start in range(0, len(views), 1024):
+        chunk = torch.from_numpy(views[start : start + 1024])
+        x = crops_to_input(chunk[:, None], "cpu") if normalise else chunk.float()  # (B, 3, S, S) or (B, S, S, 3)
+        out.append(torch.nn.functional.normalize(x.reshape(len(chunk), -1), dim=1))
+    return torch.cat(out)
+
+
+def decoded_views(paths: list[str], image_size: int):
+    """Every decodable image of ``paths`` as its evaluation view: ``(views, labels, shards)``."""
+    import numpy as np
+
+    from pipeline.embed import decode_views
+    from pipeline.storage import filesystem_for
+    from pipeline.tar_reader import read_shard_tables
+
+    views, labels, shards = [], [], []
+    for table in read_shard_tables({"path": paths}, filesystem_for(paths), rows_per_table=256):
+        out = decode_views({c: np.array(table.column(c).to_pylist(), dtype=object) for c in table.column_names}, image_size)
+        views.append(out["view"])
+        labels.append(out["label"])
+        shards.append(out["shard"])
+    return np.concatenate(views), np.concatenate(labels), np.concatenate(shards)
+
+
+def raw_pixels_accuracy(train, val, image_size: int, ks: list[int], temperature: float) -> dict[str, dict[int, float]]:
+    """Weighted k-NN top-1 (percent) of raw-pixel features for each k: ``{"normalised": ..., "uint8": ...}``."""
+    import torch
+
+    from dino.knn import knn_accuracy, knn_predict
+
+    xt, yt, _ = decoded_views(train.paths, image_size)
+    xv, yv, _ = decoded_views(val.paths, image_size)
+    num_classes = len(train.classes) if train.classes else int(max(yt.max(), yv.max())) + 1
+    out: dict[str, dict[int, float]] = {}
+    for name, normalise in (("normalised", True), ("uint8", False)):
+        ft, fv = raw_pixel_features(xt, normalise), raw_pixel_features(xv, normalise)
+        out[name] = {}
+        for k in ks:
+            scores = knn_predict(ft, torch.from_numpy(yt), fv, num_classes, k=k, temperature=temperature)
+            out[name][k] = knn_accuracy(scores, torch.from_numpy(yv), topk=(1,))[1]
+    return out
+
+
+def calibrate_step_s(cfg, steps: int = 8, warmup: int = 3) -> float:
+    """Median seconds of one DINO step of ``cfg``'s model on random uint8 crops, with the worker's threads."""
+    import statistics
+
+    import torch
+
+    from pipeline.train_loop import DinoRunner, LoopPlan
+
+    threads = cfg.ray.torch_threads or max(1, int(cfg.ray.cpus_per_worker))
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        runner = DinoRunner(cfg, LoopPlan(steps_per_epoch=10**6, global_batch_size=cfg.optim.batch_size_per_worker,
+                                          tracking_uri="", run_id="calibration"), torch.device("cpu"))
+        a, B = cfg.augment, cfg.optim.batch_size_per_worker
+        gen = torch.Generator().manual_seed(0)
+        batch = {
+            "global_crops": torch.randint(0, 256, (B, 2, a.global_size, a.global_size, 3), dtype=torch.uint8, generator=gen),
+            "local_crops": torch.randint(0, 256, (B, a.n_local, a.local_size, a.local_size, 3), dtype=torch.uint8, generator=gen),
+        }
+        times = []
+        for i in range(warmup + steps):
+            t0 = time.perf_counter()
+            runner.step(batch)["loss"].item()
+            if i >= warmup:
+                times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+    finally:
+        torch.set_num_threads(before)
+
+
+def plan_epochs(budget_s: float, overhead_s: float, steps_per_epoch: int, step_s: float, slowdown: float) -> int:
+    """Whole epochs that fit ``budget_s`` after ``overhead_s``, at ``step_s x slowdown`` per step (at least 1)."""
+    return max(1, math.floor((budget_s - overhead_s) / (steps_per_epoch * step_s * slowdown)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", default=str(DEFAULT_DATA), help="webdataset root (folder or s3://) with train and val splits")
+    p.add_argument("--preset", default="imagenette", help="config preset or YAML path (default: imagenette)")
+    p.add_argument("--minutes", type=float, default=30.0, help="pretraining budget, wall-clock minutes (default: 30)")
+    p.add_argument("--epochs", type=int, default=None, help="train this many epochs instead of fitting the budget")
+    p.add_argument("--overhead-s", type=float, default=75.0,
+                   help="fixed cost of a run outside its steps: Ray start, workers, checkpoints, export (measured here: ~60-75 s)")
+    p.add_argument("--slowdown", type=float, default=1.15,
+                   help="step time in the pipeline / calibrated step time (augmentation and Ray share the cores)")
+    p.add_argument("--out", default="outputs/quality", help="output folder (MLflow store, checkpoints, teacher, index, JSON)")
+    p.add_argument("--k", type=int, default=20, help="headline k of the weighted k-NN (default: 20)")
+    p.add_argument("overrides", nargs="*", help="config overrides key=value, applied after the preset")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    from pipeline.config import load_config
+    from pipeline.embed import embed_in_process
+    from pipeline.knn_index import KnnRequest, evaluate_teacher
+    from pipeline.pretrain import prepare, pretrain
+    from pipeline.storage import resolve_split
+
+    out = Path(args.out).absolute()
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    base = [
+        f"data.root={args.data}",
+        f"output_dir={out}",
+        f"ray.storage_path={out / 'ray'}",
+        f"tracking.tracking_uri=sqlite:///{out / 'mlflow.db'}",
+        f"tracking.run_name=quality-{stamp}",
+        f"knn.k={args.k}",
+    ]
+    cfg = load_config(args.preset, [*base, *args.overrides])
+    train = resolve_split(cfg.data.root, cfg.data.train_split)
+    val = resolve_split(cfg.data.root, cfg.data.val_split)
+    ks = sorted(set(cfg.knn.ks) | {args.k})
+    size = cfg.knn.image_size or cfg.augment.global_size  # the evaluation view, as the k-NN job uses
+
+    t0 = time.perf_counter()
+    raw_all = raw_pixels_accuracy(train, val, size, ks, cfg.knn.temperature)
+    raw = raw_all["normalised"]
+    say(f"raw pixels ({size} px views): top-1 k={args.k} {raw[args.k]:.2f}% "
+        f"(uint8 values: {raw_all['uint8'][args.k]:.2f}%; {time.perf_counter() - t0:.0f} s)")
+
+    spe = train.count // (cfg.optim.batch_size_per_worker * cfg.ray.num_workers)
+    budget_s = args.minutes * 60
+    step_s = None
+    if args.epochs is None:
+        step_s = calibrate_step_s(cfg)
+        epochs = plan_epochs(budget_s, args.overhead_s, spe, step_s, args.slowdown)
+        say(f"calibration: {step_s:.3f} s/step x {spe} steps/epoch x {args.slowdown:.2f} slowdown "
+            f"-> {epochs} epoch(s) in {args.minutes:.0f} min")
+    else:
+        epochs = args.epochs
+    cfg = load_config(args.preset, [*base, *args.overrides, f"optim.epochs={epochs}"])
+
+    say(f"pretraining {cfg.preset} for {epochs} epoch(s) of {spe} steps")
+    t0 = time.perf_counter()
+    prepared = prepare(cfg)
+    result = pretrain(prepared)
+    pretrain_s = time.perf_counter() - t0
+    import ray
+
+    ray.shutdown()  # the evaluation below runs in this process: give the cores back
+    say(f"pretraining: {epochs} epoch(s) in {pretrain_s / 60:.1f} min (budget {args.minutes:.1f} min)")
+
+    req = KnnRequest(data_root=prepared.data_root, train_split=cfg.data.train_split, val_split=cfg.data.val_split,
+                     out_dir=out / prepared.run_name / "knn", tracking_uri=result.tracking_uri,
+                     pretrain_run_id=result.run_id)
+    knn = evaluate_teacher(cfg, req, result.teacher_dir, random_baseline=True, embed_fn=embed_in_process)
+    figures = {
+        "raw_pixels": raw[args.k],
+        "random_init": knn["random_init"]["by_k"][args.k]["top1"],
+        "dino": knn["teacher"]["by_k"][args.k]["top1"],
+    }
+    margin = figures["dino"] - max(figures["raw_pixels"], figures["random_init"])
+    report = {
+        "data": str(cfg.data.root), "preset": cfg.preset, "overrides": args.overrides, "k": args.k,
+        "temperature": cfg.knn.temperature, "n_db": knn["n_db"], "n_queries": knn["n_queries"],
+        "budget_min": args.minutes, "epochs": epochs, "steps_per_epoch": spe, "calibrated_step_s": step_s,
+        "pretrain_min": pretrain_s / 60, "top1": figures, "margin_pts": margin,
+        "raw_pixels_uint8": raw_all["uint8"][args.k],
+        "by_k": {"raw_pixels": raw, "raw_pixels_uint8": raw_all["uint8"], "random_init": {k: v["top1"] for k, v in knn["random_init"]["by_k"].items()},
+                 "dino": {k: v["top1"] for k, v in knn["teacher"]["by_k"].items()}},
+        "mlflow": {"tracking_uri": result.tracking_uri, "pretrain_run_id": result.run_id,
+                   "knn_run_id": knn.get("mlflow_run_id"), "run_name": prepared.run_name},
+        "cpu_count": os.cpu_count(),
+    }
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(result.tracking_uri)
+    for name, value in {**{f"quality_{k}_top1_k{args.k}": v for k, v in figures.items()},
+                        "quality_margin_pts": margin, "quality_pretrain_min": pretrain_s / 60,
+                        "quality_budget_min": args.minutes}.items():
+        client.log_metric(result.run_id, name, value)
+    (out / f"quality-{stamp}.json").write_text(json.dumps(report, indent=2, default=str))
+
+    print(f"\nweighted k-NN top-1, k={args.k}, T={cfg.knn.temperature}: {knn['n_queries']} '{cfg.data.val_split}' queries "
+          f"against {knn['n_db']} '{cfg.data.train_split}' images, {size} px views")
+    print(f"  (a) raw pixels (backbone input)    {figures['raw_pixels']:6.2f}%   (uint8 values: {raw_all['uint8'][args.k]:.2f}%)")
+    print(f"  (b) {cfg.model.arch} random init    {figures['random_init']:6.2f}%")
+    print(f"  (c) DINO teacher, {epochs} epochs        {figures['dino']:6.2f}%")
+    print(f"  (c) - max(a, b) = {margin:+.2f} points (target >= +10)")
+    print(f"pretraining {pretrain_s / 60:.1f} min of a {args.minutes:.0f} min budget ({os.cpu_count()} CPUs); "
+          f"preset {cfg.preset} {' '.join(args.overrides)}")
+    print(f"MLflow: run {result.run_id} ({prepared.run_name}) at {result.tracking_uri}; k-NN run {knn.get('mlflow_run_id')}")
+    print(f"report: {out / f'quality-{stamp}.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,270 @@
+"""Malformed inputs that no other test covered (RELIABILITY.md lists every kind and the test of each):
+checkpoints of another model or corrupt, exported teachers with missing, corrupt or mismatched files,
+an empty shard file, a malformed classes.json, a dataset root or output folder that is a file or not
+writable, config values of the wrong shape. Each gives one line naming the file, key or value; no Ray.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+
+import pytest
+import torch
+
+from pipeline.checkpoint import (
+    TEACHER_META,
+    TEACHER_WEIGHTS,
+    CheckpointError,
+    export_teacher,
+    load_state,
+    load_teacher,
+    save_state,
+)
+from pipeline.config import ConfigError, load_config
+from pipeline.shards import DataError, Sample, load_split, write_shards
+from pipeline.train_loop import DinoRunner, LoopPlan
+
+
+def _one_line(err: pytest.ExceptionInfo, *needles: str) -> str:
+    msg = str(err.value)
+    assert "\n" not in msg, msg
+    for n in needles:
+        assert n in msg, (n, msg)
+    return msg
+
+
+def _runner(*overrides: str) -> DinoRunner:
+    cfg = load_config("smoke", ["health.attention_every_epochs=0", *overrides])
+    return DinoRunner(cfg, LoopPlan(steps_per_epoch=4, global_batch_size=8, tracking_uri="", run_id="run-a"), torch.device("cpu"))
+
+
+def _jpeg() -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 30, 10)).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+# ------------------------------------------------------------------------------------ checkpoints
+
+
+def test_resuming_a_checkpoint_of_another_architecture_names_the_difference():
+    """A re-submitted run name with another model would otherwise fail with a 40-line state_dict error."""
+    deeper = _runner("model.model_kwargs={depth: 3, patch_size: 8, embed_dim: 48, num_heads: 3}", "model.out_dim=128")
+    runner = _runner()
+    before = {k: v.clone() for k, v in runner.student_module.state_dict().items()}
+    with pytest.raises(CheckpointError) as err:
+        runner.load_state_dict(deeper.state_dict())
+    msg = _one_line(err, "checkpoint of MLflow run run-a was written for another model",
+                    "'depth': 3", "out_dim 128 in the checkpoint, 64 configured", "another tracking.run_name")
+    assert "arch " not in msg  # same arch: only what differs is listed
+    after = runner.student_module.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # nothing was half-loaded
+    assert runner.global_step == 0
+
+    # An older checkpoint without its config: the shape error is still one line.
+    state = deeper.state_dict()
+    del state["config"]
+    with pytest.raises(CheckpointError) as err:
+        runner.load_state_dict(state)
+    _one_line(err, "checkpoint does not fit the configured model", "blocks.2")
+
+
+def test_same_model_other_training_settings_resumes():
+    """Only what fixes weight shapes must match: another lr or epoch count resumes fine."""
+    a = _runner("optim.base_lr=0.001")
+    a.global_step, a.epoch = 7, 1
+    b = _runner("optim.base_lr=0.004", "optim.epochs=3")
+    b.load_state_dict(a.state_dict())
+    assert (b.global_step, b.epoch) == (7, 1)
+    assert all(torch.equal(x, y) for x, y in zip(a.teacher.state_dict().values(), b.teacher.state_dict().values()))
+
+
+def test_checkpoint_folder_without_state_and_corrupt_state_are_named(tmp_path):
+    with pytest.raises(FileNotFoundError) as err:
+        load_state(tmp_path)
+    _one_line(err, f"checkpoint has no state.pt: {tmp_path}")
+    (tmp_path / "state.pt").write_bytes(b"PK\x03\x04 half a zip")
+    with pytest.raises(CheckpointError) as err:
+        load_state(tmp_path)
+    _one_line(err, f"{tmp_path / 'state.pt'}: not a readable checkpoint")
+    (tmp_path / "ok").mkdir()
+    good = save_state(tmp_path / "ok", {"w": torch.ones(3)})
+    good.write_bytes(good.read_bytes()[: good.stat().st_size // 2])  # truncated copy (disk full, cut upload)
+    with pytest.raises(CheckpointError) as err:
+        load_state(good.parent)
+    _one_line(err, "not a readable checkpoint")
+
+
+# ----------------------------------------------------------------------------------- exported teacher
+
+
+def _export(d, **kwargs):
+    import timm
+
+    tk = {"depth": 2, "patch_size": 8, "embed_dim": 48, "num_heads": 3, "img_size": 32}
+    model = timm.create_model("vit_tiny_patch16_224", num_classes=0, **tk)
+    meta = {"arch": "vit_tiny_patch16_224", "timm_kwargs": {**tk, **kwargs}, "image_size": 32}
+    return export_teacher(d, {"backbone." + k: v for k, v in model.state_dict().items()}, meta)
+
+
+def test_teacher_folder_missing_a_file_is_named(tmp_path):
+    from pipeline.teacher_source import require_teacher
+
+    d = _export(tmp_path / "t")
+    (d / TEACHER_WEIGHTS).unlink()
+    with pytest.raises(ValueError) as err:
+        require_teacher(d)
+    _one_line(err, f"no exported teacher in {d}", f"{TEACHER_WEIGHTS} missing")
+    with pytest.raises(FileNotFoundError) as err:
+        load_teacher(d)
+    _one_line(err, f"no exported teacher in {d}")
+
+
+def test_teacher_weights_of_another_architecture_are_named(tmp_path):
+    d = _export(tmp_path / "t", depth=3)  # teacher.json says 3 blocks, the weights hold 2
+    with pytest.raises(CheckpointError) as err:
+        load_teacher(d)
+    _one_line(err, f"{d / TEACHER_WEIGHTS}: weights do not fit vit_tiny_patch16_224", "'depth': 3", "blocks.2")
+
+
+@pytest.mark.parametrize(
+    "file, content, needle",
+    [
+        (TEACHER_WEIGHTS, b"not safetensors", "not a readable safetensors file"),
+        (TEACHER_META, b"{not json", "not a usable teacher description (JSONDecodeError"),
+        (TEACHER_META, json.dumps({"arch": "no_such_net", "timm_kwargs": {}}).encode(), "Unknown model"),
+        (TEACHER_META, json.dumps({"timm_kwargs": {}}).encode(), "(KeyError"),
+    ],
+)
+def test_corrupt_teacher_files_are_named(tmp_path, file, content, needle):
+    d = _export(tmp_path / "t")
+    (d / file).write_bytes(content)
+    with pytest.raises(CheckpointError) as err:
+        load_teacher(d)
+    _one_line(err, str(d / file), needle)
+
+
+def test_build_job_refuses_a_corrupt_teacher_before_ray(tmp_path, capsys, monkeypatch):
+    ray = pytest.importorskip("ray")
+    import pipeline.pretrain
+    from jobs.build_knn_index import main
+
+    def forbidden(*a, **k):
+        raise AssertionError("a bad-input path requested Ray resources")
+
+    monkeypatch.setattr(ray, "init", forbidden)
+    monkeypatch.setattr(pipeline.pretrain, "init_ray", forbidden)
+    d = _export(tmp_path / "t")
+    (d / TEACHER_WEIGHTS).write_bytes(b"\x00" * 16)
+    code = main(["--teacher", str(d), "--config", "smoke", f"data.synthetic_dir={tmp_path / 'syn'}"])
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(errors) == 1 and "not a readable safetensors file" in errors[0], errors
+
+
+# ------------------------------------------------------------------------------------ shards, paths
+
+
+def test_empty_shard_file_is_named_at_discovery_and_a_marker_when_read(tmp_path):
+    from pipeline.tar_reader import read_shard
+
+    shard = tmp_path / "train-000000.tar"
+    shard.write_bytes(b"")
+    with pytest.raises(DataError) as err:
+        load_split(tmp_path, "train")
+    _one_line(err, "split 'train' in", "has 0 samples with an image (1 shards)")
+    rows = list(read_shard({"path": str(shard)}))  # e.g. emptied after the index was written
+    assert [(r["__key__"], r["__error__"]) for r in rows] == [("#truncated", "truncated_shard")]
+
+
+@pytest.mark.parametrize(
+    "content, needle",
+    [
+        (b"{not json", "malformed classes file"),
+        (json.dumps({"classes": {"0": {"name": "a"}, "2": {"name": "b"}}}).encode(), "class ids are not 0..n-1"),
+        (json.dumps({"classes": [1, 2]}).encode(), "class names must be strings"),
+        (json.dumps({"labels": ["a"]}).encode(), "KeyError('classes')"),
+        (b"\xff\xfe\x00garbage", "malformed classes file"),
+    ],
+)
+def test_malformed_classes_json_is_named(tmp_path, content, needle):
+    write_shards([Sample(f"k{i}", _jpeg(), i % 2) for i in range(2)], tmp_path, "train")
+    (tmp_path / "classes.json").write_bytes(content)
+    with pytest.raises(DataError) as err:
+        load_split(tmp_path, "train")
+    _one_line(err, str(tmp_path / "classes.json"), needle)
+
+
+def test_dataset_root_that_is_a_file_is_named(tmp_path):
+    f = tmp_path / "shards.tar"
+    f.write_bytes(b"x")
+    with pytest.raises(DataError) as err:
+        load_split(f, "train")
+    _one_line(err, f"dataset root {f} is not a directory")
+
+
+def test_unwritable_output_folders_are_named(tmp_path, monkeypatch):
+    import os
+
+    from pipeline.pretrain import check_writable
+
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(DataError) as err:
+        check_writable(str(tmp_path / "file" / "out"), "output_dir")
+    _one_line(err, f"output_dir '{tmp_path / 'file' / 'out'}' is not writable", "is a file")
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    real = os.access
+    # Tests run as root here, where chmod cannot deny access; the check itself is what is under test.
+    monkeypatch.setattr(os, "access", lambda p, mode: False if str(p) == str(ro) else real(p, mode))
+    with pytest.raises(DataError) as err:
+        check_writable(str(ro / "a" / "b"), "ray.storage_path")
+    _one_line(err, "ray.storage_path", f"no write permission on {ro}")
+    check_writable(str(tmp_path / "new" / "deeper"), "output_dir")  # a creatable folder passes
+    check_writable("s3://bucket/prefix", "ray.storage_path")  # object stores: checked by their first write
+
+
+# ----------------------------------------------------------------------------------------- config
+
+
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("augment.blur_p=[1, 0.5]", "'augment.blur_p.2' (got [1, 0.5]): Field required"),  # a 3-tuple given 2
+        ("augment.global_scale=abc", "'augment.global_scale' (got 'abc')"),
+        ("optim.precision=fp8", "'optim.precision' (got 'fp8')"),
+        ("model.model_kwargs=3", "'model.model_kwargs' (got 3)"),
+        ("data.max_bad_fraction=2", "'data.max_bad_fraction' (got 2)"),
+        ("ray.num_workers=1.5", "'ray.num_workers' (got 1.5)"),
+        ("tracking.if_unreachable=retry", "'tracking.if_unreachable' (got 'retry')"),
+        ("optim.warmup_epochs=5", "warmup_epochs 5 exceeds epochs 1"),
+    ],
+)
+def test_config_values_of_the_wrong_type_shape_or_range_are_one_line(override, needle):
+    with pytest.raises(ConfigError) as err:
+        load_config("smoke", [override])
+    _one_line(err, needle, "smoke.yaml -> command line")
+
+
+def test_a_tar_member_outside_the_key_rule_is_ignored_not_fatal(tmp_path):
+    """Members without an extension, directories and links inside a shard are skipped by the reader."""
+    from pipeline.tar_reader import read_shard
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        d = tarfile.TarInfo("dir")
+        d.type = tarfile.DIRTYPE
+        tf.addfile(d)
+        for name, data in (("README", b"x"), ("a.jpg", b"J"), ("a.cls", b"1")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+        link = tarfile.TarInfo("b.jpg")
+        link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        tf.addfile(link)
+    (tmp_path / "s.tar").write_bytes(buf.getvalue())
+    rows = list(read_shard({"path": str(tmp_path / "s.tar")}))
+    assert [(r["__key__"], r["jpg"], r["cls"]) for r in rows] == [("a", b"J", b"1")]
