@@ -84,3 +84,29 @@ def ray_cluster():
                  runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
     yield ray
     ray.shutdown()
+
+
+class TinyTeacher:
+    """Exports a tiny random ViT (2 blocks, width 48, patch 8, 32 px) as a teacher folder, as the pretraining
+    job would: ``tiny_teacher(path, seed=1, **timm_kwargs) -> (folder, model in eval mode)``."""
+
+    arch = "vit_tiny_patch16_224"
+    kwargs = {"img_size": 32, "patch_size": 8, "depth": 2, "embed_dim": 48, "num_heads": 3, "dynamic_img_size": True}
+
+    def __call__(self, path, seed: int = 1, **kw):
+        import timm
+        import torch
+
+        from pipeline.checkpoint import export_teacher
+
+        torch.manual_seed(seed)
+        kwargs = {**self.kwargs, **kw}
+        model = timm.create_model(self.arch, num_classes=0, **kwargs)
+        meta = {"arch": self.arch, "timm_kwargs": kwargs, "image_size": 32, "run_id": None}
+        folder = export_teacher(path, {f"backbone.{k}": v for k, v in model.state_dict().items()}, meta)
+        return folder, model.eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher() -> TinyTeacher:
+    return TinyTeacher()

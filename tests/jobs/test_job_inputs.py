@@ -2,18 +2,8 @@
 
 from __future__ import annotations
 
-import io
-import tarfile
-
 import pytest
-
-
-def _tar(path, members):
-    with tarfile.open(path, "w") as tf:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tf.addfile(info, io.BytesIO(data))
+from tar_members import write_tar as _tar
 
 
 @pytest.fixture

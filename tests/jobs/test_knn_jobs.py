@@ -10,25 +10,11 @@ import tarfile
 
 import numpy as np
 import pytest
-import timm
-import torch
 from PIL import Image
 
-from pipeline.checkpoint import export_teacher
 from pipeline.contact_sheet import CAPTION, GAP
 from pipeline.shards import Sample, write_index, write_shards
 from pipeline.synthetic import make_synthetic_dataset
-
-ARCH = "vit_tiny_patch16_224"
-KW = {"img_size": 32, "patch_size": 8, "depth": 2, "embed_dim": 48, "num_heads": 3, "dynamic_img_size": True}
-
-
-def _teacher(path, seed=1, **kw):
-    torch.manual_seed(seed)
-    kwargs = {**KW, **kw}
-    model = timm.create_model(ARCH, num_classes=0, **kwargs)
-    meta = {"arch": ARCH, "timm_kwargs": kwargs, "image_size": 32, "run_id": None}
-    return export_teacher(path, {f"backbone.{k}": v for k, v in model.state_dict().items()}, meta)
 
 
 def _run(main, argv, capsys):
@@ -38,7 +24,7 @@ def _run(main, argv, capsys):
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory):
+def built(tmp_path_factory, tiny_teacher):
     """A 40-image index with its 16-image evaluation split, built in-process (no Ray) by the job's own code."""
     from pipeline.config import load_config
     from pipeline.embed import embed_in_process
@@ -46,7 +32,7 @@ def built(tmp_path_factory):
 
     d = tmp_path_factory.mktemp("knn")
     root = make_synthetic_dataset(d / "data", n_train=40, n_val=16, image_size=32, shard_size=16)
-    teacher = _teacher(d / "run" / "teacher")
+    teacher, _ = tiny_teacher(d / "run" / "teacher")
     req = KnnRequest(str(root), "train", "val", d / "run" / "knn", f"sqlite:///{d}/mlflow.db", None)
     evaluate_teacher(load_config("smoke"), req, teacher, random_baseline=False, embed_fn=embed_in_process)
     return d, root, teacher, d / "run" / "knn"
@@ -105,14 +91,14 @@ def test_every_database_item_queried_by_key_returns_itself_first(tmp_path, capsy
     assert [r["neighbours"][0]["key"] for r in doc["results"]] == keys
 
 
-def test_query_errors_name_the_problem(tmp_path, capsys, built):
+def test_query_errors_name_the_problem(tmp_path, capsys, built, tiny_teacher):
     from jobs.query_knn import main
 
     _, root, _, index = built
     img = tmp_path / "q.jpg"
     img.write_bytes(_image_of(root, "val_000001"))
-    narrow = _teacher(tmp_path / "narrow", embed_dim=24)
-    other = _teacher(tmp_path / "other", seed=2)
+    narrow, _ = tiny_teacher(tmp_path / "narrow", embed_dim=24)
+    other, _ = tiny_teacher(tmp_path / "other", seed=2)
     cases = [
         (["--index", index, img, "--teacher", narrow], "gives 24-dimensional features but the index"),
         (["--index", index, img, "--teacher", other], "is not the one that built the index"),

@@ -4,27 +4,18 @@ from __future__ import annotations
 
 import io
 import logging
-import tarfile
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tar_members import write_tar as _tar
 
 from dino.attention import attention_figure, last_cls_attention
 from dino.backbone import create_backbone
 from pipeline.attention_maps import fixed_val_images, log_attention_maps
 
 TINY = ("vit_tiny_patch16_224", 0.0, 32, {"depth": 2, "patch_size": 8, "embed_dim": 48, "num_heads": 3})
-
-
-def _tar(path, members: list[tuple[str, bytes]]) -> str:
-    with tarfile.open(path, mode="w") as tf:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tf.addfile(info, io.BytesIO(data))
-    return str(path)
 
 
 def _encode(array: np.ndarray, fmt: str, mode: str | None = None) -> bytes:

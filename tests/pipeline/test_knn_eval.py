@@ -12,24 +12,17 @@ import timm
 import torch
 
 from dino.knn import knn_accuracy, knn_predict
-from pipeline.checkpoint import export_teacher
 from pipeline.config import load_config
 from pipeline.embed import BackboneSpec, collect, embed_in_process
 from pipeline.features import read_features
-from pipeline.knn_index import KnnRequest, check_labels, evaluate_teacher, require_labels
+from pipeline.knn_index import (
+    KnnRequest,
+    check_labels,
+    evaluate_teacher,
+    require_labels,
+)
 from pipeline.shards import DataError, Sample, load_split, write_index, write_shards
 from pipeline.synthetic import CLASSES, make_synthetic_dataset
-
-ARCH = "vit_tiny_patch16_224"
-KW = {"img_size": 32, "patch_size": 8, "depth": 2, "embed_dim": 48, "num_heads": 3, "dynamic_img_size": True}
-
-
-def _teacher(path, seed=1, **kw):
-    torch.manual_seed(seed)
-    kwargs = {**KW, **kw}
-    model = timm.create_model(ARCH, num_classes=0, **kwargs)
-    meta = {"arch": ARCH, "timm_kwargs": kwargs, "image_size": 32, "run_id": None}
-    return export_teacher(path, {f"backbone.{k}": v for k, v in model.state_dict().items()}, meta), model.eval()
 
 
 def _jpeg() -> bytes:
@@ -50,18 +43,18 @@ def data(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def teacher(tmp_path_factory):
-    return _teacher(tmp_path_factory.mktemp("t") / "teacher")
+def teacher(tmp_path_factory, tiny_teacher):
+    return tiny_teacher(tmp_path_factory.mktemp("t") / "teacher")
 
 
-def test_one_pass_embedding_equals_embedding_each_image(data, teacher):
+def test_one_pass_embedding_equals_embedding_each_image(data, teacher, tiny_teacher):
     from dino.augment import decode_image
     from dino.eval_view import center_view, embed_views
     from pipeline.tar_reader import read_shard
 
     _, model = teacher
     splits = {"train": load_split(data, "train"), "val": load_split(data, "val")}
-    spec = BackboneSpec(ARCH, KW, 32, seed=0)
+    spec = BackboneSpec(tiny_teacher.arch, tiny_teacher.kwargs, 32, seed=0)
     emb = embed_in_process(splits, {"teacher": (spec, model.state_dict()), "random_init": (spec, None)}, batch_size=8)
     for split, n in (("train", 40), ("val", 16)):
         t = emb["teacher"][split]
@@ -73,7 +66,7 @@ def test_one_pass_embedding_equals_embedding_each_image(data, teacher):
         views = torch.from_numpy(np.stack([center_view(decode_image(rows[k]["jpg"]), 32) for k in t.keys]))
         np.testing.assert_allclose(t.features, embed_views(model, views, "cpu").numpy(), atol=1e-5)
         torch.manual_seed(0)
-        fresh = timm.create_model(ARCH, num_classes=0, **KW).eval()
+        fresh = timm.create_model(tiny_teacher.arch, num_classes=0, **tiny_teacher.kwargs).eval()
         np.testing.assert_allclose(emb["random_init"][split].features, embed_views(fresh, views, "cpu").numpy(), atol=1e-5)
 
 
@@ -172,13 +165,13 @@ def test_index_only_without_an_evaluation_split(tmp_path, data, teacher):
     assert sorted(p.name for p in (tmp_path / "knn").iterdir()) == ["features.parquet", "index.faiss", "manifest.json"]
 
 
-def test_gpu_layout_decode_stage_then_embed_equals_the_fused_actor(data, teacher):
+def test_gpu_layout_decode_stage_then_embed_equals_the_fused_actor(data, teacher, tiny_teacher):
     """With GPUs, decoding is its own CPU stage feeding ``Embedder(decode=False)``: same output as fused."""
     from pipeline.embed import Embedder, decode_views
     from pipeline.tar_reader import read_shard_tables
 
     _, model = teacher
-    models = {"teacher": (BackboneSpec(ARCH, KW, 32), model.state_dict())}
+    models = {"teacher": (BackboneSpec(tiny_teacher.arch, tiny_teacher.kwargs, 32), model.state_dict())}
     table = next(read_shard_tables({"path": load_split(data, "val").paths}, rows_per_table=8))
     raw = {c: np.array(table.column(c).to_pylist(), dtype=object) for c in table.column_names}
     fused = Embedder(models, 32, decode=True)(dict(raw))

@@ -17,12 +17,12 @@ import ast
 import io
 import pickle
 import re
-import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from tar_members import write_tar as _tar
 
 REPO = Path(__file__).resolve().parents[2]
 CODE_DIRS = ("pipeline", "jobs", "dino")
@@ -55,15 +55,6 @@ def _jpeg() -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", (40, 40), (30, 120, 200)).save(buf, format="JPEG")
     return buf.getvalue()
-
-
-def _tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
-    with tarfile.open(path, "w") as tf:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tf.addfile(info, io.BytesIO(data))
-    return path
 
 
 def test_the_payload_is_live(tmp_path):

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import webdataset as wds
 from PIL import Image
+from tar_members import write_tar as _tar
 
 from jobs import make_shards
 from pipeline.shards import (
@@ -51,14 +52,6 @@ def _read_back(paths) -> list[dict]:
 
 def _files(d: Path) -> list[str]:
     return sorted(p.name for p in d.iterdir())
-
-
-def _tar(path: Path, members: list[tuple[str, bytes]]) -> None:
-    with tarfile.open(path, "w") as tf:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tf.addfile(info, io.BytesIO(data))
 
 
 def _one_line(err: pytest.ExceptionInfo, *needles: str) -> str:

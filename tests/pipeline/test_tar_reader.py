@@ -4,19 +4,10 @@ from __future__ import annotations
 
 import io
 import pickle
-import tarfile
+
+from tar_members import tar_bytes as _tar
 
 from pipeline.tar_reader import COLUMNS, iter_samples, read_shard, read_shard_tables
-
-
-def _tar(members: list[tuple[str, bytes]]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tf:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tf.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
 
 
 def test_groups_by_key_and_keeps_only_image_and_label_members():

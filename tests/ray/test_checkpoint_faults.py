@@ -25,6 +25,7 @@ from test_job_submit import (  # noqa: F401  (fixture)
     _job_logs,
     _job_status,
     _train_worker_pids,
+    _wait_job_succeeded,
     ray_head,
 )
 
@@ -85,13 +86,7 @@ def test_worker_killed_while_writing_a_checkpoint_resumes_from_the_previous_one(
     os.kill(victim, signal.SIGKILL)
     killed_at = time.time()
 
-    while time.monotonic() < deadline:
-        status = _job_status(ray_head, job_id)
-        if status in ("SUCCEEDED", "FAILED", "STOPPED"):
-            break
-        time.sleep(2)
-    logs = _job_logs(ray_head, job_id, tmp_path)
-    assert status == "SUCCEEDED", logs[-4000:]
+    logs = _wait_job_succeeded(ray_head, job_id, tmp_path, deadline)
     after_kill = logs.split(match.group(0))[-1]
     assert "rank 0 resumed from epoch 0, global step 3" in after_kill  # the previous registered checkpoint
     assert not re.search(r"resumed from epoch \d+, global step 6", after_kill)  # never the half-written one

@@ -51,26 +51,39 @@ def ray_head(port_factory):
 
 def _stop_cluster(temp: Path) -> None:
     """Stop only this head's processes (`ray stop` would also kill the session's own Ray cluster, and with
-    its GCS the pytest process): its daemons name ``temp`` on their command lines; workers follow the raylet."""
+    its GCS the pytest process): its daemons name ``temp`` on their command lines, and everything they
+    started goes too (the dashboard agent retitles itself ``ray::DashboardAgent`` and, orphaned, kept
+    spinning at ~25 % of a core after the head was gone)."""
     def ours() -> list[int]:
-        pids = []
+        named, parent = set(), {}
         for pid in filter(str.isdigit, os.listdir("/proc")):
             try:
                 cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
-            except OSError:
+                parent[int(pid)] = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
                 continue
             if str(temp).encode() in cmd and int(pid) != os.getpid():
-                pids.append(int(pid))
-        return pids
+                named.add(int(pid))
+        found, grew = set(named), True
+        while grew:  # descendants of the named daemons
+            more = {pid for pid, ppid in parent.items() if ppid in found and pid != os.getpid()} - found
+            found |= more
+            grew = bool(more)
+        return sorted(found)
+
+    tree = ours()  # before any signal: once the raylet is gone its children are re-parented to init
+
+    def alive() -> list[int]:
+        return [pid for pid in tree if Path(f"/proc/{pid}").exists()]
 
     for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in ours():
+        for pid in alive():
             try:
                 os.kill(pid, sig)
             except OSError:
                 pass
         deadline = time.monotonic() + 15
-        while ours() and time.monotonic() < deadline:
+        while alive() and time.monotonic() < deadline:
             time.sleep(0.5)
 
 
@@ -92,6 +105,17 @@ def _job_status(head, job_id) -> str:
     from ray.job_submission import JobSubmissionClient
 
     return str(JobSubmissionClient(head["address"]).get_job_status(job_id).value)
+
+
+def _wait_job_succeeded(head, job_id, tmp, deadline: float) -> str:
+    """Wait (until ``deadline``, monotonic) for the job to end; assert it SUCCEEDED; return its logs."""
+    status = _job_status(head, job_id)
+    while time.monotonic() < deadline and status not in ("SUCCEEDED", "FAILED", "STOPPED"):
+        time.sleep(2)
+        status = _job_status(head, job_id)
+    logs = _job_logs(head, job_id, tmp)
+    assert status == "SUCCEEDED", logs[-4000:]
+    return logs
 
 
 def _job_logs(head, job_id, tmp) -> str:
@@ -145,13 +169,7 @@ def test_submitted_job_survives_a_killed_worker_and_tracks_one_run(ray_head, mlf
         time.sleep(0.3)
     assert killed_at is not None, "training never reached the kill point"
 
-    while time.monotonic() < deadline:
-        status = _job_status(ray_head, job_id)
-        if status in ("SUCCEEDED", "FAILED", "STOPPED"):
-            break
-        time.sleep(2)
-    logs = _job_logs(ray_head, job_id, shared_tmp)
-    assert status == "SUCCEEDED", logs[-4000:]
+    logs = _wait_job_succeeded(ray_head, job_id, shared_tmp, deadline)
     assert f"RayTrainWorker pid={victim}" in logs  # the victim was a live training worker ...
     after_kill = logs.split(f"RayTrainWorker pid={victim}")[-1]
     assert "resumed from epoch" in after_kill  # ... and the new worker group resumed from a checkpoint
