@@ -59,3 +59,25 @@ def test_state_round_trips_with_weights_only(tmp_path):
     assert back["config"] == {"model": {"arch": ARCH}}
     for k, v in teacher.state_dict().items():
         assert torch.equal(back["teacher"][k], v)
+
+
+@pytest.mark.parametrize("knn_size,expected", [(None, 32), (64, 64)], ids=["global-crop", "knn.image_size"])
+def test_export_from_a_checkpoint_records_the_evaluation_view(tmp_path, knn_size, expected):
+    """teacher.json's ``image_size`` is the view the k-NN job embeds at: ``knn.image_size``, else the global crop."""
+    import json
+
+    import ray.train
+
+    from pipeline.pretrain import export_from_checkpoint
+
+    teacher = _teacher()
+    cfg = {"model": {"arch": ARCH, "model_kwargs": KW}, "augment": {"global_size": 32}, "knn": {"image_size": knn_size}}
+    (tmp_path / "ckpt").mkdir()
+    save_state(tmp_path / "ckpt", {"teacher": teacher.state_dict(), "config": cfg, "global_step": 7, "epoch": 1})
+    out = export_from_checkpoint(ray.train.Checkpoint.from_directory(str(tmp_path / "ckpt")), tmp_path / "t", "run1")
+    meta = json.loads((out / TEACHER_META).read_text())
+    assert meta["image_size"] == expected and meta["global_step"] == 7 and meta["run_id"] == "run1"
+    loaded, _ = load_teacher(out)
+    with torch.no_grad():
+        x = torch.randn(2, 3, 32, 32)
+        torch.testing.assert_close(loaded(x), teacher.backbone(x), rtol=0, atol=0)
