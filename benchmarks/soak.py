@@ -16,8 +16,8 @@ Samples are mapped to epochs by the timestamps of the run's ``epoch_mean_loss`` 
 
 - RSS growth of the worker, of the largest augmentation actor and of the split coordinator from the end
   of the warm-up (epoch ``--warmup``) to the last epoch <= ``--bound-mib`` (a leak of a few hundred kB per
-  step would blow it over 16 epochs). Ray Data starts a fresh actor pool for every epoch's execution, so
-  actors are new processes each epoch (their count is printed); the worker and coordinator live all run,
+  step would blow it over 16 epochs). Training reads all epochs as one stream (one Ray Data execution),
+  so the actors, the worker and the coordinator live all run (the count of distinct actors is printed),
 - the object store peak <= ``--store-bound-fraction`` of its capacity, and nothing spilled.
 
 Modes (see :data:`MODES`): ``balanced`` (16 short epochs of the tiny smoke ViT: the long soak) and
@@ -236,6 +236,7 @@ def run_mode(mode: str, args, work: Path) -> dict:
         f"ray.storage_path={out / 'ray'}",
         f"tracking.tracking_uri=sqlite:///{work / 'mlflow.db'}",
         f"tracking.experiment=soak-{mode}",
+        *args.overrides,
     ]
     cfg = load_config("smoke", overrides)
     p = prepare(cfg)
@@ -289,6 +290,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="allowed object store peak (Ray Data budgets about half the store for a dataset)")
     ap.add_argument("--cpus", type=int, default=2)
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
+    ap.add_argument("overrides", nargs="*", help="config overrides key=value, applied after the mode's")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 

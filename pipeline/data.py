@@ -22,6 +22,7 @@ attempt's instead of adding to them: every sample is delivered exactly once per 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -71,13 +72,14 @@ class MultiCropMapper:
     resize like any other. A sample without ``cls`` is kept with label -1 and counted as ``no_label``.
     """
 
-    def __init__(self, spec: MultiCropSpec, seed: int, counter_name: str | None = None):
+    def __init__(self, spec: MultiCropSpec, seed: int, counter_name: str | None = None, with_meta: bool = True):
         # Each actor draws its own stream: mixing the actor id into the seed keeps actors independent.
         actor_id = ray.get_runtime_context().get_actor_id() if ray.is_initialized() else None
         salt = int(actor_id[-8:], 16) if actor_id else 0
         self.spec = spec
         self.augment = MultiCropAugment(spec, seed=(seed * 1_000_003 + salt) % 2**31)
         self.counter_name = counter_name
+        self.with_meta = with_meta  # False: only the crop columns (what training consumes; no extra copy to drop the rest)
         self._counter = None
 
     def _report(self, tally: BatchTally) -> None:
@@ -130,39 +132,111 @@ class MultiCropMapper:
                 tally.note("no_label")
         self._report(tally)
         n = len(out_keys)
-        return {
-            "global_crops": globals_[:n],
-            "local_crops": locals_[:n],
-            "key": np.array(out_keys, dtype=object),
-            "label": np.array(out_labels, dtype=np.int64),
-        }
+        crops = {"global_crops": globals_[:n], "local_crops": locals_[:n]}
+        if not self.with_meta:
+            return crops
+        return {**crops, "key": np.array(out_keys, dtype=object), "label": np.array(out_labels, dtype=np.int64)}
+
+
+def crop_bytes(spec: MultiCropSpec) -> int:
+    """Bytes of one sample's crops as they travel (uint8 HWC): ``3 * (2 * G^2 + N * L^2)``."""
+    return 3 * (2 * spec.global_size**2 + spec.n_local * spec.local_size**2)
+
+
+def shard_order(n: int, pass_index: int, seed: int) -> np.ndarray:
+    """The shard order of one pass: a permutation of ``range(n)`` drawn from ``(seed, pass_index)``."""
+    return np.random.default_rng([seed, pass_index]).permutation(n)
+
+
+def _read_one_shard(path: str, filesystem) -> Iterator[Any]:
+    from pipeline.tar_reader import read_shard_tables
+
+    yield from read_shard_tables({"path": [path]}, filesystem)
+
+
+class ShardPasses(ray.data.Datasource):
+    """``passes`` passes over webdataset shards as one dataset: one read task (its blocks: Arrow tables of
+    64 samples) per shard per pass, pass-major, each pass in :func:`shard_order` (or the given order when
+    ``seed`` is None). Read tasks are built lazily from item numbers, so a long run's stream costs nothing
+    up front beyond one small task description per shard and pass."""
+
+    def __init__(self, paths: list[str], passes: int, seed: int | None, filesystem=None):
+        self.paths, self.passes, self.seed, self.filesystem = list(paths), passes, seed, filesystem
+
+    def get_name(self) -> str:
+        return "WebdatasetShards"
+
+    def estimate_inmemory_data_size(self) -> int | None:
+        return None
+
+    def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None, data_context=None):
+        from functools import partial
+
+        from ray.data import ReadTask
+        from ray.data.block import BlockMetadata
+
+        n, tasks = len(self.paths), []
+        for p in range(self.passes):
+            order = range(n) if self.seed is None else shard_order(n, p, self.seed)
+            for j in order:
+                path = self.paths[j]
+                meta = BlockMetadata(num_rows=None, size_bytes=None, exec_stats=None, input_files=(path,))
+                tasks.append(ReadTask(partial(_read_one_shard, path, self.filesystem), meta,
+                                      per_task_row_limit=per_task_row_limit))
+        return tasks
 
 
 def read_shards(
-    paths: list[str], *, shuffle: bool = True, num_cpus: float = 1.0, concurrency: int | None = None
+    paths: list[str],
+    *,
+    shuffle: bool = True,
+    num_cpus: float = 1.0,
+    concurrency: int | None = None,
+    passes: int = 1,
+    seed: int | None = None,
 ) -> ray.data.Dataset:
     """Raw sample rows (``__key__``, ``__url__``, ``jpg``/..., ``cls`` as bytes; see :mod:`pipeline.tar_reader`).
+
+    ``passes`` full passes over the shards, one after another in a single stream, each in its own shard
+    order (drawn from ``seed``, or a fresh random seed; the given order when ``shuffle`` is false). One
+    stream for a whole training run means one Ray Data execution: its actor pool, read tasks and the
+    trainer's prefetch stay warm across epoch boundaries instead of starting over every epoch.
 
     Read tasks only move bytes; ``num_cpus`` below 1 lets them fit beside train workers and
     augmentation actors on small machines (a read task that cannot be scheduled stalls the pipeline).
     """
     from pipeline.storage import filesystem_for
-    from pipeline.tar_reader import read_shard_tables
 
+    if passes < 1:
+        raise ValueError(f"passes must be >= 1, got {passes}")
     fs = filesystem_for(paths)  # built on the driver from its AWS environment, shipped to read tasks
-    ds = ray.data.from_items([{"path": p} for p in paths], override_num_blocks=max(1, len(paths)))
-    if shuffle:
-        ds = ds.randomize_block_order()  # one block per shard: file order shuffled per epoch
-    compute = ray.data.TaskPoolStrategy(size=concurrency) if concurrency else None
-    return ds.map_batches(read_shard_tables, batch_size=1, fn_kwargs={"filesystem": fs}, num_cpus=num_cpus, compute=compute)
+    if shuffle and seed is None:
+        seed = int(np.random.default_rng().integers(2**31))
+    source = ShardPasses(paths, passes, seed if shuffle else None, fs)
+    items = len(paths) * passes
+    return ray.data.read_datasource(
+        source, num_cpus=num_cpus, concurrency=concurrency, override_num_blocks=max(1, items)
+    )
 
 
-def multicrop_dataset(paths: list[str], cfg: Config, counter_name: str | None = None) -> ray.data.Dataset:
-    """Shards -> multi-crop batches on an autoscaling actor pool (``ray.augment_actors_min..max``)."""
+def multicrop_dataset(
+    paths: list[str], cfg: Config, counter_name: str | None = None, passes: int = 1, with_meta: bool = True
+) -> ray.data.Dataset:
+    """Shards -> multi-crop batches on an autoscaling actor pool (``ray.augment_actors_min..max``);
+    ``passes`` passes over the shards in one stream, shard order drawn from ``cfg.seed``. Without
+    ``with_meta`` only the two crop columns are emitted (training: ``key``/``label`` are not tensors, and
+    a ``select_columns`` after the pool would copy every block once more into the object store)."""
     r = cfg.ray
-    return read_shards(paths, num_cpus=r.read_cpus_per_task, concurrency=r.read_tasks()).map_batches(
+    spec = spec_from_config(cfg.augment)
+    reads = read_shards(paths, num_cpus=r.read_cpus_per_task, concurrency=r.read_tasks(), passes=passes, seed=cfg.seed)
+    # One augmentation batch = one output block. Ray Data otherwise packs a task's output into blocks of up
+    # to 128 MiB: a whole shard's crops (hundreds of MB at 224 px) in one object, which backpressure cannot
+    # split, so a slow trainer and a small object store meant spilling. The datasets share this context.
+    reads.context.target_max_block_size = max(1, int(0.9 * r.augment_batch_size * crop_bytes(spec)))
+    return reads.map_batches(
         MultiCropMapper,
-        fn_constructor_kwargs={"spec": spec_from_config(cfg.augment), "seed": cfg.seed, "counter_name": counter_name},
+        fn_constructor_kwargs={"spec": spec, "seed": cfg.seed, "counter_name": counter_name,
+                               "with_meta": with_meta},
         batch_size=r.augment_batch_size,
         compute=ray.data.ActorPoolStrategy(min_size=r.augment_actors_min, max_size=r.augment_actors_max),
         num_cpus=r.augment_cpus_per_actor,

@@ -258,9 +258,10 @@ def pretrain(p: Prepared) -> PretrainResult:
     )
     counter_name = plan.counter_name
     counter = SampleCounter.options(name=counter_name, get_if_exists=True).remote()
-    ds = multicrop_dataset(p.train.paths, cfg, counter_name=counter_name).select_columns(
-        ["global_crops", "local_crops"]
-    )
+    # All epochs as one stream (one Ray Data execution for the run), plus one spare pass: bad samples
+    # make a pass shorter than the index says, and a resumed run needs fewer steps than a fresh one.
+    passes = cfg.optim.epochs + 1
+    ds = multicrop_dataset(p.train.paths, cfg, counter_name=counter_name, passes=passes, with_meta=False)
     storage = cfg.ray.storage_path
     if "://" not in storage:
         storage = str(Path(storage).resolve())

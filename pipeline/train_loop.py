@@ -103,6 +103,7 @@ class DinoRunner:
         self.monitor = CollapseMonitor(m.out_dim, patience=cfg.health.collapse_patience)
         self.skipped_steps = 0  # non-finite steps skipped (health.nonfinite = skip), this run
         self.steps_in_epoch = 0  # steps of the current epoch done (checkpointed: mid-epoch resume)
+        self.data_exhausted = False  # the run's batch stream ended (fewer good samples than planned)
         self.collapse: str | None = None  # the collapse verdict of the latest window
         spe = plan.steps_per_epoch
         self.total_steps = spe * o.epochs
@@ -220,6 +221,7 @@ class DinoRunner:
             try:
                 batch = next(it)
             except StopIteration:
+                self.data_exhausted = True
                 break
             waited = time.perf_counter() - t0
             wait += waited
@@ -380,11 +382,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             else:
                 ray.train.report(metrics, checkpoint=None)
 
+    # The dataset is one stream of several passes over the shards (see pretrain): a single iterator for
+    # the whole run keeps the augmentation pool and the prefetch warm across epoch boundaries. An epoch
+    # is ``steps_per_epoch`` steps of that stream.
     shard = ray.train.get_dataset_shard("train")
     B = cfg.optim.batch_size_per_worker
+    batches = iter(shard.iter_torch_batches(batch_size=B, drop_last=True, prefetch_batches=2))
     try:
-        while runner.epoch < cfg.optim.epochs:
-            batches = shard.iter_torch_batches(batch_size=B, drop_last=True, prefetch_batches=2)
+        while runner.epoch < cfg.optim.epochs and not runner.data_exhausted:
             summary = runner.train_epoch(batches, tracker, save_checkpoint)
             if "stopped" in summary:  # every rank agrees: report without a checkpoint and end
                 log.error("rank %d: run stopped: %s", rank, summary["stopped"])
@@ -398,7 +403,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             ):
                 attention(runner.epoch)
             tracker.flush_before_checkpoint()
-            last = runner.epoch == cfg.optim.epochs
+            last = runner.epoch == cfg.optim.epochs or runner.data_exhausted
             metrics = {**summary, "global_step": runner.global_step}
             if last or runner.epoch % cfg.ray.checkpoint_every_epochs == 0:
                 save_checkpoint(metrics)

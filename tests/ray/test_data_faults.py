@@ -58,8 +58,9 @@ def test_augmentation_actor_killed_mid_batch_loses_and_duplicates_nothing(tmp_pa
     from pipeline.data import multicrop_dataset
     from pipeline.synthetic import make_synthetic_dataset
 
-    root = make_synthetic_dataset(tmp_path / "ds", n_train=160, n_val=0, image_size=32, shard_size=80)
-    paths = [str(root / f"train-00000{i}.tar") for i in range(2)]
+    # 480 samples (~3-5 s of one core): the actor still has work in flight when the first batch arrives.
+    root = make_synthetic_dataset(tmp_path / "ds", n_train=480, n_val=0, image_size=32, shard_size=80)
+    paths = [str(root / f"train-00000{i}.tar") for i in range(6)]
     # The paper's crop sizes make one batch of 16 take ~0.5 s of one core: a 5-batch task is in flight
     # for seconds, and each batch (9 MB of crops) is its own output block.
     small_blocks.target_max_block_size = 4 * 1024 * 1024
@@ -84,15 +85,15 @@ def test_augmentation_actor_killed_mid_batch_loses_and_duplicates_nothing(tmp_pa
     elapsed = time.monotonic() - t0
 
     counts = collections.Counter(keys)
-    expected = {f"train_{i:06d}" for i in range(160)}
+    expected = {f"train_{i:06d}" for i in range(480)}
     print(f"\nactor {victim} killed after {before_kill} samples delivered; pass delivered {len(keys)} "
           f"({len(counts)} distinct) in {elapsed:.1f} s")
-    assert 0 < before_kill < 160  # killed mid-pass
+    assert 0 < before_kill < 480  # killed mid-pass
     assert set(counts) == expected  # zero samples lost ...
-    assert max(counts.values()) == 1 and len(keys) == 160  # ... and none delivered twice
+    assert max(counts.values()) == 1 and len(keys) == 480  # ... and none delivered twice
     # The kill hit a batch in flight: its actor task failed and a later attempt finished it.
     attempts = _retried("MultiCropMapper")
-    assert any(s == "FAILED" and a == 0 for _, s, a in attempts), attempts  # the kill did cost an attempt
+    assert any(s == "FAILED" and a == 0 for _, s, a in attempts), [a for a in attempts if "get_location" not in a[0]]  # the kill did cost an attempt
     # (The retry's attempt number is not asserted: in the full suite the state API, sharing the session cluster
     # with earlier tests, listed the re-run as attempt 0; the exactly-once delivery above is what matters.)
 
@@ -174,7 +175,7 @@ def test_read_task_killed_mid_shard_loses_and_duplicates_nothing(tmp_path, small
     assert state["opens"] == 2  # the killed attempt, then its retry, each read the shard from the start
     assert set(counts) == {f"train_{i:06d}" for i in range(480)}  # zero samples lost ...
     assert max(counts.values()) == 1 and len(keys) == 480  # ... and none delivered twice
-    attempts = _retried("read_shard_tables")
-    assert any(s == "FAILED" and a == 0 for _, s, a in attempts), attempts  # the kill did cost an attempt
+    attempts = _retried("ReadWebdatasetShards")
+    assert any(s == "FAILED" and a == 0 for _, s, a in attempts), [a for a in attempts if "get_location" not in a[0]]  # the kill did cost an attempt
     # (The retry's attempt number is not asserted: in the full suite the state API, sharing the session cluster
     # with earlier tests, listed the re-run as attempt 0; the exactly-once delivery above is what matters.)
