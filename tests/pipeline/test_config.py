@@ -118,7 +118,7 @@ PRESET_VALUES = {
     "local": {"ray.num_workers": 1, "augment.n_local": 4, "data.root": None, "optim.epochs": 15},
     "imagenette": {
         "data.root": "../shared/data/imagenette2-224", "data.train_split": "train", "data.val_split": "val",
-        "ray.num_workers": 1, "augment.global_size": 32, "augment.local_size": 16, "knn.image_size": 64,
+        "ray.num_workers": 1, "augment.global_size": 32, "augment.local_size": 16, "knn.image_size": 128,
         "model.arch": "resnet18", "model.model_kwargs": {}, "ray.torch_threads": 2,
     },
     "vit_small_imagenet": {
