@@ -142,6 +142,16 @@ def plan_epochs(budget_s: float, overhead_s: float, steps_per_epoch: int, step_s
     return max(1, math.floor((budget_s - overhead_s) / (steps_per_epoch * step_s * slowdown)))
 
 
+def three_way(raw_all: dict, knn: dict, k: int) -> dict:
+    """(a) raw pixels, (b) random init, (c) DINO: top-1 at ``k``, the margin of (c) over the better of (a)
+    and (b), and top-1 by k, from :func:`raw_pixels_accuracy` and :func:`evaluate_teacher`'s results."""
+    by_k = {"raw_pixels": raw_all["normalised"],
+            "random_init": {kk: v["top1"] for kk, v in knn["random_init"]["by_k"].items()},
+            "dino": {kk: v["top1"] for kk, v in knn["teacher"]["by_k"].items()}}
+    top1 = {name: values[k] for name, values in by_k.items()}
+    return {"top1": top1, "margin_pts": top1["dino"] - max(top1["raw_pixels"], top1["random_init"]), "by_k": by_k}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", default=str(DEFAULT_DATA), help="webdataset root (folder or s3://) with train and val splits")
@@ -214,20 +224,15 @@ def main(argv: list[str] | None = None) -> int:
                      out_dir=out / prepared.run_name / "knn", tracking_uri=result.tracking_uri,
                      pretrain_run_id=result.run_id)
     knn = evaluate_teacher(cfg, req, result.teacher_dir, random_baseline=True, embed_fn=embed_in_process)
-    figures = {
-        "raw_pixels": raw[args.k],
-        "random_init": knn["random_init"]["by_k"][args.k]["top1"],
-        "dino": knn["teacher"]["by_k"][args.k]["top1"],
-    }
-    margin = figures["dino"] - max(figures["raw_pixels"], figures["random_init"])
+    three = three_way(raw_all, knn, args.k)
+    figures, margin = three["top1"], three["margin_pts"]
     report = {
         "data": str(cfg.data.root), "preset": cfg.preset, "overrides": args.overrides, "k": args.k,
         "temperature": cfg.knn.temperature, "n_db": knn["n_db"], "n_queries": knn["n_queries"],
         "budget_min": args.minutes, "epochs": epochs, "steps_per_epoch": spe, "calibrated_step_s": step_s,
         "pretrain_min": pretrain_s / 60, "top1": figures, "margin_pts": margin,
         "raw_pixels_uint8": raw_all["uint8"][args.k],
-        "by_k": {"raw_pixels": raw, "raw_pixels_uint8": raw_all["uint8"], "random_init": {k: v["top1"] for k, v in knn["random_init"]["by_k"].items()},
-                 "dino": {k: v["top1"] for k, v in knn["teacher"]["by_k"].items()}},
+        "by_k": {**three["by_k"], "raw_pixels_uint8": raw_all["uint8"]},
         "mlflow": {"tracking_uri": result.tracking_uri, "pretrain_run_id": result.run_id,
                    "knn_run_id": knn.get("mlflow_run_id"), "run_name": prepared.run_name},
         "cpu_count": os.cpu_count(),
@@ -241,13 +246,9 @@ def main(argv: list[str] | None = None) -> int:
                            out_dir=out / prepared.run_name / f"knn-{s}px", tracking_uri=result.tracking_uri,
                            pretrain_run_id=result.run_id)
         knn_s = evaluate_teacher(cfg_s, req_s, result.teacher_dir, random_baseline=True, embed_fn=embed_in_process)
-        top = {"raw_pixels": raw_s["normalised"][args.k], "random_init": knn_s["random_init"]["by_k"][args.k]["top1"],
-               "dino": knn_s["teacher"]["by_k"][args.k]["top1"]}
-        extra[s] = {"top1": top, "margin_pts": top["dino"] - max(top["raw_pixels"], top["random_init"]),
-                    "raw_pixels_uint8": raw_s["uint8"][args.k], "knn_run_id": knn_s.get("mlflow_run_id"),
-                    "by_k": {"raw_pixels": raw_s["normalised"],
-                             "random_init": {k: v["top1"] for k, v in knn_s["random_init"]["by_k"].items()},
-                             "dino": {k: v["top1"] for k, v in knn_s["teacher"]["by_k"].items()}}}
+        extra[s] = {**three_way(raw_s, knn_s, args.k), "raw_pixels_uint8": raw_s["uint8"][args.k],
+                    "knn_run_id": knn_s.get("mlflow_run_id")}
+        top = extra[s]["top1"]
         say(f"{s} px views: raw {top['raw_pixels']:.2f} / random {top['random_init']:.2f} / DINO {top['dino']:.2f} "
             f"({extra[s]['margin_pts']:+.2f}; {time.perf_counter() - t1:.0f} s)")
     report["also_at"] = extra

@@ -68,7 +68,6 @@ class Mode:
     images: int  # synthetic train images = one epoch
     epochs: int
     store_mib: int  # object store of the local cluster (Ray's minimum is ~75 MiB)
-    bytes_per_sample: int  # crops as they travel: 2 x G^2 x 3 + N x L^2 x 3
 
 
 MODES = {
@@ -76,7 +75,7 @@ MODES = {
     # sample, 18 MiB per epoch); a step takes tens of ms, augmentation is the bottleneck.
     "balanced": Mode(
         ("data.synthetic_image_size=64", "augment.global_size=64", "augment.local_size=32", "augment.n_local=4"),
-        images=512, epochs=48, store_mib=512, bytes_per_sample=2 * 64 * 64 * 3 + 4 * 32 * 32 * 3,
+        images=512, epochs=48, store_mib=512,
     ),
     # The trainer several times slower than the augmentation (4 blocks, embed 96, patch 16, out_dim 4096
     # on 2x96 + 4x48 crops: ~0.3-0.5 s per step of 32 on 2 cores, against ~0.05-0.1 s to augment 32), and an
@@ -86,7 +85,7 @@ MODES = {
         ("data.synthetic_image_size=96", "augment.global_size=96", "augment.local_size=48", "augment.n_local=4",
          "model.model_kwargs={depth: 4, patch_size: 16, embed_dim: 96, num_heads: 3}",
          "model.out_dim=4096", "model.hidden_dim=512", "model.bottleneck_dim=128"),
-        images=2048, epochs=5, store_mib=128, bytes_per_sample=2 * 96 * 96 * 3 + 4 * 48 * 48 * 3,
+        images=2048, epochs=5, store_mib=128,
     ),
 }
 
@@ -203,11 +202,11 @@ def per_epoch(samples: list[Sample], ends: list[tuple[int, float]]) -> list[dict
         rows.append({
             "epoch": epoch,
             "samples": len(window),
-            "worker_rss_mib": max(s.worker_mib for s in window),
-            "actor_rss_mib": max(s.actor_mib for s in window),
-            "actor_max_rss_mib": max(s.actor_max_mib for s in window),
+            "worker_mib": max(s.worker_mib for s in window),
+            "actors_mib": max(s.actor_mib for s in window),
+            "actor_max_mib": max(s.actor_max_mib for s in window),
             "actors": max(s.n_actors for s in window),
-            "coordinator_rss_mib": max(s.coordinator_mib for s in window),
+            "coordinator_mib": max(s.coordinator_mib for s in window),
             "store_mib": max(s.store_mib for s in window),
             "spilled_mib": max(s.spilled_mib for s in window),
         })
@@ -220,15 +219,15 @@ def verdict(rows: list[dict], warmup: int, bound_mib: float, capacity_mib: float
     # Growth = the peak after the warm-up minus the value at its end (an actor that finished its work and
     # exited reads 0 in the last epochs: its peak while alive is what counts).
     after = [r for r in rows if r["epoch"] >= base["epoch"]]
-    growth = {k: max(r[k] for r in after) - base[k] for k in ("worker_rss_mib", "actor_max_rss_mib", "coordinator_rss_mib")}
+    growth = {k: max(r[k] for r in after) - base[k] for k in ("worker_mib", "actor_max_mib", "coordinator_mib")}
     store_peak = max(r["store_mib"] for r in rows)
     spilled = last["spilled_mib"]
     checks = {
-        f"worker private memory growth epoch {base['epoch']}->{last['epoch']} <= {bound_mib} MiB": growth["worker_rss_mib"] <= bound_mib,
+        f"worker private memory growth epoch {base['epoch']}->{last['epoch']} <= {bound_mib} MiB": growth["worker_mib"] <= bound_mib,
         f"largest actor private memory growth epoch {base['epoch']}->{last['epoch']} <= {bound_mib} MiB":
-            growth["actor_max_rss_mib"] <= bound_mib,
+            growth["actor_max_mib"] <= bound_mib,
         f"split coordinator private memory growth epoch {base['epoch']}->{last['epoch']} <= {bound_mib} MiB":
-            growth["coordinator_rss_mib"] <= bound_mib,
+            growth["coordinator_mib"] <= bound_mib,
         f"object store peak {store_peak:.1f} MiB <= {store_fraction:.0%} of {capacity_mib:.0f} MiB":
             store_peak <= store_fraction * capacity_mib,
         f"spilled {spilled:.1f} MiB == 0": spilled == 0,
@@ -239,6 +238,7 @@ def verdict(rows: list[dict], warmup: int, bound_mib: float, capacity_mib: float
 
 def run_mode(mode: str, args, work: Path) -> dict:
     from pipeline.config import load_config
+    from pipeline.data import crop_bytes, spec_from_config
     from pipeline.pretrain import prepare, pretrain
 
     m = MODES[mode]
@@ -270,7 +270,7 @@ def run_mode(mode: str, args, work: Path) -> dict:
     return {
         "mode": mode, "overrides": overrides, "wall_s": wall, "steps_per_epoch": p.steps_per_epoch,
         "images_per_epoch": p.steps_per_epoch * p.global_batch_size, "store_capacity_mib": sampler.store_capacity_mib,
-        "epoch_crops_mib": p.steps_per_epoch * p.global_batch_size * m.bytes_per_sample / MIB,
+        "epoch_crops_mib": p.steps_per_epoch * p.global_batch_size * crop_bytes(spec_from_config(cfg.augment)) / MIB,
         "rows": rows, "verdict": v, "titles": sorted(sampler.titles),
         "distinct_pids": {k: len(v) for k, v in sampler.pids.items()},
         "skipped_samples": result.metrics.get("skipped_samples"),
@@ -285,9 +285,9 @@ def print_mode(r: dict) -> None:
           "| object store MiB | spilled MiB |")
     print("|---|---|---|---|---|---|---|")
     for row in r["rows"]:
-        print(f"| {row['epoch']} | {row['worker_rss_mib']:.0f} | {row['actor_max_rss_mib']:.0f} | "
-              f"{row['actor_rss_mib']:.0f} ({row['actors']}) | "
-              f"{row['coordinator_rss_mib']:.0f} | {row['store_mib']:.1f} | {row['spilled_mib']:.1f} |")
+        print(f"| {row['epoch']} | {row['worker_mib']:.0f} | {row['actor_max_mib']:.0f} | "
+              f"{row['actors_mib']:.0f} ({row['actors']}) | "
+              f"{row['coordinator_mib']:.0f} | {row['store_mib']:.1f} | {row['spilled_mib']:.1f} |")
     print("distinct processes over the run: " + ", ".join(f"{k} {n}" for k, n in r["distinct_pids"].items()))
     v = r["verdict"]
     print("growth after warm-up (MiB): " + ", ".join(f"{k} {x:+.1f}" for k, x in v["growth_mib"].items()))

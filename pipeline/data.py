@@ -157,8 +157,8 @@ def _read_one_shard(path: str, filesystem) -> Iterator[Any]:
 class ShardPasses(ray.data.Datasource):
     """``passes`` passes over webdataset shards as one dataset: one read task (its blocks: Arrow tables of
     64 samples) per shard per pass, pass-major, each pass in :func:`shard_order` (or the given order when
-    ``seed`` is None). Read tasks are built lazily from item numbers, so a long run's stream costs nothing
-    up front beyond one small task description per shard and pass."""
+    ``seed`` is None). The read tasks are small descriptions (a path and a filesystem), made all at once when
+    the execution starts: one per shard and pass."""
 
     def __init__(self, paths: list[str], passes: int, seed: int | None, filesystem=None):
         self.paths, self.passes, self.seed, self.filesystem = list(paths), passes, seed, filesystem

@@ -24,6 +24,7 @@ from test_job_submit import (  # noqa: F401  (fixture)
     REPO,
     _job_logs,
     _job_status,
+    _latest_registered_step,
     _train_worker_pids,
     _wait_job_succeeded,
     ray_head,
@@ -70,13 +71,7 @@ def test_worker_killed_while_writing_a_checkpoint_resumes_from_the_previous_one(
     victim, half_written = int(match.group(1)), Path(match.group(2))
     # A reported checkpoint is a checkpoint only once the controller has registered it: wait for the step-3
     # one (rank 0 is paused for 600 s), else a kill now restarts from scratch and the test means nothing.
-    snapshot_file = tmp_path / "ray" / RUN_NAME / "checkpoint_manager_snapshot.json"
-    while time.monotonic() < deadline:
-        try:
-            if json.loads(snapshot_file.read_text()).get("checkpoint_results"):
-                break
-        except (OSError, ValueError):
-            pass
+    while time.monotonic() < deadline and _latest_registered_step(tmp_path, RUN_NAME) is None:
         time.sleep(0.5)
     assert victim in _train_worker_pids(ray_head)
     state_file = half_written / "state.pt"

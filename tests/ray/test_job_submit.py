@@ -133,10 +133,11 @@ def _train_worker_pids(head) -> list[int]:
     return [a.pid for a in actors if a.pid]
 
 
-def _latest_registered_step(tmp) -> int | None:
-    """``global_step`` of the run's latest checkpoint registered by the Ray Train controller (its snapshot)."""
+def _latest_registered_step(tmp, run_name: str = RUN_NAME) -> int | None:
+    """``global_step`` of the run's latest checkpoint registered by the Ray Train controller (its snapshot
+    under ``tmp/ray/<run_name>``); None while there is none."""
     try:
-        snap = json.loads((tmp / "ray" / RUN_NAME / "checkpoint_manager_snapshot.json").read_text())
+        snap = json.loads((tmp / "ray" / run_name / "checkpoint_manager_snapshot.json").read_text())
         return int(snap["latest_checkpoint_result"]["metrics"]["global_step"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
