@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=None, help="train this many epochs instead of fitting the budget")
     p.add_argument("--overhead-s", type=float, default=75.0,
                    help="fixed cost of a run outside its steps: Ray start, workers, checkpoints, export (measured here: ~60-75 s)")
-    p.add_argument("--slowdown", type=float, default=1.55,
+    p.add_argument("--slowdown", type=float, default=1.33,
                    help="step time in the pipeline / calibrated step time (augmentation and Ray share the cores)")
     p.add_argument("--out", default="outputs/quality", help="output folder (MLflow store, checkpoints, teacher, index, JSON)")
     p.add_argument("--k", type=int, default=20, help="headline k of the weighted k-NN (default: 20)")

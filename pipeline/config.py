@@ -158,6 +158,7 @@ class RayConfig(_Section):
     augment_actors_max: int = Field(ge=1)
     augment_cpus_per_actor: float = Field(gt=0.0)
     augment_batch_size: int = Field(gt=0)
+    augment_priority: Literal["normal", "idle"]
     read_cpus_per_task: float = Field(gt=0.0)
     read_concurrency: int | None = Field(ge=1)
 

@@ -59,6 +59,7 @@ def test_schema_and_default_yaml_have_the_same_keys():
         (["loss.momentum_teacher=1.5"], "'loss.momentum_teacher' (got 1.5)"),
         (["ray.augment_actors_min=9"], "augment_actors_min 9 exceeds augment_actors_max"),
         (["ray.use_gpu=maybe"], "'ray.use_gpu"),
+        (["ray.augment_priority=low"], "'ray.augment_priority"),
         (["optim=3"], "is a section"),
         (["optim.epochs"], "not of the form key=value"),
     ],
@@ -115,17 +116,19 @@ def test_default_yaml_is_the_papers_vit_s16_recipe_at_a_global_batch_of_1024():
 # Preset -> {dotted key: expected value}: what each preset is for.
 PRESET_VALUES = {
     "smoke": {"ray.num_workers": 1, "augment.n_local": 2, "augment.global_size": 32, "optim.epochs": 1},
-    "local": {"ray.num_workers": 1, "augment.n_local": 4, "data.root": None, "optim.epochs": 15},
+    "local": {"ray.num_workers": 1, "augment.n_local": 4, "data.root": None, "optim.epochs": 15,
+              "ray.augment_priority": "idle"},
     "imagenette": {
         "data.root": "../shared/data/imagenette2-224", "data.train_split": "train", "data.val_split": "val",
         "ray.num_workers": 1, "augment.global_size": 32, "augment.local_size": 16, "knn.image_size": 128,
-        "model.arch": "resnet18", "model.model_kwargs": {}, "ray.torch_threads": 2,
+        "model.arch": "resnet18", "model.model_kwargs": {}, "ray.torch_threads": 2, "ray.augment_priority": "idle",
     },
     "vit_small_imagenet": {
         "model.arch": "vit_small_patch16_224", "model.norm_last_layer": False, "model.out_dim": 65536,
         "optim.epochs": 300, "optim.base_lr": 0.0005, "loss.teacher_temp": 0.07,
         "loss.warmup_teacher_temp": 0.04, "loss.warmup_teacher_temp_epochs": 30, "ray.use_gpu": True,
         "ray.num_workers": 16, "optim.batch_size_per_worker": 64, "augment.n_local": 10, "data.root": "s3://b/in1k",
+        "ray.augment_priority": "normal",
     },
     "vit_base_imagenet": {
         "model.arch": "vit_base_patch16_224", "model.norm_last_layer": True, "model.out_dim": 65536,

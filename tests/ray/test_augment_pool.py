@@ -86,6 +86,14 @@ def test_pass_orders_are_permutations_drawn_from_the_seed():
     plain = [t.metadata.input_files[0] for t in ShardPasses(paths, passes=2, seed=None).get_read_tasks(1)]
     assert plain == paths + paths  # no seed: the given order, pass after pass
 
+    # Training's long tasks: k tasks per pass, task i taking every k-th shard of the pass's order.
+    grouped = [t.metadata.input_files for t in ShardPasses(paths, passes=3, seed=5, tasks_per_pass=3).get_read_tasks(1)]
+    assert len(grouped) == 9
+    for p, order in enumerate(passes):
+        assert grouped[3 * p : 3 * p + 3] == [tuple(order[0::3]), tuple(order[1::3]), tuple(order[2::3])]
+    assert [t.metadata.input_files for t in ShardPasses(paths, passes=1, seed=None, tasks_per_pass=1).get_read_tasks(1)] == [tuple(paths)]
+    assert len(ShardPasses(paths, passes=1, seed=None, tasks_per_pass=50).get_read_tasks(1)) == 8  # at most one per shard
+
 
 def test_each_augmentation_batch_is_its_own_block(tmp_path, ray_cluster):
     """Crops leave the pool one augmentation batch per object: Ray Data would otherwise pack a whole
@@ -103,3 +111,78 @@ def test_each_augmentation_batch_is_its_own_block(tmp_path, ray_cluster):
     assert sum(rows) == 200
     assert max(rows) == 16 and rows.count(16) >= 200 // 16 - 2  # a shard of 100 = 6 x 16 + 4
     assert crop_bytes(spec_from_config(cfg.augment)) == 3 * (2 * 32**2 + 2 * 16**2)  # smoke: 2 x 32 + 2 x 16 px
+
+
+@pytest.mark.parametrize("priority, policy", [("idle", "SCHED_IDLE"), ("normal", "SCHED_OTHER")])
+def test_idle_priority_puts_every_actor_thread_under_sched_idle(tmp_path, ray_cluster, priority, policy):
+    """``ray.augment_priority=idle``: the actor's threads (the one running batches included) are SCHED_IDLE,
+    so a trainer on the same cores is never slowed by augmentation running ahead; ``normal`` leaves them."""
+    import os
+    import threading
+
+    import ray
+
+    import pipeline.data as data
+    from pipeline.config import load_config
+    from pipeline.shards import load_split
+    from pipeline.synthetic import make_synthetic_dataset
+
+    names = {os.SCHED_IDLE: "SCHED_IDLE", os.SCHED_OTHER: "SCHED_OTHER", os.SCHED_BATCH: "SCHED_BATCH"}
+
+    class PolicyMapper(data.MultiCropMapper):
+        @staticmethod
+        def policy(tid: int) -> int:
+            try:
+                return os.sched_getscheduler(tid)
+            except OSError:  # the thread exited
+                return -1
+
+        def __call__(self, batch):
+            out = super().__call__(batch)
+            tids = [int(t) for t in os.listdir("/proc/self/task")]
+            n = len(out["key"])
+            out["batch_thread"] = np.array([names[os.sched_getscheduler(threading.get_native_id())]] * n, dtype=object)
+            out["all_threads"] = np.array(
+                [",".join(sorted({names.get(self.policy(t), "?") for t in tids} - {"?"}))] * n, dtype=object
+            )
+            return out
+
+    root = make_synthetic_dataset(tmp_path / "d", n_train=64, n_val=0, image_size=32, shard_size=32)
+    cfg = load_config("smoke", ["ray.augment_actors_max=1", "ray.augment_batch_size=16",
+                                f"ray.augment_priority={priority}"])
+    original = data.MultiCropMapper
+    data.MultiCropMapper = PolicyMapper
+    try:
+        ds = data.multicrop_dataset(load_split(str(root), "train").paths, cfg)
+    finally:
+        data.MultiCropMapper = original
+    batch_threads, all_threads = set(), set()
+    for batch in ds.iter_batches(batch_size=64, batch_format="numpy"):
+        batch_threads.update(batch["batch_thread"].tolist())
+        all_threads.update(batch["all_threads"].tolist())
+    assert batch_threads == {policy}
+    if priority == "idle":  # threads started after the actor's own start-up (e.g. gRPC) may stay normal
+        assert "SCHED_IDLE" in ",".join(all_threads)
+    else:
+        assert all_threads == {"SCHED_OTHER"}
+    assert ray.is_initialized()
+
+
+def test_in_process_mapper_never_changes_the_callers_policy():
+    """A driver or test that calls the mapper directly keeps its scheduling policy (SCHED_IDLE cannot be
+    undone without privileges)."""
+    import io
+    import os
+
+    from PIL import Image
+
+    from pipeline.config import load_config
+    from pipeline.data import MultiCropMapper, spec_from_config
+
+    jpeg = io.BytesIO()
+    Image.new("RGB", (48, 48), (200, 40, 10)).save(jpeg, format="JPEG")
+    before = os.sched_getscheduler(0)
+    mapper = MultiCropMapper(spec_from_config(load_config("smoke").augment), seed=0, priority="idle")
+    out = mapper({"__key__": np.array(["a"], dtype=object), "jpg": np.array([jpeg.getvalue()], dtype=object)})
+    assert out["global_crops"].shape[0] == 1
+    assert os.sched_getscheduler(0) == before == os.SCHED_OTHER

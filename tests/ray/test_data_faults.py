@@ -99,10 +99,11 @@ def test_augmentation_actor_killed_mid_batch_loses_and_duplicates_nothing(tmp_pa
 
 
 def test_read_task_killed_mid_shard_loses_and_duplicates_nothing(tmp_path, small_blocks):
-    """The read task of one shard is killed inside that shard, after samples of it have reached the
+    """The read task reading one shard is killed inside that shard, after samples of it have reached the
     consumer. The shard is a FIFO fed by this test, so the task is provably mid-shard (blocked on the
-    rest of its bytes) when killed, and its retry reads the whole shard again from the start: the
-    samples the dead attempt already delivered are read, augmented and emitted a second time."""
+    rest of its bytes) when killed, and its retry reads its shards again from the start (training's read
+    tasks take several shards each): the samples the dead attempt already delivered are read, augmented
+    and emitted a second time."""
     from pipeline.config import load_config
     from pipeline.data import multicrop_dataset
     from pipeline.synthetic import make_synthetic_dataset
