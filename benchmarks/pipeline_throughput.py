@@ -77,14 +77,14 @@ def cpu_groups(before: dict, after: dict) -> dict[str, float]:
             groups["driver"] += spent
         elif "MapWorker" in cmd:  # the actor title is cut short: ray::MapWorker(MapBatches(MultiCropM...
             groups["actors"] += spent
-        elif "read_shard" in cmd:
+        elif "ReadWebdatasetShards" in cmd or "read_shard" in cmd:  # the datasource's name (pipeline.data.ShardPasses)
             groups["reads"] += spent
         elif "ray" in cmd:
             groups["ray_other"] += spent
     return groups
 
 
-def pipeline_rate(paths: list[str], cfg, limit: int, cores: int) -> tuple[float, dict]:
+def pipeline_rate(paths: list[str], cfg, limit: int, cores: int, passes: int) -> tuple[float, dict]:
     import ray
 
     from pipeline.data import multicrop_dataset
@@ -93,7 +93,7 @@ def pipeline_rate(paths: list[str], cfg, limit: int, cores: int) -> tuple[float,
     ray.data.DataContext.get_current().enable_progress_bars = False
     # Whole shards, consumed until ``limit`` images: ``Dataset.limit`` would add a slice task in a fresh
     # worker process (~1.3 s of CPU importing Ray Data), a cost a training run never pays.
-    ds = multicrop_dataset(paths, cfg)
+    ds = multicrop_dataset(paths, cfg, passes=passes)
     n, shape, t0, t_first = 0, {}, time.perf_counter(), None
     for batch in ds.iter_batches(batch_size=cfg.ray.augment_batch_size, batch_format="numpy", prefetch_batches=4):
         if t_first is None:  # exclude actor start-up: time from the first batch on
@@ -116,6 +116,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--split", default="train")
     parser.add_argument("--cores", type=int, default=os.cpu_count())
     parser.add_argument("--limit", type=int, default=3000, help="images through the pipeline")
+    parser.add_argument("--passes", type=int, default=2,
+                        help="passes over the shards in the stream (as training reads them), so --limit may exceed one pass")
     parser.add_argument("--single-limit", type=int, default=500, help="images for the single-core rate")
     parser.add_argument("--n-local", type=int, default=8)
     parser.add_argument("--batch", type=int, default=32, help="map_batches batch size")
@@ -137,7 +139,7 @@ def main(argv: list[str] | None = None) -> dict:
     # percent over minutes); the ideal uses their mean.
     before = single_core_rate(paths, spec, args.single_limit, core=0)
     os.sched_setaffinity(0, set(range(os.cpu_count())))
-    rate, info = pipeline_rate(paths, cfg, args.limit, args.cores)
+    rate, info = pipeline_rate(paths, cfg, args.limit, args.cores, args.passes)
     after = single_core_rate(paths, spec, args.single_limit, core=0)
     single = (before + after) / 2
     ideal = args.cores * single
