@@ -77,7 +77,7 @@ def cpu_groups(before: dict, after: dict) -> dict[str, float]:
             groups["driver"] += spent
         elif "MapWorker" in cmd:  # the actor title is cut short: ray::MapWorker(MapBatches(MultiCropM...
             groups["actors"] += spent
-        elif "ReadWebdatasetShards" in cmd or "read_shard" in cmd:  # the datasource's name (pipeline.data.ShardPasses)
+        elif "ReadWebdatasetShards" in cmd:  # the read tasks' title: the datasource's name (pipeline.data.ShardPasses)
             groups["reads"] += spent
         elif "ray" in cmd:
             groups["ray_other"] += spent

@@ -209,6 +209,11 @@ class ShardPasses(ray.data.Datasource):
     def get_name(self) -> str:
         return "WebdatasetShards"
 
+    def tasks_in_pass(self) -> int:
+        """Read tasks per pass: ``tasks_per_pass`` within ``1..len(paths)``, or one per shard."""
+        n = len(self.paths)
+        return n if self.tasks_per_pass is None else max(1, min(n, self.tasks_per_pass))
+
     def estimate_inmemory_data_size(self) -> int | None:
         return None
 
@@ -218,8 +223,7 @@ class ShardPasses(ray.data.Datasource):
         from ray.data import ReadTask
         from ray.data.block import BlockMetadata
 
-        n, tasks = len(self.paths), []
-        k = n if self.tasks_per_pass is None else max(1, min(n, self.tasks_per_pass))
+        n, k, tasks = len(self.paths), self.tasks_in_pass(), []
         for p in range(self.passes):
             order = range(n) if self.seed is None else shard_order(n, p, self.seed)
             ordered = [self.paths[j] for j in order]
@@ -260,9 +264,8 @@ def read_shards(
     if shuffle and seed is None:
         seed = int(np.random.default_rng().integers(2**31))
     source = ShardPasses(paths, passes, seed if shuffle else None, fs, tasks_per_pass)
-    items = passes * (len(paths) if tasks_per_pass is None else max(1, min(len(paths), tasks_per_pass)))
     return ray.data.read_datasource(
-        source, num_cpus=num_cpus, concurrency=concurrency, override_num_blocks=max(1, items)
+        source, num_cpus=num_cpus, concurrency=concurrency, override_num_blocks=max(1, passes * source.tasks_in_pass())
     )
 
 
@@ -276,8 +279,9 @@ def multicrop_dataset(
     r = cfg.ray
     spec = spec_from_config(cfg.augment)
     # As many read tasks per pass as may run at once: long-lived tasks, no worker respawned per shard.
-    reads = read_shards(paths, num_cpus=r.read_cpus_per_task, concurrency=r.read_tasks(), passes=passes, seed=cfg.seed,
-                        tasks_per_pass=r.read_tasks())
+    n_reads = r.read_tasks()
+    reads = read_shards(paths, num_cpus=r.read_cpus_per_task, concurrency=n_reads, passes=passes, seed=cfg.seed,
+                        tasks_per_pass=n_reads)
     # One augmentation batch = one output block. Ray Data otherwise packs a task's output into blocks of up
     # to 128 MiB: a whole shard's crops (hundreds of MB at 224 px) in one object, which backpressure cannot
     # split, so a slow trainer and a small object store meant spilling. The datasets share this context.

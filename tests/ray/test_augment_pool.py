@@ -8,7 +8,7 @@ import pytest
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(600)]
 
 
-def test_actor_pool_grows_from_min_and_stays_within_max(tmp_path, ray_cluster):
+def test_actor_pool_grows_from_min_and_stays_within_max(tmp_path, ray_cluster, monkeypatch):
     import ray
 
     from pipeline.config import load_config
@@ -35,12 +35,8 @@ def test_actor_pool_grows_from_min_and_stays_within_max(tmp_path, ray_cluster):
     train = load_split(str(root), "train")
     import pipeline.data as data
 
-    original = data.MultiCropMapper
-    data.MultiCropMapper = TaggingMapper
-    try:
-        ds = multicrop_dataset(train.paths, cfg)
-    finally:
-        data.MultiCropMapper = original
+    monkeypatch.setattr(data, "MultiCropMapper", TaggingMapper)  # read when the dataset is built
+    ds = multicrop_dataset(train.paths, cfg)
     actors, rows = set(), 0
     for batch in ds.iter_batches(batch_size=64, batch_format="numpy"):
         actors.update(batch["actor"].tolist())
@@ -114,7 +110,7 @@ def test_each_augmentation_batch_is_its_own_block(tmp_path, ray_cluster):
 
 
 @pytest.mark.parametrize("priority, policy", [("idle", "SCHED_IDLE"), ("normal", "SCHED_OTHER")])
-def test_idle_priority_puts_every_actor_thread_under_sched_idle(tmp_path, ray_cluster, priority, policy):
+def test_idle_priority_puts_every_actor_thread_under_sched_idle(tmp_path, ray_cluster, monkeypatch, priority, policy):
     """``ray.augment_priority=idle``: the actor's threads (the one running batches included) are SCHED_IDLE,
     so a trainer on the same cores is never slowed by augmentation running ahead; ``normal`` leaves them."""
     import os
@@ -150,12 +146,8 @@ def test_idle_priority_puts_every_actor_thread_under_sched_idle(tmp_path, ray_cl
     root = make_synthetic_dataset(tmp_path / "d", n_train=64, n_val=0, image_size=32, shard_size=32)
     cfg = load_config("smoke", ["ray.augment_actors_max=1", "ray.augment_batch_size=16",
                                 f"ray.augment_priority={priority}"])
-    original = data.MultiCropMapper
-    data.MultiCropMapper = PolicyMapper
-    try:
-        ds = data.multicrop_dataset(load_split(str(root), "train").paths, cfg)
-    finally:
-        data.MultiCropMapper = original
+    monkeypatch.setattr(data, "MultiCropMapper", PolicyMapper)  # read when the dataset is built
+    ds = data.multicrop_dataset(load_split(str(root), "train").paths, cfg)
     batch_threads, all_threads = set(), set()
     for batch in ds.iter_batches(batch_size=64, batch_format="numpy"):
         batch_threads.update(batch["batch_thread"].tolist())
