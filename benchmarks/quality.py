@@ -17,11 +17,13 @@ crop size, :mod:`dino.eval_view`):
   worker, MLflow tracking, checkpoints, export), for as many epochs as fit the budget.
 
 The budget is wall-clock time of the whole pretraining call on this machine (Ray start, workers,
-training, checkpoints, export, model registration). Unless ``--epochs`` is given, the number of epochs
-is calibrated first (not counted): a few DINO steps of the preset's model are timed in this process
-with the worker's thread count, and ``epochs = (budget - overhead) / (steps per epoch x step time x
-slowdown)``, where ``--overhead-s`` and ``--slowdown`` (augmentation and Ray sharing the cores) are
-this machine's measured values. The pretraining time actually spent is printed next to the budget.
+training, checkpoints, export, model registration). Unless ``--epochs`` is given, the run gets it as
+``optim.time_budget_minutes`` (:mod:`pipeline.budget`): after its warm-up epoch it measures its own pace
+in the pipeline and fixes how many epochs fit, once, with the schedules rebuilt for that length. A
+calibration first (not counted: a few DINO steps of the preset's model timed in this process with the
+worker's thread count) gives the estimate ``(budget - overhead) / (steps per epoch x step time x
+slowdown)``, printed, and the cap on epochs (twice the estimate). The epochs trained and the pretraining
+time actually spent are printed next to the budget.
 
 (b) and (c) are embedded by the k-NN job's own code (:func:`pipeline.knn_index.evaluate_teacher`, in
 this process), which also writes the index and logs a k-NN MLflow run linked to the pretraining run.
@@ -203,14 +205,17 @@ def main(argv: list[str] | None = None) -> int:
     step_s = None
     if args.epochs is None:
         step_s = calibrate_step_s(cfg)
-        epochs = plan_epochs(budget_s, args.overhead_s, spe, step_s, args.slowdown)
+        estimate = plan_epochs(budget_s, args.overhead_s, spe, step_s, args.slowdown)
+        cap = 2 * estimate
         say(f"calibration: {step_s:.3f} s/step x {spe} steps/epoch x {args.slowdown:.2f} slowdown "
-            f"-> {epochs} epoch(s) in {args.minutes:.0f} min")
+            f"-> ~{estimate} epoch(s) in {args.minutes:.0f} min; the run fits its own, at most {cap}")
+        run_overrides = [f"optim.epochs={cap}", f"optim.time_budget_minutes={args.minutes}"]
     else:
-        epochs = args.epochs
-    cfg = load_config(args.preset, [*base, *args.overrides, f"optim.epochs={epochs}"])
+        run_overrides = [f"optim.epochs={args.epochs}"]
+    cfg = load_config(args.preset, [*base, *args.overrides, *run_overrides])
 
-    say(f"pretraining {cfg.preset} for {epochs} epoch(s) of {spe} steps")
+    say(f"pretraining {cfg.preset}: " + (f"{args.epochs} epoch(s)" if args.epochs else f"{args.minutes:g} min budget")
+        + f" of {spe} steps")
     t0 = time.perf_counter()
     prepared = prepare(cfg)
     result = pretrain(prepared)
@@ -218,7 +223,13 @@ def main(argv: list[str] | None = None) -> int:
     import ray
 
     ray.shutdown()  # the evaluation below runs in this process: give the cores back
-    say(f"pretraining: {epochs} epoch(s) in {pretrain_s / 60:.1f} min (budget {args.minutes:.1f} min)")
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(result.tracking_uri)
+    epochs = int(round(float(result.metrics["epoch"])))
+    fit = client.get_run(result.run_id).data.tags.get("budget_fit", "")
+    say(f"pretraining: {epochs} epoch(s) in {pretrain_s / 60:.1f} min (budget {args.minutes:.1f} min)"
+        + (f"; budget fit: {fit}" if fit else ""))
 
     req = KnnRequest(data_root=prepared.data_root, train_split=cfg.data.train_split, val_split=cfg.data.val_split,
                      out_dir=out / prepared.run_name / "knn", tracking_uri=result.tracking_uri,
@@ -229,7 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "data": str(cfg.data.root), "preset": cfg.preset, "overrides": args.overrides, "k": args.k,
         "temperature": cfg.knn.temperature, "n_db": knn["n_db"], "n_queries": knn["n_queries"],
-        "budget_min": args.minutes, "epochs": epochs, "steps_per_epoch": spe, "calibrated_step_s": step_s,
+        "budget_min": args.minutes, "epochs": epochs, "budget_fit": fit, "steps_per_epoch": spe,
+        "calibrated_step_s": step_s,
         "pretrain_min": pretrain_s / 60, "top1": figures, "margin_pts": margin,
         "raw_pixels_uint8": raw_all["uint8"][args.k],
         "by_k": {**three["by_k"], "raw_pixels_uint8": raw_all["uint8"]},
@@ -240,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     extra = {}
     for s in sorted({int(v) for v in args.also_at.split(",") if v.strip()} - {size}):
         t1 = time.perf_counter()
-        cfg_s = load_config(args.preset, [*base, *args.overrides, f"optim.epochs={epochs}", f"knn.image_size={s}"])
+        cfg_s = load_config(args.preset, [*base, *args.overrides, *run_overrides, f"knn.image_size={s}"])
         raw_s = raw_pixels_accuracy(train, val, s, ks, cfg.knn.temperature)
         req_s = KnnRequest(data_root=prepared.data_root, train_split=cfg.data.train_split, val_split=cfg.data.val_split,
                            out_dir=out / prepared.run_name / f"knn-{s}px", tracking_uri=result.tracking_uri,
@@ -253,9 +265,6 @@ def main(argv: list[str] | None = None) -> int:
             f"({extra[s]['margin_pts']:+.2f}; {time.perf_counter() - t1:.0f} s)")
     report["also_at"] = extra
 
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(result.tracking_uri)
     for name, value in {**{f"quality_{k}_top1_k{args.k}": v for k, v in figures.items()},
                         "quality_margin_pts": margin, "quality_pretrain_min": pretrain_s / 60,
                         "quality_budget_min": args.minutes}.items():

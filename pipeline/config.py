@@ -120,6 +120,7 @@ class ModelConfig(_Section):
 
 class OptimConfig(_Section):
     epochs: int = Field(gt=0)
+    time_budget_minutes: float | None = Field(default=None, gt=0.0)
     batch_size_per_worker: int = Field(gt=0)
     base_lr: float = Field(gt=0.0)
     min_lr: float = Field(ge=0.0)

@@ -236,6 +236,7 @@ def pretrain(p: Prepared) -> PretrainResult:
     from pipeline.train_loop import LoopPlan, train_loop_per_worker
 
     cfg = p.cfg
+    started = time.time()  # optim.time_budget_minutes counts from here: Ray's start is part of the job
     init_ray(cfg.ray.address)
     use_gpu = _resolve_gpu(cfg.ray.use_gpu)
     run_id = find_run(p.tracking_uri, p.experiment, p.run_name)
@@ -255,6 +256,7 @@ def pretrain(p: Prepared) -> PretrainResult:
         run_id=run_id,
         counter_name=f"dino_sample_counter_{run_id}",
         attention_paths=tuple(p.val.paths) if p.val is not None else (),
+        deadline=training_deadline(started, cfg.optim.time_budget_minutes),
     )
     counter_name = plan.counter_name
     counter = SampleCounter.options(name=counter_name, get_if_exists=True).remote()
@@ -293,8 +295,8 @@ def pretrain(p: Prepared) -> PretrainResult:
     finally:
         prune_unregistered_checkpoints(storage, p.run_name)
     skipped = ray.get(counter.get.remote())
+    stopped = ray.get(counter.stopped.remote())  # rank 0's reason: Result.metrics are the last checkpoint's
     ray.kill(counter)
-    stopped = (result.metrics or {}).get("stopped")
     if stopped:
         client.set_tag(run_id, "stopped", stopped[:5000])
         client.set_terminated(run_id, "FAILED")
@@ -316,6 +318,14 @@ def pretrain(p: Prepared) -> PretrainResult:
         metrics={**dict(result.metrics or {}), "skipped_samples": skipped_total(skipped), "data": skipped},
         model_version=model_version,
     )
+
+
+def training_deadline(started: float, budget_minutes: float | None) -> float | None:
+    """When the workers must end training for the job to end within ``budget_minutes`` of ``started``:
+    the budget less :data:`pipeline.budget.DRIVER_TAIL_S` for the export and registration after it."""
+    from pipeline.budget import DRIVER_TAIL_S
+
+    return None if budget_minutes is None else started + 60.0 * budget_minutes - DRIVER_TAIL_S
 
 
 def checkpoint_storage_error(error: BaseException) -> str | None:

@@ -21,9 +21,12 @@ NOTES = ("no_label", "converted")  # kept, but worth counting
 
 @ray.remote(num_cpus=0)
 class SampleCounter:
-    """Totals over all actors and epochs: rows seen, skipped per reason, per shard, example keys."""
+    """Totals over all actors and epochs: rows seen, skipped per reason, per shard, example keys; and why
+    the run stopped, if it did (rank 0 records it here: Ray Train's ``Result.metrics`` are those of the
+    latest *checkpoint*, so a stop reported without a checkpoint never reaches the driver through them)."""
 
     def __init__(self) -> None:
+        self.stop_reason: str | None = None
         self.seen = 0
         self.reasons: Counter[str] = Counter()
         self.shards: Counter[str] = Counter()
@@ -35,6 +38,12 @@ class SampleCounter:
         self.shards.update(shard for shard, _, _ in bad)
         if len(self.examples) < 50:
             self.examples.extend(bad[: 50 - len(self.examples)])
+
+    def stop(self, reason: str) -> None:
+        self.stop_reason = reason
+
+    def stopped(self) -> str | None:
+        return self.stop_reason
 
     def get(self) -> dict[str, Any]:
         return {

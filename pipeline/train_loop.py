@@ -44,6 +44,7 @@ class LoopPlan:
     run_id: str
     counter_name: str | None = None  # the run's SampleCounter actor (bad samples by reason)
     attention_paths: tuple[str, ...] = ()  # val shards whose first images get attention maps (rank 0)
+    deadline: float | None = None  # time.time() by which training must end (optim.time_budget_minutes), or None
 
 
 def model_signature(tree: dict[str, Any]) -> dict[str, Any]:
@@ -59,6 +60,15 @@ def _has_batchnorm(model: nn.Module) -> bool:
 
 def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
+
+
+def _from_rank0(value):
+    """Rank 0's ``value`` on every rank (itself without ``torch.distributed``)."""
+    if not _distributed():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 class DinoRunner:
@@ -106,12 +116,22 @@ class DinoRunner:
         self.data_exhausted = False  # the run's batch stream ended (fewer good samples than planned)
         self.collapse: str | None = None  # the collapse verdict of the latest window
         spe = plan.steps_per_epoch
-        self.total_steps = spe * o.epochs
+        self.planned_epochs = o.epochs  # optim.epochs, or what fits optim.time_budget_minutes once fitted
+        self.budget_fitted = False
+        self._build_schedules(o.epochs)
+        self.freeze_steps = spe * o.freeze_last_layer_epochs
+        self.global_step = 0
+        self.epoch = 0
+        torch.manual_seed(cfg.seed + 1 + (dist.get_rank() if _distributed() else 0))  # per-rank drop-path
+
+    def _build_schedules(self, epochs: int) -> None:
+        o, lc, spe = self.cfg.optim, self.cfg.loss, self.plan.steps_per_epoch
+        self.total_steps = spe * epochs
         self.schedules = build_schedules(
             base_lr=o.base_lr,
             min_lr=o.min_lr,
-            global_batch_size=plan.global_batch_size,
-            warmup_steps=spe * o.warmup_epochs,
+            global_batch_size=self.plan.global_batch_size,
+            warmup_steps=spe * min(o.warmup_epochs, epochs),
             total_steps=self.total_steps,
             weight_decay=o.weight_decay,
             weight_decay_end=o.weight_decay_end,
@@ -120,10 +140,11 @@ class DinoRunner:
             warmup_teacher_temp=lc.warmup_teacher_temp,
             warmup_teacher_temp_steps=spe * lc.warmup_teacher_temp_epochs,
         )
-        self.freeze_steps = spe * o.freeze_last_layer_epochs
-        self.global_step = 0
-        self.epoch = 0
-        torch.manual_seed(cfg.seed + 1 + (dist.get_rank() if _distributed() else 0))  # per-rank drop-path
+
+    def fit_schedules(self, epochs: int) -> None:
+        """Fix the run's length at ``epochs`` (the time budget's fit, once) and rebuild the schedules for it."""
+        self.planned_epochs, self.budget_fitted = int(epochs), True
+        self._build_schedules(max(self.planned_epochs, 1))
 
     # -- state -----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -136,6 +157,7 @@ class DinoRunner:
             "global_step": self.global_step,
             "skipped_steps": self.skipped_steps,
             "steps_in_epoch": self.steps_in_epoch,
+            "planned_epochs": self.planned_epochs if self.budget_fitted else None,
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "config": self.cfg.to_dict(),
             "mlflow_run_id": self.plan.run_id,
@@ -164,6 +186,8 @@ class DinoRunner:
         self.global_step = int(state["global_step"])
         self.skipped_steps = int(state.get("skipped_steps", 0))
         self.steps_in_epoch = int(state.get("steps_in_epoch", 0))
+        if state.get("planned_epochs") is not None:  # the time budget was fitted before this checkpoint
+            self.fit_schedules(int(state["planned_epochs"]))
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
 
@@ -216,8 +240,11 @@ class DinoRunner:
         losses: list[torch.Tensor] = []
         it = iter(batches)
         stopped = None
+        t_half, steps_at_half = None, 0  # the pace of the epoch's second half (warm caches), for the time budget
         while steps < spe and stopped is None:
             t0 = time.perf_counter()
+            if t_half is None and steps >= spe // 2:
+                t_half, steps_at_half = t0, steps
             try:
                 batch = next(it)
             except StopIteration:
@@ -249,7 +276,43 @@ class DinoRunner:
         elapsed = time.perf_counter() - t_epoch
         mean_loss = torch.stack(losses).float().mean().item() if losses else float("nan")
         summary = {"epoch": self.epoch, "steps": steps, "mean_loss": mean_loss, "epoch_time_s": elapsed}
+        if t_half is not None and steps > steps_at_half:
+            summary["late_step_s"] = (time.perf_counter() - t_half) / (steps - steps_at_half)
         return {**summary, "stopped": stopped} if stopped else summary
+
+    def apply_budget(
+        self, deadline: float | None, summary: dict[str, Any], epoch_end_s: float, now: float
+    ) -> tuple[str, str] | None:
+        """At an epoch end, the time budget (:mod:`pipeline.budget`): at the end of warm-up, fit the run's
+        epochs to the pace once; at any other epoch end, stop here if the next epoch would overrun the
+        deadline. Rank 0 decides for every rank. Returns ``("budget_fit" | "budget_stop", note)`` for the run's
+        tags, or None if nothing changed. Both are kept in checkpoints (``planned_epochs``).
+
+        Args:
+            deadline: ``time.time()`` by which training must end, or None (no budget).
+            summary: :meth:`train_epoch`'s summary of the epoch that just ended.
+            epoch_end_s: Seconds the previous epoch end took (report, checkpoint; 0 before the first).
+            now: ``time.time()``.
+        """
+        from pipeline import budget
+
+        if deadline is None or self.epoch >= self.planned_epochs:
+            return None
+        if not self.budget_fitted and self.epoch >= budget.fit_epoch(self.cfg.optim.warmup_epochs) and "late_step_s" in summary:
+            pace = budget.Pace(step_s=summary["late_step_s"], epoch_end_s=epoch_end_s)
+            spe = self.plan.steps_per_epoch
+            epochs = _from_rank0(budget.fit_epochs(deadline=deadline, now=now, done=self.epoch, pace=pace,
+                                                   steps_per_epoch=spe, cap=self.cfg.optim.epochs))
+            self.fit_schedules(epochs)
+            return "budget_fit", (f"{epochs} epochs (of at most {self.cfg.optim.epochs}) fitted at epoch {self.epoch}: "
+                    f"{pace.epoch_s(spe):.1f} s per epoch ({pace.step_s:.3f} s per step), {deadline - now:.0f} s left")
+        epoch_s = summary["epoch_time_s"] + epoch_end_s
+        if _from_rank0(budget.next_epoch_overruns(deadline=deadline, now=now, epoch_s=epoch_s)):
+            planned = self.planned_epochs
+            self.planned_epochs, self.budget_fitted = self.epoch, True  # no schedule left to follow
+            return "budget_stop", (f"stopped after epoch {self.epoch} of {planned}: the next would take {epoch_s:.0f} s and end "
+                    f"{now + epoch_s - deadline:.0f} s past the time budget")
+        return None
 
     def _log_window(self, out, tracker, window_steps, window_s, window_wait, epoch_wait, epoch_s, steps) -> str | None:
         """One logging window: metrics + health to MLflow (rank 0), and the run-wide stop decision."""
@@ -335,12 +398,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
     device = ray.train.torch.get_device()
-    data_stats = None
+    data_stats = record_stop = None
     if rank == 0 and plan.counter_name:
         import ray
 
         counter = ray.get_actor(plan.counter_name)
         data_stats = lambda: ray.get(counter.get.remote())  # noqa: E731
+        record_stop = lambda reason: ray.get(counter.stop.remote(reason))  # noqa: E731  (the driver reads it)
     runner = DinoRunner(
         cfg,
         plan,
@@ -389,26 +453,36 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     B = cfg.optim.batch_size_per_worker
     batches = iter(shard.iter_torch_batches(batch_size=B, drop_last=True, prefetch_batches=2))
     try:
-        while runner.epoch < cfg.optim.epochs and not runner.data_exhausted:
+        epoch_end_s = 0.0  # what the previous epoch end took (report, checkpoint, attention maps)
+        while runner.epoch < runner.planned_epochs and not runner.data_exhausted:
             summary = runner.train_epoch(batches, tracker, save_checkpoint)
+            t_end = time.perf_counter()
             if "stopped" in summary:  # every rank agrees: report without a checkpoint and end
                 log.error("rank %d: run stopped: %s", rank, summary["stopped"])
                 tracker.set_tag("stopped", summary["stopped"][:5000])
                 tracker.flush()
+                if record_stop is not None:
+                    record_stop(summary["stopped"])
                 ray.train.report({**summary, "global_step": runner.global_step})
                 return
             tracker.log_metrics({"epoch_mean_loss": summary["mean_loss"]}, step=runner.global_step)
+            budget = runner.apply_budget(plan.deadline, summary, epoch_end_s, time.time())
+            if budget:
+                log.info("time budget: %s", budget[1])
+                tracker.set_tag(*budget)
+                tracker.log_metrics({"planned_epochs": runner.planned_epochs}, step=runner.global_step)
             if attention is not None and cfg.health.attention_every_epochs and (
-                runner.epoch % cfg.health.attention_every_epochs == 0 or runner.epoch == cfg.optim.epochs
+                runner.epoch % cfg.health.attention_every_epochs == 0 or runner.epoch == runner.planned_epochs
             ):
                 attention(runner.epoch)
             tracker.flush_before_checkpoint()
-            last = runner.epoch == cfg.optim.epochs or runner.data_exhausted
+            last = runner.epoch >= runner.planned_epochs or runner.data_exhausted
             metrics = {**summary, "global_step": runner.global_step}
             if last or runner.epoch % cfg.ray.checkpoint_every_epochs == 0:
                 save_checkpoint(metrics)
             else:
                 ray.train.report(metrics)
+            epoch_end_s = time.perf_counter() - t_end
     finally:
         tracker.close()
 

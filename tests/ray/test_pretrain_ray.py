@@ -95,3 +95,59 @@ def test_two_worker_pretraining_tracks_exports_and_evaluates(tmp_path, ray_clust
 
     keys = read_features(tmp_path / "knn" / manifest["features_file"], with_features=False).keys  # the key order
     assert len(keys) == 96 and list(keys) == sorted(keys)
+
+
+def test_a_spent_time_budget_ends_two_workers_alike_after_the_warm_up_epoch(tmp_path, ray_cluster, mlflow_server):
+    """A budget already spent when the first epoch ends: rank 0 fits 1 epoch of at most 3, both workers stop
+    there (a disagreement would hang DDP), and the run finishes normally with its checkpoint exported."""
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.checkpoint import load_state, load_teacher
+    from pipeline.pretrain import prepare, pretrain
+
+    cfg = _smoke(tmp_path, mlflow_server, "tracking.run_name=ray-budget", "optim.epochs=3", "optim.time_budget_minutes=0.01")
+    p = prepare(cfg)
+    result = pretrain(p)
+
+    run = MlflowClient(mlflow_server).get_run(result.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["budget_fit"].startswith("1 epochs (of at most 3) fitted at epoch 1: ")
+    assert run.data.metrics["planned_epochs"] == 1
+    state = load_state(result.checkpoint_path)
+    assert state["epoch"] == 1 and state["planned_epochs"] == 1 and state["global_step"] == p.steps_per_epoch
+    _, meta = load_teacher(result.teacher_dir)
+    assert meta["global_step"] == p.steps_per_epoch
+
+
+def test_a_run_stopped_for_bad_data_fails_with_the_reason_not_as_finished(tmp_path, ray_cluster, mlflow_server):
+    """Half the training images are corrupt: rank 0 stops the run (above data.max_bad_fraction) and reports
+    without a checkpoint. Ray Train's Result.metrics are the latest *checkpoint's*, so the driver must get
+    the reason from the run itself: a one-line DataError and a FAILED run, whether or not an epoch-end
+    checkpoint existed when the stop came (never 'finished without a checkpoint', never FINISHED)."""
+    import io
+    import tarfile
+
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.pretrain import DataError, find_run, prepare, pretrain
+    from pipeline.synthetic import make_synthetic_dataset
+
+    root = make_synthetic_dataset(tmp_path / "ds", n_train=256, n_val=16, image_size=32, shard_size=64)
+    for shard in sorted(root.glob("train-*.tar")):
+        with tarfile.open(shard) as tf:
+            members = [(m, tf.extractfile(m).read()) for m in tf.getmembers() if m.isfile()]
+        with tarfile.open(shard, "w") as tf:
+            for i, (m, data) in enumerate(members):
+                if m.name.endswith(".jpg") and i % 4 == 0:  # every other sample (2 members each)
+                    data = b"\xff\xd8\xff\xe0 not a jpeg"
+                m.size = len(data)
+                tf.addfile(m, io.BytesIO(data))
+
+    cfg = _smoke(tmp_path, mlflow_server, "tracking.run_name=ray-bad-data", f"data.root={root}", "ray.num_workers=1",
+                 "ray.cpus_per_worker=0.5", "data.max_bad_fraction=0.1", "optim.epochs=3")
+    with pytest.raises(DataError, match=r"^run ray-bad-data stopped: \d+ of \d+ samples \(\d+\.\d%\) were bad, above data.max_bad_fraction=0.1"):
+        pretrain(prepare(cfg))
+    run_id = find_run(mlflow_server, prepare(cfg).experiment, "ray-bad-data")
+    run = MlflowClient(mlflow_server).get_run(run_id)
+    assert run.info.status == "FAILED" and "above data.max_bad_fraction=0.1" in run.data.tags["stopped"]
+    assert not (tmp_path / "out" / "ray-bad-data" / "teacher").exists()

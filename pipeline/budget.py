@@ -1,0 +1,52 @@
+"""A wall-clock budget for pretraining (``optim.time_budget_minutes``): how many epochs fit.
+
+The driver turns the budget into a deadline for the workers' training (the job's start + budget - a
+reserve for what follows training: export, artifacts, model registration). The workers train the
+warm-up epochs (at least one) at the configured schedule, then measure their pace — seconds per step
+over the second half of the last epoch, when Ray Data, the augmentation pool and the caches are warm,
+plus what an epoch end costs (report, checkpoint) — and fix the number of epochs once:
+``done + floor(time left / seconds per epoch)``, at most ``optim.epochs``. The schedules are then
+rebuilt for that many epochs. Fitted at the end of the learning-rate warm-up, the learning rate has no
+jump (its cosine starts there); the weight-decay and teacher-momentum cosines, which start at step 0,
+move by a few parts in a thousand. The fit is done once and never again (a schedule that moves
+during its cosine is not the paper's): if the pace later drops so far that the next epoch would end
+more than a quarter-epoch past the deadline, the run stops at that epoch end as a finished run (its
+last checkpoint exported) with a ``budget_stop`` tag saying so.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+DRIVER_TAIL_S = 30.0  # export + artifacts + registration after training (~10-20 s measured for a ResNet-18)
+OVERRUN_TOLERANCE = 0.25  # of an epoch: how far past the deadline the next epoch may be projected to end
+
+
+@dataclass(frozen=True)
+class Pace:
+    """What the workers measured: seconds per step at steady state and seconds per epoch end."""
+
+    step_s: float
+    epoch_end_s: float
+
+    def epoch_s(self, steps_per_epoch: int) -> float:
+        return steps_per_epoch * self.step_s + self.epoch_end_s
+
+
+def fit_epochs(*, deadline: float, now: float, done: int, pace: Pace, steps_per_epoch: int, cap: int) -> int:
+    """Epochs of the whole run when ``done`` are done at ``now``: ``done`` plus the whole epochs that end
+    by ``deadline`` at ``pace``, at most ``cap`` and at least ``done`` (nothing more fits: stop now)."""
+    epoch_s = pace.epoch_s(steps_per_epoch)
+    more = math.floor(max(deadline - now, 0.0) / epoch_s) if epoch_s > 0 else cap
+    return max(done, min(cap, done + more))
+
+
+def next_epoch_overruns(*, deadline: float, now: float, epoch_s: float) -> bool:
+    """Would an epoch started ``now`` and lasting ``epoch_s`` end more than the tolerance past ``deadline``?"""
+    return now + epoch_s > deadline + OVERRUN_TOLERANCE * epoch_s
+
+
+def fit_epoch(warmup_epochs: int) -> int:
+    """The epoch at whose end the budget is fitted: the end of the learning-rate warm-up, at least 1."""
+    return max(1, warmup_epochs)
