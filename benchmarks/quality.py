@@ -18,8 +18,9 @@ crop size, :mod:`dino.eval_view`):
 
 The budget is wall-clock time of the whole pretraining call on this machine (Ray start, workers,
 training, checkpoints, export, model registration). Unless ``--epochs`` is given, the run gets it as
-``optim.time_budget_minutes`` (:mod:`pipeline.budget`): after its warm-up epoch it measures its own pace
-in the pipeline and fixes how many epochs fit, once, with the schedules rebuilt for that length. A
+``optim.time_budget_minutes`` (:mod:`pipeline.budget`): from the end of its warm-up epoch on, every epoch
+end measures its own pace in the pipeline and fits the number of epochs to the time left, the schedules
+resampled onto that length. A
 calibration first (not counted: a few DINO steps of the preset's model timed in this process with the
 worker's thread count) gives the estimate ``(budget - overhead) / (steps per epoch x step time x
 slowdown)``, printed, and the cap on epochs (twice the estimate). The epochs trained and the pretraining
@@ -227,9 +228,11 @@ def main(argv: list[str] | None = None) -> int:
 
     client = MlflowClient(result.tracking_uri)
     epochs = int(round(float(result.metrics["epoch"])))
-    fit = client.get_run(result.run_id).data.tags.get("budget_fit", "")
+    tags = client.get_run(result.run_id).data.tags
+    fit = "; ".join(f"{k}: {tags[k]}" for k in ("budget_fit", "budget_stop") if k in tags)
+    history = [int(m.value) for m in client.get_metric_history(result.run_id, "planned_epochs")]
     say(f"pretraining: {epochs} epoch(s) in {pretrain_s / 60:.1f} min (budget {args.minutes:.1f} min)"
-        + (f"; budget fit: {fit}" if fit else ""))
+        + (f"; planned epochs {history}; last {fit}" if fit else ""))
 
     req = KnnRequest(data_root=prepared.data_root, train_split=cfg.data.train_split, val_split=cfg.data.val_split,
                      out_dir=out / prepared.run_name / "knn", tracking_uri=result.tracking_uri,
@@ -240,7 +243,8 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "data": str(cfg.data.root), "preset": cfg.preset, "overrides": args.overrides, "k": args.k,
         "temperature": cfg.knn.temperature, "n_db": knn["n_db"], "n_queries": knn["n_queries"],
-        "budget_min": args.minutes, "epochs": epochs, "budget_fit": fit, "steps_per_epoch": spe,
+        "budget_min": args.minutes, "epochs": epochs, "budget_fit": fit, "planned_epochs": history,
+        "steps_per_epoch": spe,
         "calibrated_step_s": step_s,
         "pretrain_min": pretrain_s / 60, "top1": figures, "margin_pts": margin,
         "raw_pixels_uint8": raw_all["uint8"][args.k],

@@ -113,6 +113,40 @@ class Schedules:
         """Number of steps covered by the schedules."""
         return len(self.lr)
 
+    def stretch(self, from_step: int, total_steps: int) -> "Schedules":
+        """The same schedules up to ``from_step``, their remaining part resampled onto ``total_steps``.
+
+        Step ``k >= from_step`` of the result takes this schedule's value at ``from_step + (k - from_step)
+        (T - from_step) / (total_steps - from_step)`` (``T`` its length), linearly interpolated, with the
+        step after the last extrapolated (the cosines' convention: the final value is reached one step after
+        the end; a half-cosine's tail is quadratic, ``a[-1] - (a[-2] - a[-1]) / 3``, exact for it and for a
+        constant). So every schedule keeps its value at ``from_step`` (no jump), and a cosine that starts at or
+        before ``from_step`` becomes, up to interpolation, the cosine of a run ``total_steps`` long. Used by
+        the time budget (:mod:`pipeline.budget`) when the number of epochs that fit changes during a run.
+
+        Raises:
+            ValueError: If ``from_step`` is outside ``[0, T)`` or ``total_steps < from_step``.
+        """
+        T = self.total_steps
+        if not 0 <= from_step < T:
+            raise ValueError(f"from_step must be in [0, {T}), got {from_step}")
+        if total_steps < from_step:
+            raise ValueError(f"total_steps {total_steps} is before from_step {from_step}")
+        n = total_steps - from_step
+        x = from_step + np.arange(n) * ((T - from_step) / n if n else 0.0)  # (n,) positions in this schedule
+
+        def resample(a: np.ndarray) -> np.ndarray:
+            # The step after the end: where a cosine's quadratic tail (or a constant) goes next.
+            after = a[-1] - (a[-2] - a[-1]) / 3 if T > 1 else a[-1]
+            return np.concatenate([a[:from_step], np.interp(x, np.arange(T + 1), np.append(a, after))])
+
+        return Schedules(
+            lr=resample(self.lr),
+            weight_decay=resample(self.weight_decay),
+            teacher_momentum=resample(self.teacher_momentum),
+            teacher_temp=resample(self.teacher_temp),
+        )
+
     def at(self, step: int) -> StepValues:
         """Values at global step ``step``, clamped to ``[0, total_steps - 1]``."""
         i = min(max(int(step), 0), self.total_steps - 1)

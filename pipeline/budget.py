@@ -2,16 +2,17 @@
 
 The driver turns the budget into a deadline for the workers' training (the job's start + budget - a
 reserve for what follows training: export, artifacts, model registration). The workers train the
-warm-up epochs (at least one) at the configured schedule, then measure their pace — seconds per step
-over the second half of the last epoch, when Ray Data, the augmentation pool and the caches are warm,
-plus what an epoch end costs (report, checkpoint) — and fix the number of epochs once:
-``done + floor(time left / seconds per epoch)``, at most ``optim.epochs``. The schedules are then
-rebuilt for that many epochs. Fitted at the end of the learning-rate warm-up, the learning rate has no
-jump (its cosine starts there); the weight-decay and teacher-momentum cosines, which start at step 0,
-move by a few parts in a thousand. The fit is done once and never again (a schedule that moves
-during its cosine is not the paper's): if the pace later drops so far that the next epoch would end
-more than a quarter-epoch past the deadline, the run stops at that epoch end as a finished run (its
-last checkpoint exported) with a ``budget_stop`` tag saying so.
+warm-up epochs (at least one) at the configured schedule. From then on, at every epoch end, they take
+the pace of that epoch — seconds per step over its second half, when Ray Data, the augmentation pool
+and the caches are warm, plus what the previous epoch end cost (report, checkpoint) — and fit the
+run's length: ``done + floor(time left / seconds per epoch)``, at most ``optim.epochs``. When that number
+changes, every schedule's remaining part is resampled onto the new length
+(:meth:`dino.schedules.Schedules.stretch`): no value jumps, and the cosines still end at their final
+values (the learning rate at ``min_lr``), only sooner or later. At the end of warm-up the learning-rate
+cosine has not started, so the first fit gives exactly the cosine a run of that length would have had.
+When no further epoch fits, the run ends there as a finished run (its last checkpoint exported). During
+warm-up the length is not changed; the run only stops early if the next epoch would end more than a
+quarter-epoch past the deadline.
 """
 
 from __future__ import annotations

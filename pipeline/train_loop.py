@@ -116,8 +116,8 @@ class DinoRunner:
         self.data_exhausted = False  # the run's batch stream ended (fewer good samples than planned)
         self.collapse: str | None = None  # the collapse verdict of the latest window
         spe = plan.steps_per_epoch
-        self.planned_epochs = o.epochs  # optim.epochs, or what fits optim.time_budget_minutes once fitted
-        self.budget_fitted = False
+        self.planned_epochs = o.epochs  # optim.epochs, or what fits optim.time_budget_minutes
+        self.budget_fits: list[tuple[int, int]] = []  # (global step, epochs) of each change the budget made
         self._build_schedules(o.epochs)
         self.freeze_steps = spe * o.freeze_last_layer_epochs
         self.global_step = 0
@@ -142,9 +142,12 @@ class DinoRunner:
         )
 
     def fit_schedules(self, epochs: int) -> None:
-        """Fix the run's length at ``epochs`` (the time budget's fit, once) and rebuild the schedules for it."""
-        self.planned_epochs, self.budget_fitted = int(epochs), True
-        self._build_schedules(max(self.planned_epochs, 1))
+        """Make the run ``epochs`` long from here on: every schedule's remaining part is resampled onto the
+        new length (:meth:`Schedules.stretch`: no jump, same end values); ``epochs`` = the epochs done stops."""
+        self.schedules = self.schedules.stretch(self.global_step, self.plan.steps_per_epoch * int(epochs))
+        self.total_steps = self.schedules.total_steps
+        self.planned_epochs = int(epochs)
+        self.budget_fits.append((self.global_step, int(epochs)))
 
     # -- state -----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -157,7 +160,7 @@ class DinoRunner:
             "global_step": self.global_step,
             "skipped_steps": self.skipped_steps,
             "steps_in_epoch": self.steps_in_epoch,
-            "planned_epochs": self.planned_epochs if self.budget_fitted else None,
+            "budget_fits": list(self.budget_fits),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "config": self.cfg.to_dict(),
             "mlflow_run_id": self.plan.run_id,
@@ -186,8 +189,10 @@ class DinoRunner:
         self.global_step = int(state["global_step"])
         self.skipped_steps = int(state.get("skipped_steps", 0))
         self.steps_in_epoch = int(state.get("steps_in_epoch", 0))
-        if state.get("planned_epochs") is not None:  # the time budget was fitted before this checkpoint
-            self.fit_schedules(int(state["planned_epochs"]))
+        for step, epochs in state.get("budget_fits") or ():  # the time budget's changes, replayed in order
+            self.global_step = int(step)
+            self.fit_schedules(int(epochs))
+        self.global_step = int(state["global_step"])
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
 
@@ -283,10 +288,11 @@ class DinoRunner:
     def apply_budget(
         self, deadline: float | None, summary: dict[str, Any], epoch_end_s: float, now: float
     ) -> tuple[str, str] | None:
-        """At an epoch end, the time budget (:mod:`pipeline.budget`): at the end of warm-up, fit the run's
-        epochs to the pace once; at any other epoch end, stop here if the next epoch would overrun the
-        deadline. Rank 0 decides for every rank. Returns ``("budget_fit" | "budget_stop", note)`` for the run's
-        tags, or None if nothing changed. Both are kept in checkpoints (``planned_epochs``).
+        """At an epoch end, the time budget (:mod:`pipeline.budget`): from the end of warm-up on, fit the
+        run's epochs to the pace of the epoch that just ended (schedules resampled, no jump); during warm-up,
+        only stop if the next epoch would overrun the deadline. Rank 0 decides for every rank. Returns
+        ``("budget_fit" | "budget_stop", note)`` when the number of epochs changed, else None. The changes are
+        kept in checkpoints (``budget_fits``) and replayed on resume.
 
         Args:
             deadline: ``time.time()`` by which training must end, or None (no budget).
@@ -298,21 +304,25 @@ class DinoRunner:
 
         if deadline is None or self.epoch >= self.planned_epochs:
             return None
-        if not self.budget_fitted and self.epoch >= budget.fit_epoch(self.cfg.optim.warmup_epochs) and "late_step_s" in summary:
-            pace = budget.Pace(step_s=summary["late_step_s"], epoch_end_s=epoch_end_s)
-            spe = self.plan.steps_per_epoch
-            epochs = _from_rank0(budget.fit_epochs(deadline=deadline, now=now, done=self.epoch, pace=pace,
-                                                   steps_per_epoch=spe, cap=self.cfg.optim.epochs))
-            self.fit_schedules(epochs)
-            return "budget_fit", (f"{epochs} epochs (of at most {self.cfg.optim.epochs}) fitted at epoch {self.epoch}: "
-                    f"{pace.epoch_s(spe):.1f} s per epoch ({pace.step_s:.3f} s per step), {deadline - now:.0f} s left")
-        epoch_s = summary["epoch_time_s"] + epoch_end_s
-        if _from_rank0(budget.next_epoch_overruns(deadline=deadline, now=now, epoch_s=epoch_s)):
+        spe, cap = self.plan.steps_per_epoch, self.cfg.optim.epochs
+        if self.epoch < budget.fit_epoch(self.cfg.optim.warmup_epochs) or "late_step_s" not in summary:
+            epoch_s = summary["epoch_time_s"] + epoch_end_s
+            if not _from_rank0(budget.next_epoch_overruns(deadline=deadline, now=now, epoch_s=epoch_s)):
+                return None
             planned = self.planned_epochs
-            self.planned_epochs, self.budget_fitted = self.epoch, True  # no schedule left to follow
-            return "budget_stop", (f"stopped after epoch {self.epoch} of {planned}: the next would take {epoch_s:.0f} s and end "
-                    f"{now + epoch_s - deadline:.0f} s past the time budget")
-        return None
+            self.fit_schedules(self.epoch)
+            return "budget_stop", (f"stopped after epoch {self.epoch} of {planned}: the next would take {epoch_s:.0f} s "
+                                   f"and end {now + epoch_s - deadline:.0f} s past the time budget")
+        pace = budget.Pace(step_s=summary["late_step_s"], epoch_end_s=epoch_end_s)
+        epochs = _from_rank0(budget.fit_epochs(deadline=deadline, now=now, done=self.epoch, pace=pace,
+                                               steps_per_epoch=spe, cap=cap))
+        if epochs == self.planned_epochs:
+            return None
+        self.fit_schedules(epochs)
+        timing = f"{pace.epoch_s(spe):.1f} s per epoch ({pace.step_s:.3f} s per step), {deadline - now:.0f} s left"
+        if epochs == self.epoch:
+            return "budget_stop", f"stopped after epoch {self.epoch}: no further epoch fits ({timing})"
+        return "budget_fit", f"{epochs} epochs (of at most {cap}) fitted at epoch {self.epoch}: {timing}"
 
     def _log_window(self, out, tracker, window_steps, window_s, window_wait, epoch_wait, epoch_s, steps) -> str | None:
         """One logging window: metrics + health to MLflow (rank 0), and the run-wide stop decision."""

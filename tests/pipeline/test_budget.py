@@ -1,6 +1,6 @@
-"""optim.time_budget_minutes: the epochs that fit are fixed once at the end of warm-up from the measured
-pace, the schedules are rebuilt without a learning-rate jump, the fit survives a checkpoint, and a run
-whose pace drops stops at the epoch end before it would overrun."""
+"""optim.time_budget_minutes: from the end of warm-up on, every epoch end fits the run's length to the
+measured pace; the schedules' remaining parts are resampled (no jump, same end values, and at warm-up end
+exactly the cosine of a run that long); the fits survive a checkpoint; a run with no time left stops."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from dino.schedules import build_schedules
 from pipeline.budget import Pace, fit_epoch, fit_epochs, next_epoch_overruns
 from pipeline.config import ConfigError, load_config
 from pipeline.pretrain import training_deadline
@@ -56,70 +57,120 @@ def _at_epoch_end(runner, epoch):
     runner.epoch, runner.global_step = epoch, epoch * runner.plan.steps_per_epoch
 
 
-def test_fit_at_warm_up_end_rebuilds_the_schedules_without_an_lr_jump():
+def _schedules_of_a_run(runner, epochs):
+    """What build_schedules gives a run planned at ``epochs`` from the start (same config)."""
+    o, lc, spe = runner.cfg.optim, runner.cfg.loss, runner.plan.steps_per_epoch
+    return build_schedules(base_lr=o.base_lr, min_lr=o.min_lr, global_batch_size=4, warmup_steps=spe * o.warmup_epochs,
+                           total_steps=spe * epochs, weight_decay=o.weight_decay, weight_decay_end=o.weight_decay_end,
+                           momentum_teacher=lc.momentum_teacher, teacher_temp=lc.teacher_temp,
+                           warmup_teacher_temp=lc.warmup_teacher_temp,
+                           warmup_teacher_temp_steps=spe * lc.warmup_teacher_temp_epochs)
+
+
+def test_stretch_keeps_the_past_the_value_at_the_cut_and_the_end():
     runner = _runner()
-    before = runner.schedules
-    _at_epoch_end(runner, 1)  # still warming up: nothing is fitted (the deadline is far)
+    s = runner.schedules  # 200 steps
+    for total in (80, 200, 350):
+        t = s.stretch(50, total)
+        assert t.total_steps == total
+        for a, b in ((s.lr, t.lr), (s.weight_decay, t.weight_decay), (s.teacher_momentum, t.teacher_momentum)):
+            np.testing.assert_array_equal(b[:51], a[:51])  # the past and the value at the cut
+            assert b[-1] == pytest.approx(a[-1], rel=0.05, abs=1e-9)  # ends where it ended
+        if total == 200:
+            np.testing.assert_allclose(t.lr, s.lr, rtol=1e-12)  # same length: unchanged
+    shorter = s.stretch(50, 80)
+    assert np.all(np.diff(shorter.lr[20:]) <= 1e-12)  # still a decreasing cosine after warm-up
+    with pytest.raises(ValueError, match="from_step"):
+        s.stretch(200, 300)
+    with pytest.raises(ValueError, match="before from_step"):
+        s.stretch(50, 40)
+
+
+def test_fit_at_warm_up_end_gives_the_schedules_of_a_run_that_long():
+    runner = _runner()
+    _at_epoch_end(runner, 1)  # still warming up: the length is not touched (the deadline is far)
     assert runner.apply_budget(1e6, {"epoch_time_s": 5.0, "late_step_s": 0.5}, 0.0, now=0.0) is None
-    assert not runner.budget_fitted and runner.planned_epochs == 20
+    assert runner.planned_epochs == 20 and runner.budget_fits == []
 
     _at_epoch_end(runner, 2)
     # 0.5 s x 10 steps + 1 s per epoch end = 6 s per epoch; 40 s left -> 6 more epochs
     kind, note = runner.apply_budget(40.0, {"epoch_time_s": 5.0, "late_step_s": 0.5}, 1.0, now=0.0)
     assert kind == "budget_fit" and note.startswith("8 epochs (of at most 20) fitted at epoch 2: 6.0 s per epoch")
-    assert runner.budget_fitted and runner.planned_epochs == 8 and runner.total_steps == 80
-    after = runner.schedules
-    assert after.total_steps == 80 and before.total_steps == 200
-    np.testing.assert_array_equal(after.lr[:20], before.lr[:20])  # the warm-up is the same ramp
-    assert after.lr[20] == before.lr[20] == pytest.approx(after.lr.max())  # both cosines start at the peak
-    assert after.lr[-1] < before.lr[79]  # and the fitted one ends at the end of the 8th epoch
-    # The cosines that start at step 0 move by little at the fit point (20 of 80 steps vs 20 of 200).
-    assert abs(after.teacher_momentum[20] - before.teacher_momentum[20]) < 2e-3
-    # Fitted once: a later epoch end never re-fits, however the pace changes.
-    _at_epoch_end(runner, 3)
-    assert runner.apply_budget(1e6, {"epoch_time_s": 1.0, "late_step_s": 0.01}, 1.0, now=0.0) is None
-    assert runner.planned_epochs == 8
+    assert runner.planned_epochs == 8 and runner.total_steps == 80 and runner.budget_fits == [(20, 8)]
+    direct = _schedules_of_a_run(runner, 8)
+    peak = direct.lr.max()  # the lr cosine starts at the fit: the same cosine, up to linear interpolation
+    np.testing.assert_allclose(runner.schedules.lr, direct.lr, rtol=1e-3, atol=1e-4 * peak)
+    assert runner.schedules.lr[20] == pytest.approx(runner.schedules.lr.max())
+    # The cosines that started at step 0 are continuous at the fit and end where a run's would.
+    before = _schedules_of_a_run(runner, 20)
+    assert runner.schedules.weight_decay[20] == before.weight_decay[20]
+    assert runner.schedules.teacher_momentum[-1] == pytest.approx(direct.teacher_momentum[-1])
 
 
-def test_the_fit_survives_a_checkpoint():
+def test_each_epoch_end_refits_to_the_latest_pace_without_a_jump():
+    runner = _runner()
+    _at_epoch_end(runner, 2)
+    runner.apply_budget(40.0, {"epoch_time_s": 5.0, "late_step_s": 0.5}, 1.0, now=0.0)  # 8 epochs
+    assert runner.apply_budget(40.0, {"epoch_time_s": 5.0, "late_step_s": 0.5}, 1.0, now=0.0) is None  # same fit
+    _at_epoch_end(runner, 4)
+    lr_before = runner.schedules.lr.copy()
+    # faster now: 0.2 s x 10 + 1 = 3 s per epoch, 28 s left at t = 12 -> 9 more: 13 epochs
+    kind, note = runner.apply_budget(40.0, {"epoch_time_s": 2.0, "late_step_s": 0.2}, 1.0, now=12.0)
+    assert kind == "budget_fit" and note.startswith("13 epochs (of at most 20) fitted at epoch 4: 3.0 s per epoch")
+    assert runner.budget_fits == [(20, 8), (40, 13)] and runner.total_steps == 130
+    np.testing.assert_array_equal(runner.schedules.lr[:41], lr_before[:41])  # the past and the current value
+    assert runner.schedules.lr[-1] == pytest.approx(_schedules_of_a_run(runner, 13).lr[-1], rel=1e-3)  # near min_lr
+    assert runner.schedules.lr[20:].min() >= runner.cfg.optim.min_lr  # never below it after warm-up
+    assert np.max(np.abs(np.diff(runner.schedules.lr[20:]))) < 2 * np.max(np.abs(np.diff(lr_before[20:80])))
+
+
+def test_the_fits_survive_a_checkpoint():
     runner = _runner()
     _at_epoch_end(runner, 2)
     runner.apply_budget(40.0, {"epoch_time_s": 5.0, "late_step_s": 0.5}, 1.0, now=0.0)
+    _at_epoch_end(runner, 4)
+    runner.apply_budget(40.0, {"epoch_time_s": 2.0, "late_step_s": 0.2}, 1.0, now=12.0)
     state = runner.state_dict()
-    assert state["planned_epochs"] == 8
+    assert state["budget_fits"] == [(20, 8), (40, 13)]
     resumed = _runner()
     resumed.load_state_dict(state)
-    assert resumed.budget_fitted and resumed.planned_epochs == 8
-    np.testing.assert_array_equal(resumed.schedules.lr, runner.schedules.lr)
-    np.testing.assert_array_equal(resumed.schedules.weight_decay, runner.schedules.weight_decay)
+    assert resumed.planned_epochs == 13 and resumed.global_step == 40 and resumed.budget_fits == [(20, 8), (40, 13)]
+    for name in ("lr", "weight_decay", "teacher_momentum", "teacher_temp"):
+        np.testing.assert_array_equal(getattr(resumed.schedules, name), getattr(runner.schedules, name))
     # A run without a budget checkpoints no fit and keeps optim.epochs on resume.
     plain = _runner().state_dict()
-    assert plain["planned_epochs"] is None
+    assert plain["budget_fits"] == []
     again = _runner()
     again.load_state_dict(plain)
-    assert not again.budget_fitted and again.planned_epochs == 20
+    assert again.planned_epochs == 20 and again.total_steps == 200
 
 
-def test_a_slower_pace_stops_at_the_epoch_end_before_the_overrun():
+def test_no_time_left_ends_the_run_at_this_epoch():
     runner = _runner()
-    _at_epoch_end(runner, 2)
-    runner.apply_budget(1000.0, {"epoch_time_s": 5.0, "late_step_s": 0.5}, 1.0, now=0.0)
-    assert runner.planned_epochs == 20  # the cap: 166 epochs would fit
     _at_epoch_end(runner, 5)
-    # epochs now take 100 s + 1 s: from t = 950 the next would end at 1051, more than 25 s late
-    kind, note = runner.apply_budget(1000.0, {"epoch_time_s": 100.0}, 1.0, now=950.0)
+    kind, note = runner.apply_budget(1000.0, {"epoch_time_s": 100.0, "late_step_s": 10.0}, 1.0, now=950.0)
     assert kind == "budget_stop" and runner.planned_epochs == 5
-    assert note == "stopped after epoch 5 of 20: the next would take 101 s and end 51 s past the time budget"
+    assert note == "stopped after epoch 5: no further epoch fits (101.0 s per epoch (10.000 s per step), 50 s left)"
     resumed = _runner()
     resumed.load_state_dict(runner.state_dict())
     assert resumed.planned_epochs == 5 and resumed.epoch == 5  # a resumed run does not train on
+
+
+def test_during_warm_up_only_an_overrun_stops_the_run():
+    runner = _runner("optim.warmup_epochs=3")
+    _at_epoch_end(runner, 1)
+    assert runner.apply_budget(1000.0, {"epoch_time_s": 100.0, "late_step_s": 10.0}, 0.0, now=800.0) is None  # ends at 900
+    _at_epoch_end(runner, 2)
+    kind, note = runner.apply_budget(1000.0, {"epoch_time_s": 100.0, "late_step_s": 10.0}, 1.0, now=950.0)
+    assert kind == "budget_stop" and runner.planned_epochs == 2
+    assert note == "stopped after epoch 2 of 20: the next would take 101 s and end 51 s past the time budget"
 
 
 def test_without_a_deadline_nothing_changes():
     runner = _runner()
     _at_epoch_end(runner, 2)
     assert runner.apply_budget(None, {"epoch_time_s": 5.0, "late_step_s": 0.5}, 1.0, now=0.0) is None
-    assert not runner.budget_fitted and runner.planned_epochs == 20
+    assert runner.budget_fits == [] and runner.planned_epochs == 20
 
 
 def test_train_epoch_reports_the_pace_of_its_second_half():
