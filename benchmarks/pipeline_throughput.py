@@ -8,7 +8,9 @@ measured before and after the pipeline run), the Ray Data rate with an actor poo
 actors (0.9 CPU each, leaving room for the read task), the scaling efficiency (pipeline rate /
 (cores x single-core rate); target >= 90%), where the machine's CPU went while timed (actors, read
 tasks, this driver = consumer + Ray Data's scheduler, other Ray processes), the images/s per CPU-second
-the actors got against the single-core rate, and the shape and bytes of emitted batches.
+the actors got against the single-core rate, and the shape and bytes of emitted batches. With
+``--plain-actors``, also the stage's ceiling without Ray Data: as many plain Ray actors running the same
+mapper over in-memory rows.
 """
 
 from __future__ import annotations
@@ -50,6 +52,47 @@ def single_core_rate(paths: list[str], spec, limit: int, core: int) -> float:
     for i in range(0, len(batch["jpg"]), 64):
         mapper({k: v[i : i + 64] for k, v in batch.items()})
     return len(batch["jpg"]) / (time.perf_counter() - t0)
+
+
+def plain_actor_rate(paths: list[str], spec, limit: int, cores: int, batch: int) -> tuple[float, list[float]]:
+    """The ceiling without Ray Data: ``cores`` plain Ray actors (0.9 CPU each) run the production mapper over
+    the same in-memory rows in batches of ``batch``, all at once. Returns (images/s summed over the actors,
+    each actor's CPU share of its timed loop)."""
+    import numpy as np
+    import ray
+    import webdataset as wds
+
+    from pipeline.data import MultiCropMapper
+
+    rows = {"__key__": [], "jpg": [], "cls": []}
+    for sample in wds.WebDataset(paths, shardshuffle=False):
+        for k in rows:
+            rows[k].append(sample[k])
+        if len(rows["jpg"]) >= limit:
+            break
+    ray.init(num_cpus=cores, include_dashboard=False, log_to_driver=False)
+    try:
+        ref = ray.put({k: np.array(v, dtype=object) for k, v in rows.items()})
+
+        @ray.remote(num_cpus=0.9)
+        class PlainMapper:
+            def __init__(self):
+                self.mapper = MultiCropMapper(spec, seed=0)
+
+            def run(self, rows):
+                self.mapper({k: v[:16] for k, v in rows.items()})  # warm-up
+                t0, c0 = time.perf_counter(), time.process_time()
+                for i in range(0, len(rows["jpg"]), batch):
+                    self.mapper({k: v[i : i + batch] for k, v in rows.items()})
+                wall = time.perf_counter() - t0
+                return len(rows["jpg"]) / wall, (time.process_time() - c0) / wall
+
+        actors = [PlainMapper.remote() for _ in range(cores)]
+        ray.get([a.__ray_ready__.remote() for a in actors])
+        results = ray.get([a.run.remote(ref) for a in actors])
+    finally:
+        ray.shutdown()
+    return sum(r for r, _ in results), [c for _, c in results]
 
 
 def cpu_seconds() -> dict[int, tuple[str, float]]:
@@ -122,6 +165,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--single-limit", type=int, default=500, help="images for the single-core rate")
     parser.add_argument("--n-local", type=int, default=8)
     parser.add_argument("--batch", type=int, default=32, help="map_batches batch size")
+    parser.add_argument("--plain-actors", action="store_true",
+                        help="also run --cores plain Ray actors over in-memory rows (no Ray Data): the stage's ceiling")
     args = parser.parse_args(argv)
 
     from pipeline.config import load_config
@@ -156,8 +201,15 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"images/s per actor CPU-second:      {per_actor_core:8.1f}  "
           f"({100 * per_actor_core / single:.1f} % of the single-core rate: the stage's own overhead)")
     print(f"batch columns: global_crops {g[0]} {g[1]}, local_crops {l[0]} {l[1]}; {per_sample / 1e3:.1f} kB/sample")
-    return {"single": single, "pipeline": rate, "scaling": rate / ideal, "bytes_per_sample": per_sample,
-            "cores_used": used, "actor_efficiency": per_actor_core / single}
+    out = {"single": single, "pipeline": rate, "scaling": rate / ideal, "bytes_per_sample": per_sample,
+           "cores_used": used, "actor_efficiency": per_actor_core / single}
+    if args.plain_actors:
+        os.sched_setaffinity(0, set(range(os.cpu_count())))  # Ray's processes inherit the driver's affinity
+        plain, shares = plain_actor_rate(paths, spec, args.single_limit, args.cores, args.batch)
+        print(f"plain Ray actors, no Ray Data:      {plain:8.1f} images/s  ({100 * plain / ideal:.1f} % of {args.cores} x single; "
+              f"actors at {', '.join(f'{c:.2f}' for c in shares)} of a core; Ray Data reaches {100 * rate / plain:.1f} % of this)")
+        out["plain_actors"] = plain
+    return out
 
 
 if __name__ == "__main__":

@@ -3,8 +3,9 @@
 The driver turns the budget into a deadline for the workers' training (the job's start + budget - a
 reserve for what follows training: export, artifacts, model registration). The workers train the
 warm-up epochs (at least one) at the configured schedule. From then on, at every epoch end, they take
-the pace of that epoch — seconds per step over its second half, when Ray Data, the augmentation pool
-and the caches are warm, plus what the previous epoch end cost (report, checkpoint) — and fit the
+the recent pace — seconds per step over the second half of each epoch, when Ray Data, the augmentation
+pool and the caches are warm, averaged over the last :data:`PACE_EPOCHS` epochs (one epoch's pace swings
+by +-10 % on a shared VM), plus what the previous epoch end cost (report, checkpoint) — and fit the
 run's length: ``done + floor(time left / seconds per epoch)``, at most ``optim.epochs``. When that number
 changes, every schedule's remaining part is resampled onto the new length
 (:meth:`dino.schedules.Schedules.stretch`): no value jumps, and the cosines still end at their final
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 
 DRIVER_TAIL_S = 30.0  # export + artifacts + registration after training (~10-20 s measured for a ResNet-18)
 OVERRUN_TOLERANCE = 0.25  # of an epoch: how far past the deadline the next epoch may be projected to end
+PACE_EPOCHS = 3  # the pace is the mean of the last few epochs' (second-half) seconds per step
 
 
 @dataclass(frozen=True)
@@ -33,6 +35,12 @@ class Pace:
 
     def epoch_s(self, steps_per_epoch: int) -> float:
         return steps_per_epoch * self.step_s + self.epoch_end_s
+
+
+def recent_pace(paces: list[float]) -> float:
+    """Seconds per step to plan with: the mean of the last :data:`PACE_EPOCHS` measured epochs."""
+    recent = paces[-PACE_EPOCHS:]
+    return sum(recent) / len(recent)
 
 
 def fit_epochs(*, deadline: float, now: float, done: int, pace: Pace, steps_per_epoch: int, cap: int) -> int:

@@ -118,6 +118,7 @@ class DinoRunner:
         spe = plan.steps_per_epoch
         self.planned_epochs = o.epochs  # optim.epochs, or what fits optim.time_budget_minutes
         self.budget_fits: list[tuple[int, int]] = []  # (global step, epochs) of each change the budget made
+        self.paces: list[float] = []  # seconds per step of each epoch's second half since warm-up (this process)
         self._build_schedules(o.epochs)
         self.freeze_steps = spe * o.freeze_last_layer_epochs
         self.global_step = 0
@@ -289,7 +290,7 @@ class DinoRunner:
         self, deadline: float | None, summary: dict[str, Any], epoch_end_s: float, now: float
     ) -> tuple[str, str] | None:
         """At an epoch end, the time budget (:mod:`pipeline.budget`): from the end of warm-up on, fit the
-        run's epochs to the pace of the epoch that just ended (schedules resampled, no jump); during warm-up,
+        run's epochs to the recent pace (:func:`pipeline.budget.recent_pace`; schedules resampled, no jump); during warm-up,
         only stop if the next epoch would overrun the deadline. Rank 0 decides for every rank. Returns
         ``("budget_fit" | "budget_stop", note)`` when the number of epochs changed, else None. The changes are
         kept in checkpoints (``budget_fits``) and replayed on resume.
@@ -313,7 +314,8 @@ class DinoRunner:
             self.fit_schedules(self.epoch)
             return "budget_stop", (f"stopped after epoch {self.epoch} of {planned}: the next would take {epoch_s:.0f} s "
                                    f"and end {now + epoch_s - deadline:.0f} s past the time budget")
-        pace = budget.Pace(step_s=summary["late_step_s"], epoch_end_s=epoch_end_s)
+        self.paces.append(summary["late_step_s"])
+        pace = budget.Pace(step_s=budget.recent_pace(self.paces), epoch_end_s=epoch_end_s)
         epochs = _from_rank0(budget.fit_epochs(deadline=deadline, now=now, done=self.epoch, pace=pace,
                                                steps_per_epoch=spe, cap=cap))
         if epochs == self.planned_epochs:

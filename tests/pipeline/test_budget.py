@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from dino.schedules import build_schedules
-from pipeline.budget import Pace, fit_epoch, fit_epochs, next_epoch_overruns
+from pipeline.budget import Pace, fit_epoch, fit_epochs, next_epoch_overruns, recent_pace
 from pipeline.config import ConfigError, load_config
 from pipeline.pretrain import training_deadline
 from pipeline.train_loop import DinoRunner, LoopPlan
@@ -23,6 +23,11 @@ def test_fit_epochs_counts_whole_epochs_left_within_the_cap():
     assert fit_epochs(deadline=1000.0, now=0.0, done=1, pace=pace, steps_per_epoch=100, cap=10) == 10
     assert fit_epochs(deadline=50.0, now=0.0, done=3, pace=pace, steps_per_epoch=100, cap=10) == 3  # none fits: stop
     assert fit_epochs(deadline=0.0, now=100.0, done=2, pace=pace, steps_per_epoch=100, cap=10) == 2  # already past
+
+
+def test_the_pace_is_the_mean_of_the_last_three_epochs():
+    assert recent_pace([2.0]) == 2.0
+    assert recent_pace([9.0, 1.0, 2.0, 3.0]) == 2.0
 
 
 def test_overrun_allows_a_quarter_epoch_past_the_deadline():
@@ -107,19 +112,19 @@ def test_fit_at_warm_up_end_gives_the_schedules_of_a_run_that_long():
     assert runner.schedules.teacher_momentum[-1] == pytest.approx(direct.teacher_momentum[-1])
 
 
-def test_each_epoch_end_refits_to_the_latest_pace_without_a_jump():
+def test_each_epoch_end_refits_to_the_recent_pace_without_a_jump():
     runner = _runner()
     _at_epoch_end(runner, 2)
     runner.apply_budget(40.0, {"epoch_time_s": 5.0, "late_step_s": 0.5}, 1.0, now=0.0)  # 8 epochs
     assert runner.apply_budget(40.0, {"epoch_time_s": 5.0, "late_step_s": 0.5}, 1.0, now=0.0) is None  # same fit
     _at_epoch_end(runner, 4)
     lr_before = runner.schedules.lr.copy()
-    # faster now: 0.2 s x 10 + 1 = 3 s per epoch, 28 s left at t = 12 -> 9 more: 13 epochs
+    # faster now: the mean of the last 3 paces (0.5, 0.5, 0.2) = 0.4 s x 10 + 1 = 5 s per epoch, 28 s left -> 9
     kind, note = runner.apply_budget(40.0, {"epoch_time_s": 2.0, "late_step_s": 0.2}, 1.0, now=12.0)
-    assert kind == "budget_fit" and note.startswith("13 epochs (of at most 20) fitted at epoch 4: 3.0 s per epoch")
-    assert runner.budget_fits == [(20, 8), (40, 13)] and runner.total_steps == 130
+    assert kind == "budget_fit" and note.startswith("9 epochs (of at most 20) fitted at epoch 4: 5.0 s per epoch (0.400 s")
+    assert runner.budget_fits == [(20, 8), (40, 9)] and runner.total_steps == 90
     np.testing.assert_array_equal(runner.schedules.lr[:41], lr_before[:41])  # the past and the current value
-    assert runner.schedules.lr[-1] == pytest.approx(_schedules_of_a_run(runner, 13).lr[-1], rel=1e-3)  # near min_lr
+    assert runner.schedules.lr[-1] == pytest.approx(_schedules_of_a_run(runner, 9).lr[-1], rel=1e-3)  # near min_lr
     assert runner.schedules.lr[20:].min() >= runner.cfg.optim.min_lr  # never below it after warm-up
     assert np.max(np.abs(np.diff(runner.schedules.lr[20:]))) < 2 * np.max(np.abs(np.diff(lr_before[20:80])))
 
@@ -131,10 +136,10 @@ def test_the_fits_survive_a_checkpoint():
     _at_epoch_end(runner, 4)
     runner.apply_budget(40.0, {"epoch_time_s": 2.0, "late_step_s": 0.2}, 1.0, now=12.0)
     state = runner.state_dict()
-    assert state["budget_fits"] == [(20, 8), (40, 13)]
+    assert state["budget_fits"] == [(20, 8), (40, 10)]  # paces 0.5, 0.2: 0.35 s x 10 + 1 = 4.5 s per epoch
     resumed = _runner()
     resumed.load_state_dict(state)
-    assert resumed.planned_epochs == 13 and resumed.global_step == 40 and resumed.budget_fits == [(20, 8), (40, 13)]
+    assert resumed.planned_epochs == 10 and resumed.global_step == 40 and resumed.budget_fits == [(20, 8), (40, 10)]
     for name in ("lr", "weight_decay", "teacher_momentum", "teacher_temp"):
         np.testing.assert_array_equal(getattr(resumed.schedules, name), getattr(runner.schedules, name))
     # A run without a budget checkpoints no fit and keeps optim.epochs on resume.
