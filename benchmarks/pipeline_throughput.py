@@ -26,11 +26,22 @@ sys.path.insert(0, str(REPO))
 DEFAULT_SHARDS = REPO.parent / "shared" / "data" / "imagenette2-224"
 
 
-def single_core_rate(paths: list[str], spec, limit: int, core: int) -> float:
-    """Images/s of the production mapper in this process, pinned to ``core``."""
+def first_rows(paths: list[str], limit: int) -> dict:
+    """The first ``limit`` samples of ``paths`` as one batch of raw rows (``__key__``, ``jpg``, ``cls``)."""
     import numpy as np
     import webdataset as wds
 
+    rows = {"__key__": [], "jpg": [], "cls": []}
+    for sample in wds.WebDataset(paths, shardshuffle=False):
+        for k in rows:
+            rows[k].append(sample[k])
+        if len(rows["jpg"]) >= limit:
+            break
+    return {k: np.array(v, dtype=object) for k, v in rows.items()}
+
+
+def single_core_rate(paths: list[str], spec, limit: int, core: int) -> float:
+    """Images/s of the production mapper in this process, pinned to ``core``."""
     from pipeline.data import MultiCropMapper
 
     import cv2
@@ -39,13 +50,7 @@ def single_core_rate(paths: list[str], spec, limit: int, core: int) -> float:
     os.sched_setaffinity(0, {core})
     torch.set_num_threads(1)  # as in an actor (Ray sets OMP_NUM_THREADS=1): one thread per core
     cv2.setNumThreads(1)
-    rows = {"__key__": [], "jpg": [], "cls": []}
-    for sample in wds.WebDataset(paths, shardshuffle=False):
-        for k in rows:
-            rows[k].append(sample[k])
-        if len(rows["jpg"]) >= limit:
-            break
-    batch = {k: np.array(v, dtype=object) for k, v in rows.items()}
+    batch = first_rows(paths, limit)
     mapper = MultiCropMapper(spec, seed=0)
     mapper({k: v[:16] for k, v in batch.items()})  # warm-up
     t0 = time.perf_counter()
@@ -58,21 +63,14 @@ def plain_actor_rate(paths: list[str], spec, limit: int, cores: int, batch: int)
     """The ceiling without Ray Data: ``cores`` plain Ray actors (0.9 CPU each) run the production mapper over
     the same in-memory rows in batches of ``batch``, all at once. Returns (images/s summed over the actors,
     each actor's CPU share of its timed loop)."""
-    import numpy as np
     import ray
-    import webdataset as wds
 
     from pipeline.data import MultiCropMapper
 
-    rows = {"__key__": [], "jpg": [], "cls": []}
-    for sample in wds.WebDataset(paths, shardshuffle=False):
-        for k in rows:
-            rows[k].append(sample[k])
-        if len(rows["jpg"]) >= limit:
-            break
+    rows = first_rows(paths, limit)
     ray.init(num_cpus=cores, include_dashboard=False, log_to_driver=False)
     try:
-        ref = ray.put({k: np.array(v, dtype=object) for k, v in rows.items()})
+        ref = ray.put(rows)
 
         @ray.remote(num_cpus=0.9)
         class PlainMapper:
