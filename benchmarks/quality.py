@@ -20,9 +20,8 @@ The budget is wall-clock time of the whole pretraining call on this machine (Ray
 training, checkpoints, export, model registration). Unless ``--epochs`` is given, the run gets it as
 ``optim.time_budget_minutes`` (:mod:`pipeline.budget`): from the end of its warm-up epoch on, every epoch
 end measures its own pace in the pipeline and fits the number of epochs to the time left, the schedules
-resampled onto that length. A
-calibration first (not counted: a few DINO steps of the preset's model timed in this process with the
-worker's thread count) gives the estimate ``(budget - overhead) / (steps per epoch x step time x
+resampled onto that length. A calibration first (not counted: a few DINO steps of the preset's model
+timed in this process with the worker's thread count) gives the estimate ``(budget - overhead) / (steps per epoch x step time x
 slowdown)``, printed, and the cap on epochs (twice the estimate). The epochs trained and the pretraining
 time actually spent are printed next to the budget.
 
@@ -244,8 +243,7 @@ def main(argv: list[str] | None = None) -> int:
         "data": str(cfg.data.root), "preset": cfg.preset, "overrides": args.overrides, "k": args.k,
         "temperature": cfg.knn.temperature, "n_db": knn["n_db"], "n_queries": knn["n_queries"],
         "budget_min": args.minutes, "epochs": epochs, "budget_fit": fit, "planned_epochs": history,
-        "steps_per_epoch": spe,
-        "calibrated_step_s": step_s,
+        "steps_per_epoch": spe, "calibrated_step_s": step_s,
         "pretrain_min": pretrain_s / 60, "top1": figures, "margin_pts": margin,
         "raw_pixels_uint8": raw_all["uint8"][args.k],
         "by_k": {**three["by_k"], "raw_pixels_uint8": raw_all["uint8"]},

@@ -57,5 +57,6 @@ def next_epoch_overruns(*, deadline: float, now: float, epoch_s: float) -> bool:
 
 
 def fit_epoch(warmup_epochs: int) -> int:
-    """The epoch at whose end the budget is fitted: the end of the learning-rate warm-up, at least 1."""
+    """The first epoch at whose end the budget is fitted (and every one after it): the end of the
+    learning-rate warm-up, at least 1."""
     return max(1, warmup_epochs)

@@ -119,20 +119,12 @@ class DinoRunner:
         self.planned_epochs = o.epochs  # optim.epochs, or what fits optim.time_budget_minutes
         self.budget_fits: list[tuple[int, int]] = []  # (global step, epochs) of each change the budget made
         self.paces: list[float] = []  # seconds per step of each epoch's second half since warm-up (this process)
-        self._build_schedules(o.epochs)
-        self.freeze_steps = spe * o.freeze_last_layer_epochs
-        self.global_step = 0
-        self.epoch = 0
-        torch.manual_seed(cfg.seed + 1 + (dist.get_rank() if _distributed() else 0))  # per-rank drop-path
-
-    def _build_schedules(self, epochs: int) -> None:
-        o, lc, spe = self.cfg.optim, self.cfg.loss, self.plan.steps_per_epoch
-        self.total_steps = spe * epochs
+        self.total_steps = spe * o.epochs
         self.schedules = build_schedules(
             base_lr=o.base_lr,
             min_lr=o.min_lr,
-            global_batch_size=self.plan.global_batch_size,
-            warmup_steps=spe * min(o.warmup_epochs, epochs),
+            global_batch_size=plan.global_batch_size,
+            warmup_steps=spe * o.warmup_epochs,
             total_steps=self.total_steps,
             weight_decay=o.weight_decay,
             weight_decay_end=o.weight_decay_end,
@@ -141,14 +133,20 @@ class DinoRunner:
             warmup_teacher_temp=lc.warmup_teacher_temp,
             warmup_teacher_temp_steps=spe * lc.warmup_teacher_temp_epochs,
         )
+        self.freeze_steps = spe * o.freeze_last_layer_epochs
+        self.global_step = 0
+        self.epoch = 0
+        torch.manual_seed(cfg.seed + 1 + (dist.get_rank() if _distributed() else 0))  # per-rank drop-path
 
-    def fit_schedules(self, epochs: int) -> None:
-        """Make the run ``epochs`` long from here on: every schedule's remaining part is resampled onto the
-        new length (:meth:`Schedules.stretch`: no jump, same end values); ``epochs`` = the epochs done stops."""
-        self.schedules = self.schedules.stretch(self.global_step, self.plan.steps_per_epoch * int(epochs))
+    def fit_schedules(self, epochs: int, from_step: int | None = None) -> None:
+        """Make the run ``epochs`` long from ``from_step`` (default: the current step) on: every schedule's
+        remaining part is resampled onto the new length (:meth:`Schedules.stretch`: no jump, same end values);
+        ``epochs`` = the epochs done stops."""
+        step = self.global_step if from_step is None else int(from_step)
+        self.schedules = self.schedules.stretch(step, self.plan.steps_per_epoch * int(epochs))
         self.total_steps = self.schedules.total_steps
         self.planned_epochs = int(epochs)
-        self.budget_fits.append((self.global_step, int(epochs)))
+        self.budget_fits.append((step, int(epochs)))
 
     # -- state -----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -191,9 +189,7 @@ class DinoRunner:
         self.skipped_steps = int(state.get("skipped_steps", 0))
         self.steps_in_epoch = int(state.get("steps_in_epoch", 0))
         for step, epochs in state.get("budget_fits") or ():  # the time budget's changes, replayed in order
-            self.global_step = int(step)
-            self.fit_schedules(int(epochs))
-        self.global_step = int(state["global_step"])
+            self.fit_schedules(epochs, from_step=step)
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
 

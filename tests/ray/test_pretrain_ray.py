@@ -146,9 +146,10 @@ def test_a_run_stopped_for_bad_data_fails_with_the_reason_not_as_finished(tmp_pa
 
     cfg = _smoke(tmp_path, mlflow_server, "tracking.run_name=ray-bad-data", f"data.root={root}", "ray.num_workers=1",
                  "ray.cpus_per_worker=0.5", "data.max_bad_fraction=0.1", "optim.epochs=3")
+    p = prepare(cfg)
     with pytest.raises(DataError, match=r"^run ray-bad-data stopped: \d+ of \d+ samples \(\d+\.\d%\) were bad, above data.max_bad_fraction=0.1"):
-        pretrain(prepare(cfg))
-    run_id = find_run(mlflow_server, prepare(cfg).experiment, "ray-bad-data")
+        pretrain(p)
+    run_id = find_run(mlflow_server, p.experiment, "ray-bad-data")
     run = MlflowClient(mlflow_server).get_run(run_id)
     assert run.info.status == "FAILED" and "above data.max_bad_fraction=0.1" in run.data.tags["stopped"]
     assert not (tmp_path / "out" / "ray-bad-data" / "teacher").exists()
