@@ -160,6 +160,7 @@ class RayConfig(_Section):
     augment_cpus_per_actor: float = Field(gt=0.0)
     augment_batch_size: int = Field(gt=0)
     augment_priority: Literal["normal", "idle"]
+    augment_output_buffer: int = Field(ge=1)
     read_cpus_per_task: float = Field(gt=0.0)
     read_concurrency: int | None = Field(ge=1)
 

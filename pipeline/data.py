@@ -286,6 +286,13 @@ def multicrop_dataset(
     # to 128 MiB: a whole shard's crops (hundreds of MB at 224 px) in one object, which backpressure cannot
     # split, so a slow trainer and a small object store meant spilling. The datasets share this context.
     reads.context.target_max_block_size = max(1, int(0.9 * r.augment_batch_size * crop_bytes(spec)))
+    # How many finished blocks a running task may hold before the executor takes them (Ray's default: 2).
+    # With 2, an actor waits on the scheduler's loop after every second batch: measured on 2 cores with a
+    # synthetic UDF of fixed cost (benchmarks/ray_data_overhead.py), 72 % of the ideal at 16 MB blocks and
+    # 32 % at tiny ones; 8 gave the multi-crop stage 455-462 images/s against 398-444. Bounded memory:
+    # ray.augment_output_buffer x one batch of crops per running task. A private knob of Ray Data's context.
+    if hasattr(reads.context, "_max_num_blocks_in_streaming_gen_buffer"):
+        reads.context._max_num_blocks_in_streaming_gen_buffer = r.augment_output_buffer
     return reads.map_batches(
         MultiCropMapper,
         fn_constructor_kwargs={"spec": spec, "seed": cfg.seed, "counter_name": counter_name,

@@ -60,6 +60,7 @@ def test_schema_and_default_yaml_have_the_same_keys():
         (["ray.augment_actors_min=9"], "augment_actors_min 9 exceeds augment_actors_max"),
         (["ray.use_gpu=maybe"], "'ray.use_gpu"),
         (["ray.augment_priority=low"], "'ray.augment_priority"),
+        (["ray.augment_output_buffer=0"], "'ray.augment_output_buffer' (got 0)"),
         (["optim=3"], "is a section"),
         (["optim.epochs"], "not of the form key=value"),
     ],

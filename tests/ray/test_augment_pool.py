@@ -107,6 +107,7 @@ def test_each_augmentation_batch_is_its_own_block(tmp_path, ray_cluster):
     assert sum(rows) == 200
     assert max(rows) == 16 and rows.count(16) >= 200 // 16 - 2  # a shard of 100 = 6 x 16 + 4
     assert crop_bytes(spec_from_config(cfg.augment)) == 3 * (2 * 32**2 + 2 * 16**2)  # smoke: 2 x 32 + 2 x 16 px
+    assert ds.context._max_num_blocks_in_streaming_gen_buffer == cfg.ray.augment_output_buffer == 8
 
 
 @pytest.mark.parametrize("priority, policy", [("idle", "SCHED_IDLE"), ("normal", "SCHED_OTHER")])
