@@ -24,6 +24,8 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 DEFAULT_SHARDS = REPO.parent / "shared" / "data" / "imagenette2-224"
@@ -33,10 +35,8 @@ class BusyUDF:
     """Busy ``ms`` per 32 rows (wall clock, no system calls), then ``out_kb`` kB per row of output."""
 
     def __init__(self, ms: float, out_kb: int):
-        import numpy as np
-
-        self.ms, self.out_kb, self.np = ms, out_kb, np
-        self.buffers: dict[int, object] = {}
+        self.ms, self.out_kb = ms, out_kb
+        self.buffers: dict[int, np.ndarray] = {}
 
     def __call__(self, batch: dict) -> dict:
         n = len(next(iter(batch.values())))
@@ -44,29 +44,28 @@ class BusyUDF:
         while time.perf_counter() < end:
             pass
         if not self.out_kb:
-            return {"out": self.np.zeros((n, 4), self.np.uint8)}
+            return {"out": np.zeros((n, 4), np.uint8)}
         if n not in self.buffers:  # the same buffer every call: what is measured is Ray Data's, not page faults
-            self.buffers[n] = self.np.full((n, self.out_kb * 1024), 7, self.np.uint8)
+            self.buffers[n] = np.full((n, self.out_kb * 1024), 7, np.uint8)
         return {"out": self.buffers[n]}
 
 
 def measure(source: str, shards: str, cores: int, ms: float, batch: int, out_kb: int, gen_buffer: int, rows: int) -> float:
     """Rows/s from the first output on, over ``rows`` rows, for one configuration (Ray already started)."""
-    import numpy as np
     import ray
+
+    from pipeline.data import one_block_per_batch, read_shards
 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     saved = ctx.target_max_block_size, ctx._max_num_blocks_in_streaming_gen_buffer
     try:
-        # As in pipeline.data.multicrop_dataset: one batch of outputs = one block (tiny outputs too, so that
-        # every configuration is timed at the same granularity).
-        ctx.target_max_block_size = max(1, int(0.9 * batch * (out_kb * 1024 or 4)))
-        ctx._max_num_blocks_in_streaming_gen_buffer = gen_buffer or 2  # Ray's default is 2
+        # As the multi-crop stage: one batch of outputs = one block (tiny outputs too, so that every
+        # configuration is timed at the same granularity); gen_buffer 0 = Ray's default, 2.
+        one_block_per_batch(ctx, batch * (out_kb * 1024 or 4), gen_buffer or 2)
         if source == "memory":
             ds = ray.data.from_numpy([np.arange(512) for _ in range(2 * rows // 512 + 2 * cores)])
         else:
-            from pipeline.data import read_shards
             from pipeline.shards import load_split
 
             ds = read_shards(load_split(shards, "train").paths, num_cpus=0.01, concurrency=1, passes=4, seed=0, tasks_per_pass=1)

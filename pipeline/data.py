@@ -269,6 +269,24 @@ def read_shards(
     )
 
 
+def one_block_per_batch(context, batch_bytes: int, buffer_blocks: int) -> None:
+    """Shape a dataset's blocks (its ``DataContext``, shared by all its operators) for a map whose every
+    batch of output, ``batch_bytes`` large, is its own block, of which a running task may hold
+    ``buffer_blocks`` before the executor takes them.
+
+    One batch = one block: Ray Data otherwise packs a task's output into blocks of up to 128 MiB, a whole
+    shard's crops (hundreds of MB at 224 px) in one object, which backpressure cannot split, so a slow trainer
+    and a small object store meant spilling. The buffer: Ray's default of 2 finished blocks per task makes
+    an actor wait on the scheduler's loop after every second batch; measured on 2 cores with a synthetic
+    UDF of fixed cost (benchmarks/ray_data_overhead.py), 72 % of the ideal at 16 MB blocks and 32 % at tiny
+    ones; 8 gave the multi-crop stage 455-462 images/s against 398-444. Memory stays bounded: buffer x one
+    batch per running task. The buffer is a private attribute of Ray Data's context (set when present).
+    """
+    context.target_max_block_size = max(1, int(0.9 * batch_bytes))
+    if hasattr(context, "_max_num_blocks_in_streaming_gen_buffer"):
+        context._max_num_blocks_in_streaming_gen_buffer = buffer_blocks
+
+
 def multicrop_dataset(
     paths: list[str], cfg: Config, counter_name: str | None = None, passes: int = 1, with_meta: bool = True
 ) -> ray.data.Dataset:
@@ -282,17 +300,7 @@ def multicrop_dataset(
     n_reads = r.read_tasks()
     reads = read_shards(paths, num_cpus=r.read_cpus_per_task, concurrency=n_reads, passes=passes, seed=cfg.seed,
                         tasks_per_pass=n_reads)
-    # One augmentation batch = one output block. Ray Data otherwise packs a task's output into blocks of up
-    # to 128 MiB: a whole shard's crops (hundreds of MB at 224 px) in one object, which backpressure cannot
-    # split, so a slow trainer and a small object store meant spilling. The datasets share this context.
-    reads.context.target_max_block_size = max(1, int(0.9 * r.augment_batch_size * crop_bytes(spec)))
-    # How many finished blocks a running task may hold before the executor takes them (Ray's default: 2).
-    # With 2, an actor waits on the scheduler's loop after every second batch: measured on 2 cores with a
-    # synthetic UDF of fixed cost (benchmarks/ray_data_overhead.py), 72 % of the ideal at 16 MB blocks and
-    # 32 % at tiny ones; 8 gave the multi-crop stage 455-462 images/s against 398-444. Bounded memory:
-    # ray.augment_output_buffer x one batch of crops per running task. A private knob of Ray Data's context.
-    if hasattr(reads.context, "_max_num_blocks_in_streaming_gen_buffer"):
-        reads.context._max_num_blocks_in_streaming_gen_buffer = r.augment_output_buffer
+    one_block_per_batch(reads.context, r.augment_batch_size * crop_bytes(spec), r.augment_output_buffer)
     return reads.map_batches(
         MultiCropMapper,
         fn_constructor_kwargs={"spec": spec, "seed": cfg.seed, "counter_name": counter_name,
