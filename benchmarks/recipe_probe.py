@@ -1,0 +1,187 @@
+"""Compare DINO recipes by the k-NN accuracy they reach, in one process, without Ray.
+
+    python benchmarks/recipe_probe.py --name base --epochs 15 --eval-at 8
+    python benchmarks/recipe_probe.py --name lr2 --epochs 15 --eval-at 8 optim.base_lr=0.008
+
+The question a recipe change must answer is "more k-NN accuracy after the same number of epochs?";
+``quality.py`` answers a different one (after a wall-clock budget, through the whole pipeline) and takes
+~40 minutes a run on 2 cores, all of them. This probe trains the preset's student/teacher with the
+production runner (:class:`pipeline.train_loop.DinoRunner`: same schedules, loss, optimizer, EMA) and the
+production multi-crop mapper, on one thread by default, so two probes run side by side on a 2-core machine
+(~2.4 min per Imagenette epoch each). It evaluates the teacher's backbone with the paper's weighted k-NN
+(T = 0.07) on the preset's evaluation views (``knn.image_size``) at the end and at ``--eval-at`` epochs
+(``0`` = the random initialisation), prints each figure and writes a JSON report.
+
+The training images are held in memory as JPEG bytes (Imagenette's train split: ~110 MB); this is a tool
+for datasets of that size. Evaluation views are decoded once and cached under ``--cache`` (keyed by the
+data root and view size), so probes of the same data share them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+DEFAULT_DATA = REPO.parent / "shared" / "data" / "imagenette2-224"
+
+
+def say(text: str) -> None:
+    print(f"[probe {time.strftime('%H:%M:%S')}] {text}", flush=True)
+
+
+def train_rows(paths: list[str]) -> list[dict[str, Any]]:
+    """Every sample of ``paths`` as a raw row (``__key__``, ``jpg``, ``cls``; bytes as stored)."""
+    from pipeline.storage import filesystem_for
+    from pipeline.tar_reader import read_shard_tables
+
+    rows = []
+    for table in read_shard_tables({"path": paths}, filesystem_for(paths), rows_per_table=256):
+        cols = {c: table.column(c).to_pylist() for c in ("__key__", "jpg", "cls") if c in table.column_names}
+        rows.extend({c: cols[c][i] for c in cols} for i in range(table.num_rows))
+    return rows
+
+
+def eval_views(root: str, train_split: str, val_split: str, image_size: int, cache: Path | None):
+    """``(train views, train labels, val views, val labels)`` as numpy arrays, from ``cache`` when there."""
+    import numpy as np
+
+    from pipeline.shards import load_split
+    from quality import decoded_views
+
+    path = None
+    if cache is not None:
+        tag = hashlib.sha1(f"{Path(root).resolve() if '://' not in root else root}|{train_split}|{val_split}".encode()).hexdigest()[:12]
+        path = cache / f"views-{tag}-{image_size}.npz"
+        if path.exists():
+            with np.load(path) as z:
+                return z["xt"], z["yt"], z["xv"], z["yv"]
+    xt, yt, _ = decoded_views(load_split(root, train_split).paths, image_size)
+    xv, yv, _ = decoded_views(load_split(root, val_split).paths, image_size)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.stem + ".partial.npz")
+        np.savez(tmp, xt=xt, yt=yt, xv=xv, yv=yv)
+        tmp.replace(path)  # complete or absent: a concurrent probe never reads half a cache
+    return xt, yt, xv, yv
+
+
+def knn_top1(backbone, views, k: int, temperature: float, batch: int = 256) -> float:
+    """Weighted k-NN top-1 (percent) of ``backbone``'s L2-normalised features, val queries against train."""
+    import torch
+
+    from dino.eval_view import embed_views
+    from dino.knn import knn_accuracy, knn_predict
+
+    xt, yt, xv, yv = views
+    was_training = backbone.training
+    backbone.eval()
+    try:
+        ft = torch.cat([embed_views(backbone, torch.from_numpy(xt[i : i + batch]), "cpu") for i in range(0, len(xt), batch)])
+        fv = torch.cat([embed_views(backbone, torch.from_numpy(xv[i : i + batch]), "cpu") for i in range(0, len(xv), batch)])
+    finally:
+        backbone.train(was_training)
+    num_classes = int(max(yt.max(), yv.max())) + 1
+    scores = knn_predict(ft, torch.from_numpy(yt), fv, num_classes, k=k, temperature=temperature)
+    return knn_accuracy(scores, torch.from_numpy(yv), topk=(1,))[1]
+
+
+def probe(cfg, epochs: int, eval_at: list[int], threads: int = 1, cache: Path | None = None, k: int | None = None) -> dict[str, Any]:
+    """Train ``cfg``'s recipe for ``epochs`` epochs in this process; k-NN top-1 at ``eval_at`` and the end.
+
+    Returns ``{"epochs": [{"epoch", "loss", "seconds"}...], "knn_top1": {epoch: %}, "steps": n, ...}``.
+    """
+    import numpy as np
+    import torch
+
+    from pipeline.data import MultiCropMapper, spec_from_config
+    from pipeline.shards import load_split
+    from pipeline.train_loop import DinoRunner, LoopPlan
+
+    torch.set_num_threads(threads)
+    root = str(cfg.data.root)
+    rows = train_rows(load_split(root, cfg.data.train_split).paths)
+    batch = cfg.optim.batch_size_per_worker
+    spe = len(rows) // batch
+    if spe < 1:
+        raise ValueError(f"{root}: {len(rows)} training samples, fewer than one batch of {batch}")
+    views = eval_views(root, cfg.data.train_split, cfg.data.val_split, cfg.knn.image_size or cfg.augment.global_size, cache)
+    k = k or cfg.knn.k
+    plan = LoopPlan(steps_per_epoch=spe, global_batch_size=batch, tracking_uri="", run_id="recipe-probe")
+    runner = DinoRunner(cfg, plan, torch.device("cpu"))
+    mapper = MultiCropMapper(spec_from_config(cfg.augment), seed=cfg.seed, with_meta=False)
+    report: dict[str, Any] = {"steps_per_epoch": spe, "epochs": [], "knn_top1": {}}
+
+    def evaluate(epoch: int) -> None:
+        t = time.perf_counter()
+        acc = knn_top1(runner.teacher.backbone, views, k, cfg.knn.temperature)
+        report["knn_top1"][epoch] = acc
+        say(f"epoch {epoch}: teacher k-NN top-1 (k={k}) {acc:.2f} ({time.perf_counter() - t:.0f} s)")
+
+    if 0 in eval_at:
+        evaluate(0)
+    rng = np.random.default_rng(cfg.seed)
+    for epoch in range(1, epochs + 1):
+        order = rng.permutation(len(rows))
+        t, losses = time.perf_counter(), []
+        for s in range(spe):
+            picked = [rows[i] for i in order[s * batch : (s + 1) * batch]]
+            raw = {c: np.array([r.get(c) for r in picked], dtype=object) for c in ("__key__", "jpg", "cls")}
+            crops = mapper(raw)
+            out = runner.step({name: torch.from_numpy(a) for name, a in crops.items()})
+            losses.append(float(out["loss"]))
+        report["epochs"].append({"epoch": epoch, "loss": float(np.mean(losses)), "seconds": time.perf_counter() - t})
+        say(f"epoch {epoch}/{epochs}: loss {np.mean(losses):.4f}, {time.perf_counter() - t:.0f} s")
+        if epoch in eval_at and epoch != epochs:
+            evaluate(epoch)
+    evaluate(epochs)
+    report["steps"] = runner.global_step
+    return report
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default=str(DEFAULT_DATA), help="webdataset root with train and val splits")
+    p.add_argument("--preset", default="imagenette", help="config preset or YAML path (default: imagenette)")
+    p.add_argument("--epochs", type=int, default=15, help="length of the whole schedule (default: 15)")
+    p.add_argument("--eval-at", default="", help="comma-separated epochs to evaluate besides the last (0 = random init)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: two probes side by side on 2 cores)")
+    p.add_argument("--name", default="probe", help="name of this recipe in the printout and the report")
+    p.add_argument("--out", default="outputs/recipe_probe", help="folder of the JSON reports")
+    p.add_argument("--cache", default="outputs/recipe_probe/cache", help="folder of cached evaluation views ('' = none)")
+    p.add_argument("overrides", nargs="*", help="config overrides key=value, applied after the preset")
+    args = p.parse_args(argv)
+
+    from pipeline.config import load_config
+
+    if args.epochs < 1:
+        p.error(f"--epochs must be >= 1, got {args.epochs}")
+    try:
+        eval_at = sorted({int(x) for x in args.eval_at.split(",") if x.strip()})
+    except ValueError:
+        p.error(f"--eval-at must be comma-separated epochs, got {args.eval_at!r}")
+    if any(e < 0 or e > args.epochs for e in eval_at):
+        p.error(f"--eval-at epochs must lie in 0..{args.epochs}, got {args.eval_at!r}")
+    cfg = load_config(args.preset, [f"data.root={args.data}", f"optim.epochs={args.epochs}", *args.overrides])
+    say(f"{args.name}: preset {args.preset} {' '.join(args.overrides) or '(as is)'}, {args.epochs} epochs, {args.threads} thread(s)")
+    t0 = time.perf_counter()
+    report = probe(cfg, args.epochs, eval_at, args.threads, Path(args.cache) if args.cache else None)
+    report.update(name=args.name, preset=args.preset, overrides=args.overrides, data=args.data, minutes=(time.perf_counter() - t0) / 60)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{args.name}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path.write_text(json.dumps(report, indent=2))
+    accs = ", ".join(f"epoch {e}: {a:.2f}" for e, a in report["knn_top1"].items())
+    say(f"{args.name}: k-NN top-1 {accs}; {report['minutes']:.1f} min; report {path}")
+    return report
+
+
+if __name__ == "__main__":
+    main()
