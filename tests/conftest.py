@@ -27,6 +27,29 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="session")
+def load_benchmark():
+    """A function ``name -> module`` loading ``benchmarks/<name>.py`` once per session (the benchmarks are
+    scripts, not a package), registered in ``sys.modules`` as ``benchmark_<name>`` while the session lasts
+    (dataclasses and pickling by value look their module up there)."""
+    import importlib.util
+
+    loaded: dict[str, object] = {}
+
+    def load(name: str):
+        if name not in loaded:
+            spec = importlib.util.spec_from_file_location(f"benchmark_{name}", REPO / "benchmarks" / f"{name}.py")
+            mod = importlib.util.module_from_spec(spec)
+            sys.modules[spec.name] = mod
+            spec.loader.exec_module(mod)
+            loaded[name] = mod
+        return loaded[name]
+
+    yield load
+    for name in loaded:
+        sys.modules.pop(f"benchmark_{name}", None)
+
+
+@pytest.fixture(scope="session")
 def port_factory():
     """A function returning a free TCP port on 127.0.0.1 (tests import fixtures, not conftest)."""
     return free_port

@@ -9,10 +9,8 @@ edges, fine texture.
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import tarfile
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,7 +20,6 @@ from torchvision.transforms import InterpolationMode
 
 from dino import augment as A
 
-REPO = Path(__file__).resolve().parents[2]
 TOL = 1.5  # mean absolute difference, of 255
 EXACT = 0.1  # ops that reproduce PIL's arithmetic (up to float rounding)
 
@@ -214,14 +211,7 @@ def test_draft_decoding_reduces_large_jpegs_faithfully():
     assert g.shape == (2, 224, 224, 3) and loc.shape == (2, 96, 96, 3)
 
 
-def _load_benchmark():
-    spec = importlib.util.spec_from_file_location("benchmark_augment", REPO / "benchmarks" / "augment.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def test_benchmark_smoke(tmp_path, capsys):
+def test_benchmark_smoke(tmp_path, capsys, load_benchmark):
     """benchmarks/augment.py runs end to end on a tiny webdataset shard (figures, not timings, asserted)."""
     shard = tmp_path / "train-000000.tar"
     with tarfile.open(shard, "w") as tf:
@@ -230,7 +220,7 @@ def test_benchmark_smoke(tmp_path, capsys):
                 info = tarfile.TarInfo(f"sample{i:04d}.{ext}")
                 info.size = len(payload)
                 tf.addfile(info, io.BytesIO(payload))
-    bench = _load_benchmark()
+    bench = load_benchmark("augment")
     rows = bench.main([str(tmp_path), "--smoke"])
     assert [r["n_local"] for r in rows] == [8] and rows[0]["images"] == 4
     assert rows[0]["ref_ips"] > 0 and rows[0]["ours_ips"] > 0 and rows[0]["ratio"] > 0

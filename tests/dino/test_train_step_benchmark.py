@@ -3,16 +3,12 @@ the FLOP count equals an analytic count, the reference attends by hand, compiled
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from torch.nn import functional as F
 
-REPO = Path(__file__).resolve().parents[2]
 
 # The tiny ViT of tests/dino/conftest.py: embed 48, 2 blocks, 3 heads, patch 8.
 D, DEPTH, PATCH = 48, 2, 8
@@ -28,13 +24,8 @@ TINY = [
 
 
 @pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("benchmark_train_step", REPO / "benchmarks" / "train_step.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # its dataclasses look their module up
-    spec.loader.exec_module(mod)
-    yield mod
-    sys.modules.pop(spec.name, None)
+def bench(load_benchmark):
+    return load_benchmark("train_step")
 
 
 def analytic_step_flops() -> int:

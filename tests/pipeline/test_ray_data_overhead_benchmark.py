@@ -3,25 +3,16 @@ measurement through a real actor pool can never beat the busy time (what is left
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("benchmark_ray_data_overhead", REPO / "benchmarks" / "ray_data_overhead.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    yield mod
-    sys.modules.pop(spec.name, None)
+def bench(load_benchmark):
+    return load_benchmark("ray_data_overhead")
 
 
 def test_busy_udf_spends_its_time_and_returns_the_asked_bytes_from_one_buffer(bench):

@@ -4,27 +4,19 @@ complete view cache between probes."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
 TINY = ["optim.batch_size_per_worker=16", "knn.image_size=32", "augment.n_local=2", "model.out_dim=64",
         "model.hidden_dim=64", "model.bottleneck_dim=32", "optim.warmup_epochs=1"]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("benchmark_recipe_probe", REPO / "benchmarks" / "recipe_probe.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+def bench(load_benchmark):
+    return load_benchmark("recipe_probe")
 
 
 @pytest.fixture(scope="module")
