@@ -11,6 +11,10 @@ tasks, this driver = consumer + Ray Data's scheduler, other Ray processes), the 
 the actors got against the single-core rate, and the shape and bytes of emitted batches. With
 ``--plain-actors``, also the stage's ceiling without Ray Data: as many plain Ray actors running the same
 mapper over in-memory rows.
+
+Timed after a warm-up (``--warmup`` images, whose rate is printed too): a process's first ~100 blocks written
+to (or mapped from) Ray's object store touch fresh pages, several times slower than later ones. The driver
+consumes every block as it comes (``--consumer-batch`` to re-batch as a trainer would).
 """
 
 from __future__ import annotations
@@ -113,19 +117,28 @@ def cpu_groups(before: dict, after: dict) -> dict[str, float]:
     title (a Ray worker is ``ray::IDLE`` until it becomes an actor); processes that exited are lost."""
     groups = {"actors": 0.0, "reads": 0.0, "driver": 0.0, "ray_other": 0.0}
     for pid, (cmd, cpu) in after.items():
-        spent = cpu - before.get(pid, ("", 0.0))[1]
+        old_cmd, old_cpu = before.get(pid, ("", 0.0))
+        spent = cpu - old_cpu
+        # Ray rewrites a worker's title at every task: a read racing that rewrite can come back empty
+        cmd = cmd if cmd.strip() else old_cmd
         if pid == os.getpid():
             groups["driver"] += spent
         elif "MapWorker" in cmd:  # the actor title is cut short: ray::MapWorker(MapBatches(MultiCropM...
             groups["actors"] += spent
         elif "ReadWebdatasetShards" in cmd:  # the read tasks' title: the datasource's name (pipeline.data.ShardPasses)
             groups["reads"] += spent
-        elif "ray" in cmd:
+        elif cmd.startswith("ray::") or "/ray/" in cmd:  # Ray's workers, daemons and helper actors
             groups["ray_other"] += spent
     return groups
 
 
-def pipeline_rate(paths: list[str], cfg, limit: int, cores: int, passes: int) -> tuple[float, dict]:
+def pipeline_rate(paths: list[str], cfg, limit: int, cores: int, passes: int, warmup: int,
+                  consumer_batch: int) -> tuple[float, dict]:
+    """Images/s of the stage over ``limit`` images after ``warmup`` images (from the first batch on, so actor
+    start-up is excluded either way), the rate over the warm-up window itself, and where the CPU went while
+    timed. Why a warm-up: the first ~100 blocks a process writes into (or maps from) Ray's object store land
+    on pages it has never touched, ~4-5x slower than later ones (a 16.7 MB block: ~10 ms, then ~2 ms), a
+    start-up cost of the first seconds of a run, not of its steady state."""
     import ray
 
     from pipeline.data import multicrop_dataset
@@ -135,20 +148,29 @@ def pipeline_rate(paths: list[str], cfg, limit: int, cores: int, passes: int) ->
     # Whole shards, consumed until ``limit`` images: ``Dataset.limit`` would add a slice task in a fresh
     # worker process (~1.3 s of CPU importing Ray Data), a cost a training run never pays.
     ds = multicrop_dataset(paths, cfg, passes=passes)
-    n, shape, t0, t_first = 0, {}, time.perf_counter(), None
-    for batch in ds.iter_batches(batch_size=cfg.ray.augment_batch_size, batch_format="numpy", prefetch_batches=4):
-        if t_first is None:  # exclude actor start-up: time from the first batch on
-            t_first, n0, cpu0 = time.perf_counter(), len(batch["key"]), cpu_seconds()
-            shape = {k: (v.shape, v.dtype.str, v.nbytes) for k, v in batch.items() if k in ("global_crops", "local_crops")}
+    n, shape, t0, t_first, t_warm = 0, {}, time.perf_counter(), None, None
+    # The consumer takes every block into this process. By default as the blocks come (one augmentation
+    # batch each, numpy views of the fetched block): re-batching to the training batch is the trainer's
+    # work, on a GPU node, not the stage's; ``--consumer-batch`` re-batches here (one more copy per batch).
+    for batch in ds.iter_batches(batch_size=consumer_batch or None, batch_format="numpy", prefetch_batches=4):
         n += len(batch["key"])
-        if n >= limit:  # snapshot inside the loop: leaving it shuts the pool down
-            elapsed, cpu1 = time.perf_counter() - t_first, cpu_seconds()
+        if t_first is None:  # exclude actor start-up: time from the first batch on
+            t_first, n_first = time.perf_counter(), n
+            shape = {k: (v.shape, v.dtype.str, v.nbytes) for k, v in batch.items() if k in ("global_crops", "local_crops")}
+        if t_warm is None and n - n_first >= warmup:
+            t_warm, n_warm, cpu0 = time.perf_counter(), n, cpu_seconds()
+        elif t_warm is not None and n - n_warm >= limit:  # snapshot inside the loop: leaving it shuts the pool down
+            t_end, cpu1 = time.perf_counter(), cpu_seconds()
             break
     else:
-        elapsed, cpu1 = time.perf_counter() - t_first, cpu_seconds()
+        t_end, cpu1 = time.perf_counter(), cpu_seconds()
     ray.shutdown()
+    if t_warm is None:
+        raise SystemExit(f"the stream ended after {n} images, before the end of the {warmup}-image warm-up: raise --passes")
+    elapsed = t_end - t_warm
     share = {k: v / elapsed for k, v in cpu_groups(cpu0, cpu1).items()}  # cores' worth each group used
-    return (n - n0) / elapsed, {"startup_s": t_first - t0, "cores_used": share, **shape}
+    cold = (n_warm - n_first) / (t_warm - t_first) if t_warm > t_first else float("nan")
+    return (n - n_warm) / elapsed, {"startup_s": t_first - t0, "cores_used": share, "cold": cold, "timed": n - n_warm, **shape}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -157,12 +179,16 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--split", default="train")
     parser.add_argument("--cores", type=int, default=os.cpu_count())
     parser.add_argument("--limit", type=int, default=6000,
-                        help="images through the pipeline (a window of ~15 s; 2,500 images, ~7 s, is not steady)")
+                        help="images timed after the warm-up (a window of ~15 s; 2,500 images, ~7 s, is not steady)")
+    parser.add_argument("--warmup", type=int, default=4000,
+                        help="images before the timed window (actors' first object-store pages; 0 = time from the first batch)")
     parser.add_argument("--passes", type=int, default=2,
                         help="passes over the shards in the stream (as training reads them), so --limit may exceed one pass")
     parser.add_argument("--single-limit", type=int, default=500, help="images for the single-core rate")
     parser.add_argument("--n-local", type=int, default=8)
     parser.add_argument("--batch", type=int, default=32, help="map_batches batch size")
+    parser.add_argument("--consumer-batch", type=int, default=0,
+                        help="re-batch to this many images in the consumer (0 = take the stage's blocks as they come)")
     parser.add_argument("--plain-actors", action="store_true",
                         help="also run --cores plain Ray actors over in-memory rows (no Ray Data): the stage's ceiling")
     args = parser.parse_args(argv)
@@ -183,7 +209,7 @@ def main(argv: list[str] | None = None) -> dict:
     # percent over minutes); the ideal uses their mean.
     before = single_core_rate(paths, spec, args.single_limit, core=0)
     os.sched_setaffinity(0, set(range(os.cpu_count())))
-    rate, info = pipeline_rate(paths, cfg, args.limit, args.cores, args.passes)
+    rate, info = pipeline_rate(paths, cfg, args.limit, args.cores, args.passes, args.warmup, args.consumer_batch)
     after = single_core_rate(paths, spec, args.single_limit, core=0)
     single = (before + after) / 2
     ideal = args.cores * single
@@ -191,7 +217,8 @@ def main(argv: list[str] | None = None) -> dict:
     per_sample = (g[2] + l[2]) / g[0][0]
     print(f"multi-crop 2x{cfg.augment.global_size} + {args.n_local}x{cfg.augment.local_size}, {args.shards}")
     print(f"single core (pinned, in-process):   {single:8.1f} images/s  (before {before:.1f}, after {after:.1f})")
-    print(f"Ray Data, {args.cores} actors x 0.9 CPU:     {rate:8.1f} images/s  (start-up {info['startup_s']:.1f} s excluded)")
+    print(f"Ray Data, {args.cores} actors x 0.9 CPU:     {rate:8.1f} images/s  over {info['timed']} images after a "
+          f"{args.warmup}-image warm-up at {info['cold']:.1f} images/s (start-up {info['startup_s']:.1f} s excluded)")
     print(f"scaling vs {args.cores} x single core:       {100 * rate / ideal:8.1f} %  (target >= 90%)")
     used = info["cores_used"]
     per_actor_core = rate / used["actors"]
@@ -199,7 +226,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"images/s per actor CPU-second:      {per_actor_core:8.1f}  "
           f"({100 * per_actor_core / single:.1f} % of the single-core rate: the stage's own overhead)")
     print(f"batch columns: global_crops {g[0]} {g[1]}, local_crops {l[0]} {l[1]}; {per_sample / 1e3:.1f} kB/sample")
-    out = {"single": single, "pipeline": rate, "scaling": rate / ideal, "bytes_per_sample": per_sample,
+    out = {"single": single, "pipeline": rate, "warmup_rate": info["cold"], "scaling": rate / ideal, "bytes_per_sample": per_sample,
            "cores_used": used, "actor_efficiency": per_actor_core / single}
     if args.plain_actors:
         os.sched_setaffinity(0, set(range(os.cpu_count())))  # Ray's processes inherit the driver's affinity
