@@ -184,9 +184,12 @@ def main(argv: list[str] | None = None) -> dict:
                         help="images before the timed window (actors' first object-store pages; 0 = time from the first batch)")
     parser.add_argument("--passes", type=int, default=2,
                         help="passes over the shards in the stream (as training reads them), so --limit may exceed one pass")
-    parser.add_argument("--single-limit", type=int, default=500, help="images for the single-core rate")
+    parser.add_argument("--single-limit", type=int, default=1500,
+                        help="images for each single-core measurement (~4 s: shorter windows swing with this VM's drift)")
     parser.add_argument("--n-local", type=int, default=8)
     parser.add_argument("--batch", type=int, default=32, help="map_batches batch size")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="more config overrides, e.g. ray.augment_output_buffer=4 (repeatable)")
     parser.add_argument("--consumer-batch", type=int, default=0,
                         help="re-batch to this many images in the consumer (0 = take the stage's blocks as they come)")
     parser.add_argument("--plain-actors", action="store_true",
@@ -201,7 +204,7 @@ def main(argv: list[str] | None = None) -> dict:
         None,
         [f"augment.n_local={args.n_local}", f"ray.augment_actors_min={args.cores}",
          f"ray.augment_actors_max={args.cores}", "ray.augment_cpus_per_actor=0.9",  # leave room for reads
-         "ray.read_cpus_per_task=0.01", "ray.read_concurrency=1", f"ray.augment_batch_size={args.batch}"],
+         "ray.read_cpus_per_task=0.01", "ray.read_concurrency=1", f"ray.augment_batch_size={args.batch}", *args.set],
     )
     paths = load_split(args.shards, args.split).paths
     spec = spec_from_config(cfg.augment)
