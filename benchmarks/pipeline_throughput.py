@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--single-limit", type=int, default=1500,
                         help="images for each single-core measurement (~4 s: shorter windows swing with this VM's drift)")
     parser.add_argument("--n-local", type=int, default=8)
-    parser.add_argument("--batch", type=int, default=32, help="map_batches batch size")
+    parser.add_argument("--batch", type=int, default=None, help="map_batches batch size (default: the config's, 64)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="more config overrides, e.g. ray.augment_output_buffer=4 (repeatable)")
     parser.add_argument("--consumer-batch", type=int, default=0,
@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None) -> dict:
         None,
         [f"augment.n_local={args.n_local}", f"ray.augment_actors_min={args.cores}",
          f"ray.augment_actors_max={args.cores}", "ray.augment_cpus_per_actor=0.9",  # leave room for reads
-         "ray.read_cpus_per_task=0.01", "ray.read_concurrency=1", f"ray.augment_batch_size={args.batch}", *args.set],
+         "ray.read_cpus_per_task=0.01", "ray.read_concurrency=1", *([f"ray.augment_batch_size={args.batch}"] if args.batch else []), *args.set],
     )
     paths = load_split(args.shards, args.split).paths
     spec = spec_from_config(cfg.augment)
@@ -233,7 +233,7 @@ def main(argv: list[str] | None = None) -> dict:
            "cores_used": used, "actor_efficiency": per_actor_core / single}
     if args.plain_actors:
         os.sched_setaffinity(0, set(range(os.cpu_count())))  # Ray's processes inherit the driver's affinity
-        plain, shares = plain_actor_rate(paths, spec, args.single_limit, args.cores, args.batch)
+        plain, shares = plain_actor_rate(paths, spec, args.single_limit, args.cores, cfg.ray.augment_batch_size)
         print(f"plain Ray actors, no Ray Data:      {plain:8.1f} images/s  ({100 * plain / ideal:.1f} % of {args.cores} x single; "
               f"actors at {', '.join(f'{c:.2f}' for c in shares)} of a core; Ray Data reaches {100 * rate / plain:.1f} % of this)")
         out["plain_actors"] = plain
