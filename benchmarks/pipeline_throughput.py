@@ -220,7 +220,8 @@ def main(argv: list[str] | None = None) -> dict:
     per_sample = (g[2] + l[2]) / g[0][0]
     print(f"multi-crop 2x{cfg.augment.global_size} + {args.n_local}x{cfg.augment.local_size}, {args.shards}")
     print(f"single core (pinned, in-process):   {single:8.1f} images/s  (before {before:.1f}, after {after:.1f})")
-    print(f"Ray Data, {args.cores} actors x 0.9 CPU:     {rate:8.1f} images/s  over {info['timed']} images after a "
+    pool = f"{cfg.ray.augment_actors_max} actors x {cfg.ray.augment_cpus_per_actor:g} CPU"
+    print(f"Ray Data, {pool}:{' ' * max(1, 22 - len(pool))}{rate:8.1f} images/s  over {info['timed']} images after a "
           f"{args.warmup}-image warm-up at {info['cold']:.1f} images/s (start-up {info['startup_s']:.1f} s excluded)")
     print(f"scaling vs {args.cores} x single core:       {100 * rate / ideal:8.1f} %  (target >= 90%)")
     used = info["cores_used"]
