@@ -143,7 +143,9 @@ def pipeline_rate(paths: list[str], cfg, limit: int, cores: int, passes: int, wa
 
     from pipeline.data import multicrop_dataset
 
-    ray.init(num_cpus=cores, include_dashboard=False, log_to_driver=False)
+    started = not ray.is_initialized()  # a running Ray (a test's) is used as it is, and left running
+    if started:
+        ray.init(num_cpus=cores, include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     # Whole shards, consumed until ``limit`` images: ``Dataset.limit`` would add a slice task in a fresh
     # worker process (~1.3 s of CPU importing Ray Data), a cost a training run never pays.
@@ -164,7 +166,8 @@ def pipeline_rate(paths: list[str], cfg, limit: int, cores: int, passes: int, wa
             break
     else:
         t_end, cpu1 = time.perf_counter(), cpu_seconds()
-    ray.shutdown()
+    if started:
+        ray.shutdown()
     if t_warm is None:
         raise SystemExit(f"the stream ended after {n} images, before the end of the {warmup}-image warm-up: raise --passes")
     elapsed = t_end - t_warm
