@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--split", default="train")
     parser.add_argument("--cores", type=int, default=os.cpu_count())
     parser.add_argument("--limit", type=int, default=6000,
-                        help="images timed after the warm-up (a window of ~15 s; 2,500 images, ~7 s, is not steady)")
+                        help="images timed after the warm-up (a window of ~10 s on 2 cores; 2,500 images are too few to be steady)")
     parser.add_argument("--warmup", type=int, default=4000,
                         help="images before the timed window (actors' first object-store pages; 0 = time from the first batch)")
     parser.add_argument("--passes", type=int, default=2,
