@@ -114,7 +114,8 @@ def cpu_seconds() -> dict[int, tuple[str, float]]:
 def cpu_groups(before: dict, after: dict) -> dict[str, float]:
     """CPU seconds spent between two snapshots, per group: augmentation actors, read tasks, this driver
     (the consumer and Ray Data's scheduler), other Ray processes. Grouped by each process's final
-    title (a Ray worker is ``ray::IDLE`` until it becomes an actor); processes that exited are lost."""
+    title (a Ray worker is ``ray::IDLE`` until it becomes an actor), or its earlier one when the final read
+    came back empty; processes that exited are lost."""
     groups = {"actors": 0.0, "reads": 0.0, "driver": 0.0, "ray_other": 0.0}
     for pid, (cmd, cpu) in after.items():
         old_cmd, old_cpu = before.get(pid, ("", 0.0))
