@@ -55,10 +55,27 @@ def main(argv: list[str] | None = None) -> int:
     print(f"pretraining finished: MLflow run {result.run_id} ({prepared.run_name}) at {result.tracking_uri}")
     print(f"teacher exported to {result.teacher_dir}; final checkpoint {result.checkpoint_path}")
     if result.metrics.get("skipped_samples"):
-        print(f"skipped {result.metrics['skipped_samples']} undecodable sample(s)")
-    if args.no_knn or not cfg.data.val_split:
-        return 0
+        print(f"skipped {result.metrics['skipped_samples']} bad sample(s): {_skipped_summary(result.metrics['data'], cfg.data.max_sample_crashes)}")
+    try:
+        if not args.no_knn and cfg.data.val_split:
+            _knn(cfg, prepared, result)
+    finally:
+        logged = result.close_timeline()
+        if logged:
+            print(f"cluster timeline (nodes by role, actors by kind): {', '.join(logged)} in MLflow run {result.run_id}")
+    return 0
 
+
+def _skipped_summary(stats: dict, max_crashes: int) -> str:
+    from pipeline.sample_stats import REASONS
+
+    reasons = ", ".join(f"{r}={n}" for r, n in sorted(stats.get("reasons", {}).items()) if r in REASONS and n)
+    poison = [f"{key} of {shard} ({n} worker deaths)" for shard, key, n in stats.get("crashes", []) if n >= max_crashes]
+    return reasons + (f"; skipped for killing workers (data.max_sample_crashes={max_crashes}): {', '.join(poison[:5])}"
+                      if poison else "")
+
+
+def _knn(cfg, prepared, result) -> None:
     from pipeline.knn_index import KnnRequest, evaluate_teacher
 
     req = KnnRequest(
@@ -76,7 +93,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  random init      top-1 {knn['random_init']['top1']:6.2f}%  top-5 {knn['random_init']['top5']:6.2f}%")
     print(f"index: {knn['index_dir']}; MLflow k-NN run {knn['mlflow_run_id']} (child of {result.run_id})")
     print(f"browse: mlflow ui --backend-store-uri {result.tracking_uri}")
-    return 0
 
 
 if __name__ == "__main__":

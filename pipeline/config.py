@@ -51,6 +51,7 @@ class DataConfig(_Section):
     synthetic_val: int = Field(gt=0)
     synthetic_image_size: int = Field(ge=16, le=1024)
     max_bad_fraction: float = Field(ge=0.0, le=1.0)
+    max_sample_crashes: int = Field(ge=1)
 
     @field_validator("root")
     @classmethod
@@ -153,6 +154,8 @@ class RayConfig(_Section):
     address: str | None
     num_workers: int = Field(gt=0)
     use_gpu: Literal["auto"] | bool
+    gpu_resource: str = Field(min_length=1)
+    placement: Literal["auto", "labels", "anywhere"]
     cpus_per_worker: float = Field(gt=0.0)
     torch_threads: int | None = Field(ge=1)
     augment_actors_min: int = Field(ge=1)

@@ -90,6 +90,7 @@ class MultiCropMapper:
         counter_name: str | None = None,
         with_meta: bool = True,
         priority: str = "normal",
+        max_crashes: int = 2,
     ):
         # Each actor draws its own stream: mixing the actor id into the seed keeps actors independent.
         actor_id = ray.get_runtime_context().get_actor_id() if ray.is_initialized() else None
@@ -104,6 +105,9 @@ class MultiCropMapper:
         self.counter_name = counter_name
         self.with_meta = with_meta  # False: only the crop columns (what training consumes; no extra copy to drop the rest)
         self._counter = None
+        # Inside an actor of a run: remember the sample being decoded, so that a restart after a process death
+        # can blame it, and skip the samples that killed a worker max_crashes times (CrashLedger).
+        self.ledger = CrashLedger.for_actor(counter_name, actor_id, max_crashes) if counter_name and actor_id else None
 
     def _report(self, tally: BatchTally) -> None:
         self.last_tally = tally  # what the latest batch saw (tests, debugging)
@@ -134,6 +138,9 @@ class MultiCropMapper:
         globals_ = np.empty((n_rows, 2, s.global_size, s.global_size, 3), np.uint8)
         locals_ = np.empty((n_rows, s.n_local, s.local_size, s.local_size, 3), np.uint8)
         out_keys, out_labels = [], []
+        if self.ledger is not None:  # the batch on the record, for a restart on another machine
+            self.ledger.begin_batch([(str(u), str(k)) for u, k, e in zip(urls, batch["__key__"], errors)
+                                     if not isinstance(e, str)])
         for data, key, label, url, error in zip(images, batch["__key__"], labels, urls, errors):
             key, url = str(key), str(url)
             if isinstance(error, str):  # a shard-level marker (truncated/unreadable shard), not a sample
@@ -147,11 +154,20 @@ class MultiCropMapper:
                 tally.skip(url, key, "empty")
                 continue
             n = len(out_keys)
+            if self.ledger is not None and self.ledger.is_poison(url, key):
+                tally.skip(url, key, "crashed")
+                continue
             try:
+                if self.ledger is not None:
+                    self.ledger.begin(url, key)
+                _test_crash_hook(key)
                 self.augment.from_bytes(bytes(data), out=(globals_[n], locals_[n]))
             except Exception:  # corrupt / truncated / not an image / unsupported mode
                 tally.skip(url, key, "undecodable")
                 continue
+            finally:
+                if self.ledger is not None:
+                    self.ledger.end()
             out_keys.append(key)
             out_labels.append(_label(label))
             if out_labels[-1] < 0:
@@ -162,6 +178,147 @@ class MultiCropMapper:
         if not self.with_meta:
             return crops
         return {**crops, "key": np.array(out_keys, dtype=object), "label": np.array(out_labels, dtype=np.int64)}
+
+
+class CrashLedger:
+    """Bounds the retries of a *poison* sample: one whose decoding kills the worker process every time (a
+    decoder crash, an image that exhausts memory). Ray restarts a dead augmentation actor and re-sends its
+    batch without end (``max_restarts=-1``, ``max_task_retries=-1``: right for a lost node), so such a
+    sample alone would stop a run forever.
+
+    A restarted actor keeps its id, and learns what its previous process died on from two records:
+
+    - **local**: before each sample the actor writes its shard and key to a small file named by its actor id
+      (one ``pwrite``; it survives the process, not the machine) and empties it after;
+    - **remote**: before each batch it tells ``registry`` (the run's
+      :class:`~pipeline.sample_stats.SampleCounter`) which samples the batch holds (one call per batch).
+
+    Restarted on the same machine, the file names the sample. Restarted on another machine (Ray places a
+    restarted actor wherever there is room), only the batch is known: the actor is then *careful* with
+    that batch's samples, reporting each to the registry before decoding it, so a second death is blamed
+    exactly wherever the next process runs. Each blame counts one death of that sample on the registry; a
+    sample with ``max_crashes`` deaths is skipped as ``crashed`` (counted with its key and shard like any
+    bad sample) by every actor: each asks the registry for the list when it starts and every
+    :attr:`REFRESH_S` seconds. So a poison sample is skipped after at most ``max_crashes + 1`` deaths
+    (``max_crashes`` when restarts land on the same machine).
+
+    A sample in flight when its whole node is lost is blamed at most once (its next decoding succeeds);
+    with ``max_crashes`` >= 2 that alone never skips it.
+
+    ``registry``: ``crashed(shard, key) -> deaths so far``, ``poison(max_crashes) -> [(shard, key)]``,
+    ``inflight_batch(actor_id, samples)``, ``inflight_sample(actor_id, shard, key)`` and
+    ``take_inflight(actor_id) -> (sample or None, batch)``.
+    """
+
+    REFRESH_S = 30.0
+
+    def __init__(self, path: str, max_crashes: int, registry, actor_id: str = ""):
+        import time
+
+        self.path, self.max_crashes, self.registry, self.actor_id = path, max_crashes, registry, actor_id
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        left = os.pread(self.fd, 4096, 0).decode("utf-8", "replace").strip()
+        remote_sample, remote_batch = registry.take_inflight(actor_id)
+        self.blamed: tuple[str, str, int] | None = None  # what the previous process died on, and its deaths
+        self.careful: set[tuple[str, str]] = set()  # samples to report one by one (died on another machine)
+        died_on = tuple(left.partition("\t")[::2]) if left else remote_sample
+        if died_on:
+            shard, key = died_on
+            deaths = registry.crashed(shard, key)
+            self.blamed = (shard, key, deaths)
+            log.warning("the previous process of this augmentation actor died decoding %s of %s (%d time(s)%s)",
+                        key, shard, deaths, "; skipped from now on" if deaths >= max_crashes else "")
+        elif remote_batch:
+            self.careful = {tuple(sk) for sk in remote_batch}
+            log.warning("the previous process of this augmentation actor died on another node, in a batch of %d "
+                        "sample(s): decoding them one by one on the record", len(self.careful))
+        self.end()
+        self.poison: set[tuple[str, str]] = set()
+        self._refresh()
+        self._refreshed = time.monotonic()
+
+    @classmethod
+    def for_actor(cls, counter_name: str, actor_id: str, max_crashes: int) -> "CrashLedger":
+        """The ledger of one augmentation actor of the run whose counter is ``counter_name``."""
+        import tempfile
+
+        path = os.path.join(tempfile.gettempdir(), "dino-ray-inflight", counter_name, actor_id)
+        return cls(path, max_crashes, _CounterRegistry(counter_name), actor_id)
+
+    def _refresh(self) -> None:
+        self.poison = {tuple(sk) for sk in self.registry.poison(self.max_crashes)}
+
+    def is_poison(self, shard: str, key: str) -> bool:
+        import time
+
+        if time.monotonic() - self._refreshed > self.REFRESH_S:
+            self._refreshed = time.monotonic()
+            self._refresh()
+        return (shard, key) in self.poison
+
+    def begin_batch(self, samples: list[tuple[str, str]]) -> None:
+        self.registry.inflight_batch(self.actor_id, samples)
+
+    def begin(self, shard: str, key: str) -> None:
+        os.pwrite(self.fd, f"{shard}\t{key}\n".encode(), 0)
+        if (shard, key) in self.careful:
+            self.careful.discard((shard, key))
+            self.registry.inflight_sample(self.actor_id, shard, key)
+
+    def end(self) -> None:
+        os.ftruncate(self.fd, 0)
+
+
+class _CounterRegistry:
+    """:class:`CrashLedger`'s registry backed by the run's SampleCounter actor (nothing if it is gone)."""
+
+    def __init__(self, counter_name: str):
+        self.counter_name = counter_name
+        self._handle = None
+
+    def _call(self, method: str, *args, default=None):
+        try:
+            if self._handle is None:
+                self._handle = ray.get_actor(self.counter_name)
+            return ray.get(getattr(self._handle, method).remote(*args))
+        except (ValueError, ray.exceptions.RayActorError):  # the run's counter is gone (driver finished)
+            self._handle = None
+            return default
+
+    def crashed(self, shard: str, key: str) -> int:
+        return self._call("crashed", shard, key, default=0)
+
+    def poison(self, max_crashes: int) -> list[tuple[str, str]]:
+        return self._call("poison", max_crashes, default=[])
+
+    def inflight_batch(self, actor_id: str, samples: list[tuple[str, str]]) -> None:
+        self._call("inflight_batch", actor_id, samples)
+
+    def inflight_sample(self, actor_id: str, shard: str, key: str) -> None:
+        self._call("inflight_sample", actor_id, shard, key)
+
+    def take_inflight(self, actor_id: str) -> tuple[tuple[str, str] | None, list[tuple[str, str]]]:
+        sample, batch = self._call("take_inflight", actor_id, default=(None, []))
+        return (tuple(sample) if sample else None), batch
+
+
+CRASH_KEYS_ENV = "DINO_TEST_CRASH_KEYS"
+
+
+def _test_crash_hook(key: str) -> None:
+    """Test hook, off unless ``DINO_TEST_CRASH_KEYS=key,key,...`` is set: decoding one of those keys kills
+    the process with SIGSEGV, as a crashing decoder would (tests/cluster: the poison sample)."""
+    keys = os.environ.get(CRASH_KEYS_ENV)
+    if keys and key in keys.split(","):
+        import signal
+        import time
+
+        # A real segfault is synchronous: delivered to this thread, nothing after it runs. (os.kill would
+        # let another thread take the signal while this one went on to the next sample.)
+        signal.pthread_kill(threading.get_ident(), signal.SIGSEGV)
+        while True:
+            time.sleep(1)
 
 
 def _set_idle_policy(tid: int) -> None:
@@ -244,6 +401,7 @@ def read_shards(
     passes: int = 1,
     seed: int | None = None,
     tasks_per_pass: int | None = None,
+    label_selector: dict[str, str] | None = None,
 ) -> ray.data.Dataset:
     """Raw sample rows (``__key__``, ``__url__``, ``jpg``/..., ``cls`` as bytes; see :mod:`pipeline.tar_reader`).
 
@@ -252,6 +410,7 @@ def read_shards(
     stream for a whole training run means one Ray Data execution: its actor pool, read tasks and the
     trainer's prefetch stay warm across epoch boundaries instead of starting over every epoch.
     ``tasks_per_pass``: read tasks per pass (see :class:`ShardPasses`); None = one per shard.
+    ``label_selector``: the read tasks run only on nodes with these labels (:mod:`pipeline.placement`).
 
     Read tasks only move bytes; ``num_cpus`` below 1 lets them fit beside train workers and
     augmentation actors on small machines (a read task that cannot be scheduled stalls the pipeline).
@@ -265,7 +424,8 @@ def read_shards(
         seed = int(np.random.default_rng().integers(2**31))
     source = ShardPasses(paths, passes, seed if shuffle else None, fs, tasks_per_pass)
     return ray.data.read_datasource(
-        source, num_cpus=num_cpus, concurrency=concurrency, override_num_blocks=max(1, passes * source.tasks_in_pass())
+        source, num_cpus=num_cpus, concurrency=concurrency, override_num_blocks=max(1, passes * source.tasks_in_pass()),
+        **({"label_selector": dict(label_selector)} if label_selector else {}),
     )
 
 
@@ -288,25 +448,38 @@ def one_block_per_batch(context, batch_bytes: int, buffer_blocks: int) -> None:
 
 
 def multicrop_dataset(
-    paths: list[str], cfg: Config, counter_name: str | None = None, passes: int = 1, with_meta: bool = True
+    paths: list[str],
+    cfg: Config,
+    counter_name: str | None = None,
+    passes: int = 1,
+    with_meta: bool = True,
+    label_selector: dict[str, str] | None = None,
 ) -> ray.data.Dataset:
     """Shards -> multi-crop batches on an autoscaling actor pool (``ray.augment_actors_min..max``);
     ``passes`` passes over the shards in one stream, shard order drawn from ``cfg.seed``. Without
     ``with_meta`` only the two crop columns are emitted (training: ``key``/``label`` are not tensors, and
-    a ``select_columns`` after the pool would copy every block once more into the object store)."""
+    a ``select_columns`` after the pool would copy every block once more into the object store).
+    ``label_selector``: reads and actors run only on nodes with these labels (:mod:`pipeline.placement`);
+    it is also the dataset's own execution option, so whatever Ray Data adds downstream goes there too.
+    A sample whose decoding kills its actor ``data.max_sample_crashes`` times is skipped as ``crashed``
+    (:class:`CrashLedger`); without ``counter_name`` there is no ledger and Ray retries it as it would."""
     r = cfg.ray
     spec = spec_from_config(cfg.augment)
     # As many read tasks per pass as may run at once: long-lived tasks, no worker respawned per shard.
     n_reads = r.read_tasks()
     reads = read_shards(paths, num_cpus=r.read_cpus_per_task, concurrency=n_reads, passes=passes, seed=cfg.seed,
-                        tasks_per_pass=n_reads)
+                        tasks_per_pass=n_reads, label_selector=label_selector)
     one_block_per_batch(reads.context, r.augment_batch_size * crop_bytes(spec), r.augment_output_buffer)
+    if label_selector:
+        reads.context.execution_options.label_selector = dict(label_selector)
     return reads.map_batches(
         MultiCropMapper,
         fn_constructor_kwargs={"spec": spec, "seed": cfg.seed, "counter_name": counter_name,
-                               "with_meta": with_meta, "priority": r.augment_priority},
+                               "with_meta": with_meta, "priority": r.augment_priority,
+                               "max_crashes": cfg.data.max_sample_crashes},
         batch_size=r.augment_batch_size,
         compute=ray.data.ActorPoolStrategy(min_size=r.augment_actors_min, max_size=r.augment_actors_max),
         num_cpus=r.augment_cpus_per_actor,
         zero_copy_batch=True,
+        **({"label_selector": dict(label_selector)} if label_selector else {}),
     )

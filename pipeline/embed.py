@@ -172,11 +172,20 @@ def embed_splits(
     batch_size: int,
     actors: int,
     read_cpus: float = 1.0,
+    ray_config=None,
 ) -> dict[str, dict[str, Embeddings]]:
-    """Embed every split with every model in one Ray Data pass; ``{model: {split: Embeddings}}``."""
+    """Embed every split with every model in one Ray Data pass; ``{model: {split: Embeddings}}``.
+
+    ``ray_config`` (a run's ``ray`` section): place the work as the run's :mod:`pipeline.placement` says
+    (reads, decoding and CPU embedding on augmentation nodes, GPU embedding on training nodes)."""
     import ray
 
     from pipeline.data import read_shards
+    from pipeline.placement import placement_for
+
+    place = placement_for(ray_config) if ray_config is not None else None
+    cpu_side = {"label_selector": dict(place.data_selector)} if place and place.data_selector else {}
+    gpu_side = {"label_selector": dict(place.train_selector)} if place and place.train_selector else {}
 
     sizes = {spec.image_size for spec, _ in models.values()}
     if len(sizes) != 1:
@@ -185,16 +194,20 @@ def embed_splits(
     shipped = {name: (spec, ray.put(w) if w is not None else None) for name, (spec, w) in models.items()}
     paths = sorted({p for info in splits.values() for p in info.paths})  # a shard in two splits is read once
     gpus = int(ray.cluster_resources().get("GPU", 0))
-    ds = read_shards(paths, shuffle=False, num_cpus=read_cpus)
+    ds = read_shards(paths, shuffle=False, num_cpus=read_cpus, label_selector=cpu_side.get("label_selector"))
+    if cpu_side:  # the dataset's default (its resource requests to the autoscaler too); GPU actors override it
+        ds.context.execution_options.label_selector = dict(cpu_side["label_selector"])
     embedder = {"fn_constructor_kwargs": {"models": shipped, "image_size": image_size, "decode": not gpus},
                 "batch_size": batch_size, "num_cpus": 1, "zero_copy_batch": True}
     if gpus:
         if actors > gpus:
             log.warning("knn.actors=%d but the cluster has %d GPU(s): using %d GPU actors", actors, gpus, gpus)
-        ds = ds.map_batches(decode_views, fn_kwargs={"image_size": image_size}, batch_size=batch_size, num_cpus=1)
-        ds = ds.map_batches(Embedder, compute=ray.data.ActorPoolStrategy(size=min(actors, gpus)), num_gpus=1, **embedder)
+        ds = ds.map_batches(decode_views, fn_kwargs={"image_size": image_size}, batch_size=batch_size, num_cpus=1,
+                            **cpu_side)
+        ds = ds.map_batches(Embedder, compute=ray.data.ActorPoolStrategy(size=min(actors, gpus)), num_gpus=1,
+                            **embedder, **gpu_side)
     else:
-        ds = ds.map_batches(Embedder, compute=ray.data.ActorPoolStrategy(size=actors), **embedder)
+        ds = ds.map_batches(Embedder, compute=ray.data.ActorPoolStrategy(size=actors), **embedder, **cpu_side)
     log.info("embedding %d shard(s) of %s with %s on %s", len(paths), "+".join(splits), "+".join(models), f"{min(actors, gpus)} GPU(s)" if gpus else f"{actors} CPU actor(s)")
     return collect(ds.iter_batches(batch_size=None, batch_format="numpy"), splits, list(models))
 

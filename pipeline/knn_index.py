@@ -185,7 +185,8 @@ def evaluate_teacher(cfg, req: KnnRequest, teacher_dir: Path, *, random_baseline
     splits = {req.train_split: train} | ({req.val_split: val} if val is not None else {})
 
     t0 = time.perf_counter()
-    emb = (embed_fn or embed_splits)(splits, models, batch_size=kn.batch_size, actors=kn.actors, read_cpus=cfg.ray.read_cpus_per_task)
+    emb = (embed_fn or embed_splits)(splits, models, batch_size=kn.batch_size, actors=kn.actors,
+                                     read_cpus=cfg.ray.read_cpus_per_task, ray_config=cfg.ray)
     embed_s = time.perf_counter() - t0
     db = emb["teacher"][req.train_split]
     queries = emb["teacher"][req.val_split] if val is not None else None

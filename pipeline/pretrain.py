@@ -49,6 +49,32 @@ class PretrainResult:
     data_root: str
     metrics: dict[str, Any] = field(default_factory=dict)
     model_version: str | None = None  # "name/version" in the MLflow model registry
+    timeline: Any = None  # a running ClusterTimeline on a multi-node cluster: close_timeline() logs it
+
+    def close_timeline(self) -> list[str]:
+        """Stop the cluster timeline (if any) and log it to the run as ``cluster/timeline.{csv,png}``."""
+        timeline, self.timeline = self.timeline, None
+        return log_timeline(self.tracking_uri, self.run_id, timeline)
+
+
+def log_timeline(tracking_uri: str, run_id: str, timeline) -> list[str]:
+    """Stop ``timeline`` and log its CSV and PNG under ``cluster/`` of the run; returns the artifact paths.
+    A diagnostic: failures warn and never change the run's outcome."""
+    if timeline is None:
+        return []
+    rows = timeline.stop()
+    try:
+        with tempfile.TemporaryDirectory() as d:
+            files = timeline.write(Path(d))
+            client = _client(tracking_uri)
+            for f in files:
+                client.log_artifact(run_id, str(f), artifact_path="cluster")
+    except Exception as e:  # noqa: BLE001
+        log.warning("could not log the cluster timeline (%d samples): %s", len(rows), e)
+        return []
+    log.info("cluster timeline: %d samples over %.0f s logged to the run as cluster/timeline.csv and .png",
+             len(rows), rows[-1]["t_s"] if rows else 0.0)
+    return [f"cluster/{f.name}" for f in files]
 
 
 def ensure_data(cfg: Config) -> str:
@@ -200,7 +226,7 @@ def _git_commit() -> str:
         return "unknown"
 
 
-def run_tags(p: Prepared, use_gpu: bool) -> dict[str, str]:
+def run_tags(p: Prepared, placement) -> dict[str, str]:
     import ray
     import torch
 
@@ -210,25 +236,36 @@ def run_tags(p: Prepared, use_gpu: bool) -> dict[str, str]:
         "dataset": p.data_root,
         "arch": p.cfg.model.arch,
         "num_workers": str(p.cfg.ray.num_workers),
-        "worker_kind": "gpu" if use_gpu else "cpu",
+        "worker_kind": "gpu" if placement.cuda else "cpu",
+        "placement": placement.describe(),
         "ray_version": ray.__version__,
         "torch_version": torch.__version__,
         "python": platform.python_version(),
     }
 
 
-def _resolve_gpu(setting: Any) -> bool:
-    import ray
+def resolve_placement_or_fail(cfg: Config):
+    """The run's :class:`~pipeline.placement.Placement` on the cluster just joined; a one-line
+    :class:`DataError` when the cluster cannot host it (before anything is requested from it)."""
+    from pipeline.placement import placement_for
 
-    if setting == "auto":
-        return ray.cluster_resources().get("GPU", 0) > 0
-    return bool(setting)
+    try:
+        placement = placement_for(cfg.ray)
+    except ValueError as e:
+        raise DataError(str(e)) from None
+    storage = cfg.ray.storage_path
+    if placement.labelled and "://" not in storage:
+        log.warning("ray.storage_path %s is a local path on a multi-node cluster: every node must see it (a shared "
+                    "file system), or pass ray.storage_path=s3://bucket/prefix", storage)
+    log.info("placement: %s", placement.describe())
+    return placement
 
 
 def pretrain(p: Prepared) -> PretrainResult:
     """Start Ray (if needed), train with a ``TorchTrainer``, export the final teacher, log it to MLflow."""
     import ray
     import ray.train
+    import ray.util.scheduling_strategies
     from ray.train.torch import TorchTrainer
 
     from pipeline.data import multicrop_dataset
@@ -238,14 +275,14 @@ def pretrain(p: Prepared) -> PretrainResult:
     cfg = p.cfg
     started = time.time()  # optim.time_budget_minutes counts from here: Ray's start is part of the job
     init_ray(cfg.ray.address)
-    use_gpu = _resolve_gpu(cfg.ray.use_gpu)
+    placement = resolve_placement_or_fail(cfg)
     run_id = find_run(p.tracking_uri, p.experiment, p.run_name)
     if run_id is not None:  # a re-submitted run name: continue that run (Ray Train resumes its checkpoints)
         _client(p.tracking_uri).update_run(run_id, status="RUNNING")
         _client(p.tracking_uri).set_tag(run_id, "resubmitted_at", time.strftime("%Y-%m-%d %H:%M:%S"))
         log.info("run name %s exists: resuming MLflow run %s and its Ray Train checkpoints", p.run_name, run_id)
     else:
-        run_id = create_run(p.tracking_uri, p.experiment, p.run_name, cfg.flat(), run_tags(p, use_gpu))
+        run_id = create_run(p.tracking_uri, p.experiment, p.run_name, cfg.flat(), run_tags(p, placement))
         log.info("MLflow run %s (%s) in experiment %s at %s", run_id, p.run_name, p.experiment, p.tracking_uri)
         _log_config_artifact(p, run_id)
 
@@ -259,11 +296,14 @@ def pretrain(p: Prepared) -> PretrainResult:
         deadline=training_deadline(started, cfg.optim.time_budget_minutes),
     )
     counter_name = plan.counter_name
-    counter = SampleCounter.options(name=counter_name, get_if_exists=True).remote()
+    # On the driver's node (the head on a cluster): it must outlive any worker node the autoscaler removes.
+    here = ray.util.scheduling_strategies.NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    counter = SampleCounter.options(name=counter_name, get_if_exists=True, scheduling_strategy=here).remote()
     # All epochs as one stream (one Ray Data execution for the run), plus one spare pass: bad samples
     # make a pass shorter than the index says, and a resumed run needs fewer steps than a fresh one.
     passes = cfg.optim.epochs + 1
-    ds = multicrop_dataset(p.train.paths, cfg, counter_name=counter_name, passes=passes, with_meta=False)
+    ds = multicrop_dataset(p.train.paths, cfg, counter_name=counter_name, passes=passes, with_meta=False,
+                           label_selector=placement.data_selector)
     storage = cfg.ray.storage_path
     if "://" not in storage:
         storage = str(Path(storage).resolve())
@@ -272,8 +312,9 @@ def pretrain(p: Prepared) -> PretrainResult:
         train_loop_config={"config": cfg.to_dict(), "plan": plan.__dict__},
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.ray.num_workers,
-            use_gpu=use_gpu,
-            resources_per_worker={"CPU": cfg.ray.cpus_per_worker, **({"GPU": 1} if use_gpu else {})},
+            use_gpu=placement.cuda,
+            resources_per_worker=placement.worker_resources(cfg.ray.cpus_per_worker),
+            label_selector=placement.train_selector,
         ),
         run_config=ray.train.RunConfig(
             name=p.run_name,
@@ -282,11 +323,19 @@ def pretrain(p: Prepared) -> PretrainResult:
             failure_config=ray.train.FailureConfig(max_failures=cfg.ray.max_failures),
         ),
         datasets={"train": ds},
+        dataset_config=ingest_config(placement.data_selector),
     )
     client = _client(p.tracking_uri)
+    timeline = None
+    if placement.multi_node:  # nodes by role and actors by kind over the run, for whoever tunes autoscaling
+        from pipeline.cluster_timeline import ClusterTimeline
+
+        timeline = ClusterTimeline(interval_s=1.0).start()
     try:
         result = trainer.fit()
     except Exception as e:
+        log_timeline(p.tracking_uri, run_id, timeline)
+        timeline = None
         client.set_terminated(run_id, "FAILED")
         storage_error = checkpoint_storage_error(e)
         if storage_error is not None:  # retried ray.max_failures times like any worker failure; it persisted
@@ -297,6 +346,8 @@ def pretrain(p: Prepared) -> PretrainResult:
     skipped = ray.get(counter.get.remote())
     stopped = ray.get(counter.stopped.remote())  # rank 0's reason: Result.metrics are the last checkpoint's
     ray.kill(counter)
+    if stopped or result.checkpoint is None:
+        log_timeline(p.tracking_uri, run_id, timeline)
     if stopped:
         client.set_tag(run_id, "stopped", stopped[:5000])
         client.set_terminated(run_id, "FAILED")
@@ -317,7 +368,20 @@ def pretrain(p: Prepared) -> PretrainResult:
         data_root=p.data_root,
         metrics={**dict(result.metrics or {}), "skipped_samples": skipped_total(skipped), "data": skipped},
         model_version=model_version,
+        timeline=timeline,
     )
+
+
+def ingest_config(label_selector: dict[str, str] | None):
+    """Ray Train's dataset config: its defaults, plus the data label selector as the dataset's execution
+    option. Ray Train replaces a dataset's execution options with its own when it splits it for the workers,
+    and its defaults carry no label selector: without this, what it adds (the split) and the dataset's
+    requests to the autoscaler would not be bound to augmentation nodes."""
+    import ray.train
+
+    options = ray.train.DataConfig.default_ingest_options()
+    options.label_selector = dict(label_selector) if label_selector else None
+    return ray.train.DataConfig(execution_options=options)
 
 
 def training_deadline(started: float, budget_minutes: float | None) -> float | None:

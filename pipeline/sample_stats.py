@@ -15,7 +15,7 @@ from typing import Any
 
 import ray
 
-REASONS = ("undecodable", "empty", "no_image", "truncated_shard", "unreadable_shard")  # skipped
+REASONS = ("undecodable", "empty", "no_image", "truncated_shard", "unreadable_shard", "crashed")  # skipped
 NOTES = ("no_label", "converted")  # kept, but worth counting
 
 
@@ -31,6 +31,32 @@ class SampleCounter:
         self.reasons: Counter[str] = Counter()
         self.shards: Counter[str] = Counter()
         self.examples: list[tuple[str, str, str]] = []  # (shard, key, reason)
+        self.crashes: Counter[tuple[str, str]] = Counter()  # (shard, key) -> worker processes it killed
+        self.inflight: dict[str, tuple[tuple[str, str] | None, list[tuple[str, str]]]] = {}  # actor id -> held
+
+    def crashed(self, shard: str, key: str) -> int:
+        """A worker process died while decoding ``key`` of ``shard``: count it; returns its crashes so far."""
+        self.crashes[(shard, key)] += 1
+        return self.crashes[(shard, key)]
+
+    def poison(self, max_crashes: int) -> list[tuple[str, str]]:
+        """The ``(shard, key)`` samples that killed a worker ``max_crashes`` times or more: skip them."""
+        return [sk for sk, n in self.crashes.items() if n >= max_crashes]
+
+    # What each augmentation actor is decoding, kept here because a restarted actor may come back on
+    # another machine than its local in-flight file (pipeline.data.CrashLedger).
+    def inflight_batch(self, actor_id: str, samples: list[tuple[str, str]]) -> None:
+        """``actor_id`` starts a batch of ``(shard, key)`` samples (replaces what it held)."""
+        self.inflight[actor_id] = (None, [tuple(s) for s in samples])
+
+    def inflight_sample(self, actor_id: str, shard: str, key: str) -> None:
+        """``actor_id`` decodes ``key`` of ``shard`` now (only while it is careful: see CrashLedger)."""
+        _, batch = self.inflight.get(actor_id, (None, []))
+        self.inflight[actor_id] = ((shard, key), batch)
+
+    def take_inflight(self, actor_id: str) -> tuple[tuple[str, str] | None, list[tuple[str, str]]]:
+        """What ``actor_id``'s previous process held when it died: ``(sample or None, batch)``; forgotten."""
+        return self.inflight.pop(actor_id, (None, []))
 
     def add(self, seen: int, reasons: dict[str, int], bad: list[tuple[str, str, str]]) -> None:
         self.seen += seen
@@ -51,6 +77,7 @@ class SampleCounter:
             "reasons": dict(self.reasons),
             "shards": dict(self.shards.most_common(10)),
             "examples": list(self.examples),
+            "crashes": [[shard, key, n] for (shard, key), n in self.crashes.most_common(20)],
         }
 
 

@@ -301,3 +301,19 @@ def test_rayjob_image_carries_the_validated_ray_version(rayjob):
     assert re.search(rf"^FROM rayproject/ray:{re.escape(version)}-py3\d+(-gpu)?$", dockerfile, re.M)
     groups = [rayjob["spec"]["rayClusterSpec"]["headGroupSpec"], *rayjob["spec"]["rayClusterSpec"]["workerGroupSpecs"]]
     assert len({_ray_container(g)["image"] for g in groups}) == 1, "one image everywhere: same Python, Ray, torch"
+
+
+def test_both_deployments_label_every_node_role_the_job_places_by(cluster, rayjob):
+    """Placement (pipeline/placement.py) selects nodes by dino-ray/role: each deployment must label its head,
+    training and augmentation nodes so, and run the autoscaler that scales by labels (v2)."""
+    from pipeline.placement import AUGMENT, HEAD, ROLE_LABEL, TRAIN
+
+    types = cluster["available_node_types"]
+    assert {n: t["labels"] for n, t in types.items()} == {
+        "head": {ROLE_LABEL: HEAD}, "gpu_worker": {ROLE_LABEL: TRAIN}, "cpu_worker": {ROLE_LABEL: AUGMENT}}
+    assert any("RAY_enable_autoscaler_v2=1" in c for c in cluster["head_start_ray_commands"])
+    spec = rayjob["spec"]["rayClusterSpec"]
+    assert spec["headGroupSpec"]["rayStartParams"]["labels"] == f"{ROLE_LABEL}={HEAD}"
+    groups = {g["groupName"]: g["rayStartParams"]["labels"] for g in spec["workerGroupSpecs"]}
+    assert groups == {"augment-cpu": f"{ROLE_LABEL}={AUGMENT}", "train-gpu": f"{ROLE_LABEL}={TRAIN}"}
+    assert spec["autoscalerOptions"]["version"] == "v2"
