@@ -117,6 +117,7 @@ class ModelConfig(_Section):
     hidden_dim: int = Field(gt=0)
     bottleneck_dim: int = Field(gt=0)
     norm_last_layer: bool
+    init_from: str | None
 
 
 class OptimConfig(_Section):
@@ -129,7 +130,9 @@ class OptimConfig(_Section):
     weight_decay: float = Field(ge=0.0)
     weight_decay_end: float = Field(ge=0.0)
     clip_grad: float
+    clip_mode: Literal["per_param", "global"]
     freeze_last_layer_epochs: int = Field(ge=0)
+    freeze_backbone_epochs: int = Field(ge=0)
     precision: Literal["auto", "bf16", "fp16", "fp32"]
     compile: bool
     channels_last: bool
