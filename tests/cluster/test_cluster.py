@@ -121,9 +121,10 @@ def _registered_step(run_dir: Path) -> int | None:
 
 
 class Chaos(threading.Thread):
-    """Kills a CPU node once the pool is at its maximum, then the training node once the CPU node is replaced
-    and a checkpoint of 70 % of the run is registered (the restart redoes the rest, all of it a new Ray Data
-    execution: late keeps the test short); records what it did and when (seconds since ``t0``)."""
+    """Kills a CPU node once the pool is at its maximum, then the training node once a checkpoint of 70 % of
+    the run is registered (the restart redoes the rest, all of it a new Ray Data execution: late keeps the test
+    short); notes any CPU node that joins after the first kill (the autoscaler's replacement, when the pool
+    still wants the lost actor); records what it did and when (seconds since ``t0``)."""
 
     def __init__(self, cluster, run_dir: Path, t0: float):
         super().__init__(daemon=True)
@@ -144,26 +145,23 @@ class Chaos(threading.Thread):
     def _run(self) -> None:
         c, phase, seen_cpu = self.cluster, "grow", set()
         while not self.stop_event.wait(1.0):
-            nodes = c.nodes()
-            cpu = {n["node_id"] for n in nodes if n["role"] == "augment"}
-            if phase == "grow":
+            cpu = {n["node_id"] for n in c.nodes() if n["role"] == "augment"}
+            if "cpu_killed_s" not in self.events:
                 seen_cpu |= cpu
+            elif "cpu_replacement" not in self.events and cpu - seen_cpu:
+                self.events.update(cpu_replaced_s=self.now(), cpu_replacement=sorted(cpu - seen_cpu)[0])
+            if phase == "grow":
                 pool = [a for a in _actors(c, alive=True) if "MultiCropMapper" in (a.class_name or "")]
                 if len(pool) >= CPU_MAX:
                     victim = pool[0].node_id
                     self.events.update(pool_max_s=self.now(), cpu_victim=victim)
                     c.kill_node(victim)
                     self.events["cpu_killed_s"] = self.now()
-                    phase = "replace"
-            elif phase == "replace":
-                new = cpu - seen_cpu
-                if new:
-                    self.events.update(cpu_replaced_s=self.now(), cpu_replacement=sorted(new)[0])
-                    self.events["step_at_replace"] = _registered_step(self.run_dir) or 0
+                    self.events["step_at_cpu_kill"] = _registered_step(self.run_dir) or 0
                     phase = "checkpoint"
             elif phase == "checkpoint":
                 step = _registered_step(self.run_dir) or 0
-                if step > self.events["step_at_replace"] and step >= 0.7 * TOTAL_STEPS:
+                if step > self.events["step_at_cpu_kill"] and step >= 0.7 * TOTAL_STEPS:
                     workers = [a for a in _actors(c, alive=True) if a.class_name == "RayTrainWorker"]
                     if workers:
                         victim = workers[0].node_id
@@ -171,8 +169,6 @@ class Chaos(threading.Thread):
                         c.kill_node(victim)
                         self.events["train_killed_s"] = self.now()
                         phase = "done"
-            else:
-                return
 
 
 @pytest.fixture(scope="module")
@@ -240,9 +236,12 @@ def _print_summary(r) -> None:
         print(f"  {column}: {_events(r['rows'], column)}")
 
 
-def _succeeded(main_run):
+def _succeeded(main_run, *events):
     assert main_run["chaos_error"] is None, main_run["chaos_error"]
     assert main_run["status"] == "SUCCEEDED", main_run["logs"][-5000:]
+    timeline = {c: _events(main_run["rows"], c) for c in ("nodes_augment", "nodes_train", "actors_augment")}
+    missing = [e for e in events if e not in main_run["chaos"]]
+    assert not missing, f"chaos never got to {missing}: {main_run['chaos']}; timeline {timeline}"
 
 
 # ----------------------------------------------------------------------------------------------- the cluster
@@ -311,18 +310,21 @@ def test_run_finishes_with_its_knn_result_in_one_mlflow_run(main_run):
     assert runs[0].data.tags["placement"].startswith("training on dino-ray/role=train nodes")
 
 
-def test_a_lost_cpu_node_is_replaced_and_training_goes_on(main_run):
-    _succeeded(main_run)
+def test_a_lost_cpu_node_does_not_stop_training(main_run):
+    """Whether the autoscaler replaces the node depends on demand: Ray Data restarts the lost actor, and a
+    new node comes when the pool still wants it (here it usually does; on a loaded machine the pool may
+    shrink first). The stream test below holds its pool fixed, so there the replacement must come."""
+    _succeeded(main_run, "cpu_killed_s")
     chaos = main_run["chaos"]
     assert main_run["roles"][chaos["cpu_victim"]] == "augment"
-    assert main_run["roles"][chaos["cpu_replacement"]] == "augment" and chaos["cpu_replacement"] != chaos["cpu_victim"]
-    assert chaos["cpu_replaced_s"] - chaos["cpu_killed_s"] < 60
+    if "cpu_replacement" in chaos:
+        assert main_run["roles"][chaos["cpu_replacement"]] == "augment" and chaos["cpu_replacement"] != chaos["cpu_victim"]
     steps = [m.step for m in main_run["client"].get_metric_history(main_run["runs"][0].info.run_id, "loss")]
     assert sorted(steps) == list(range(LOG_EVERY, TOTAL_STEPS + 1, LOG_EVERY))  # each once, through both losses
 
 
 def test_a_lost_training_node_resumes_on_a_new_one_from_the_last_checkpoint(main_run):
-    _succeeded(main_run)
+    _succeeded(main_run, "train_killed_s")
     chaos, roles = main_run["chaos"], main_run["roles"]
     train_nodes = {a.node_id for a in main_run["actors"] if a.class_name == "RayTrainWorker"}
     assert chaos["train_victim"] in train_nodes and len(train_nodes) >= 2, train_nodes
@@ -345,6 +347,13 @@ def test_a_poison_sample_is_skipped_counted_and_named(main_run):
 
 
 # ------------------------------------------------------------------------------------------ the smaller jobs
+
+
+def _note_new_cpu_nodes(cluster, before: set[str], since: float, seen: dict[str, float]) -> None:
+    """Adds to ``seen`` every CPU node not in ``before``, with the seconds from ``since`` it was first seen."""
+    for n in cluster.nodes():
+        if n["role"] == "augment" and n["node_id"] not in before:
+            seen.setdefault(n["node_id"], time.monotonic() - since)
 
 
 def test_every_sample_of_a_pass_is_delivered_once_while_a_cpu_node_is_lost(cluster, tmp_path):
@@ -372,16 +381,24 @@ def test_every_sample_of_a_pass_is_delivered_once_while_a_cpu_node_is_lost(clust
     cluster.kill_node(victim)
     killed = time.monotonic()
     (gate / "killed").write_text(victim)
-    status, logs = _wait(cluster, job, 400)
+    replaced, deadline = {}, time.monotonic() + 400
+    while _status(cluster, job) in ("PENDING", "RUNNING") and time.monotonic() < deadline:
+        _note_new_cpu_nodes(cluster, before, killed, replaced)
+        time.sleep(0.5)
+    grace = time.monotonic() + 20  # a launch already asked for may join just after the job's end
+    while not replaced and time.monotonic() < grace:
+        _note_new_cpu_nodes(cluster, before, killed, replaced)
+        time.sleep(0.5)
+    status, logs = _wait(cluster, job, 60)
     assert status == "SUCCEEDED", logs[-5000:]
     result = json.loads(out.read_text())
     keys, expected = result["keys"], result["expected"]
     assert len(expected) == 768
     assert sorted(keys) == sorted(expected)  # none lost, none twice
-    replaced = [n for n in cluster.nodes() if n["role"] == "augment" and n["node_id"] not in before]
+    assert replaced, "the autoscaler did not replace the lost CPU node (the fixed pool still wanted its actor)"
     print(f"\nstream: node {victim[-6:]} killed after {int(gate.joinpath('half').read_text())} of 768 keys; "
-          f"{len(keys)} delivered, {len(set(keys))} distinct; {len(replaced)} new CPU node(s) "
-          f"{time.monotonic() - killed:.0f} s later")
+          f"{len(keys)} delivered, {len(set(keys))} distinct; {len(replaced)} new CPU node(s), the first "
+          f"{min(replaced.values()):.1f} s after the kill")
 
 
 def test_ddp_across_two_training_nodes_matches_one_process(cluster, tmp_path):
