@@ -20,7 +20,12 @@ from dino.head import DINOHead
 from dino.health import step_health
 from dino.loss import DINOLoss
 from dino.multicrop import MultiCropWrapper
-from dino.optim import cancel_last_layer_grads, clip_gradients, set_hyperparams
+from dino.optim import (
+    cancel_backbone_grads,
+    cancel_last_layer_grads,
+    clip_gradients,
+    set_hyperparams,
+)
 from dino.schedules import StepValues
 
 
@@ -148,12 +153,20 @@ def dino_step(
     *,
     clip_grad: float,
     freeze_last_layer: bool,
+    clip_mode: str = "global",
+    freeze_backbone: bool = False,
     autocast_dtype: torch.dtype | None = None,
     scaler: torch.amp.GradScaler | None = None,
     health: bool = False,
     skip_nonfinite: bool = False,
 ) -> dict[str, Tensor]:
     """Forward, loss, backward, clip, optimizer step and teacher EMA update.
+
+    The order is the reference code's (``main_dino.py``, ``train_one_epoch``): backward, unscale
+    (with a scaler), clip, drop the frozen last layer's gradients, optimizer step, teacher EMA. So
+    the last layer's gradients count in the reported norm (and, with ``clip_mode="global"``, in the
+    clip) even while it is frozen. A frozen backbone's gradients are dropped *before* the clip:
+    they count in neither.
 
     Args:
         student: Student :class:`MultiCropWrapper`, optionally DDP-wrapped.
@@ -163,8 +176,14 @@ def dino_step(
         global_crops: ``[2 * B, 3, H, W]`` float, crop-major.
         local_crops: ``[N * B, 3, h, w]`` float, crop-major, or ``None`` for no local crops.
         values: This step's lr, weight decay, teacher momentum and teacher temperature.
-        clip_grad: Global gradient-norm clip (``<= 0`` disables clipping).
+        clip_grad: Gradient-norm clip (``<= 0`` disables clipping), per tensor or joint as
+            ``clip_mode`` says.
         freeze_last_layer: Drop the head's last-layer gradients this step.
+        clip_mode: ``"per_param"`` (each parameter tensor's gradient clipped to ``clip_grad`` on
+            its own, the reference code's rule) or ``"global"`` (their joint norm); see
+            :func:`dino.optim.clip_gradients`.
+        freeze_backbone: Drop the backbone's gradients this step: only the head is updated (the
+            teacher's EMA still runs over every parameter).
         autocast_dtype: Autocast dtype of the forward passes (e.g. ``torch.bfloat16``) or ``None``.
         scaler: Optional ``GradScaler`` (float16 training).
         health: Also return the collapse diagnostics of :mod:`dino.health`, computed from this
@@ -178,7 +197,9 @@ def dino_step(
             When ``False`` nothing is checked and nothing synchronises.
 
     Returns:
-        ``{"loss": (), "grad_norm": ()}`` tensors on the device (no host synchronisation), plus
+        ``{"loss": (), "grad_norm": ()}`` tensors on the device (no host synchronisation; the
+        global L2 norm of the gradients before clipping, in both clip modes, a frozen backbone's
+        excepted), plus
         ``"teacher_entropy"`` and ``"kl"`` (float32, nats) with ``health``, plus ``"skipped"``
         (int64, 1 if the step was skipped, else 0) with ``skip_nonfinite``.
     """
@@ -206,7 +227,9 @@ def dino_step(
         scaler.unscale_(optimizer)
     else:
         loss.backward()
-    grad_norm = clip_gradients(student, clip_grad)
+    if freeze_backbone:
+        cancel_backbone_grads(student)
+    grad_norm = clip_gradients(student, clip_grad, clip_mode)
     out |= {"loss": loss.detach(), "grad_norm": grad_norm.detach()}
 
     if skip_nonfinite:

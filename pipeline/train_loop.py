@@ -134,6 +134,7 @@ class DinoRunner:
             warmup_teacher_temp_steps=spe * lc.warmup_teacher_temp_epochs,
         )
         self.freeze_steps = spe * o.freeze_last_layer_epochs
+        self.freeze_backbone_steps = spe * o.freeze_backbone_epochs
         self.global_step = 0
         self.epoch = 0
         torch.manual_seed(cfg.seed + 1 + (dist.get_rank() if _distributed() else 0))  # per-rank drop-path
@@ -212,6 +213,8 @@ class DinoRunner:
             values,
             clip_grad=self.cfg.optim.clip_grad,
             freeze_last_layer=self.global_step < self.freeze_steps,
+            clip_mode=self.cfg.optim.clip_mode,
+            freeze_backbone=self.global_step < self.freeze_backbone_steps,
             autocast_dtype=self.autocast_dtype,
             scaler=self.scaler,
             health=health,

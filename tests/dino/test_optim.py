@@ -1,14 +1,20 @@
+import copy
+
 import pytest
 import torch
 
+from dino.loss import DINOLoss
+from dino.multicrop import MultiCropWrapper
 from dino.optim import (
     build_optimizer,
+    cancel_backbone_grads,
     cancel_last_layer_grads,
     clip_gradients,
     param_groups,
     set_hyperparams,
 )
-from dino.train_step import build_student_teacher
+from dino.schedules import StepValues
+from dino.train_step import build_student_teacher, dino_step
 
 
 def test_bias_and_norm_params_are_not_decayed(tiny, tiny_kwargs):
@@ -114,3 +120,126 @@ def test_fused_true_is_passed_through(tiny, tiny_kwargs):
         results.append([p.detach().clone() for p in params])
     for a, b in zip(*results, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def _three_tensors():
+    """Gradients with norms 5, 1 and 2 (global norm sqrt(30))."""
+    model = torch.nn.ParameterList(
+        [torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2)),
+         torch.nn.Parameter(torch.zeros(2, 2))]
+    )
+    grads = [torch.tensor([3.0, 4.0]), torch.tensor([0.6, 0.8]), torch.tensor([[2.0, 0.0], [0.0, 0.0]])]
+    for p, g in zip(model, grads, strict=True):
+        p.grad = g.clone()
+    return model, grads
+
+
+def test_per_param_clip_scales_each_tensor_on_its_own():
+    model, grads = _three_tensors()
+    norm = clip_gradients(model, max_norm=2.0, mode="per_param")
+    assert norm.item() == pytest.approx(30**0.5, rel=1e-6)  # the global norm before clipping
+    # Norm 5 > 2: scaled by 2 / (5 + 1e-6); norm 1 < 2: untouched; norm 2: by 2 / (2 + 1e-6) < 1.
+    torch.testing.assert_close(model[0].grad, torch.tensor([1.2, 1.6]) * (5 / (5 + 1e-6)), rtol=1e-6, atol=0)
+    assert torch.equal(model[1].grad, grads[1])
+    torch.testing.assert_close(model[2].grad, grads[2] * (2 / (2 + 1e-6)), rtol=1e-7, atol=0)
+    # The global clip with the same number scales all three by 2 / sqrt(30): a much stronger clip.
+    model, grads = _three_tensors()
+    assert clip_gradients(model, 2.0, mode="global").item() == pytest.approx(30**0.5, rel=1e-6)
+    for p, g in zip(model, grads, strict=True):
+        torch.testing.assert_close(p.grad, g * (2 / (30**0.5 + 1e-6)), rtol=1e-6, atol=0)
+
+
+def test_per_param_clip_disabled_returns_global_norm_and_keeps_grads():
+    model, grads = _three_tensors()
+    assert clip_gradients(model, 0.0, mode="per_param").item() == pytest.approx(30**0.5, rel=1e-6)
+    assert all(torch.equal(p.grad, g) for p, g in zip(model, grads, strict=True))
+
+
+def test_per_param_clip_matches_the_reference_loop_on_a_vit(tiny, tiny_kwargs):
+    student, _ = build_student_teacher(tiny.arch, **tiny_kwargs)
+    student([torch.randn(4, 3, tiny.img, tiny.img)]).square().sum().backward()
+    grads = {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}
+    norm = clip_gradients(student, 0.5, mode="per_param")
+    clipped = 0
+    for name, p in student.named_parameters():
+        if name not in grads:
+            continue
+        g = grads[name]
+        coef = 0.5 / (g.norm(2) + 1e-6)  # utils.clip_gradients of the reference code
+        expected = g * coef if coef < 1 else g
+        clipped += bool(coef < 1)
+        torch.testing.assert_close(p.grad, expected, rtol=1e-6, atol=0, msg=name)
+    assert 0 < clipped < len(grads)  # the clip bit some tensors and not others
+    total = torch.sqrt(sum(g.double().square().sum() for g in grads.values()))
+    assert norm.item() == pytest.approx(total.item(), rel=1e-5)
+
+
+def test_per_param_clip_does_not_read_tensors_on_the_host(monkeypatch):
+    model, _ = _three_tensors()
+
+    def no_sync(*_):
+        raise AssertionError("host synchronisation")
+
+    monkeypatch.setattr(torch.Tensor, "item", no_sync)
+    monkeypatch.setattr(torch.Tensor, "__bool__", no_sync)
+    monkeypatch.setattr(torch.Tensor, "tolist", no_sync)
+    clip_gradients(model, 2.0, mode="per_param")
+
+
+def test_unknown_clip_mode_raises():
+    model, _ = _three_tensors()
+    with pytest.raises(ValueError, match="per_param"):
+        clip_gradients(model, 1.0, mode="per-param")
+
+
+def test_cancel_backbone_grads_drops_exactly_the_backbone():
+    model = MultiCropWrapper(torch.nn.Linear(2, 3), torch.nn.Linear(3, 2))
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    wrapped = torch.nn.Module()
+    wrapped.module = model  # what DDP looks like to the function
+    cancel_backbone_grads(wrapped)
+    assert all(p.grad is None for p in model.backbone.parameters())
+    assert all(torch.equal(p.grad, torch.ones_like(p)) for p in model.head.parameters())
+
+
+@pytest.mark.parametrize("clip_mode", ["per_param", "global"])
+def test_step_with_frozen_backbone_trains_only_the_head(tiny, tiny_kwargs, clip_mode):
+    student, teacher = build_student_teacher(tiny.arch, **tiny_kwargs)
+    opt = build_optimizer(student)
+    values = StepValues(lr=1e-3, weight_decay=0.04, teacher_momentum=0.9, teacher_temp=0.04)
+    s_before = {n: p.detach().clone() for n, p in student.named_parameters()}
+    t_before = {n: p.detach().clone() for n, p in teacher.named_parameters()}
+    crops = torch.randn(4, 3, tiny.img, tiny.img), torch.randn(4, 3, tiny.local, tiny.local)
+
+    # The head's gradient norm before clipping, from an independent backward on the same weights.
+    twin = copy.deepcopy(student)
+    loss = DINOLoss(tiny.out_dim)(twin(list(crops)), teacher([crops[0]]), values.teacher_temp)
+    loss.backward()
+    head_norm = torch.linalg.vector_norm(
+        torch.stack([p.grad.norm() for p in twin.head.parameters() if p.grad is not None])
+    )
+
+    out = dino_step(
+        student, teacher, DINOLoss(tiny.out_dim), opt, *crops, values,
+        clip_grad=0.5, freeze_last_layer=False, clip_mode=clip_mode, freeze_backbone=True,
+    )
+    in_optimizer = {id(p) for p in opt.state}
+    for name, p in student.named_parameters():
+        if name.startswith("backbone."):  # no gradient, no update, no AdamW state (no decay)
+            assert p.grad is None and torch.equal(p, s_before[name]), name
+            assert id(p) not in in_optimizer, name
+        elif p.requires_grad:
+            assert p.grad is not None and not torch.equal(p, s_before[name]), name
+    # The backbone's gradients are dropped before the clip: the norm and the clip are the head's.
+    torch.testing.assert_close(out["grad_norm"], head_norm, rtol=1e-5, atol=0)
+    assert head_norm > 0.5  # so the clip bit
+    clipped = [p.grad.norm() for p in student.head.parameters() if p.grad is not None]
+    if clip_mode == "global":
+        assert torch.linalg.vector_norm(torch.stack(clipped)).item() == pytest.approx(0.5, rel=1e-4)
+    else:
+        assert max(clipped).item() == pytest.approx(0.5, rel=1e-4)
+    s_after = dict(student.named_parameters())
+    for name, p in teacher.named_parameters():  # the EMA runs over every parameter, frozen or not
+        expected = 0.9 * t_before[name] + 0.1 * s_after[name]
+        torch.testing.assert_close(p, expected, rtol=2.4e-7, atol=1e-8, msg=name)
