@@ -54,9 +54,9 @@ class DINOLoss(nn.Module):
             teacher_temp: Teacher temperature ``tau_t``.
 
         Returns:
-            ``[n, K]`` float32 probabilities, detached.
+            ``[n, K]`` probabilities (float32, or float64 for float64 logits), detached.
         """
-        t = (teacher_logits.detach().float() - self.center) / teacher_temp  # (n, K)
+        t = (_at_least_fp32(teacher_logits.detach()) - self.center) / teacher_temp  # (n, K)
         return F.softmax(t, dim=-1)
 
     def forward(
@@ -91,7 +91,7 @@ class DINOLoss(nn.Module):
         # Full precision: under bf16 autocast the einsum below would otherwise run in bf16.
         with torch.autocast(device_type=student_logits.device.type, enabled=False):
             p_t = self.teacher_probs(teacher_logits, teacher_temp).view(n_t, batch, -1)  # (T, B, K)
-            log_p_s = F.log_softmax(student_logits.float() / self.student_temp, dim=-1)
+            log_p_s = F.log_softmax(_at_least_fp32(student_logits) / self.student_temp, dim=-1)
             log_p_s = log_p_s.view(n_s, batch, -1)  # (S, B, K)
 
             # Cross-entropy for every (teacher view t, student view s) pair, averaged over the
@@ -114,7 +114,7 @@ class DINOLoss(nn.Module):
         Args:
             teacher_logits: ``[n, K]`` raw (uncentred) teacher logits of this process.
         """
-        batch_center = teacher_logits.detach().float().sum(dim=0, keepdim=True)  # (1, K)
+        batch_center = _at_least_fp32(teacher_logits.detach()).sum(dim=0, keepdim=True)  # (1, K)
         rows = teacher_logits.shape[0]
         world_size = 1
         if _distributed():
@@ -122,3 +122,8 @@ class DINOLoss(nn.Module):
             world_size = torch.distributed.get_world_size()
         batch_center = batch_center / (rows * world_size)
         self.center.mul_(self.center_momentum).add_(batch_center, alpha=1.0 - self.center_momentum)
+
+
+def _at_least_fp32(x: Tensor) -> Tensor:
+    """``x`` in float32 if it is of a lower precision (bf16/fp16 autocast), else as it is (float64 stays)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
