@@ -32,19 +32,7 @@ from pipeline.linear_probe import (
     train_views,
 )
 from pipeline.shards import Sample, load_split, write_index, write_shards
-from pipeline.synthetic import CLASSES, make_synthetic_dataset
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("shapes")
-    make_synthetic_dataset(root, n_train=40, n_val=16, image_size=32, shard_size=16)
-    return str(root)
-
-
-@pytest.fixture(scope="module")
-def teacher(tmp_path_factory, tiny_teacher):
-    return tiny_teacher(tmp_path_factory.mktemp("t") / "teacher")
+from pipeline.synthetic import CLASSES
 
 
 def _hand_features(model, x, n: int, avgpool: bool) -> torch.Tensor:
