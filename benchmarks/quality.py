@@ -177,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.knn_index import KnnRequest, evaluate_teacher
     from pipeline.pretrain import prepare, pretrain
     from pipeline.storage import resolve_split
+    from pipeline.tracking import metric_name
 
     out = Path(args.out).absolute()
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -229,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     epochs = int(round(float(result.metrics["epoch"])))
     tags = client.get_run(result.run_id).data.tags
     fit = "; ".join(f"{k}: {tags[k]}" for k in ("budget_fit", "budget_stop") if k in tags)
-    history = [int(m.value) for m in client.get_metric_history(result.run_id, "planned_epochs")]
+    history = [int(m.value) for m in client.get_metric_history(result.run_id, metric_name("planned_epochs"))]
     say(f"pretraining: {epochs} epoch(s) in {pretrain_s / 60:.1f} min (budget {args.minutes:.1f} min)"
         + (f"; planned epochs {history}; last {fit}" if fit else ""))
 

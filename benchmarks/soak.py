@@ -187,7 +187,9 @@ def epoch_ends(tracking_uri: str, run_id: str, steps_per_epoch: int) -> list[tup
     """``[(epoch, end time in s)]`` from the ``epoch_mean_loss`` points logged at each epoch end."""
     from mlflow.tracking import MlflowClient
 
-    hist = MlflowClient(tracking_uri).get_metric_history(run_id, "epoch_mean_loss")
+    from pipeline.tracking import metric_name
+
+    hist = MlflowClient(tracking_uri).get_metric_history(run_id, metric_name("epoch_mean_loss"))
     return sorted((m.step // steps_per_epoch, m.timestamp / 1000.0) for m in hist)
 
 

@@ -255,16 +255,18 @@ def _log_knn_run(cfg, req: KnnRequest, results: dict[str, Any], manifest: IndexM
     from mlflow.entities import Metric, Param
     from mlflow.tracking import MlflowClient
 
+    from pipeline.tracking import mark_model_training, metric_name, model_training_experiment
+
     client = MlflowClient(req.tracking_uri)
     tags = {"dino.kind": "knn"}
     if req.pretrain_run_id:
         parent = client.get_run(req.pretrain_run_id)
         exp_id = parent.info.experiment_id
+        mark_model_training(client, client.get_experiment(exp_id))  # an experiment from before the tag existed
         tags.update({"mlflow.parentRunId": req.pretrain_run_id, "dino.pretrain_run_id": req.pretrain_run_id})
         run_name = f"{parent.info.run_name}-knn"
     else:
-        exp = client.get_experiment_by_name("dino-knn")
-        exp_id = exp.experiment_id if exp else client.create_experiment("dino-knn")
+        exp_id = model_training_experiment(client, "dino-knn")
         run_name = "knn"
     rid = client.create_run(exp_id, run_name=run_name, tags=tags).info.run_id
     kn = cfg.knn
@@ -287,12 +289,12 @@ def _log_knn_run(cfg, req: KnnRequest, results: dict[str, Any], manifest: IndexM
         metrics[f"index_recall_at_{k}"] = r
     client.log_batch(
         rid,
-        metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()],
+        metrics=[Metric(metric_name(k), float(v), now, 0) for k, v in metrics.items()],  # knn_top1 -> knn/top1
         params=[Param(k, str(v)) for k, v in redact(params).items()],
     )
     client.log_artifacts(rid, results["index_dir"], artifact_path="index")
     if req.pretrain_run_id and "teacher" in results:
         for key in ("knn_top1", "knn_top5"):
-            client.log_metric(req.pretrain_run_id, key, metrics[key])
+            client.log_metric(req.pretrain_run_id, metric_name(key), metrics[key])
     client.set_terminated(rid, "FINISHED")
     return rid

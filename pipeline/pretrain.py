@@ -20,7 +20,7 @@ from typing import Any
 from pipeline.config import Config
 from pipeline.shards import DataError, SplitInfo
 from pipeline.storage import resolve_split
-from pipeline.tracking import create_run, redact, resolve_tracking_uri
+from pipeline.tracking import create_run, metric_name, redact, resolve_tracking_uri
 
 log = logging.getLogger(__name__)
 
@@ -357,7 +357,7 @@ def pretrain(p: Prepared) -> PretrainResult:
         raise RuntimeError(f"training of run {p.run_name} finished without a checkpoint")
     teacher_dir = export_from_checkpoint(result.checkpoint, Path(cfg.output_dir) / p.run_name / "teacher", run_id)
     client.log_artifacts(run_id, str(teacher_dir), artifact_path="teacher")
-    client.log_metric(run_id, "data_skipped_samples", skipped_total(skipped))
+    client.log_metric(run_id, metric_name("data_skipped_samples"), skipped_total(skipped))
     model_version = register_teacher(client, run_id, p, teacher_dir)
     client.set_terminated(run_id, "FINISHED")
     return PretrainResult(
@@ -477,11 +477,24 @@ def find_run(tracking_uri: str, experiment: str, run_name: str) -> str | None:
 
 
 def register_teacher(client, run_id: str, p: Prepared, teacher_dir: Path) -> str | None:
-    """Register the exported teacher (run artifact ``teacher/``) in the MLflow model registry.
+    """Log the exported teacher as an MLflow model of the run and register that model.
 
-    Name: ``tracking.register_model`` (``auto`` = ``dino-<dataset>-<preset>``); tags carry the timm arch
-    and image size so a user can rebuild the backbone. Registry errors warn; they never fail the run.
+    The model (:mod:`pipeline.teacher_model`: images in, L2-normalised CLS embeddings out) is what
+    ``mlflow.pyfunc.load_model("models:/<name>/<version>")`` loads; the safetensors + ``teacher.json``
+    export stays the run's ``teacher/`` artifact beside it (for timm, and for the k-NN jobs). Name:
+    ``tracking.register_model`` (``auto`` = ``dino-<dataset>-<preset>``; null logs the model without
+    registering it); tags carry the timm arch and image size so a user can rebuild the backbone.
+    Model-logging and registry errors warn; they never fail the run. Returns ``"name/version"`` or None.
     """
+    from pipeline.checkpoint import TEACHER_WEIGHTS
+    from pipeline.teacher_model import log_teacher_model
+
+    try:
+        info = log_teacher_model(p.tracking_uri, run_id, teacher_dir)
+    except Exception as e:  # noqa: BLE001
+        log.warning("could not log the teacher as an MLflow model (the teacher/ artifact is there): %s: %s",
+                    type(e).__name__, " ".join(str(e).split())[:500])
+        return None
     name = p.cfg.tracking.register_model
     if not name:
         return None
@@ -490,18 +503,21 @@ def register_teacher(client, run_id: str, p: Prepared, teacher_dir: Path) -> str
     meta = json.loads((teacher_dir / "teacher.json").read_text())
     try:
         try:
-            client.create_registered_model(name, description="DINO teacher backbones (safetensors + teacher.json)")
+            client.create_registered_model(name, description="DINO teacher backbones: images in, L2-normalised CLS "
+                                                             "embeddings out (mlflow.pyfunc); weights for timm in "
+                                                             "the run's teacher/ artifact")
         except Exception as e:
             if "RESOURCE_ALREADY_EXISTS" not in str(e) and "already exists" not in str(e):
                 raise
-        source = f"{client.get_run(run_id).info.artifact_uri}/teacher"
         version = client.create_model_version(
             name,
-            source=source,
+            source=info.model_uri,
             run_id=run_id,
+            model_id=info.model_id,
             tags={"timm_arch": meta["arch"], "image_size": str(meta["image_size"]),
-                  "global_step": str(meta["global_step"]), "format": "safetensors"},
-            description=f"{meta['arch']} teacher of run {p.run_name} at step {meta['global_step']}",
+                  "global_step": str(meta.get("global_step")), "format": "pyfunc",
+                  "timm_weights": f"runs:/{run_id}/teacher/{TEACHER_WEIGHTS}"},
+            description=f"{meta['arch']} teacher of run {p.run_name} at step {meta.get('global_step')}",
         )
     except Exception as e:
         log.warning("could not register the teacher in the MLflow model registry as %s: %s", name, e)

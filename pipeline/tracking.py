@@ -20,6 +20,55 @@ log = logging.getLogger(__name__)
 MAX_BUFFERED = 100_000  # metric points kept while the server is unreachable
 BATCH = 1000  # MLflow's per-request limit for metrics
 
+# MLflow's run page groups metrics into sections by the prefix before "/". The code that measures keeps
+# its local names (``loss``, ``images_per_s``, ...); :func:`metric_name` gives the name MLflow shows, and
+# :class:`MetricsTracker` and the k-NN run apply it, so it is decided here and nowhere else. Names already
+# holding a "/" (``data/undecodable``, ``knn/start_top1``) pass through.
+METRIC_NAMES = {
+    # the optimisation: objective and schedules
+    "loss": "train/loss",
+    "epoch_mean_loss": "train/epoch_mean_loss",
+    "lr": "train/lr",
+    "weight_decay": "train/weight_decay",
+    "teacher_momentum": "train/teacher_momentum",
+    "teacher_temp": "train/teacher_temp",
+    "grad_norm": "train/grad_norm",
+    "grad_scale": "train/grad_scale",
+    "epoch": "train/epoch",
+    "planned_epochs": "train/planned_epochs",
+    # the paper's collapse diagnostics and the centre (dino/health.py, distributed centering)
+    "teacher_entropy": "health/teacher_entropy",
+    "teacher_entropy_ratio": "health/teacher_entropy_ratio",
+    "kl_teacher_student": "health/kl_teacher_student",
+    "center_norm": "health/center_norm",
+    "center_divergence": "health/center_divergence",
+    "skipped_steps": "health/skipped_steps",
+    # throughput
+    "images_per_s": "speed/images_per_s",
+    "step_time_s": "speed/step_time_s",
+    "data_wait_s": "speed/data_wait_s",
+    "data_wait_fraction": "speed/data_wait_fraction",
+    # the driver's final count and the k-NN run
+    "data_skipped_samples": "data/skipped_samples",
+    "embed_s": "knn/embed_s",
+    "index_build_s": "index/build_s",
+}
+# Families named by pattern: knn_top1, knn_top5_k20, knn_random_init_top1_k10, index_recall_at_10.
+METRIC_PREFIXES = (("knn_", "knn/"), ("index_", "index/"))
+
+
+def metric_name(name: str) -> str:
+    """The sectioned name MLflow shows for a metric the code calls ``name`` (e.g. ``loss`` -> ``train/loss``,
+    ``knn_top1_k20`` -> ``knn/top1_k20``); names with a "/" and names not listed are returned as they are."""
+    if "/" in name:
+        return name
+    if name in METRIC_NAMES:
+        return METRIC_NAMES[name]
+    for old, new in METRIC_PREFIXES:
+        if name.startswith(old):
+            return new + name[len(old) :]
+    return name
+
 
 def default_tracking_uri() -> str:
     """``sqlite:///<cwd>/mlflow.db`` as an absolute URI, so Ray workers on this machine find the same store."""
@@ -32,6 +81,8 @@ def resolve_tracking_uri(configured: str | None) -> str:
 
 class MetricsTracker:
     """Buffered metric logging to an existing MLflow run (used on rank 0 inside the training loop).
+
+    Metrics are logged under :func:`metric_name` of the name given (``loss`` -> ``train/loss``).
 
     ``log_metrics`` only appends to a buffer: a background thread sends it with ``log_batch`` every
     ``flush_every_s`` seconds, so a slow or unreachable server never pauses training. Points that could
@@ -75,7 +126,7 @@ class MetricsTracker:
             self.skipped_points += len(metrics)
             return
         ts = int(time.time() * 1000)
-        points = [Metric(k, float(v), ts, int(step)) for k, v in metrics.items()]
+        points = [Metric(metric_name(k), float(v), ts, int(step)) for k, v in metrics.items()]
         with self._lock:
             self._buffer.extend(points)
             if len(self._buffer) > MAX_BUFFERED:
@@ -170,11 +221,18 @@ class MetricsTracker:
 
 
 def last_logged_step(tracking_uri: str, run_id: str, key: str = "loss") -> int:
-    """The highest step of ``key`` already in the run (-1 when none or when MLflow is unreachable)."""
+    """The highest step of ``key`` already in the run (-1 when none or when MLflow is unreachable).
+
+    ``key`` is the code's name: the run is read under :func:`metric_name` of it (``train/loss``), and under
+    ``key`` itself when that has no points (a run logged before the names were sectioned, resumed now).
+    """
     from mlflow.tracking import MlflowClient
 
+    client = MlflowClient(tracking_uri)
     try:
-        history = MlflowClient(tracking_uri).get_metric_history(run_id, key)
+        history = client.get_metric_history(run_id, metric_name(key))
+        if not history and metric_name(key) != key:
+            history = client.get_metric_history(run_id, key)
     except Exception as e:
         log.warning("cannot read metric history of run %s (%s): steps may repeat after this resume", run_id, e)
         return -1
@@ -239,8 +297,7 @@ def create_run(tracking_uri: str, experiment: str, run_name: str, params: dict[s
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri)
-    exp = client.get_experiment_by_name(experiment)
-    exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
+    exp_id = model_training_experiment(client, experiment)
     secrets = secret_values()
     run = client.create_run(exp_id, run_name=run_name, tags=redact(dict(tags), secrets))
     params = redact(dict(params), secrets)
@@ -248,3 +305,37 @@ def create_run(tracking_uri: str, experiment: str, run_name: str, params: dict[s
     for i in range(0, len(items), 100):
         client.log_batch(run.info.run_id, params=items[i : i + 100], tags=[RunTag("mlflow.runName", run_name)])
     return run.info.run_id
+
+
+# MLflow 3's UI opens an experiment without this tag in its GenAI view, and lists its runs under
+# "Evaluation runs"; with it, the experiment opens as model training, runs listed as runs, with charts.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_TRAINING = "custom_model_development"
+# Kinds a person may have chosen for a reused experiment that the UI also shows as model training: kept.
+_TRAINING_KINDS = (MODEL_TRAINING, "finetuning", "forecasting", "classification", "regression", "automl")
+
+
+def model_training_experiment(client, name: str) -> str:
+    """The id of experiment ``name`` (created if missing), tagged as model training for MLflow's UI
+    (:func:`mark_model_training` for one that exists)."""
+    exp = client.get_experiment_by_name(name)
+    if exp is None:
+        return client.create_experiment(name, tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING})
+    mark_model_training(client, exp)
+    return exp.experiment_id
+
+
+def mark_model_training(client, experiment) -> None:
+    """Tag an existing experiment (an MLflow ``Experiment``) as model training for MLflow's UI.
+
+    Unless it already holds one of the UI's model-training kinds: it may hold none, a GenAI kind, or a
+    kind the UI inferred and stored. Failing to tag (e.g. no edit permission on a shared experiment)
+    only warns: the runs are unaffected, only how the UI shows them.
+    """
+    if experiment.tags.get(EXPERIMENT_KIND_TAG) in _TRAINING_KINDS:
+        return
+    try:
+        client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
+    except Exception as e:  # noqa: BLE001
+        log.warning("could not tag experiment %s as model training (%s: %s); MLflow's UI may show it as "
+                    "a GenAI experiment", experiment.name, type(e).__name__, str(e)[:200])

@@ -319,7 +319,7 @@ def test_a_lost_cpu_node_does_not_stop_training(main_run):
     assert main_run["roles"][chaos["cpu_victim"]] == "augment"
     if "cpu_replacement" in chaos:
         assert main_run["roles"][chaos["cpu_replacement"]] == "augment" and chaos["cpu_replacement"] != chaos["cpu_victim"]
-    steps = [m.step for m in main_run["client"].get_metric_history(main_run["runs"][0].info.run_id, "loss")]
+    steps = [m.step for m in main_run["client"].get_metric_history(main_run["runs"][0].info.run_id, "train/loss")]
     assert sorted(steps) == list(range(LOG_EVERY, TOTAL_STEPS + 1, LOG_EVERY))  # each once, through both losses
 
 

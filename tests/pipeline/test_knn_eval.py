@@ -146,12 +146,14 @@ def test_evaluation_is_the_paper_protocol_and_reaches_mlflow(tmp_path, data, tea
 
     run = client.get_run(res["mlflow_run_id"])
     assert run.data.tags["mlflow.parentRunId"] == parent and run.data.params["index"] == index
+    # The pretraining run's experiment (created here without the tag) now opens as model training.
+    assert client.get_experiment(run.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
     for k in (1, 5, 20, 200):
-        assert run.data.metrics[f"knn_top1_k{k}"] == pytest.approx(res["teacher"]["by_k"][k]["top1"])
-        assert run.data.metrics[f"knn_random_init_top5_k{k}"] == pytest.approx(res["random_init"]["by_k"][k]["top5"])
+        assert run.data.metrics[f"knn/top1_k{k}"] == pytest.approx(res["teacher"]["by_k"][k]["top1"])
+        assert run.data.metrics[f"knn/random_init_top5_k{k}"] == pytest.approx(res["random_init"]["by_k"][k]["top5"])
         if index == "ivf":
-            assert run.data.metrics[f"index_recall_at_{k}"] == pytest.approx(manifest["recall_at_k"][str(k)])
-    assert client.get_run(parent).data.metrics["knn_top1"] == pytest.approx(res["teacher"]["top1"])
+            assert run.data.metrics[f"index/recall_at_{k}"] == pytest.approx(manifest["recall_at_k"][str(k)])
+    assert client.get_run(parent).data.metrics["knn/top1"] == pytest.approx(res["teacher"]["top1"])
     artifacts = {a.path for a in client.list_artifacts(res["mlflow_run_id"], "index")}
     assert {f"index/{n}" for n in ("index.faiss", "features.parquet", "manifest.json", "knn_accuracy.csv", "knn_per_class.csv")} <= artifacts
 

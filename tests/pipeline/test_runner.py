@@ -77,6 +77,29 @@ def test_health_metrics_are_logged_each_window():
         assert m["step_time_s"] > 0 and m["data_wait_s"] >= 0 and m["skipped_steps"] == 0
 
 
+def test_every_metric_the_loop_logs_has_a_section_in_mlflow():
+    """The loop logs local names; the tracker renames each into a section of the MLflow run page
+    (``train/``, ``health/``, ``speed/``, ``data/``). A new metric without a section fails here."""
+    from pipeline.tracking import metric_name
+
+    runner = _runner()
+    tracker = _Tracker()
+    runner.train_epoch(iter(_batches(6)), tracker)
+    # + what the Ray worker loop logs at epoch ends, and the AMP scaler's (GPU only)
+    names = {k for _, m in tracker.logged for k in m} | {"epoch_mean_loss", "planned_epochs", "grad_scale"}
+    unsectioned = sorted(k for k in names if "/" not in metric_name(k))
+    assert not unsectioned, f"metrics without a section on the MLflow run page: {unsectioned}"
+    assert {metric_name(k).split("/")[0] for k in names if "/" not in k} == {"train", "health", "speed"}
+    assert {k: metric_name(k) for k in ("loss", "lr", "grad_norm", "teacher_entropy", "images_per_s", "data_wait_s")} == {
+        "loss": "train/loss", "lr": "train/lr", "grad_norm": "train/grad_norm",
+        "teacher_entropy": "health/teacher_entropy", "images_per_s": "speed/images_per_s", "data_wait_s": "speed/data_wait_s"}
+    # The k-NN run's families by pattern; sectioned names pass through.
+    assert [metric_name(k) for k in ("knn_top1", "knn_top5_k20", "knn_random_init_top1_k10", "index_recall_at_10",
+                                     "data/undecodable", "data_skipped_samples")] == [
+        "knn/top1", "knn/top5_k20", "knn/random_init_top1_k10", "index/recall_at_10", "data/undecodable",
+        "data/skipped_samples"]
+
+
 def test_non_finite_loss_stops_with_a_clear_message():
     runner = _runner()
     batches = _batches(6)

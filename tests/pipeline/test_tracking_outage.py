@@ -72,9 +72,9 @@ def test_outage_buffers_without_blocking_and_resends_everything(tmp_path, port_f
         proc.wait(30)
     proc = _start(tmp_path, port)
     try:
-        steps = [m.step for m in MlflowClient(uri).get_metric_history(run_id, "loss")]
+        steps = [m.step for m in MlflowClient(uri).get_metric_history(run_id, "train/loss")]
         assert sorted(steps) == list(range(1, 31))  # every point of the outage arrived, once
-        assert len(MlflowClient(uri).get_metric_history(run_id, "lr")) == 20
+        assert len(MlflowClient(uri).get_metric_history(run_id, "train/lr")) == 20
         assert MlflowClient(uri).get_run(run_id).data.tags["last_step"] == "30"
         assert any("reachable again" in r.message for r in caplog.records)
 
@@ -86,8 +86,17 @@ def test_outage_buffers_without_blocking_and_resends_everything(tmp_path, port_f
         for step in range(25, 36):
             resumed.log_metrics({"loss": 0.5}, step=step)
         assert resumed.close(timeout=60) and resumed.skipped_points == 6
-        steps = [m.step for m in MlflowClient(uri).get_metric_history(run_id, "loss")]
+        steps = [m.step for m in MlflowClient(uri).get_metric_history(run_id, "train/loss")]
         assert sorted(steps) == list(range(1, 36))
+
+        # A run logged before the names were sectioned ("loss", not "train/loss") resumes from its own steps.
+        from mlflow.entities import Metric
+
+        old = client.create_run(client.get_run(run_id).info.experiment_id).info.run_id
+        client.log_batch(old, metrics=[Metric("loss", 1.0, 0, s) for s in range(1, 13)])
+        assert last_logged_step(uri, old) == 12
+        client.log_batch(old, metrics=[Metric("train/loss", 1.0, 0, 13)])  # the resumed group's first point
+        assert last_logged_step(uri, old) == 13
     finally:
         proc.terminate()
         proc.wait(30)
@@ -197,14 +206,14 @@ def test_a_training_run_never_pauses_for_a_60s_outage_and_keeps_every_step(tmp_p
         assert any("MLflow unreachable" in r.message for r in caplog.records)  # the outage was felt
 
         in_outage = sorted(s for t, s in logged if marks["down"] <= t < marks["up"])
-        steps = sorted(m.step for m in MlflowClient(uri).get_metric_history(run_id, "loss"))
+        steps = sorted(m.step for m in MlflowClient(uri).get_metric_history(run_id, "train/loss"))
         print(f"steps logged: {len(logged)} ({len(in_outage)} while the server was down, "
               f"{marks['up'] - marks['down']:.0f} s incl. a {marks['up'] - marks['restarting']:.0f} s restart); "
               f"in the run afterwards: {len(steps)}")
         assert len(in_outage) >= 0.6 * outage_s / med_before / 5
         assert set(in_outage) <= set(steps)
         assert steps == sorted(s for _, s in logged)  # every logged step arrived, exactly once
-        assert len(MlflowClient(uri).get_metric_history(run_id, "lr")) == len(logged)
+        assert len(MlflowClient(uri).get_metric_history(run_id, "train/lr")) == len(logged)
         assert any("reachable again" in r.message for r in caplog.records)
     finally:
         server["proc"].terminate()

@@ -92,7 +92,7 @@ def test_worker_killed_while_writing_a_checkpoint_resumes_from_the_previous_one(
     assert len(runs) == 1
     run = runs[0]
     assert run.info.status == "FINISHED" and run.data.tags["resumed_from_step"] == "3"
-    loss = client.get_metric_history(run.info.run_id, "loss")
+    loss = client.get_metric_history(run.info.run_id, "train/loss")
     assert sorted(m.step for m in loss) == list(range(1, STEPS_PER_EPOCH * EPOCHS + 1))  # every step once
     # Steps 4-6 re-run after the resume are not logged again (the killed attempt logged them): the
     # recovery figure is the time to a finished job.

@@ -192,7 +192,7 @@ def test_submitted_job_survives_a_killed_worker_and_tracks_one_run(ray_head, mlf
     run_id = run.info.run_id
     assert run.info.status == "FINISHED"
     total = STEPS_PER_EPOCH * EPOCHS
-    loss = client.get_metric_history(run_id, "loss")
+    loss = client.get_metric_history(run_id, "train/loss")
     steps = [m.step for m in loss]
     assert sorted(steps) == list(range(1, total + 1)), steps  # every step once: none lost, none twice
     resumed = int(run.data.tags["resumed_from_step"])
@@ -207,7 +207,8 @@ def test_submitted_job_survives_a_killed_worker_and_tracks_one_run(ray_head, mlf
     cfg = json.loads(open(client.download_artifacts(run_id, "config.json", str(shared_tmp))).read())
     assert cfg["optim"]["epochs"] == EPOCHS and cfg["ray"]["num_workers"] == 2
     assert run.data.params["optim.epochs"] == str(EPOCHS) and run.data.params["preset"] == "smoke"
-    for key in ("teacher_entropy", "kl_teacher_student", "center_norm", "grad_norm", "step_time_s", "data_wait_s"):
+    for key in ("health/teacher_entropy", "health/kl_teacher_student", "health/center_norm", "train/grad_norm",
+                "speed/step_time_s", "speed/data_wait_s"):
         assert len({m.step for m in client.get_metric_history(run_id, key)}) == total, key
     artifacts = {a.path for a in client.list_artifacts(run_id)}
     assert {"config.json", "teacher", "attention"} <= artifacts
@@ -218,6 +219,8 @@ def test_submitted_job_survives_a_killed_worker_and_tracks_one_run(ray_head, mlf
     name, version = tags["registered_model"].split("/")
     mv = client.get_model_version(name, version)
     assert mv.tags["timm_arch"] == "vit_tiny_patch16_224" and mv.run_id == run_id
+    assert mv.source.startswith("models:/m-")  # the logged pyfunc model, not the teacher/ folder
+    assert client.get_experiment(run.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
 
     # Checkpoints: bounded and complete (Ray Train keeps num_to_keep registered ones).
     _assert_only_registered_checkpoints(shared_tmp / "ray" / RUN_NAME)
@@ -248,7 +251,7 @@ def test_resubmitting_a_finished_run_name_resumes_instead_of_retraining(ray_head
     assert len(runs) == 1
     run = runs[0]
     assert run.info.status == "FINISHED" and "resubmitted_at" in run.data.tags
-    steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
     assert sorted(steps) == list(range(1, STEPS_PER_EPOCH * EPOCHS + 1))  # nothing retrained, nothing twice
     logs = out.stdout + out.stderr
     assert "Training finished" in logs or "pretraining finished" in logs

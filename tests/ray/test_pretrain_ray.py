@@ -52,20 +52,39 @@ def test_two_worker_pretraining_tracks_exports_and_evaluates(tmp_path, ray_clust
     assert len(params) == len(cfg.flat())  # the full resolved config
     assert run.data.tags["num_workers"] == "2" and run.data.tags["worker_kind"] == "cpu"
 
+    # Metrics in sections of the run page (train/, health/, speed/, data/), in an experiment the UI shows as
+    # model training.
+    experiment = client.get_experiment(run.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
     total = 2 * p.steps_per_epoch
-    loss = client.get_metric_history(result.run_id, "loss")
+    assert not {"loss", "lr", "teacher_entropy", "images_per_s"} & set(run.data.metrics)
+    assert run.data.metrics["data/skipped_samples"] == 0
+    loss = client.get_metric_history(result.run_id, "train/loss")
     assert [m.step for m in loss] == list(range(1, total + 1))  # log_every_steps=1, no duplicates
     assert all(torch.isfinite(torch.tensor(m.value)) for m in loss)
-    divergence = client.get_metric_history(result.run_id, "center_divergence")
+    divergence = client.get_metric_history(result.run_id, "health/center_divergence")
     assert len(divergence) == total and max(m.value for m in divergence) == 0.0  # same centre on both workers
-    centre = client.get_metric_history(result.run_id, "center_norm")
+    centre = client.get_metric_history(result.run_id, "health/center_norm")
     assert centre[-1].value > 0
-    for key in ("lr", "weight_decay", "teacher_momentum", "teacher_temp", "images_per_s"):
+    for key in ("train/lr", "train/weight_decay", "train/teacher_momentum", "train/teacher_temp", "speed/images_per_s"):
         assert len(client.get_metric_history(result.run_id, key)) == total, key
-    assert client.get_metric_history(result.run_id, "teacher_temp")[0].value == pytest.approx(cfg.loss.warmup_teacher_temp)
+    assert client.get_metric_history(result.run_id, "train/teacher_temp")[0].value == pytest.approx(cfg.loss.warmup_teacher_temp)
 
     artifacts = {a.path for a in client.list_artifacts(result.run_id)}
     assert {"config.json", "teacher"} <= artifacts
+    # The registered version is the logged pyfunc model (not the teacher/ folder), and it loads.
+    import mlflow.pyfunc
+    import pandas as pd
+
+    from pipeline.teacher_model import _tracking_uri, example_images
+
+    name, version = run.data.tags["registered_model"].split("/")
+    mv = client.get_model_version(name, version)
+    assert mv.source.startswith("models:/m-") and mv.run_id == result.run_id
+    with _tracking_uri(mlflow_server):
+        model = mlflow.pyfunc.load_model(f"models:/{name}/{version}")
+    embedded = model.predict(pd.DataFrame({"image": example_images(2)}))
+    assert embedded.shape == (2, 48) and abs(float((embedded**2).sum(1).max()) - 1.0) < 1e-5
     config_file = client.download_artifacts(result.run_id, "config.json", str(tmp_path))
     assert json.loads(open(config_file).read()) == cfg.to_dict()
 
@@ -88,7 +107,8 @@ def test_two_worker_pretraining_tracks_exports_and_evaluates(tmp_path, ray_clust
     assert 0.0 <= knn["teacher"]["top1"] <= 100.0 and knn["n_db"] == 96 and knn["n_queries"] == 48
     child = client.get_run(knn["mlflow_run_id"])
     assert child.data.tags["mlflow.parentRunId"] == result.run_id
-    assert child.data.metrics["knn_top1"] == pytest.approx(knn["teacher"]["top1"])
+    assert child.data.metrics["knn/top1"] == pytest.approx(knn["teacher"]["top1"])
+    assert client.get_run(result.run_id).data.metrics["knn/top1"] == pytest.approx(knn["teacher"]["top1"])
     manifest = json.loads((tmp_path / "knn" / "manifest.json").read_text())
     assert manifest["count"] == 96 and manifest["feature_dim"] == 48 and manifest["run_id"] == result.run_id
     from pipeline.features import read_features
@@ -112,7 +132,7 @@ def test_a_spent_time_budget_ends_two_workers_alike_after_the_warm_up_epoch(tmp_
     run = MlflowClient(mlflow_server).get_run(result.run_id)
     assert run.info.status == "FINISHED"
     assert run.data.tags["budget_stop"].startswith("stopped after epoch 1: no further epoch fits (")
-    assert run.data.metrics["planned_epochs"] == 1
+    assert run.data.metrics["train/planned_epochs"] == 1
     state = load_state(result.checkpoint_path)
     assert state["epoch"] == 1 and state["global_step"] == p.steps_per_epoch
     assert [tuple(f) for f in state["budget_fits"]] == [(p.steps_per_epoch, 1)]
