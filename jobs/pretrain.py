@@ -91,6 +91,13 @@ def _knn(cfg, prepared, result) -> None:
     print(f"k-NN (k={k}, T={cfg.knn.temperature}) on '{cfg.data.val_split}' ({knn['n_queries']} images, {knn['n_db']} in the index):")
     print(f"  DINO teacher     top-1 {knn['teacher']['top1']:6.2f}%  top-5 {knn['teacher']['top5']:6.2f}%")
     print(f"  random init      top-1 {knn['random_init']['top1']:6.2f}%  top-5 {knn['random_init']['top5']:6.2f}%")
+    if result.start_knn is not None:
+        from pipeline.pretrain import compare_with_start
+
+        start = result.start_knn
+        print(f"  starting weights top-1 {start['top1']:6.2f}%  top-5 {start['top5']:6.2f}%  ({cfg.model.init_from})")
+        verdict = compare_with_start(result.tracking_uri, result.run_id, knn["teacher"]["top1"], start["top1"])
+        print(f"  {verdict}")
     print(f"index: {knn['index_dir']}; MLflow k-NN run {knn['mlflow_run_id']} (child of {result.run_id})")
     print(f"browse: mlflow ui --backend-store-uri {result.tracking_uri}")
 

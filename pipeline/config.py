@@ -119,6 +119,13 @@ class ModelConfig(_Section):
     norm_last_layer: bool
     init_from: str | None
 
+    @field_validator("init_from")
+    @classmethod
+    def _init_required(cls, v):
+        if v == "???":
+            raise ValueError("required by this preset: pass model.init_from=<weights file or folder, MLflow run id or models:/name/version>")
+        return v
+
 
 class OptimConfig(_Section):
     epochs: int = Field(gt=0)
@@ -132,10 +139,17 @@ class OptimConfig(_Section):
     clip_grad: float
     clip_mode: Literal["per_param", "global"]
     freeze_last_layer_epochs: int = Field(ge=0)
-    freeze_backbone_epochs: int = Field(ge=0)
+    freeze_backbone_epochs: int | Literal["auto"]
     precision: Literal["auto", "bf16", "fp16", "fp32"]
     compile: bool
     channels_last: bool
+
+    @field_validator("freeze_backbone_epochs")
+    @classmethod
+    def _freeze(cls, v):
+        if v != "auto" and v < 0:
+            raise ValueError(f"must be 'auto' or an epoch count >= 0, got {v}")
+        return v
 
     @model_validator(mode="after")
     def _warmup(self):

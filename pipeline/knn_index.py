@@ -155,6 +155,32 @@ def _evaluate(pairs: dict[str, tuple[Embeddings, Embeddings]], teacher_exact, nu
     return results, tables
 
 
+def knn_accuracies(cfg, data_root: str, models: dict[str, tuple[BackboneSpec, dict[str, torch.Tensor] | None]], *,
+                   embed_fn=None) -> dict[str, dict[str, Any]]:
+    """Weighted k-NN of backbones by the paper's protocol (exact search, ``knn.*`` settings), nothing saved.
+
+    The database is ``data.train_split``, the queries ``data.val_split``, both embedded in one pass.
+    Returns ``{name: {"top1", "top5", "by_k"}}`` (percent; ``top1``/``top5`` at ``knn.k``).
+    """
+    from pipeline.embed import embed_splits
+    from pipeline.storage import resolve_split
+
+    kn, d = cfg.knn, cfg.data
+    ks = sorted(set(kn.ks) | {kn.k})
+    train, val = resolve_split(data_root, d.train_split), resolve_split(data_root, d.val_split)
+    emb = (embed_fn or embed_splits)({d.train_split: train, d.val_split: val}, models, batch_size=kn.batch_size,
+                                     actors=kn.actors, read_cpus=cfg.ray.read_cpus_per_task, ray_config=cfg.ray)
+    out = {}
+    for name in models:
+        db, q = emb[name][d.train_split], emb[name][d.val_split]
+        check_labels(db, d.train_split, data_root, train.classes)
+        check_labels(q, d.val_split, data_root, train.classes)
+        num_classes = len(train.classes) if train.classes is not None else int(max(db.labels.max(), q.labels.max())) + 1
+        by_k = accuracy_rows(knn_scores(exact_index(db.features), db.labels, q.features, num_classes, ks, kn.temperature), q.labels)
+        out[name] = {**by_k[kn.k], "by_k": by_k}
+    return out
+
+
 def evaluate_teacher(cfg, req: KnnRequest, teacher_dir: Path, *, random_baseline: bool = True, embed_fn=None) -> dict[str, Any]:
     """Embed (one pass), build + save the index, evaluate every k in ``knn.ks``, log a child MLflow run.
 

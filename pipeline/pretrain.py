@@ -38,6 +38,7 @@ class Prepared:
     experiment: str
     run_name: str
     val: SplitInfo | None = None  # for attention maps (and the k-NN evaluation); None when absent
+    start: Any = None  # model.init_from read and mapped onto the model (pipeline.init_weights.StartWeights), or None
 
 
 @dataclass
@@ -49,6 +50,7 @@ class PretrainResult:
     data_root: str
     metrics: dict[str, Any] = field(default_factory=dict)
     model_version: str | None = None  # "name/version" in the MLflow model registry
+    start_knn: dict[str, Any] | None = None  # k-NN of the starting weights (model.init_from), measured before step 1
     timeline: Any = None  # a running ClusterTimeline on a multi-node cluster: close_timeline() logs it
 
     def close_timeline(self) -> list[str]:
@@ -124,16 +126,21 @@ def prepare(cfg: Config) -> Prepared:
     check_ray_address(cfg.ray.address)
     check_writable(cfg.ray.storage_path, "ray.storage_path")
     check_writable(cfg.output_dir, "output_dir")
+    tracking_uri = check_tracking_uri(resolve_tracking_uri(cfg.tracking.tracking_uri), cfg)
+    from pipeline.init_weights import load_start
+
+    start = load_start(cfg, tracking_uri)  # read and checked key by key here, before Ray (None without init_from)
     return Prepared(
         cfg=cfg,
         data_root=root,
         train=train,
         steps_per_epoch=steps,
         global_batch_size=global_batch,
-        tracking_uri=check_tracking_uri(resolve_tracking_uri(cfg.tracking.tracking_uri), cfg),
+        tracking_uri=tracking_uri,
         experiment=experiment,
         run_name=run_name,
         val=val,
+        start=start,
     )
 
 
@@ -241,6 +248,8 @@ def run_tags(p: Prepared, placement) -> dict[str, str]:
         "ray_version": ray.__version__,
         "torch_version": torch.__version__,
         "python": platform.python_version(),
+        **({"dino.init_from": p.start.source, "dino.init_kind": p.start.kind,
+            "dino.init_summary": p.start.summary()[:5000]} if p.start is not None else {}),
     }
 
 
@@ -285,6 +294,7 @@ def pretrain(p: Prepared) -> PretrainResult:
         run_id = create_run(p.tracking_uri, p.experiment, p.run_name, cfg.flat(), run_tags(p, placement))
         log.info("MLflow run %s (%s) in experiment %s at %s", run_id, p.run_name, p.experiment, p.tracking_uri)
         _log_config_artifact(p, run_id)
+    start_knn = measure_start(p, run_id) if p.start is not None else None
 
     plan = LoopPlan(
         steps_per_epoch=p.steps_per_epoch,
@@ -294,6 +304,7 @@ def pretrain(p: Prepared) -> PretrainResult:
         counter_name=f"dino_sample_counter_{run_id}",
         attention_paths=tuple(p.val.paths) if p.val is not None else (),
         deadline=training_deadline(started, cfg.optim.time_budget_minutes),
+        init_weights=ray.put(p.start) if p.start is not None else None,  # every node reads it from the object store
     )
     counter_name = plan.counter_name
     # On the driver's node (the head on a cluster): it must outlive any worker node the autoscaler removes.
@@ -369,7 +380,67 @@ def pretrain(p: Prepared) -> PretrainResult:
         metrics={**dict(result.metrics or {}), "skipped_samples": skipped_total(skipped), "data": skipped},
         model_version=model_version,
         timeline=timeline,
+        start_knn=start_knn,
     )
+
+
+START_METRICS = ("knn/start_top1", "knn/start_top5")  # the starting weights' k-NN, logged at step 0 of the run
+
+
+def measure_start(p: Prepared, run_id: str) -> dict[str, Any] | None:
+    """k-NN of the starting teacher backbone (``model.init_from``) on the val split, before the first step.
+
+    Logged to the run as ``knn/start_top1`` / ``knn/start_top5`` (step 0) with the same protocol as the final
+    evaluation. A resumed run keeps the figures it logged when it started (read back, not measured again).
+    Returns ``{"top1", "top5", "by_k"}`` in percent, or None without a val split.
+    """
+    cfg = p.cfg
+    if p.val is None:
+        log.info("model.init_from: no val split (data.val_split), the starting point's k-NN is not measured")
+        return None
+    logged = _client(p.tracking_uri).get_run(run_id).data.metrics
+    if all(k in logged for k in START_METRICS):
+        return {"top1": logged[START_METRICS[0]], "top5": logged[START_METRICS[1]], "by_k": {}}
+    from dino.backbone import backbone_kwargs
+    from pipeline.embed import BackboneSpec
+    from pipeline.init_weights import backbone_weights
+    from pipeline.knn_index import knn_accuracies
+
+    spec = BackboneSpec(cfg.model.arch, backbone_kwargs(cfg.model.arch, cfg.augment.global_size, cfg.model.model_kwargs),
+                        cfg.knn.image_size or cfg.augment.global_size, seed=cfg.seed)
+    t0 = time.perf_counter()
+    try:
+        acc = knn_accuracies(cfg, p.data_root, {"start": (spec, backbone_weights(p.start))})["start"]
+    except DataError as e:  # e.g. a val split without labels: the run goes on, unmeasured
+        log.warning("the starting point's k-NN is not measured: %s", e)
+        return None
+    log.info("starting weights (%s): k-NN top-1 %.2f%%, top-5 %.2f%% on '%s' (k=%d, %.0f s)", p.start.kind, acc["top1"],
+             acc["top5"], cfg.data.val_split, cfg.knn.k, time.perf_counter() - t0)
+    _client(p.tracking_uri).log_batch(run_id, metrics=_metrics({START_METRICS[0]: acc["top1"], START_METRICS[1]: acc["top5"]}))
+    return acc
+
+
+def compare_with_start(tracking_uri: str, run_id: str, end_top1: float, start_top1: float) -> str:
+    """The final teacher's k-NN against the starting weights': tag ``dino.below_start`` (true/false) and the
+    margin on the run; a run that ends below its starting point also warns. Returns the line to show."""
+    below = end_top1 < start_top1
+    margin = end_top1 - start_top1
+    client = _client(tracking_uri)
+    client.set_tag(run_id, "dino.below_start", str(below).lower())
+    client.set_tag(run_id, "dino.knn_vs_start", f"{margin:+.2f} points top-1")
+    if below:
+        line = (f"WARNING: the run ended BELOW its starting point: k-NN top-1 {end_top1:.2f}% against {start_top1:.2f}% "
+                f"at the start ({margin:+.2f} points); see README 'Start from pretrained weights' for safer settings")
+        log.warning(line)
+        return line
+    return f"the run ended {margin:+.2f} points top-1 above its starting point"
+
+
+def _metrics(values: dict[str, float], step: int = 0):
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    return [Metric(k, float(v), now, step) for k, v in values.items()]
 
 
 def ingest_config(label_selector: dict[str, str] | None):

@@ -27,6 +27,7 @@ from dino.health import CollapseMonitor
 from dino.train_step import build_student_teacher, dino_step, maybe_compile, precision_settings
 from pipeline.checkpoint import CheckpointError, load_state, save_state
 from pipeline.config import Config, config_from_dict
+from pipeline.init_weights import apply_start
 from pipeline.sample_stats import bad_fraction_error
 from pipeline.sample_stats import metrics as data_metrics
 from pipeline.tracking import MetricsTracker, NullTracker, last_logged_step
@@ -45,6 +46,7 @@ class LoopPlan:
     counter_name: str | None = None  # the run's SampleCounter actor (bad samples by reason)
     attention_paths: tuple[str, ...] = ()  # val shards whose first images get attention maps (rank 0)
     deadline: float | None = None  # time.time() by which training must end (optim.time_budget_minutes), or None
+    init_weights: Any = None  # model.init_from mapped (pipeline.init_weights.StartWeights), or a Ray ObjectRef to one
 
 
 def model_signature(tree: dict[str, Any]) -> dict[str, Any]:
@@ -52,6 +54,23 @@ def model_signature(tree: dict[str, Any]) -> dict[str, Any]:
     m = tree["model"]
     keys = ("arch", "model_kwargs", "out_dim", "hidden_dim", "bottleneck_dim", "norm_last_layer")
     return {**{k: m.get(k) for k in keys}, "global_size": tree["augment"]["global_size"]}
+
+
+def _start_weights(value):
+    """The plan's ``init_weights``: a StartWeights, None, or a Ray ObjectRef to one (fetched here)."""
+    if value is None or hasattr(value, "student"):
+        return value
+    import ray
+
+    return ray.get(value)
+
+
+def freeze_backbone_epochs(optim, start) -> int:
+    """``optim.freeze_backbone_epochs``; ``auto``: a start without head weights keeps the backbone frozen until the
+    whole head (last layer included, which ``freeze_last_layer_epochs`` holds) has trained one epoch; else 0."""
+    if optim.freeze_backbone_epochs != "auto":
+        return int(optim.freeze_backbone_epochs)
+    return optim.freeze_last_layer_epochs + 1 if start is not None and not start.has_head else 0
 
 
 def _has_batchnorm(model: nn.Module) -> bool:
@@ -96,6 +115,9 @@ class DinoRunner:
             hidden_dim=m.hidden_dim,
             bottleneck_dim=m.bottleneck_dim,
         )
+        start = _start_weights(plan.init_weights)  # model.init_from (not kept: the models hold it now)
+        if start is not None:  # before DDP (which broadcasts rank 0's weights anyway)
+            apply_start(start, student, teacher)
         if _distributed() and device.type == "cuda" and _has_batchnorm(student):
             # ConvNets: batch statistics over the global batch, as the reference code does (GPU only in torch).
             student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
@@ -107,6 +129,8 @@ class DinoRunner:
             maybe_compile(self.student_module.backbone, True)
             maybe_compile(self.teacher.backbone, True)
         self.loss_fn = DINOLoss(m.out_dim, student_temp=lc.student_temp, center_momentum=lc.center_momentum).to(device)
+        if start is not None and start.center is not None:
+            self.loss_fn.center.copy_(start.center.to(device))
         self.optimizer = build_optimizer(self.student_module)  # fused AdamW on CUDA
         self.autocast_dtype, self.scaler = precision_settings(device, o.precision)
         self.channels_last = o.channels_last and device.type == "cuda"
@@ -134,7 +158,8 @@ class DinoRunner:
             warmup_teacher_temp_steps=spe * lc.warmup_teacher_temp_epochs,
         )
         self.freeze_steps = spe * o.freeze_last_layer_epochs
-        self.freeze_backbone_steps = spe * o.freeze_backbone_epochs
+        self.freeze_backbone_epochs = freeze_backbone_epochs(o, start)
+        self.freeze_backbone_steps = spe * self.freeze_backbone_epochs
         self.global_step = 0
         self.epoch = 0
         torch.manual_seed(cfg.seed + 1 + (dist.get_rank() if _distributed() else 0))  # per-rank drop-path

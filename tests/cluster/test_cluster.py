@@ -287,7 +287,10 @@ def test_cpu_nodes_come_from_zero_up_to_the_pool_max_and_go_when_idle(main_run):
     assert rows[0]["nodes_augment"] == 0 and rows[0]["nodes_train"] == 0  # zero CPU nodes at the start
     grow = _events(rows, "nodes_augment")
     assert max(n for _, n in grow) == CPU_MAX, grow  # launched as the pool grew, up to its maximum
-    assert max(r["actors_augment"] for r in rows) == CPU_MAX
+    # The pool at its maximum, seen by the state API: the chaos thread lists the alive pool actors every second and
+    # kills a CPU node the moment there are CPU_MAX of them, so the timeline's own 1 s samples may miss that moment.
+    assert main_run["chaos"].get("pool_max_s") is not None, main_run["chaos"]
+    assert max(r["actors_augment"] for r in rows) >= CPU_MAX - 1
     first_up = next(t for t, n in grow if n == CPU_MAX)
     assert first_up <= main_run["chaos"]["pool_max_s"] + 1
     assert rows[-1]["nodes_augment"] == 0 and rows[-1]["nodes_train"] == 0, rows[-1]  # removed once idle

@@ -41,6 +41,9 @@ def _run(main, argv, capsys):
          "ray.storage_path '"),
         (lambda d: None, ["data.synthetic_dir={d}", "tracking.tracking_uri=http://127.0.0.1:9"],
          "MLflow tracking server http://127.0.0.1:9 is not reachable"),
+        (lambda d: None, ["data.synthetic_dir={d}", "model.init_from={d}/none.pth"], "none.pth': no such file or folder"),
+        (lambda d: (d.mkdir(), __import__("torch").save({"cls_token": __import__("torch").zeros(1, 1, 8)}, d / "w.pth")),
+         ["data.synthetic_dir={d}/syn", "model.init_from={d}/w.pth"], "w.pth: the backbone does not fit the configured model: missing"),
     ],
 )
 def test_pretrain_rejects_bad_input_before_ray(tmp_path, capsys, no_ray_started, make, overrides, needle):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import yaml
 
@@ -32,7 +34,9 @@ def test_preset_then_command_line_override_in_that_order():
 
 def test_every_preset_validates_and_round_trips():
     for path in sorted(CONFIG_DIR.glob("*.yaml")):
-        cfg = load_config(path, ["data.root=s3://b/x"] if "???" in path.read_text() else [])
+        text = path.read_text()
+        required = (["data.root=s3://b/x"] if re.search(r"root: \"?\?\?\?", text) else []) + (["model.init_from=w.pth"] if re.search(r"init_from: \"?\?\?\?", text) else [])
+        cfg = load_config(path, required)
         assert config_from_dict(cfg.to_dict()) == cfg
         flat = cfg.flat()
         assert flat["optim.epochs"] == cfg.optim.epochs and flat["seed"] == cfg.seed
@@ -131,6 +135,13 @@ PRESET_VALUES = {
         "ray.num_workers": 16, "optim.batch_size_per_worker": 64, "augment.n_local": 10, "data.root": "s3://b/in1k",
         "ray.augment_priority": "normal",
     },
+    "continue": {
+        "model.arch": "vit_small_patch16_224", "model.init_from": "/w/dino_deitsmall16_pretrain_full_checkpoint.pth",
+        "optim.base_lr": 0.0001, "optim.warmup_epochs": 1, "optim.weight_decay": 0.4, "optim.weight_decay_end": 0.4,
+        "optim.freeze_last_layer_epochs": 0, "optim.freeze_backbone_epochs": "auto", "optim.clip_mode": "per_param",
+        "loss.momentum_teacher": 0.999, "loss.warmup_teacher_temp": 0.04, "loss.teacher_temp": 0.04,
+        "loss.warmup_teacher_temp_epochs": 0, "data.root": "s3://b/in1k",
+    },
     "vit_base_imagenet": {
         "model.arch": "vit_base_patch16_224", "model.norm_last_layer": True, "model.out_dim": 65536,
         "optim.epochs": 400, "optim.base_lr": 0.00075, "optim.min_lr": 2e-6, "optim.clip_grad": 0.3,
@@ -144,7 +155,8 @@ PRESET_VALUES = {
 @pytest.mark.parametrize("preset", sorted(PRESET_VALUES))
 def test_each_preset_loads_with_its_values(preset):
     needs_root = PRESET_VALUES[preset].get("data.root") == "s3://b/in1k"
-    flat = load_config(preset, ["data.root=s3://b/in1k"] if needs_root else []).flat()
+    weights = PRESET_VALUES[preset].get("model.init_from")
+    flat = load_config(preset, (["data.root=s3://b/in1k"] if needs_root else []) + ([f"model.init_from={weights}"] if weights else [])).flat()
     assert flat["preset"] == preset
     assert {k: flat[k] for k in PRESET_VALUES[preset]} == PRESET_VALUES[preset]
 
@@ -164,6 +176,14 @@ def test_imagenette_preset_points_at_the_shared_benchmark_shards():
     assert (sum(train.counts), sum(val.counts)) == (9469, 3925)
     assert len(train.classes or []) == 10
     assert sum(train.counts) // (cfg.optim.batch_size_per_worker * cfg.ray.num_workers) == 147
+
+
+def test_the_continue_preset_requires_its_weights():
+    with pytest.raises(ConfigError, match=r"^invalid config value 'model.init_from' \(got '\?\?\?'\): required by this preset: "
+                                          r"pass model.init_from=<weights .*> \[default.yaml -> continue.yaml -> command line\]$"):
+        load_config("continue", ["data.root=/data"])
+    with pytest.raises(ConfigError, match=r"'optim.freeze_backbone_epochs' \(got -1\): .*must be 'auto' or an epoch count >= 0"):
+        load_config("smoke", ["optim.freeze_backbone_epochs=-1"])
 
 
 @pytest.mark.parametrize("preset", ["vit_small_imagenet", "vit_base_imagenet"])

@@ -22,7 +22,7 @@ from pipeline.knn_index import (
     require_labels,
 )
 from pipeline.shards import DataError, Sample, load_split, write_index, write_shards
-from pipeline.synthetic import CLASSES, make_synthetic_dataset
+from pipeline.synthetic import CLASSES
 
 
 def _jpeg() -> bytes:
@@ -33,18 +33,6 @@ def _jpeg() -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", (8, 8), (120, 30, 200)).save(buf, format="JPEG")
     return buf.getvalue()
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("shapes")
-    make_synthetic_dataset(root, n_train=40, n_val=16, image_size=32, shard_size=16)
-    return str(root)
-
-
-@pytest.fixture(scope="module")
-def teacher(tmp_path_factory, tiny_teacher):
-    return tiny_teacher(tmp_path_factory.mktemp("t") / "teacher")
 
 
 def test_one_pass_embedding_equals_embedding_each_image(data, teacher, tiny_teacher):
@@ -181,3 +169,21 @@ def test_gpu_layout_decode_stage_then_embed_equals_the_fused_actor(data, teacher
     assert list(fused["key"]) == list(staged["key"]) and len(fused["key"]) == 8
     np.testing.assert_array_equal(fused["feature_teacher"], staged["feature_teacher"])
     assert staged["feature_teacher"].shape == (8, 48) and list(staged["label"]) == list(fused["label"])
+
+
+def test_knn_accuracies_of_backbones_equal_the_index_jobs_evaluation(tmp_path, data, teacher):
+    """The starting point's k-NN (pipeline.pretrain.measure_start) is the index job's protocol, figure for figure."""
+    from pipeline.checkpoint import load_teacher
+    from pipeline.embed import BackboneSpec
+    from pipeline.knn_index import knn_accuracies
+
+    tdir, _ = teacher
+    cfg = load_config("smoke", ["knn.ks=[1,5,20]", "knn.k=5"])
+    req = KnnRequest(data, "train", "val", tmp_path / "knn", f"sqlite:///{tmp_path}/m.db", None)
+    res = evaluate_teacher(cfg, req, tdir, random_baseline=True, embed_fn=embed_in_process)
+    model, meta = load_teacher(tdir)
+    spec = BackboneSpec(meta["arch"], meta["timm_kwargs"], meta["image_size"], seed=cfg.seed)
+    acc = knn_accuracies(cfg, data, {"start": (spec, model.state_dict()), "random_init": (spec, None)}, embed_fn=embed_in_process)
+    assert acc["start"]["by_k"] == res["teacher"]["by_k"] and acc["start"]["top1"] == res["teacher"]["top1"]
+    assert acc["random_init"]["by_k"] == res["random_init"]["by_k"]
+    assert acc["start"]["by_k"] != acc["random_init"]["by_k"]  # two different networks, told apart
