@@ -99,7 +99,13 @@ def _knn(cfg, prepared, result) -> None:
         verdict = compare_with_start(result.tracking_uri, result.run_id, knn["teacher"]["top1"], start["top1"])
         print(f"  {verdict}")
     print(f"index: {knn['index_dir']}; MLflow k-NN run {knn['mlflow_run_id']} (child of {result.run_id})")
-    print(f"browse: mlflow ui --backend-store-uri {result.tracking_uri}")
+    from pipeline.tracking import run_page_url
+
+    url = run_page_url(result.tracking_uri, result.run_id)
+    if result.tracking_uri.startswith("http"):
+        print(f"browse: {url}")
+    else:
+        print(f"browse: mlflow ui --backend-store-uri {result.tracking_uri}, then {url}")
 
 
 if __name__ == "__main__":

@@ -339,3 +339,17 @@ def mark_model_training(client, experiment) -> None:
     except Exception as e:  # noqa: BLE001
         log.warning("could not tag experiment %s as model training (%s: %s); MLflow's UI may show it as "
                     "a GenAI experiment", experiment.name, type(e).__name__, str(e)[:200])
+
+
+def run_page_url(tracking_uri: str, run_id: str, ui: str = "http://127.0.0.1:5000") -> str:
+    """The run's page in MLflow's UI in its "Model training" view (``workflowType=machine_learning``: MLflow 3.17
+    opens every experiment in its GenAI view otherwise, whatever the experiment's tags). ``ui``: where ``mlflow ui``
+    serves a file or database store; an http(s) tracking URI is its own UI."""
+    from mlflow.tracking import MlflowClient
+
+    base = strip_credentials(tracking_uri) if tracking_uri.startswith("http") else ui
+    try:
+        experiment = MlflowClient(tracking_uri).get_run(run_id).info.experiment_id
+    except Exception:  # noqa: BLE001  (a link is a convenience: never fail the job for it)
+        return f"{base.rstrip('/')}/#/runs/{run_id}?workflowType=machine_learning"
+    return f"{base.rstrip('/')}/#/experiments/{experiment}/runs/{run_id}?workflowType=machine_learning"

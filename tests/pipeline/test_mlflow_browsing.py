@@ -47,3 +47,16 @@ def test_the_tracker_logs_sectioned_names_and_resume_reads_them(mlflow_server):
     assert metrics == {"train/loss": pytest.approx(1 / 3), "health/teacher_entropy": 2.0, "speed/images_per_s": 300.0,
                        "data/undecodable": 1.0}
     assert last_logged_step(mlflow_server, run_id) == 3
+
+
+def test_the_printed_run_link_opens_the_model_training_view(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.tracking import run_page_url
+
+    uri = f"sqlite:///{tmp_path}/m.db"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("links")
+    run = client.create_run(exp).info.run_id
+    assert run_page_url(uri, run) == f"http://127.0.0.1:5000/#/experiments/{exp}/runs/{run}?workflowType=machine_learning"
+    assert run_page_url(uri, run, ui="http://ui:8080/") == f"http://ui:8080/#/experiments/{exp}/runs/{run}?workflowType=machine_learning"
