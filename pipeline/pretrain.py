@@ -558,7 +558,7 @@ def register_teacher(client, run_id: str, p: Prepared, teacher_dir: Path) -> str
     Model-logging and registry errors warn; they never fail the run. Returns ``"name/version"`` or None.
     """
     from pipeline.checkpoint import TEACHER_WEIGHTS
-    from pipeline.teacher_model import log_teacher_model
+    from pipeline.teacher_model import log_teacher_model, tracking_uri_set
 
     try:
         info = log_teacher_model(p.tracking_uri, run_id, teacher_dir)
@@ -580,16 +580,17 @@ def register_teacher(client, run_id: str, p: Prepared, teacher_dir: Path) -> str
         except Exception as e:
             if "RESOURCE_ALREADY_EXISTS" not in str(e) and "already exists" not in str(e):
                 raise
-        version = client.create_model_version(
-            name,
-            source=info.model_uri,
-            run_id=run_id,
-            model_id=info.model_id,
-            tags={"timm_arch": meta["arch"], "image_size": str(meta["image_size"]),
-                  "global_step": str(meta.get("global_step")), "format": "pyfunc",
-                  "timm_weights": f"runs:/{run_id}/teacher/{TEACHER_WEIGHTS}"},
-            description=f"{meta['arch']} teacher of run {p.run_name} at step {meta.get('global_step')}",
-        )
+        with tracking_uri_set(p.tracking_uri):  # the registry resolves the models:/ source through the global URI
+            version = client.create_model_version(
+                name,
+                source=info.model_uri,
+                run_id=run_id,
+                model_id=info.model_id,
+                tags={"timm_arch": meta["arch"], "image_size": str(meta["image_size"]),
+                      "global_step": str(meta.get("global_step")), "format": "pyfunc",
+                      "timm_weights": f"runs:/{run_id}/teacher/{TEACHER_WEIGHTS}"},
+                description=f"{meta['arch']} teacher of run {p.run_name} at step {meta.get('global_step')}",
+            )
     except Exception as e:
         log.warning("could not register the teacher in the MLflow model registry as %s: %s", name, e)
         return None

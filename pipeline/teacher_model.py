@@ -157,9 +157,10 @@ def signature(feature_dim: int):
 
 
 @contextmanager
-def _tracking_uri(uri: str):
+def tracking_uri_set(uri: str):
     """MLflow's global tracking URI set to ``uri`` for the block, then put back as it was (the model
-    logging API reads only the global one; the rest of the pipeline passes URIs to its clients)."""
+    logging API reads only the global one, and so does the registry when it resolves a ``models:/<id>`` source;
+    the rest of the pipeline passes URIs to its clients)."""
     import mlflow
 
     env = os.environ.get("MLFLOW_TRACKING_URI")
@@ -189,7 +190,7 @@ def log_teacher_model(tracking_uri: str, run_id: str, teacher_dir: str | Path):
     from pipeline.checkpoint import load_teacher
 
     model, meta = load_teacher(teacher_dir)
-    with _tracking_uri(tracking_uri):
+    with tracking_uri_set(tracking_uri):
         return Model.log(
             artifact_path=None,
             name=MODEL_NAME,

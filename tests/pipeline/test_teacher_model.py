@@ -139,3 +139,29 @@ def test_plain_timm_loads_the_export_with_pretrained_cfg_overlay(tmp_path, tiny_
     fresh = timm.create_model(meta["arch"], pretrained=False, num_classes=0, **meta["timm_kwargs"]).eval()
     with torch.no_grad():
         assert not torch.allclose(fresh(x), a, atol=1e-3)  # the weights came from the file
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_registering_in_a_local_store_uses_that_store_not_the_working_directory(tmp_path, tiny_teacher, monkeypatch):
+    """The embedded default tracks to a sqlite file: the registry must resolve the logged model there (it reads
+    MLflow's global URI, which the job never sets: unset, it would open ./mlflow.db and not find the model)."""
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.pretrain import register_teacher
+    from pipeline.tracking import create_run
+
+    store = f"sqlite:///{tmp_path}/store/mlflow.db"
+    (tmp_path / "store").mkdir()
+    elsewhere = tmp_path / "cwd"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    folder, _ = tiny_teacher(tmp_path / "teacher")
+    run_id = create_run(store, "teacher-model-local", "tiny", params={}, tags={})
+    p = SimpleNamespace(cfg=SimpleNamespace(tracking=SimpleNamespace(register_model="tiny-local"), preset="smoke"),
+                        data_root="/d", run_name="tiny", tracking_uri=store)
+    assert register_teacher(MlflowClient(store), run_id, p, folder) == "tiny-local/1"
+    assert MlflowClient(store).get_model_version("tiny-local", "1").run_id == run_id
+    assert not (elsewhere / "mlflow.db").exists()  # no stray default store where the job was started (the sqlite
+    # store's artifacts do go to ./mlruns: MLflow's default artifact root for a database store without one)

@@ -76,12 +76,12 @@ def test_two_worker_pretraining_tracks_exports_and_evaluates(tmp_path, ray_clust
     import mlflow.pyfunc
     import pandas as pd
 
-    from pipeline.teacher_model import _tracking_uri, example_images
+    from pipeline.teacher_model import example_images, tracking_uri_set
 
     name, version = run.data.tags["registered_model"].split("/")
     mv = client.get_model_version(name, version)
     assert mv.source.startswith("models:/m-") and mv.run_id == result.run_id
-    with _tracking_uri(mlflow_server):
+    with tracking_uri_set(mlflow_server):
         model = mlflow.pyfunc.load_model(f"models:/{name}/{version}")
     embedded = model.predict(pd.DataFrame({"image": example_images(2)}))
     assert embedded.shape == (2, 48) and abs(float((embedded**2).sum(1).max()) - 1.0) < 1e-5
