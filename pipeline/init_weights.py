@@ -243,8 +243,8 @@ def _classifier_keys(backbone_state: dict[str, Tensor], model_keys: set[str], ar
     return [k for k in backbone_state if k not in model_keys and any(k.startswith(f"backbone.{n}.") for n in names)]
 
 
-def map_start(raw: dict[str, Any], kind: str, path: Path, student, teacher, arch: str, source: str) -> StartWeights:
-    """Map ``raw`` (see :func:`read_weights`) onto the freshly built ``student`` / ``teacher``."""
+def map_start(raw: dict[str, Any], kind: str, path: Path, student, arch: str, source: str) -> StartWeights:
+    """Map ``raw`` (see :func:`read_weights`) onto a freshly built ``student`` (the teacher has the same keys)."""
     kind, s_state, t_state, center = _classify(raw, kind, path)
     model = student.state_dict()
     backbone_keys = [k for k in model if k.startswith("backbone.")]  # in the model's order: errors list keys as it has them
@@ -266,14 +266,9 @@ def map_start(raw: dict[str, Any], kind: str, path: Path, student, teacher, arch
         return checked if has_head else {**{k: model[k] for k in head_keys}, **checked}
 
     student_sd = full(s_state, "the student" if t_state is not None else "the backbone", notes)
-    teacher_sd = student_sd
-    if t_state is not None:
-        t_model = teacher.state_dict()
-        if has_head and not any(k.startswith("head.") for k in t_state):
-            raise CheckpointError(f"{path}: the student has a head and the teacher none")
-        teacher_sd = full(t_state, "the teacher", []) if set(t_model) == set(model) else None
-        if teacher_sd is None:  # the teacher never differs from the student in keys here; keep it defensive
-            raise CheckpointError(f"{path}: the configured teacher's keys differ from the student's")
+    teacher_sd = student_sd  # a backbone alone: the teacher starts as the student, as in a fresh run
+    if t_state is not None:  # student and teacher are one architecture: the teacher checks against the same keys
+        teacher_sd = full(t_state, "the teacher", [])
     if center is not None:
         k = int(model["head.last_layer.parametrizations.weight.original1"].shape[0])
         if not isinstance(center, Tensor) or tuple(center.shape) != (1, k):
@@ -308,8 +303,8 @@ def load_start(cfg, tracking_uri: str | None) -> StartWeights | None:
         return None
     path = resolve_path(source, tracking_uri, cfg.output_dir)
     raw, kind = read_weights(path)
-    student, teacher = build_models(cfg)
-    start = map_start(raw, kind, path, student, teacher, cfg.model.arch, source)
+    student, _ = build_models(cfg)
+    start = map_start(raw, kind, path, student, cfg.model.arch, source)
     log.info("model.init_from: %s", start.summary())
     return start
 
