@@ -581,8 +581,9 @@ class _ProbeTracker:
                     log.warning("pretraining run %s not found at %s (%s): logging to experiment dino-linear", parent, req.tracking_uri, type(e).__name__)
                     tags["dino.pretrain_run_id"], parent = req.pretrain_run_id, None
             if exp_id is None:
-                exp = client.get_experiment_by_name("dino-linear")
-                exp_id = exp.experiment_id if exp else client.create_experiment("dino-linear")
+                from pipeline.tracking import model_training_experiment
+
+                exp_id = model_training_experiment(client, "dino-linear")
             rid = client.create_run(exp_id, run_name=run_name, tags=tags).info.run_id
             params = {"mode": settings.mode, "n_last_blocks": settings.n_last_blocks, "avgpool": settings.avgpool,
                       "epochs": settings.epochs, "base_lr": settings.base_lr, "lr": scaled_lr(settings.base_lr, settings.batch_size),

@@ -299,3 +299,16 @@ def test_job_from_a_run_id_logs_a_child_run_and_prints_the_summary(tmp_path, dat
     assert any(line.split()[:2] == ["teacher", f"{top1:.2f}"] for line in out.splitlines()) and "random_init" in out
     meta = json.loads((tmp_path / "outputs" / "pre-run" / "linear" / "linear_teacher.json").read_text())
     assert meta["settings"]["epochs"] == 2 and meta["run_id"] == parent
+
+
+def test_a_bare_teacher_folder_logs_to_a_model_training_experiment(tmp_path, data, teacher):
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.tracking import EXPERIMENT_KIND_TAG, MODEL_TRAINING
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    settings = ProbeSettings(mode="features", epochs=1, base_lr=0.5, batch_size=16, n_last_blocks=1, avgpool=False)
+    res = run_probe(ProbeRequest(teacher[0], data, "train", "val", tmp_path / "linear", uri, None), settings)
+    client = MlflowClient(uri)
+    exp = client.get_experiment(client.get_run(res["mlflow_run_id"]).info.experiment_id)
+    assert exp.name == "dino-linear" and exp.tags[EXPERIMENT_KIND_TAG] == MODEL_TRAINING
