@@ -86,11 +86,14 @@ def _knn(cfg, prepared, result) -> None:
         tracking_uri=result.tracking_uri,
         pretrain_run_id=result.run_id,
     )
-    knn = evaluate_teacher(cfg, req, result.teacher_dir, random_baseline=True)
+    baselines = cfg.knn.baselines
+    knn = evaluate_teacher(cfg, req, result.teacher_dir, random_baseline="random_init" in baselines,
+                           pixel_baseline="raw_pixels" in baselines)
     k = cfg.knn.k
     print(f"k-NN (k={k}, T={cfg.knn.temperature}) on '{cfg.data.val_split}' ({knn['n_queries']} images, {knn['n_db']} in the index):")
-    print(f"  DINO teacher     top-1 {knn['teacher']['top1']:6.2f}%  top-5 {knn['teacher']['top5']:6.2f}%")
-    print(f"  random init      top-1 {knn['random_init']['top1']:6.2f}%  top-5 {knn['random_init']['top5']:6.2f}%")
+    for name, label in (("teacher", "DINO teacher"), ("random_init", "random init"), ("raw_pixels", "raw pixels")):
+        if name in knn:
+            print(f"  {label:16s} top-1 {knn[name]['top1']:6.2f}%  top-5 {knn[name]['top5']:6.2f}%")
     if result.start_knn is not None:
         from pipeline.pretrain import compare_with_start
 

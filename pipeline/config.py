@@ -240,6 +240,7 @@ class KnnConfig(_Section):
     hnsw_m: int = Field(ge=2)
     hnsw_ef_search: int = Field(gt=0)
     recall_sample: int = Field(gt=0)
+    baselines: tuple[Literal["random_init", "raw_pixels"], ...]
 
     @field_validator("ks")
     @classmethod

@@ -44,10 +44,42 @@ class BackboneSpec:
     seed: int = 0  # random init (weights None) is drawn from this seed
 
 
+RAW_PIXELS = "raw_pixels"  # BackboneSpec.arch of the no-learning baseline (:class:`RawPixels`)
+RAW_PIXELS_SIDE = 32  # its views are area-averaged to at most this side: 3 x 32 x 32 = 3,072 values per image
+
+
+class RawPixels(torch.nn.Module):
+    """The no-learning baseline as a backbone: the view as the network receives it, flattened.
+
+    The input (ImageNet mean/std normalised, as :func:`dino.eval_view.embed_views` prepares it for every
+    model) is area-averaged to at most ``side`` px, so the baseline's size stays ~3k values per image
+    whatever the view size (on Imagenette 16-32 px pixels score higher than 64-224 px ones), and L2-normalised
+    by ``embed_views`` like any feature: a cosine k-NN on centred pixels.
+    """
+
+    def __init__(self, image_size: int, side: int = RAW_PIXELS_SIDE):
+        super().__init__()
+        self.side = min(side, image_size)
+        self.num_features = 3 * self.side * self.side
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.side or x.shape[-2] != self.side:
+            x = torch.nn.functional.adaptive_avg_pool2d(x, self.side)
+        return x.flatten(1)
+
+
+def raw_pixels_spec(image_size: int) -> BackboneSpec:
+    """The :class:`BackboneSpec` of the raw-pixel baseline at a view size."""
+    return BackboneSpec(RAW_PIXELS, {}, image_size)
+
+
 def build_backbone(spec: BackboneSpec, weights: dict[str, torch.Tensor] | None) -> torch.nn.Module:
-    """``timm.create_model(arch, num_classes=0, **timm_kwargs)`` with ``weights`` loaded (strict), eval mode."""
+    """``timm.create_model(arch, num_classes=0, **timm_kwargs)`` with ``weights`` loaded (strict), eval mode;
+    :class:`RawPixels` for ``arch == RAW_PIXELS``."""
     import timm
 
+    if spec.arch == RAW_PIXELS:
+        return RawPixels(spec.image_size).eval()
     torch.manual_seed(spec.seed)
     model = timm.create_model(spec.arch, pretrained=False, num_classes=0, **spec.timm_kwargs)
     if weights is not None:

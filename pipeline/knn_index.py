@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.embed import BackboneSpec
+from pipeline.embed import BackboneSpec, raw_pixels_spec
 from pipeline.tracking import redact, strip_credentials
 from pipeline.faiss_index import (
     IndexManifest,
@@ -45,6 +45,7 @@ __all__ = ["BackboneSpec", "KnnRequest", "accuracy_rows", "check_labels", "evalu
 
 ACCURACY_TABLE = "knn_accuracy"  # .csv and .json
 PER_CLASS_TABLE = "knn_per_class.csv"
+BASELINES = ("teacher", "random_init", "raw_pixels")  # the models an evaluation may hold, in report order
 
 
 @dataclass(frozen=True)
@@ -181,11 +182,13 @@ def knn_accuracies(cfg, data_root: str, models: dict[str, tuple[BackboneSpec, di
     return out
 
 
-def evaluate_teacher(cfg, req: KnnRequest, teacher_dir: Path, *, random_baseline: bool = True, embed_fn=None) -> dict[str, Any]:
+def evaluate_teacher(cfg, req: KnnRequest, teacher_dir: Path, *, random_baseline: bool = True, pixel_baseline: bool = False,
+                     embed_fn=None) -> dict[str, Any]:
     """Embed (one pass), build + save the index, evaluate every k in ``knn.ks``, log a child MLflow run.
 
     With ``random_baseline`` (and an evaluation split) the same architecture at its random
-    initialisation is embedded in the same pass and evaluated next to the teacher. ``embed_fn`` replaces
+    initialisation is embedded in the same pass and evaluated next to the teacher; with
+    ``pixel_baseline`` the views themselves too (:class:`pipeline.embed.RawPixels`: no learning at all). ``embed_fn`` replaces
     :func:`pipeline.embed.embed_splits` (Ray Data), e.g. by :func:`pipeline.embed.embed_in_process`.
 
     Returns ``{"teacher": {"top1", "top5", "by_k"}, "random_init": ..., "index_dir", "n_db", "n_queries",
@@ -208,6 +211,8 @@ def evaluate_teacher(cfg, req: KnnRequest, teacher_dir: Path, *, random_baseline
     models = {"teacher": (spec, model.state_dict())}
     if random_baseline and val is not None:
         models["random_init"] = (spec, None)
+    if pixel_baseline and val is not None:
+        models["raw_pixels"] = (raw_pixels_spec(image_size), None)
     splits = {req.train_split: train} | ({req.val_split: val} if val is not None else {})
 
     t0 = time.perf_counter()
@@ -304,7 +309,7 @@ def _log_knn_run(cfg, req: KnnRequest, results: dict[str, Any], manifest: IndexM
     }
     now = int(time.time() * 1000)
     metrics = {"embed_s": results["embed_s"], "index_build_s": results["build_s"]}
-    for name in ("teacher", "random_init"):
+    for name in BASELINES:
         if name not in results:
             continue
         prefix = "knn" if name == "teacher" else f"knn_{name}"

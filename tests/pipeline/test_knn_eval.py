@@ -187,3 +187,38 @@ def test_knn_accuracies_of_backbones_equal_the_index_jobs_evaluation(tmp_path, d
     assert acc["start"]["by_k"] == res["teacher"]["by_k"] and acc["start"]["top1"] == res["teacher"]["top1"]
     assert acc["random_init"]["by_k"] == res["random_init"]["by_k"]
     assert acc["start"]["by_k"] != acc["random_init"]["by_k"]  # two different networks, told apart
+
+
+def test_raw_pixel_baseline_is_a_cosine_knn_on_the_normalised_views(tmp_path, data, teacher):
+    """knn.baselines raw_pixels: the views as the network receives them, area-averaged to <= 32 px,
+    in the same pass and with the same vote as the teacher; equal to an independent computation."""
+    from dino.augment import decode_image
+    from dino.crops import crops_to_input
+    from dino.eval_view import center_view
+    from pipeline.embed import RAW_PIXELS, RawPixels, build_backbone, raw_pixels_spec
+    from pipeline.tar_reader import read_shard
+
+    tdir, _ = teacher
+    cfg = load_config("smoke", ["knn.ks=[1,5]", "knn.k=5"])
+    req = KnnRequest(data, "train", "val", tmp_path / "knn", f"sqlite:///{tmp_path}/m.db", None)
+    res = evaluate_teacher(cfg, req, tdir, random_baseline=False, pixel_baseline=True, embed_fn=embed_in_process)
+    assert set(res) >= {"teacher", "raw_pixels"} and "random_init" not in res
+
+    def views(split):
+        info = load_split(data, split)
+        rows = sorted((r for p in info.paths for r in read_shard({"path": p})), key=lambda r: r["__key__"])
+        x = torch.from_numpy(np.stack([center_view(decode_image(r["jpg"]), 32) for r in rows]))
+        feats = torch.nn.functional.normalize(crops_to_input(x[:, None], "cpu").flatten(1), dim=1)
+        return feats, torch.tensor([int(r["cls"]) for r in rows])
+
+    (ft, yt), (fv, yv) = views("train"), views("val")
+    for k in (1, 5):
+        scores = knn_predict(ft, yt, fv, len(CLASSES), k=k, temperature=cfg.knn.temperature)
+        want = knn_accuracy(scores, yv, topk=(1, 5))
+        assert res["raw_pixels"]["by_k"][k]["top1"] == pytest.approx(want[1], abs=1e-9)
+        assert res["raw_pixels"]["by_k"][k]["top5"] == pytest.approx(want[5], abs=1e-9)
+    # Larger views are area-averaged to 32 px: 3,072 values whatever the view size.
+    big = build_backbone(raw_pixels_spec(96), None)
+    assert isinstance(big, RawPixels) and raw_pixels_spec(96).arch == RAW_PIXELS and big.num_features == 3 * 32 * 32
+    x = torch.arange(2 * 3 * 96 * 96, dtype=torch.float32).reshape(2, 3, 96, 96)
+    np.testing.assert_allclose(big(x).numpy(), x.reshape(2, 3, 32, 3, 32, 3).mean((3, 5)).flatten(1).numpy(), rtol=1e-6)
