@@ -1,7 +1,8 @@
 """Malformed inputs that no other test covered (RELIABILITY.md lists every kind and the test of each):
 checkpoints of another model or corrupt, exported teachers with missing, corrupt or mismatched files,
 an empty shard file, a malformed classes.json, a dataset root or output folder that is a file or not
-writable, config values of the wrong shape. Each gives one line naming the file, key or value; no Ray.
+writable, config values of the wrong shape, a model timm cannot build or that cannot take its crops, names and
+stores MLflow refuses. Each gives one line naming the file, key or value; no Ray.
 """
 
 from __future__ import annotations
