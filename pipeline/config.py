@@ -109,15 +109,38 @@ class AugmentConfig(_Section):
         return self
 
 
+# timm keywords the backbone factory (dino/backbone.py) passes itself, and the key to use instead.
+_SET_BY_PIPELINE = {
+    "num_classes": "the classifier is always removed (num_classes=0)",
+    "pretrained": "DINO trains from scratch; start from weights with model.init_from",
+    "drop_path_rate": "use model.drop_path_rate",
+    "img_size": "use augment.global_size",
+    "dynamic_img_size": "always on for ViTs (multi-crop)",
+}
+
+
 class ModelConfig(_Section):
     arch: str
     model_kwargs: dict[str, Any]
     drop_path_rate: float = Field(ge=0.0, lt=1.0)
-    out_dim: int = Field(gt=0)
+    out_dim: int = Field(ge=2)  # K prototypes; the collapse monitor normalises by log K
     hidden_dim: int = Field(gt=0)
     bottleneck_dim: int = Field(gt=0)
     norm_last_layer: bool
     init_from: str | None
+
+    @field_validator("model_kwargs")
+    @classmethod
+    def _kwargs(cls, v):
+        for key, value in v.items():
+            if not isinstance(key, str) or not key.isidentifier():
+                hint = " (YAML needs a space after the colon: {depth: 6}, not {depth:6})" if ":" in str(key) else ""
+                raise ValueError(f"key {key!r} is not a keyword argument name{hint}")
+            if key in _SET_BY_PIPELINE:
+                raise ValueError(f"key '{key}' is set by the pipeline: {_SET_BY_PIPELINE[key]}")
+            if value is None:
+                raise ValueError(f"key '{key}' has no value (timm would silently ignore it)")
+        return v
 
     @field_validator("init_from")
     @classmethod
@@ -216,6 +239,24 @@ class TrackingConfig(_Section):
     log_every_steps: int = Field(gt=0)
     if_unreachable: Literal["fail", "local"]
     register_model: str | None
+
+    @field_validator("run_name")
+    @classmethod
+    def _run_name(cls, v):
+        # Also a folder name: <ray.storage_path>/<run_name> (checkpoints), <output_dir>/<run_name> (teacher).
+        if v is not None and v != "" and (not v.strip() or any(c in v for c in "/\\\0") or v in (".", "..")):
+            raise ValueError("must be a single folder name (no '/' or '\\', not '.' or '..', not blank): it names "
+                             "the run's checkpoint and teacher folders")
+        return v
+
+    @field_validator("register_model")
+    @classmethod
+    def _registered_name(cls, v):
+        # MLflow's rule for registered model names (mlflow.utils.validation._validate_model_name).
+        if v is not None and v != "" and (not v.strip() or "/" in v or ":" in v or v in (".", "..")):
+            raise ValueError("MLflow refuses it as a registered model name (no '/' or ':', not blank): the teacher "
+                             "would train but not be registered; null skips registration")
+        return v
 
 
 class HealthConfig(_Section):

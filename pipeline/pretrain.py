@@ -105,6 +105,9 @@ def dataset_name(root: str) -> str:
 
 def prepare(cfg: Config) -> Prepared:
     """Validate data and sizes and compute the step plan. Raises one-line errors; starts nothing."""
+    from pipeline.preflight import check_before_ray
+
+    check_before_ray(cfg, resolve_tracking_uri(cfg.tracking.tracking_uri))  # the model, the store, local CPUs
     root = ensure_data(cfg)
     train = resolve_split(root, cfg.data.train_split)
     global_batch = cfg.optim.batch_size_per_worker * cfg.ray.num_workers

@@ -80,3 +80,45 @@ def test_unreachable_mlflow_can_fall_back_to_a_local_store(tmp_path, caplog):
     p = prepare(cfg)
     assert p.tracking_uri == "sqlite:///" + str((tmp_path / "out" / "mlflow-offline.db").resolve())
     assert any("MLflow server http://127.0.0.1:9 unreachable" in r.message for r in caplog.records)
+
+
+UNKNOWN_ARCH = ("error: invalid config value 'model.arch' (got 'vit_nonexistent'): not a timm architecture; "
+                "timm.list_models('vit_*') lists the ViTs")
+
+
+def test_an_unknown_model_is_one_line_before_ray(tmp_path, capsys, no_ray_started):
+    """Before: Ray started, the worker group failed and restarted ray.max_failures times, and the job exited
+    after ~50-100 s with 9 tracebacks in ~250 lines. Now: exit 2 with one line, nothing generated or started."""
+    import ray
+
+    from jobs.pretrain import main
+
+    argv = ["--config", "smoke", "model.arch=vit_nonexistent", f"data.synthetic_dir={tmp_path / 'syn'}",
+            f"output_dir={tmp_path / 'out'}", f"ray.storage_path={tmp_path / 'ray'}"]
+    code = main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert [line for line in err if line.startswith("error:")] == [UNKNOWN_ARCH]
+    assert not ray.is_initialized()
+    assert not (tmp_path / "syn").exists()  # the model is checked before the synthetic dataset is generated
+
+
+@pytest.mark.slow
+def test_the_job_process_exits_2_with_one_line_and_starts_no_ray(tmp_path):
+    """The command a user types, as a process: exit 2, the error line alone on stderr, no Ray session."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    out = subprocess.run(
+        [sys.executable, str(repo / "jobs" / "pretrain.py"), "model.arch=vit_nonexistent",
+         f"data.synthetic_dir={tmp_path / 'syn'}", f"output_dir={tmp_path / 'out'}",
+         f"ray.storage_path={tmp_path / 'ray'}", f"tracking.tracking_uri=sqlite:///{tmp_path / 'm.db'}"],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+        env={**__import__("os").environ, "RAY_ADDRESS": "", "RAY_TMPDIR": str(tmp_path / "ray-tmp")},
+    )
+    lines = [line for line in (out.stdout + out.stderr).splitlines() if line.strip() and "Warning" not in line]
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert lines == [UNKNOWN_ARCH], lines
+    assert not (tmp_path / "ray-tmp").exists() and not (tmp_path / "syn").exists()

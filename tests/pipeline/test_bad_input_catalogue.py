@@ -1,7 +1,8 @@
 """Malformed inputs that no other test covered (RELIABILITY.md lists every kind and the test of each):
 checkpoints of another model or corrupt, exported teachers with missing, corrupt or mismatched files,
 an empty shard file, a malformed classes.json, a dataset root or output folder that is a file or not
-writable, config values of the wrong shape. Each gives one line naming the file, key or value; no Ray.
+writable, config values of the wrong shape, a model timm cannot build or that cannot take its crops, names and
+stores MLflow refuses. Each gives one line naming the file, key or value; no Ray.
 """
 
 from __future__ import annotations
@@ -268,3 +269,139 @@ def test_a_tar_member_outside_the_key_rule_is_ignored_not_fatal(tmp_path):
     (tmp_path / "s.tar").write_bytes(buf.getvalue())
     rows = list(read_shard({"path": str(tmp_path / "s.tar")}))
     assert [(r["__key__"], r["jpg"], r["cls"]) for r in rows] == [("a", b"J", b"1")]
+
+
+SMOKE_KW = "{'depth': 2, 'patch_size': 8, 'embed_dim': 48, 'num_heads': 3}"  # configs/smoke.yaml's model.model_kwargs
+SOURCES = "[default.yaml -> smoke.yaml -> command line]"
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("model.model_kwargs={depth:6}",  # YAML reads `depth:6` (no space) as a key without value
+         "invalid config value 'model.model_kwargs': key 'depth:6' is not a keyword argument name (YAML needs a space "
+         "after the colon: {depth: 6}, not {depth:6})"),
+        ("model.model_kwargs={depth: null}",
+         "invalid config value 'model.model_kwargs': key 'depth' has no value (timm would silently ignore it)"),
+        ("model.model_kwargs={img_size: 64}",
+         "invalid config value 'model.model_kwargs': key 'img_size' is set by the pipeline: use augment.global_size"),
+        ("model.out_dim=1", "invalid config value 'model.out_dim' (got 1): Input should be greater than or equal to 2"),
+        ("tracking.run_name=../elsewhere",
+         "invalid config value 'tracking.run_name' (got '../elsewhere'): must be a single folder name (no '/' or '\\', "
+         "not '.' or '..', not blank): it names the run's checkpoint and teacher folders"),
+        ("tracking.register_model=team/dino",
+         "invalid config value 'tracking.register_model' (got 'team/dino'): MLflow refuses it as a registered model "
+         "name (no '/' or ':', not blank): the teacher would train but not be registered; null skips registration"),
+    ],
+)
+def test_config_values_that_would_fail_in_a_worker_or_after_training_are_one_line(override, message):
+    """Each passed validation before and failed only in a Ray worker (out_dim 1, model_kwargs), silently did
+    nothing (a key without value), or failed after training (registration), or wrote outside output_dir."""
+    with pytest.raises(ConfigError) as err:
+        load_config("smoke", [override])
+    assert str(err.value) == f"{message} {SOURCES}"
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["model.arch=vit_nonexistent"],
+         "invalid config value 'model.arch' (got 'vit_nonexistent'): not a timm architecture; "
+         "timm.list_models('vit_*') lists the ViTs"),
+        (["model.arch=vit_tiny_patch16"],
+         "invalid config value 'model.arch' (got 'vit_tiny_patch16'): not a timm architecture; did you mean "
+         "vit_tiny_patch16_384, vit_tiny_patch16_224, deit_tiny_patch16_224?"),
+        (["model.model_kwargs={depth: 2, embed_dim: 50, num_heads: 3}"],
+         "invalid config value 'model.model_kwargs' (got {'depth': 2, 'embed_dim': 50, 'num_heads': 3}): timm cannot "
+         "build 'vit_tiny_patch16_224' with it (AssertionError: dim should be divisible by num_heads)"),
+        (["model.model_kwargs={depth: 2, pos_embed_kind: 2d}"],
+         "invalid config value 'model.model_kwargs' (got {'depth': 2, 'pos_embed_kind': '2d'}): timm cannot build "
+         "'vit_tiny_patch16_224' with it (TypeError: VisionTransformer.__init__() got an unexpected keyword argument "
+         "'pos_embed_kind')"),
+        (["model.model_kwargs={depth: 2, patch_size: 12}"],
+         "invalid config value 'augment.global_size' (got 32): model.arch 'vit_tiny_patch16_224' with "
+         "model.model_kwargs {'depth': 2, 'patch_size': 12} cannot take 32 px crops (AssertionError: Input height (32) "
+         "should be divisible by patch size (12).)"),
+        (["augment.local_size=20"],
+         f"invalid config value 'augment.local_size' (got 20): model.arch 'vit_tiny_patch16_224' with model.model_kwargs "
+         f"{SMOKE_KW} cannot take 20 px crops (AssertionError: Input height (20) should be divisible by patch size (8).)"),
+        (["knn.image_size=36"],
+         f"invalid config value 'knn.image_size' (got 36): model.arch 'vit_tiny_patch16_224' with model.model_kwargs "
+         f"{SMOKE_KW} cannot take 36 px crops (AssertionError: Input height (36) should be divisible by patch size (8).)"),
+        (["model.arch=swin_tiny_patch4_window7_224", "model.model_kwargs={depth: 2}", "augment.global_size=224"],
+         "invalid config value 'model.model_kwargs' (got {'depth': 2}): timm cannot build "
+         "'swin_tiny_patch4_window7_224' with it (TypeError: SwinTransformer.__init__() got an unexpected keyword "
+         "argument 'depth')"),
+        (["model.arch=swin_tiny_patch4_window7_224", "model.model_kwargs={}", "augment.global_size=224",
+          "augment.local_size=96"],  # a fixed input size: no multi-crop
+         "invalid config value 'augment.local_size' (got 96): model.arch 'swin_tiny_patch4_window7_224' cannot take "
+         "96 px crops (AssertionError: Input height (96) doesn't match model (224).)"),
+        (["model.model_kwargs={depth: 2, patch_size: 8, embed_dim: 48, num_heads: 3, global_pool: ''}"],
+         "invalid config value 'model.model_kwargs' (got {'depth': 2, 'patch_size': 8, 'embed_dim': 48, 'num_heads': 3, "
+         "'global_pool': ''}): 'vit_tiny_patch16_224' gives features of shape (2, 17, 48) for a batch of 2, not "
+         "(2, num_features=48): DINO needs one pooled vector per image (timm's global_pool must not be '')"),
+    ],
+)
+def test_a_model_that_cannot_be_built_or_take_its_crops_is_named_before_ray(overrides, message):
+    """Built on the meta device as the worker would build it (before: every worker restart failed with timm's
+    traceback, ray.max_failures + 1 times)."""
+    from pipeline.preflight import check_model
+
+    with pytest.raises(ConfigError) as err:
+        check_model(load_config("smoke", overrides))
+    assert str(err.value) == message
+
+
+def test_supported_models_pass_the_check_in_about_a_second():
+    """The paper's ViT-S/16 (224 + 96 px crops), a ViT without class token and a ConvNet all pass, on the meta
+    device: nothing allocated, ~0.5 s of CPU for the ViT-S (CPU time: the dev machine is shared)."""
+    import time
+
+    from pipeline.preflight import check_model
+
+    check_model(load_config("smoke"))  # imports torch and timm, which the job needs anyway
+    for preset, overrides in (("vit_small_imagenet", ["data.root=/d"]), ("smoke", ["model.arch=resnet10t", "model.model_kwargs={}"]),
+                              ("smoke", ["model.model_kwargs={depth: 2, class_token: false, global_pool: avg}"])):
+        cfg = load_config(preset, overrides)
+        t0 = time.process_time()
+        check_model(cfg)
+        assert time.process_time() - t0 < 2.0, (preset, overrides)
+
+
+@pytest.mark.parametrize(
+    "uri, message",
+    [
+        ("mlfow://host:5000",
+         "invalid config value 'tracking.tracking_uri' (got 'mlfow://host:5000'): MLflow has no tracking store for the "
+         "scheme 'mlfow' (known: databricks, databricks-uc, file, http, https, mssql, mysql, postgresql, sqlite, uc)"),
+        ("sqlite:////nonexistent-dir/sub/mlflow.db",
+         "invalid config value 'tracking.tracking_uri' (got 'sqlite:////nonexistent-dir/sub/mlflow.db'): the folder "
+         "/nonexistent-dir/sub of the SQLite file does not exist (SQLite creates the file, not its folder)"),
+    ],
+)
+def test_a_tracking_store_mlflow_cannot_open_is_named(uri, message):
+    """Before: the run was created after Ray had started, and failed there with MLflow's traceback."""
+    from pipeline.preflight import check_tracking_store
+
+    with pytest.raises(ConfigError) as err:
+        check_tracking_store(uri)
+    assert str(err.value) == message
+    for good in ("sqlite:////tmp/mlflow.db", "http://127.0.0.1:5000", "postgresql+psycopg2://u@h/db", "/tmp/mlruns",
+                 "file:///tmp/mlruns", "databricks"):
+        check_tracking_store(good)
+
+
+def test_training_workers_larger_than_the_local_machine_are_named(monkeypatch):
+    """A local cluster (ray.address null) cannot place 2 x 1.5 CPUs on 2 CPUs: before, Ray Train waited for them."""
+    from pipeline.preflight import check_local_cpus
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    cfg = load_config("smoke", ["ray.num_workers=2", "ray.cpus_per_worker=1.5"])
+    with pytest.raises(ConfigError) as err:
+        check_local_cpus(cfg, cpus=2)
+    assert str(err.value) == (
+        "invalid config value 'ray.num_workers' (got 2): 2 training workers x ray.cpus_per_worker 1.5 = 3 CPUs, more "
+        "than the 2 of this machine (a local Ray cluster: ray.address is null); lower them, or join a cluster with "
+        "ray.address")
+    check_local_cpus(cfg, cpus=4)
+    check_local_cpus(load_config("smoke", ["ray.num_workers=2", "ray.cpus_per_worker=1.5", "ray.address=auto"]), cpus=2)
