@@ -4,7 +4,8 @@ The "emerging segmentation" of DINO (Caron et al. 2021, "Emerging Properties in 
 Vision Transformers", arXiv 2104.14294, Fig. 1 and 3, Sec. 4.2.1): the attention of the ``[CLS]``
 query to the patch keys in the last block, per head, highlights the object without any supervision.
 The paper's figures keep, per map, the smallest set of patches holding 60% of the attention mass
-(reference ``visualize_attention.py``, ``--threshold 0.6``).
+(reference ``visualize_attention.py``, ``--threshold 0.6``), and Sec. 4.2.1 scores that mask against
+ground-truth object masks by the Jaccard similarity (:func:`attention_jaccard`).
 
 timm's ``Attention`` uses fused SDPA when it can, which never materialises the attention weights, so
 :func:`last_cls_attention` captures the input of the last block's attention module and recomputes the
@@ -147,6 +148,90 @@ def threshold_attention(attn: Tensor, mass: float = 0.6) -> Tensor:
     keep_sorted = before < mass * flat.sum(dim=-1, keepdim=True)
     keep = torch.zeros_like(keep_sorted).scatter_(-1, idx, keep_sorted)
     return keep.reshape(flat.shape[:-1] + tuple(attn.shape[-2:]))
+
+
+def upsample_masks(masks: Tensor, height: int, width: int) -> Tensor:
+    """``(..., h, w)`` -> ``(..., height, width)`` nearest: pixel ``(i, j)`` takes patch ``(i*h//height, j*w//width)``.
+
+    The same rule as the figure (:func:`_upsample_nearest`); for a size that is a multiple of the grid
+    each patch becomes a ``(height/h, width/w)`` block.
+    """
+    h, w = masks.shape[-2:]
+    rows = torch.arange(height, device=masks.device) * h // height
+    cols = torch.arange(width, device=masks.device) * w // width
+    return masks[..., rows[:, None], cols[None, :]]
+
+
+def jaccard(pred: Tensor, target: Tensor) -> Tensor:
+    """``|A ∩ B| / |A ∪ B|`` of bool masks over the last two axes: ``(..., H, W)`` x2 -> ``(...)`` float64.
+
+    Two empty masks agree perfectly: their Jaccard is defined as 1.0 (no object, none found).
+    """
+    inter = (pred & target).flatten(-2).sum(-1).double()
+    union = (pred | target).flatten(-2).sum(-1).double()
+    return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
+
+
+def attention_jaccard_per_image(attn: Tensor, gt_masks: Tensor, mass: float = 0.6) -> Tensor:
+    """Jaccard of each thresholded attention map with the ground-truth object mask, per image.
+
+    As in DINO Sec. 4.2.1: each map keeps the patches holding ``mass`` of its attention
+    (:func:`threshold_attention`), is upsampled nearest to the image size (:func:`upsample_masks`) and
+    compared with the ground truth binarised at 0.5 (:func:`jaccard`).
+
+    Args:
+        attn: ``(B, heads, h, w)`` non-negative attention maps (e.g. :func:`last_cls_attention`).
+        gt_masks: ``(B, H, W)`` ground truth, float in ``[0, 1]`` (set where ``>= 0.5``) or bool.
+        mass: Attention mass kept by the threshold.
+
+    Returns:
+        ``(B, heads + 1)`` float64: column ``k < heads`` is head ``k``, the last column the mean-of-heads map.
+    """
+    attn = torch.as_tensor(attn).detach().float().cpu()
+    gt = torch.as_tensor(gt_masks).detach().cpu()
+    if attn.ndim != 4 or gt.ndim != 3 or gt.shape[0] != attn.shape[0]:
+        raise ValueError(f"expected (B, heads, h, w) attention and (B, H, W) masks, got {tuple(attn.shape)}, {tuple(gt.shape)}")
+    gt = gt if gt.dtype == torch.bool else gt.double() >= 0.5
+    maps = torch.cat([attn, attn.mean(dim=1, keepdim=True)], dim=1)  # (B, heads + 1, h, w)
+    pred = upsample_masks(threshold_attention(maps, mass), *gt.shape[-2:])  # (B, heads + 1, H, W)
+    return jaccard(pred, gt[:, None])
+
+
+def summarise_jaccard(per_image: Tensor) -> dict[str, float | int]:
+    """Set-level figures from :func:`attention_jaccard_per_image`'s ``(B, heads + 1)`` scores.
+
+    Returns:
+        ``head_mean``: mean over images of the mean over heads; ``best_head``: mean over images of the
+        head with the highest mean over the set (one head for the whole set, not chosen per image),
+        ``best_head_index`` that head; ``mean_heads``: mean over images of the mean-of-heads map's
+        Jaccard; ``n_images``.
+    """
+    heads = per_image[:, :-1]  # (B, heads)
+    per_head = heads.mean(dim=0)  # (heads,)
+    best = int(per_head.argmax())  # the first of equal heads
+    return {
+        "head_mean": float(heads.mean()),
+        "best_head": float(per_head[best]),
+        "best_head_index": best,
+        "mean_heads": float(per_image[:, -1].mean()),
+        "n_images": int(per_image.shape[0]),
+    }
+
+
+def attention_jaccard(attn: Tensor, gt_masks: Tensor, mass: float = 0.6) -> dict[str, float | int]:
+    """The paper's attention-segmentation score of a set: :func:`summarise_jaccard` of
+    :func:`attention_jaccard_per_image` (see there for the arguments)."""
+    return summarise_jaccard(attention_jaccard_per_image(attn, gt_masks, mass))
+
+
+def centre_prior(heads: int, h: int, w: int, sigma: float = 0.25) -> Tensor:
+    """``(heads, h, w)`` "attention" that ignores the image: a Gaussian centred on the grid, ``sigma``
+    in units of the grid side, the same map for every head. Thresholded like real attention it is the
+    trivial reference a learned map must beat on object-centred data."""
+    ys = (torch.arange(h, dtype=torch.float64) + 0.5) / h - 0.5
+    xs = (torch.arange(w, dtype=torch.float64) + 0.5) / w - 0.5
+    g = torch.exp(-(ys[:, None] ** 2 + xs[None, :] ** 2) / (2 * sigma**2))  # (h, w)
+    return (g / g.sum()).float().expand(heads, h, w).clone()
 
 
 def _upsample_nearest(maps: np.ndarray, height: int, width: int) -> np.ndarray:

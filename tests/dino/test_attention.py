@@ -15,9 +15,16 @@ from dino.attention import (
     OVERLAY_RGB,
     SEPARATOR,
     attention_figure,
+    attention_jaccard,
+    attention_jaccard_per_image,
+    centre_prior,
+    jaccard,
     last_cls_attention,
+    summarise_jaccard,
     threshold_attention,
+    upsample_masks,
 )
+from dino.attention import _upsample_nearest
 from dino.backbone import create_backbone
 
 
@@ -142,6 +149,95 @@ def test_threshold_table():
     assert threshold_attention(m * 8, 0.6).tolist() == [[True, False], [False, True]]  # relative to the total
     with pytest.raises(ValueError):
         threshold_attention(m, 0.0)
+
+
+# A 4x4 map in 1/16ths: sorted 5, 4, 3, 2, 2; mass before each 0, 5/16, 9/16 (< 0.6) | 12/16: the 60%
+# rule keeps patches (0,0), (0,1), (1,0). On a 16x16 image each patch is a 4x4 pixel block.
+THREE = torch.tensor([[5, 4, 0, 0], [3, 0, 0, 0], [0, 0, 0, 0], [0, 0, 2, 2]], dtype=torch.float32) / 16
+CORNER = torch.zeros(4, 4).index_put_((torch.tensor(3), torch.tensor(3)), torch.tensor(1.0))  # all on (3,3)
+
+
+def _gt(*patches, size=16) -> torch.Tensor:
+    m = torch.zeros(size, size)
+    for r, c in patches:
+        m[4 * r : 4 * r + 4, 4 * c : 4 * c + 4] = 1.0
+    return m
+
+
+def test_upsample_masks_is_block_nearest():
+    m = torch.rand(2, 3, 4, 5) > 0.5
+    up = upsample_masks(m, 8, 15)
+    np.testing.assert_array_equal(up.numpy(), np.kron(m.numpy(), np.ones((2, 3))).astype(bool))
+    np.testing.assert_array_equal(upsample_masks(m, 7, 9).numpy(), _upsample_nearest(m.numpy(), 7, 9))
+
+
+def test_jaccard_table_and_empty_union():
+    a = torch.tensor([[[1, 1, 0, 0]]], dtype=torch.bool)  # (1, H=1, W=4)
+    cases = {(1, 1, 0, 0): 1.0, (0, 1, 1, 0): 1 / 3, (0, 0, 1, 1): 0.0, (1, 1, 1, 1): 0.5}
+    for b, want in cases.items():
+        assert jaccard(a, torch.tensor([[b]], dtype=torch.bool)).tolist() == [want]
+    empty = torch.zeros(1, 1, 4, dtype=torch.bool)
+    assert jaccard(empty, empty).tolist() == [1.0]  # nothing there, nothing found: defined as agreement
+    assert jaccard(a, empty).tolist() == [0.0]
+
+
+def test_attention_jaccard_on_hand_made_maps():
+    assert threshold_attention(THREE).nonzero().tolist() == [[0, 0], [0, 1], [1, 0]]
+    exact = _gt((0, 0), (0, 1), (1, 0))
+    # GT rows 0-7, cols 0-5: (0,0) and (1,0) whole (16 + 16 px), half of (0,1) (8 px) and of (1,1) (8 px);
+    # predicted 48 px, GT 48 px, intersection 40 -> 40 / 56.
+    half = torch.zeros(16, 16)
+    half[:8, :6] = 1.0
+    attn = torch.stack([THREE, CORNER])[None]  # (1, 2 heads, 4, 4)
+    scores = attention_jaccard_per_image(attn.expand(2, -1, -1, -1), torch.stack([exact, half]))
+    # Mean of the heads: (THREE + CORNER) / 2 = 2.5, 2, 1.5 | 9, 1, 1 sixteenths; mass before 0, 9/16 (< 0.6)
+    # | 11.5/16: keeps (3,3) and (0,0). Against `exact`: 1 of 4 patches -> 0.25; against `half`: 16 px of
+    # 32 + 48 - 16 -> 0.25.
+    assert scores.dtype == torch.float64 and scores.shape == (2, 3)
+    assert scores.tolist() == [[1.0, 0.0, 0.25], [40 / 56, 0.0, 0.25]]
+
+
+def test_ground_truth_is_binarised_at_one_half():
+    attn = THREE[None, None]  # (1, 1, 4, 4)
+    soft = _gt((0, 0), (0, 1), (1, 0)) * 0.5  # exactly 0.5 counts as object
+    assert attention_jaccard_per_image(attn, soft[None]).tolist() == [[1.0, 1.0]]
+    assert attention_jaccard_per_image(attn, (soft * 0.99)[None]).tolist() == [[0.0, 0.0]]  # nothing >= 0.5
+    as_bool = attention_jaccard_per_image(attn, (soft > 0)[None])
+    assert as_bool.tolist() == [[1.0, 1.0]]
+
+
+def test_zero_attention_and_empty_ground_truth_is_one_by_convention():
+    empty = torch.zeros(1, 16, 16)
+    assert attention_jaccard_per_image(torch.zeros(1, 2, 4, 4), empty).tolist() == [[1.0, 1.0, 1.0]]
+    assert attention_jaccard_per_image(THREE[None, None], empty).tolist() == [[0.0, 0.0]]
+
+
+def test_best_head_is_one_head_for_the_set_not_the_best_per_image():
+    exact = _gt((0, 0), (0, 1), (1, 0))
+    three_then_corner = torch.stack([THREE, CORNER])
+    attn = torch.stack([three_then_corner, three_then_corner.flip(0), three_then_corner])  # (3, 2, 4, 4)
+    scores = attention_jaccard_per_image(attn, exact.expand(3, 16, 16))
+    assert scores.tolist() == [[1.0, 0.0, 0.25], [0.0, 1.0, 0.25], [1.0, 0.0, 0.25]]
+    # head 0 averages 2/3 over the set, head 1 1/3; the best per image would be 1.0
+    assert summarise_jaccard(scores) == {
+        "head_mean": 0.5, "best_head": 2 / 3, "best_head_index": 0, "mean_heads": 0.25, "n_images": 3}
+    assert attention_jaccard(attn, exact.expand(3, 16, 16)) == summarise_jaccard(scores)
+    with pytest.raises(ValueError, match="expected"):
+        attention_jaccard(attn, exact)  # (H, W) without the batch axis
+
+
+def test_centre_prior_is_a_centred_gaussian():
+    prior = centre_prior(3, 4, 4)
+    assert prior.shape == (3, 4, 4) and prior.dtype == torch.float32
+    torch.testing.assert_close(prior.sum(dim=(-2, -1)), torch.ones(3))
+    assert (prior == prior[0]).all() and (prior[0] == prior[0].flip(0)).all() and (prior[0] == prior[0].T).all()
+    # Centre patches hold exp(-1/4), edges exp(-5/4), corners exp(-9/4) (sigma 1/4 of the side): the four
+    # centre ones hold 53.4% of the mass and each edge one 4.9%, so the 60% rule adds the first two edge
+    # patches in scan order (equal values: the stable sort keeps position order), (0, 1) and (0, 2).
+    g = np.exp(-np.array([0.25, 1.25, 2.25]))
+    total = 4 * g[0] + 8 * g[1] + 4 * g[2]
+    assert (4 * g[0] / total, g[1] / total) == (pytest.approx(0.5345, abs=1e-4), pytest.approx(0.0492, abs=1e-4))
+    assert threshold_attention(prior[0]).nonzero().tolist() == [[0, 1], [0, 2], [1, 1], [1, 2], [2, 1], [2, 2]]
 
 
 def test_colormap_is_viridis_like():
