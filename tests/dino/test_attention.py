@@ -11,6 +11,8 @@ from torch import nn
 
 from dino.attention import (
     COLORMAP,
+    GT_RGB,
+    LABEL_HEIGHT,
     OVERLAY_ALPHA,
     OVERLAY_RGB,
     SEPARATOR,
@@ -18,8 +20,10 @@ from dino.attention import (
     attention_jaccard,
     attention_jaccard_per_image,
     centre_prior,
+    figure_scale,
     jaccard,
     last_cls_attention,
+    mask_outline,
     summarise_jaccard,
     threshold_attention,
     upsample_masks,
@@ -247,39 +251,98 @@ def test_colormap_is_viridis_like():
     assert (np.diff(luminance) > 0).all()  # brighter means more attention
 
 
+def _tile_at(fig, i, j, th, tw):
+    y, x = LABEL_HEIGHT + SEPARATOR + i * (th + LABEL_HEIGHT + SEPARATOR), j * (tw + SEPARATOR)
+    return fig[y : y + th, x : x + tw]
+
+
+def _expected_colour(m, th, tw):  # independent: np.kron upsampling, per-map min-max, LUT
+    up = np.kron(m, np.ones((th // m.shape[0], tw // m.shape[1])))
+    return COLORMAP[np.rint((up - up.min()) / (up.max() - up.min()) * 255).astype(int)]
+
+
 def test_figure_layout_and_values():
     rng = np.random.default_rng(0)
     b, nh, h, w, size = 2, 3, 4, 4, 16
     images = rng.integers(0, 256, (b, size, size, 3), dtype=np.uint8)
     attn = torch.from_numpy(rng.random((b, nh, h, w)) ** 3).float()
     fig = attention_figure(images, attn, mass=0.6)
-    cols = nh + 3
-    assert fig.shape == (b * size + (b - 1) * SEPARATOR, cols * size + (cols - 1) * SEPARATOR, 3)
+    cols, t = nh + 3, 160  # 16 px * 10, the smallest integer factor reaching MIN_TILE = 160
+    assert figure_scale(16, 16) == 10 and figure_scale(32, 48) == 5 and figure_scale(224, 224) == 1
+    assert fig.shape == (18 + 2 + 2 * (160 + 18) + 2, 6 * 160 + 5 * 2, 3) == (
+        LABEL_HEIGHT + SEPARATOR + b * (t + LABEL_HEIGHT) + (b - 1) * SEPARATOR, cols * t + (cols - 1) * SEPARATOR, 3)
     assert fig.dtype == np.uint8
     np.testing.assert_array_equal(attention_figure(images, attn, mass=0.6), fig)  # deterministic
 
-    def tile(i, j):
-        y, x = i * (size + SEPARATOR), j * (size + SEPARATOR)
-        return fig[y : y + size, x : x + size]
+    # white separators; header and captions hold dark text, left-aligned in their own column
+    for y in (LABEL_HEIGHT, LABEL_HEIGHT + 1, 20 + 160 + 18, 20 + 160 + 19):
+        assert (fig[y] == 255).all(), y
+    for x in (160, 161, 322, 323):
+        assert (fig[:, x] == 255).all(), x
+    header = fig[:LABEL_HEIGHT]
+    for j in range(cols):
+        assert (header[:, j * 162 : j * 162 + 160] < 128).any(), j  # a name over every column
+    captions = fig[20 + 160 : 20 + 160 + 18]
+    assert (captions[:, :160] < 128).any() and (captions[:, 5 * 162 :] < 128).any()  # "image 0", patches kept
+    assert (captions[:, 162 : 4 * 162] == 255).all()  # no ground truth: no Jaccard under the maps
 
-    def expected_colour(m):  # independent: np.kron upsampling, per-map min-max, LUT
-        up = np.kron(m, np.ones((size // h, size // w)))
-        return COLORMAP[np.rint((up - up.min()) / (up.max() - up.min()) * 255).astype(int)]
-
-    assert (fig[size : size + SEPARATOR] == 255).all()  # row separator
-    assert (fig[:, size : size + SEPARATOR] == 255).all()  # column separator
     mean = attn.mean(dim=1)
     for i in range(b):
-        np.testing.assert_array_equal(tile(i, 0), images[i])
+        np.testing.assert_array_equal(_tile_at(fig, i, 0, t, t), np.kron(images[i], np.ones((10, 10, 1))))
         for j in range(nh):
-            np.testing.assert_array_equal(tile(i, 1 + j), expected_colour(attn[i, j].double().numpy()))
-        np.testing.assert_array_equal(tile(i, 1 + nh), expected_colour(mean[i].double().numpy()))
-        mask = np.kron(_numpy_threshold(mean[i].double().numpy(), 0.6), np.ones((4, 4))).astype(bool)
+            np.testing.assert_array_equal(_tile_at(fig, i, 1 + j, t, t), _expected_colour(attn[i, j].double().numpy(), t, t))
+        np.testing.assert_array_equal(_tile_at(fig, i, 1 + nh, t, t), _expected_colour(mean[i].double().numpy(), t, t))
+        mask = np.kron(_numpy_threshold(mean[i].double().numpy(), 0.6), np.ones((40, 40))).astype(bool)
         assert 0 < mask.sum() < mask.size  # both branches exercised
-        overlay = tile(i, 2 + nh)
-        np.testing.assert_array_equal(overlay[~mask], images[i][~mask])  # untouched outside the mask
-        blended = np.rint(images[i] * (1 - OVERLAY_ALPHA) + np.array(OVERLAY_RGB) * OVERLAY_ALPHA)
+        overlay, big = _tile_at(fig, i, 2 + nh, t, t), np.kron(images[i], np.ones((10, 10, 1)))
+        np.testing.assert_array_equal(overlay[~mask], big[~mask])  # untouched outside the mask
+        blended = np.rint(big * (1 - OVERLAY_ALPHA) + np.array(OVERLAY_RGB) * OVERLAY_ALPHA)
         np.testing.assert_array_equal(overlay[mask], blended[mask].astype(np.uint8))
+
+
+def test_mask_outline_is_the_inner_ring():
+    m = np.zeros((8, 8), bool)
+    m[1:7, 2:8] = True  # touches the right border: that side is outlined too
+    ring = mask_outline(m, width=2)
+    inside = np.zeros((8, 8), bool)
+    inside[3:5, 4:6] = True
+    np.testing.assert_array_equal(ring, m & ~inside)
+    assert not mask_outline(np.zeros((4, 4), bool)).any()
+
+
+def test_figure_with_ground_truth_adds_a_column_outlines_and_jaccard_captions():
+    images = np.full((1, 16, 16, 3), 100, np.uint8)
+    attn = torch.stack([THREE, CORNER])[None]  # (1, 2, 4, 4): Jaccard 1, 0, mean-of-heads 0.25 vs `exact`
+    exact = _gt((0, 0), (0, 1), (1, 0))
+    fig = attention_figure(images, attn, gt_masks=exact[None])
+    t, cols = 160, 2 + 3 + 1
+    assert fig.shape == (LABEL_HEIGHT + SEPARATOR + t + LABEL_HEIGHT, cols * t + (cols - 1) * SEPARATOR, 3)
+    g = np.kron(exact.numpy(), np.ones((10, 10))).astype(bool)  # three 40-px blocks
+    edge = mask_outline(g)
+    # independent: a pixel of the L is on the outline iff some pixel within L1 distance 2 (or the border) is not
+    pad = np.pad(g, 2, constant_values=False)
+    near_out = np.zeros_like(g)
+    for dy, dx in [(dy, dx) for dy in range(-2, 3) for dx in range(-2, 3) if abs(dy) + abs(dx) <= 2]:
+        near_out |= ~pad[2 + dy : 2 + dy + 160, 2 + dx : 2 + dx + 160]
+    np.testing.assert_array_equal(edge, g & near_out)
+    # the L's 4800 px less what survives: rows 2-37 x cols 2-77, rows 38-77 x cols 2-37, and 3 of the 4
+    # pixels at the concave corner (38-39, 38-39), where (39, 39) is L1 distance 2 from (40, 40)
+    assert edge.sum() == 4800 - (36 * 76 + 40 * 36 + 3) == 621
+    image_tile = _tile_at(fig, 0, 0, t, t)
+    assert (image_tile[edge] == GT_RGB).all() and (image_tile[~edge] == 100).all()
+    overlay = _tile_at(fig, 0, 4, t, t)
+    kept = np.kron(threshold_attention(attn.mean(dim=1))[0].numpy(), np.ones((40, 40))).astype(bool)
+    assert (overlay[edge] == GT_RGB).all()
+    assert (overlay[kept & ~edge] == np.rint(100 * 0.5 + np.array(OVERLAY_RGB) * 0.5)).all()
+    assert (overlay[~kept & ~edge] == 100).all()
+    gt_tile = _tile_at(fig, 0, 5, t, t)
+    np.testing.assert_array_equal(gt_tile, np.where(g[..., None], 255, 0).repeat(3, axis=-1))
+    captions = fig[LABEL_HEIGHT + SEPARATOR + t :]
+    for j in range(cols):
+        assert (captions[:, j * 162 : j * 162 + 160] < 128).any(), j  # "J 1.00", "J 0.00", "J 0.25", ...
+    assert attention_figure(images, attn, gt_masks=exact[None] > 0.5).tobytes() == fig.tobytes()  # bool GT alike
+    with pytest.raises(ValueError, match="ground-truth"):
+        attention_figure(images, attn, gt_masks=exact)
 
 
 def test_figure_from_a_model(tiny):
@@ -287,4 +350,4 @@ def test_figure_from_a_model(tiny):
     images = np.random.default_rng(1).integers(0, 256, (2, 32, 48, 3), dtype=np.uint8)
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
     fig = attention_figure(images, last_cls_attention(model, x))
-    assert fig.shape == (2 * 32 + SEPARATOR, 6 * 48 + 5 * SEPARATOR, 3)
+    assert fig.shape == (LABEL_HEIGHT + SEPARATOR + 2 * (160 + LABEL_HEIGHT) + SEPARATOR, 6 * 240 + 5 * SEPARATOR, 3)
