@@ -14,16 +14,19 @@ from __future__ import annotations
 import io
 import logging
 from contextlib import closing
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 from torch import nn
 
-from dino.attention import attention_figure, attention_jaccard, last_cls_attention
+from dino.attention import attention_figure, attention_jaccard, centre_prior, last_cls_attention
 from dino.crops import crops_to_input
 from pipeline.shards import MASK_EXT
 from pipeline.tar_reader import KEEP, read_shard
+from pipeline.tracking import metric_name
 
 log = logging.getLogger(__name__)
 
@@ -174,3 +177,108 @@ def log_attention_maps(
         log.warning("MLflow: could not log attention maps %s for run %s: %s", artifact_file, run_id, e)
         return None
     return artifact_file
+
+
+JACCARD_IMAGES = 64  # val images with a mask that the attention is scored on (the first ones, fixed)
+
+# Local metric names (pipeline.tracking.METRIC_NAMES sections them under "attention/"): the scores of
+# dino.attention.summarise_jaccard, logged for the teacher at each attention epoch, for the starting
+# weights at step 0 (suffix "_start"), and the centre prior's once.
+SCORE_METRICS = {
+    "head_mean": "attention_jaccard_head_mean",
+    "best_head": "attention_jaccard_best_head",
+    "mean_heads": "attention_jaccard_mean_heads",
+    "best_head_index": "attention_best_head",
+}
+CENTRE_PRIOR_METRIC = "attention_jaccard_centre_prior"
+
+
+def score_metrics(scores: dict[str, float | int], suffix: str = "") -> dict[str, float]:
+    """:data:`SCORE_METRICS` of ``scores`` as local metric names, e.g. ``attention_jaccard_mean_heads_start``."""
+    return {name + suffix: float(scores[k]) for k, name in SCORE_METRICS.items()}
+
+
+@dataclass
+class AttentionProbe:
+    """Rank 0's fixed val images: the attention figure every few epochs and, when the val shards carry
+    object masks, the paper's Jaccard of the teacher's attention (DINO Sec. 4.2.1) next to the starting
+    weights' and a centre prior's.
+
+    ``images`` are the first :data:`JACCARD_IMAGES` val images with a mask (the figure draws the first
+    ``figure_images`` of them, outlined), or without masks just the figure's images.
+    """
+
+    client: Any  # mlflow.tracking.MlflowClient of the run
+    run_id: str
+    device: torch.device | str
+    images: np.ndarray  # (n, S, S, 3) uint8
+    masks: np.ndarray | None  # (n, S, S) float32 in [0, 1], or None: no Jaccard
+    figure_images: int
+    start_label: str = "random_init"  # "start" when the weights came from model.init_from
+    start: dict[str, float | int] | None = None  # the starting weights' scores
+    centre: dict[str, float | int] | None = None  # the centre prior's scores
+    teacher: dict[str, float | int] | None = None  # the teacher's latest scores
+    teacher_epoch: int | None = None
+
+    @classmethod
+    def load(cls, paths: list[str], figure_images: int, size: int, **fields) -> AttentionProbe | None:
+        """The probe of the val shards, or None without a decodable image (``fields``: client, run_id, device, ...)."""
+        images, masks = fixed_val_masked(paths, JACCARD_IMAGES, size)
+        if len(images):
+            log.info("attention: Jaccard with the object masks of %d val images, figure of the first %d",
+                     len(images), min(figure_images, len(images)))
+            return cls(images=images, masks=masks, figure_images=figure_images, **fields)
+        log.info("attention: the val shards have no object masks (%s): figure only, no Jaccard", MASK_EXT)
+        images = fixed_val_images(paths, figure_images, size)
+        return cls(images=images, masks=None, figure_images=figure_images, **fields) if len(images) else None
+
+    def measure_start(self, backbone: nn.Module, tracker, step: int = 0) -> None:
+        """Scores of the weights before the first step and of the centre prior, logged at ``step``."""
+        if self.masks is None:
+            return
+        self.start = attention_scores(backbone, self.images, self.masks, self.device)
+        self._measure_centre(backbone)
+        tracker.log_metrics({**score_metrics(self.start, "_start"), **score_metrics(self.start),
+                             CENTRE_PRIOR_METRIC: self.centre["mean_heads"]}, step=step)
+        log.info("attention Jaccard at step 0 (%s): mean-of-heads %.3f, head mean %.3f, best head %.3f; "
+                 "centre prior %.3f", self.start_label, self.start["mean_heads"], self.start["head_mean"],
+                 self.start["best_head"], self.centre["mean_heads"])
+
+    def restore_start(self) -> None:
+        """After a resume: the starting weights' scores as logged at step 0 of the run (if they were)."""
+        if self.masks is None:
+            return
+        logged = self.client.get_run(self.run_id).data.metrics
+        names = {k: metric_name(v + "_start") for k, v in SCORE_METRICS.items()}
+        if all(n in logged for n in names.values()):
+            self.start = {k: logged[n] for k, n in names.items()} | {"n_images": len(self.images)}
+            self.start["best_head_index"] = int(self.start["best_head_index"])
+
+    def _measure_centre(self, backbone: nn.Module) -> None:
+        _, heads, h, w = teacher_attention(backbone, self.images[:1], self.device).shape
+        prior = centre_prior(heads, h, w).expand(len(self.images), heads, h, w)
+        self.centre = attention_jaccard(prior, torch.from_numpy(self.masks))
+
+    def at_epoch(self, backbone: nn.Module, tracker, epoch: int, step: int) -> None:
+        """The figure (``attention/epoch_XXXX.png``) and, with masks, the teacher's scores logged at ``step``."""
+        n = self.figure_images
+        masks = None if self.masks is None else self.masks[:n]
+        log_attention_maps(self.client, self.run_id, backbone, self.images[:n], epoch, self.device, gt_masks=masks)
+        if self.masks is None:
+            return
+        if self.centre is None:
+            self._measure_centre(backbone)
+        self.teacher, self.teacher_epoch = attention_scores(backbone, self.images, self.masks, self.device), epoch
+        tracker.log_metrics(score_metrics(self.teacher), step=step)
+        log.info("attention Jaccard at epoch %d: mean-of-heads %.3f, head mean %.3f, best head %.3f (head %d)",
+                 epoch, self.teacher["mean_heads"], self.teacher["head_mean"], self.teacher["best_head"],
+                 self.teacher["best_head_index"])
+
+    def results(self) -> dict[str, Any] | None:
+        """For the driver (``PretrainResult.metrics["attention_jaccard"]``): the teacher's latest scores, the
+        starting weights' (under :attr:`start_label`) and the centre prior's; None without masks or scores."""
+        if self.masks is None or self.teacher is None:
+            return None
+        drop = lambda d: None if d is None else {k: v for k, v in d.items() if k != "n_images"}  # noqa: E731
+        return {"teacher": drop(self.teacher), self.start_label: drop(self.start), "centre_prior": drop(self.centre),
+                "n_images": len(self.images), "epoch": self.teacher_epoch, "mass": 0.6}

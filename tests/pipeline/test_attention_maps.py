@@ -146,6 +146,66 @@ def test_attention_scores_and_figure_with_masks(mlflow_run, tmp_path, monkeypatc
     np.testing.assert_array_equal(png[20:180, 6 * 162 :], np.where(masks[0].repeat(5, 0).repeat(5, 1)[..., None] > 0, 255, 0).repeat(3, -1))
 
 
+class _Tracker:
+    def __init__(self):
+        self.logged = []
+
+    def log_metrics(self, metrics, step):
+        self.logged.append((step, dict(metrics)))
+
+
+def test_probe_scores_start_centre_prior_and_teacher_on_synthetic_masks(mlflow_run, tmp_path, caplog):
+    from pipeline.attention_maps import CENTRE_PRIOR_METRIC, JACCARD_IMAGES, AttentionProbe, score_metrics
+    from pipeline.shards import load_split
+    from pipeline.synthetic import make_synthetic_dataset
+
+    client, run_id = mlflow_run
+    make_synthetic_dataset(tmp_path / "syn", n_train=2, n_val=70, image_size=32, seed=0)
+    paths = load_split(tmp_path / "syn", "val").paths
+    probe = AttentionProbe.load(paths, 2, 32, client=client, run_id=run_id, device="cpu")
+    assert probe.images.shape == (JACCARD_IMAGES, 32, 32, 3) and probe.masks.shape == (JACCARD_IMAGES, 32, 32)
+    torch.manual_seed(0)
+    model = create_backbone(*TINY)
+    tracker = _Tracker()
+    probe.measure_start(model, tracker)
+    (step, logged), = tracker.logged
+    assert step == 0 and set(logged) == {*score_metrics(probe.start), *score_metrics(probe.start, "_start"), CENTRE_PRIOR_METRIC}
+    assert logged["attention_jaccard_mean_heads_start"] == probe.start["mean_heads"]
+    c = probe.centre  # one map for all heads: the three scores agree
+    assert c["head_mean"] == pytest.approx(c["mean_heads"], abs=1e-12) and c["best_head"] == pytest.approx(c["mean_heads"], abs=1e-12)
+    assert 0 < probe.centre["mean_heads"] < 1 and 0 <= probe.start["head_mean"] <= probe.start["best_head"] <= 1
+
+    with torch.no_grad():  # "training": some other weights
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    probe.at_epoch(model, tracker, epoch=2, step=40)
+    assert tracker.logged[1] == (40, score_metrics(probe.teacher))
+    assert client.list_artifacts(run_id, "attention")[0].path == "attention/epoch_0002.png"
+    res = probe.results()
+    assert set(res) == {"teacher", "random_init", "centre_prior", "n_images", "epoch", "mass"}
+    assert (res["n_images"], res["epoch"], res["mass"]) == (64, 2, 0.6)
+    assert set(res["teacher"]) == {"head_mean", "best_head", "best_head_index", "mean_heads"}
+    assert res["teacher"]["mean_heads"] == probe.teacher["mean_heads"] and res["random_init"]["best_head"] == probe.start["best_head"]
+
+    # a resumed run reads the start scores back from the run (logged at step 0 under sectioned names)
+    from mlflow.entities import Metric
+
+    client.log_batch(run_id, metrics=[Metric("attention/" + k[len("attention_"):], v, 0, 0) for k, v in logged.items()])
+    again = AttentionProbe.load(paths, 2, 32, client=client, run_id=run_id, device="cpu")
+    again.restore_start()
+    assert again.start == probe.start
+
+    # shards without masks: one info line, a figure, no scores
+    plain = load_split(tmp_path / "syn", "train").paths  # train shards carry no masks
+    with caplog.at_level(logging.INFO, logger="pipeline.attention_maps"):
+        bare = AttentionProbe.load(plain, 2, 32, client=client, run_id=run_id, device="cpu")
+    assert bare.masks is None and len(bare.images) == 2
+    assert sum("no object masks" in r.getMessage() for r in caplog.records) == 1
+    bare.measure_start(model, tracker)
+    bare.at_epoch(model, tracker, epoch=3, step=60)
+    assert len(tracker.logged) == 2 and bare.results() is None
+
+
 def test_unreachable_server_only_warns(monkeypatch, caplog):
     from mlflow.tracking import MlflowClient
 
