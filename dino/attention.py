@@ -197,7 +197,9 @@ def attention_jaccard_per_image(attn: Tensor, gt_masks: Tensor, mass: float = 0.
     attn = torch.as_tensor(attn).detach().float().cpu()
     gt = torch.as_tensor(gt_masks).detach().cpu()
     if attn.ndim != 4 or gt.ndim != 3 or gt.shape[0] != attn.shape[0]:
-        raise ValueError(f"expected (B, heads, h, w) attention and (B, H, W) masks, got {tuple(attn.shape)}, {tuple(gt.shape)}")
+        raise ValueError(
+            f"expected (B, heads, h, w) attention and (B, H, W) masks, got {tuple(attn.shape)}, {tuple(gt.shape)}"
+        )
     gt = gt if gt.dtype == torch.bool else gt.double() >= 0.5
     maps = torch.cat([attn, attn.mean(dim=1, keepdim=True)], dim=1)  # (B, heads + 1, h, w)
     pred = upsample_masks(threshold_attention(maps, mass), *gt.shape[-2:])  # (B, heads + 1, H, W)
@@ -362,9 +364,9 @@ def attention_figure(
         tiles = [image, *colored[i], overlay]
         if gt is not None:
             g = gt[i].numpy().repeat(k, axis=0).repeat(k, axis=1)  # (T_h, T_w)
-            edge = mask_outline(g)[..., None]
-            tiles = [np.where(edge, np.asarray(GT_RGB, np.uint8), image), *colored[i],
-                     np.where(edge, np.asarray(GT_RGB, np.uint8), overlay), np.where(g[..., None], 255, 0).astype(np.uint8)]
+            edge, green = mask_outline(g)[..., None], np.asarray(GT_RGB, np.uint8)
+            gt_tile = np.where(g[..., None], 255, 0).astype(np.uint8)
+            tiles = [np.where(edge, green, image), *colored[i], np.where(edge, green, overlay), gt_tile]
             captions[1:-1] = [f"J {float(v):.2f}" for v in scores[i]]
             captions[-1] = f"J {float(scores[i, -1]):.2f}, {captions[-1]}"
             captions.append(f"{float(g.mean()):.0%} of the image")

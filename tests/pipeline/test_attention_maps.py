@@ -117,7 +117,8 @@ def test_masked_val_set_reads_image_and_mask_pairs_only(tmp_path):
     np.testing.assert_array_equal(masks[1] >= 0.5, ~half)
     assert fixed_val_images([shard], n=5, size=16).shape == (4, 16, 16, 3)  # images alone: all four
 
-    no_masks = _tar(tmp_path / "n.tar", [(f"k{i}.png", img[i % 4]) for i in range(10)] + [("z.png", img[1]), ("z.mask.png", _mask_png(m))])
+    late_mask = [(f"k{i}.png", img[i % 4]) for i in range(10)] + [("z.png", img[1]), ("z.mask.png", _mask_png(m))]
+    no_masks = _tar(tmp_path / "n.tar", late_mask)
     images, masks = fixed_val_masked([no_masks], n=3, size=16)  # 3 images without a mask: gives up early
     assert images.shape == (0, 16, 16, 3) and masks.shape == (0, 16, 16)
 
@@ -143,7 +144,8 @@ def test_attention_scores_and_figure_with_masks(mlflow_run, tmp_path, monkeypatc
     path = log_attention_maps(client, run_id, model, images[:2], epoch=1, device="cpu", gt_masks=masks[:2])
     png = np.asarray(Image.open(client.download_artifacts(run_id, path, str(tmp_path / "dl"))))
     assert png.shape == (18 + 2 + 2 * (160 + 18) + 2, 7 * 160 + 6 * 2, 3)  # + the ground-truth column
-    np.testing.assert_array_equal(png[20:180, 6 * 162 :], np.where(masks[0].repeat(5, 0).repeat(5, 1)[..., None] > 0, 255, 0).repeat(3, -1))
+    gt_tile = np.where(masks[0].repeat(5, 0).repeat(5, 1)[..., None] > 0, 255, 0).repeat(3, -1)
+    np.testing.assert_array_equal(png[20:180, 6 * 162 :], gt_tile)  # the ground-truth column, white on black
 
 
 class _Tracker:
