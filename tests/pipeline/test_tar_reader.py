@@ -34,6 +34,8 @@ def test_mask_members_are_skipped_unless_asked_for(tmp_path):
     assert [(r["__key__"], r["jpg"], r["png"], r["mask.png"]) for r in rows] == [
         ("a", b"A", None, b"M" * 7), ("b", None, b"B", None)]
     (tmp_path / "s.tar").write_bytes(data)
+    (table,) = read_shard_tables({"path": [str(tmp_path / "s.tar")]})  # the Ray Data read stage: no mask column
+    assert table.column_names == list(COLUMNS) and table.num_rows == 2
     assert [r["mask.png"] for r in read_shard({"path": str(tmp_path / "s.tar")}, extra=("mask.png",))] == [b"M" * 7, None]
     gone = list(read_shard({"path": str(tmp_path / "gone.tar")}, extra=("mask.png",)))
     assert gone[0]["__error__"] == "unreadable_shard" and gone[0]["mask.png"] is None
