@@ -4,19 +4,21 @@ The "emerging segmentation" of DINO (Caron et al. 2021, "Emerging Properties in 
 Vision Transformers", arXiv 2104.14294, Fig. 1 and 3, Sec. 4.2.1): the attention of the ``[CLS]``
 query to the patch keys in the last block, per head, highlights the object without any supervision.
 The paper's figures keep, per map, the smallest set of patches holding 60% of the attention mass
-(reference ``visualize_attention.py``, ``--threshold 0.6``).
+(reference ``visualize_attention.py``, ``--threshold 0.6``), and Sec. 4.2.1 scores that mask against
+ground-truth object masks by the Jaccard similarity (:func:`attention_jaccard`).
 
 timm's ``Attention`` uses fused SDPA when it can, which never materialises the attention weights, so
 :func:`last_cls_attention` captures the input of the last block's attention module and recomputes the
 ``[CLS]`` row of ``softmax(q k^T * scale)`` from its own ``qkv`` projection (and ``q_norm``/``k_norm``).
 
-Pure torch + numpy: no matplotlib (the colour map is a small built-in LUT).
+Pure torch + numpy, and PIL for the figure's captions: no matplotlib (the colour map is a small built-in LUT).
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
+from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor, nn
 
 # Viridis at 0, 1/8, ..., 1 (sRGB, 0-255); linearly interpolated to a 256-entry LUT.
@@ -43,6 +45,12 @@ OVERLAY_RGB = (255, 48, 48)  # colour blended into the image where the threshold
 OVERLAY_ALPHA = 0.5
 SEPARATOR = 2  # px of white between tiles
 SEPARATOR_VALUE = 255
+MIN_TILE = 160  # px: tiles are the image upsampled by the smallest integer factor reaching this side
+LABEL_HEIGHT = 18  # px of the header strip (column names) and of the caption strip under each row
+FONT_SIZE = 12
+TEXT_VALUE = 0  # black text on the white strips
+GT_RGB = (0, 200, 0)  # outline of the ground-truth mask
+GT_OUTLINE = 2  # px (in the figure) of that outline, inside the mask
 
 
 class _Captured(Exception):
@@ -149,6 +157,92 @@ def threshold_attention(attn: Tensor, mass: float = 0.6) -> Tensor:
     return keep.reshape(flat.shape[:-1] + tuple(attn.shape[-2:]))
 
 
+def upsample_masks(masks: Tensor, height: int, width: int) -> Tensor:
+    """``(..., h, w)`` -> ``(..., height, width)`` nearest: pixel ``(i, j)`` takes patch ``(i*h//height, j*w//width)``.
+
+    The same rule as the figure (:func:`_upsample_nearest`); for a size that is a multiple of the grid
+    each patch becomes a ``(height/h, width/w)`` block.
+    """
+    h, w = masks.shape[-2:]
+    rows = torch.arange(height, device=masks.device) * h // height
+    cols = torch.arange(width, device=masks.device) * w // width
+    return masks[..., rows[:, None], cols[None, :]]
+
+
+def jaccard(pred: Tensor, target: Tensor) -> Tensor:
+    """``|A ∩ B| / |A ∪ B|`` of bool masks over the last two axes: ``(..., H, W)`` x2 -> ``(...)`` float64.
+
+    Two empty masks agree perfectly: their Jaccard is defined as 1.0 (no object, none found).
+    """
+    inter = (pred & target).flatten(-2).sum(-1).double()
+    union = (pred | target).flatten(-2).sum(-1).double()
+    return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
+
+
+def attention_jaccard_per_image(attn: Tensor, gt_masks: Tensor, mass: float = 0.6) -> Tensor:
+    """Jaccard of each thresholded attention map with the ground-truth object mask, per image.
+
+    As in DINO Sec. 4.2.1: each map keeps the patches holding ``mass`` of its attention
+    (:func:`threshold_attention`), is upsampled nearest to the image size (:func:`upsample_masks`) and
+    compared with the ground truth binarised at 0.5 (:func:`jaccard`).
+
+    Args:
+        attn: ``(B, heads, h, w)`` non-negative attention maps (e.g. :func:`last_cls_attention`).
+        gt_masks: ``(B, H, W)`` ground truth, float in ``[0, 1]`` (set where ``>= 0.5``) or bool.
+        mass: Attention mass kept by the threshold.
+
+    Returns:
+        ``(B, heads + 1)`` float64: column ``k < heads`` is head ``k``, the last column the mean-of-heads map.
+    """
+    attn = torch.as_tensor(attn).detach().float().cpu()
+    gt = torch.as_tensor(gt_masks).detach().cpu()
+    if attn.ndim != 4 or gt.ndim != 3 or gt.shape[0] != attn.shape[0]:
+        raise ValueError(
+            f"expected (B, heads, h, w) attention and (B, H, W) masks, got {tuple(attn.shape)}, {tuple(gt.shape)}"
+        )
+    gt = gt if gt.dtype == torch.bool else gt.double() >= 0.5
+    maps = torch.cat([attn, attn.mean(dim=1, keepdim=True)], dim=1)  # (B, heads + 1, h, w)
+    pred = upsample_masks(threshold_attention(maps, mass), *gt.shape[-2:])  # (B, heads + 1, H, W)
+    return jaccard(pred, gt[:, None])
+
+
+def summarise_jaccard(per_image: Tensor) -> dict[str, float | int]:
+    """Set-level figures from :func:`attention_jaccard_per_image`'s ``(B, heads + 1)`` scores.
+
+    Returns:
+        ``head_mean``: mean over images of the mean over heads; ``best_head``: mean over images of the
+        head with the highest mean over the set (one head for the whole set, not chosen per image),
+        ``best_head_index`` that head; ``mean_heads``: mean over images of the mean-of-heads map's
+        Jaccard; ``n_images``.
+    """
+    heads = per_image[:, :-1]  # (B, heads)
+    per_head = heads.mean(dim=0)  # (heads,)
+    best = int(per_head.argmax())  # the first of equal heads
+    return {
+        "head_mean": float(heads.mean()),
+        "best_head": float(per_head[best]),
+        "best_head_index": best,
+        "mean_heads": float(per_image[:, -1].mean()),
+        "n_images": int(per_image.shape[0]),
+    }
+
+
+def attention_jaccard(attn: Tensor, gt_masks: Tensor, mass: float = 0.6) -> dict[str, float | int]:
+    """The paper's attention-segmentation score of a set: :func:`summarise_jaccard` of
+    :func:`attention_jaccard_per_image` (see there for the arguments)."""
+    return summarise_jaccard(attention_jaccard_per_image(attn, gt_masks, mass))
+
+
+def centre_prior(heads: int, h: int, w: int, sigma: float = 0.25) -> Tensor:
+    """``(heads, h, w)`` "attention" that ignores the image: a Gaussian centred on the grid, ``sigma``
+    in units of the grid side, the same map for every head. Thresholded like real attention it is the
+    trivial reference a learned map must beat on object-centred data."""
+    ys = (torch.arange(h, dtype=torch.float64) + 0.5) / h - 0.5
+    xs = (torch.arange(w, dtype=torch.float64) + 0.5) / w - 0.5
+    g = torch.exp(-(ys[:, None] ** 2 + xs[None, :] ** 2) / (2 * sigma**2))  # (h, w)
+    return (g / g.sum()).float().expand(heads, h, w).clone()
+
+
 def _upsample_nearest(maps: np.ndarray, height: int, width: int) -> np.ndarray:
     """``(..., h, w)`` -> ``(..., height, width)``: output pixel ``(i, j)`` takes ``(i*h//height, j*w//width)``."""
     h, w = maps.shape[-2:]
@@ -174,21 +268,62 @@ def overlay_mask(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return np.where(mask[..., None], blended, image)
 
 
-def attention_figure(images_uint8: np.ndarray, attn: Tensor | np.ndarray, mass: float = 0.6) -> np.ndarray:
-    """One grid image of the attention maps: a row per image, a column per view.
+def figure_scale(height: int, width: int, min_tile: int = MIN_TILE) -> int:
+    """Smallest integer factor making the shorter side of an ``height x width`` image at least ``min_tile``."""
+    return max(1, -(-min_tile // min(height, width)))
 
-    Columns: the image, each head's map, the mean over heads, and the image with the mean map's
-    ``mass`` threshold (:func:`threshold_attention`) overlaid (:func:`overlay_mask`). Maps are
-    upsampled to the image size (nearest) and colour-mapped (:data:`COLORMAP`, per-map min-max).
-    Tiles are separated by :data:`SEPARATOR` white pixels; no outer border.
+
+def mask_outline(mask: np.ndarray, width: int = GT_OUTLINE) -> np.ndarray:
+    """``(H, W)`` bool -> the mask's pixels within ``width`` 4-neighbour steps of a pixel outside it
+    (outside the image counts as outside)."""
+    inner = mask.astype(bool)
+    for _ in range(width):
+        p = np.pad(inner, 1, constant_values=False)
+        inner = inner & p[:-2, 1:-1] & p[2:, 1:-1] & p[1:-1, :-2] & p[1:-1, 2:]
+    return mask.astype(bool) & ~inner
+
+
+def _text_strip(labels: list[str], tile_width: int, total_width: int) -> np.ndarray:
+    """``(LABEL_HEIGHT, total_width, 3)`` white strip with ``labels[j]`` left-aligned over tile ``j``."""
+    strip = Image.new("RGB", (total_width, LABEL_HEIGHT), (SEPARATOR_VALUE,) * 3)
+    draw = ImageDraw.Draw(strip)
+    font = ImageFont.load_default(FONT_SIZE)
+    for j, text in enumerate(labels):
+        if text:
+            draw.text((j * (tile_width + SEPARATOR) + 3, 2), text, fill=(TEXT_VALUE,) * 3, font=font)
+    return np.asarray(strip)
+
+
+def attention_figure(
+    images_uint8: np.ndarray,
+    attn: Tensor | np.ndarray,
+    mass: float = 0.6,
+    gt_masks: Tensor | np.ndarray | None = None,
+    min_tile: int = MIN_TILE,
+) -> np.ndarray:
+    """One grid image of the attention maps: a header strip, then per image a row of tiles and a caption strip.
+
+    Columns: the image, each head's map, the mean over heads, the image with the mean map's ``mass``
+    threshold (:func:`threshold_attention`) overlaid (:func:`overlay_mask`), and with ``gt_masks`` a last
+    column with the ground truth (white on black); its outline (:data:`GT_RGB`) is also drawn on the
+    image and on the overlay. Each tile is the ``(H, W)`` image scaled by ``k = figure_scale(H, W,
+    min_tile)``: the image by pixel repetition, the maps upsampled nearest from the patch grid (a patch
+    is a ``k*H/h`` pixel block), colour-mapped (:data:`COLORMAP`, per-map min-max). The header names the
+    columns; a row's captions give, with ground truth, each map's Jaccard with it
+    (:func:`attention_jaccard_per_image`), else the patches kept. Tiles and strips are separated by
+    :data:`SEPARATOR` white pixels; no outer border.
 
     Args:
         images_uint8: ``(B, H, W, 3)`` uint8 RGB images (the un-normalised network input).
         attn: ``(B, heads, h, w)`` attention maps, e.g. from :func:`last_cls_attention`.
         mass: Attention mass kept by the threshold.
+        gt_masks: Optional ``(B, H, W)`` ground-truth object masks (float in ``[0, 1]``, set at ``>= 0.5``, or bool).
+        min_tile: Minimum tile side in pixels.
 
     Returns:
-        ``(B*H + (B-1)*SEPARATOR, C*W + (C-1)*SEPARATOR, 3)`` uint8, ``C = heads + 3``.
+        ``(L + S + B*(T_h + L) + (B-1)*S, C*T_w + (C-1)*S, 3)`` uint8 with ``L = LABEL_HEIGHT``,
+        ``S = SEPARATOR``, ``T = k*(H, W)``, ``C = heads + 3`` (+1 with ground truth). Row ``i``'s tiles
+        start at ``y = L + S + i*(T_h + L + S)``, column ``j`` at ``x = j*(T_w + S)``.
     """
     images = np.asarray(images_uint8)
     attn_t = torch.as_tensor(attn).detach().float().cpu()
@@ -197,20 +332,47 @@ def attention_figure(images_uint8: np.ndarray, attn: Tensor | np.ndarray, mass: 
     if attn_t.ndim != 4 or attn_t.shape[0] != images.shape[0]:
         raise ValueError(f"expected (B={images.shape[0]}, heads, h, w) attention, got {tuple(attn_t.shape)}")
     b, height, width, _ = images.shape
-    nh = attn_t.shape[1]
+    nh, gh, gw = attn_t.shape[1:]
+    gt = None
+    if gt_masks is not None:
+        gt = torch.as_tensor(gt_masks).detach().cpu()
+        if tuple(gt.shape) != (b, height, width):
+            raise ValueError(f"expected ({b}, {height}, {width}) ground-truth masks, got {tuple(gt.shape)}")
+        gt = gt if gt.dtype == torch.bool else gt.double() >= 0.5
+        scores = attention_jaccard_per_image(attn_t, gt, mass)  # (B, nh + 1)
+    k = figure_scale(height, width, min_tile)
+    th, tw = k * height, k * width
     mean = attn_t.mean(dim=1)  # (B, h, w)
-    mask = _upsample_nearest(threshold_attention(mean, mass).numpy(), height, width)  # (B, H, W)
+    kept = threshold_attention(mean, mass)  # (B, h, w)
+    mask = _upsample_nearest(kept.numpy(), th, tw)  # (B, T_h, T_w)
     maps = torch.cat([attn_t, mean[:, None]], dim=1).double().numpy()  # (B, nh + 1, h, w)
-    colored = colorize(_upsample_nearest(maps, height, width))  # (B, nh + 1, H, W, 3)
+    colored = colorize(_upsample_nearest(maps, th, tw))  # (B, nh + 1, T_h, T_w, 3)
+    big = images.repeat(k, axis=1).repeat(k, axis=2)  # (B, T_h, T_w, 3)
 
-    cols = nh + 3
-    out = np.full(
-        (b * height + (b - 1) * SEPARATOR, cols * width + (cols - 1) * SEPARATOR, 3), SEPARATOR_VALUE, np.uint8
-    )
+    cols = nh + 3 + (gt is not None)
+    total_w = cols * tw + (cols - 1) * SEPARATOR
+    header = ["image", *(f"head {j}" for j in range(nh)), "mean of heads", f"{mass:.0%} of mass"]
+    if gt is not None:
+        header[-1] += " | GT outline"
+        header.append("ground truth")
+    out = np.full((LABEL_HEIGHT + SEPARATOR + b * (th + LABEL_HEIGHT) + (b - 1) * SEPARATOR, total_w, 3),
+                  SEPARATOR_VALUE, np.uint8)
+    out[:LABEL_HEIGHT] = _text_strip(header, tw, total_w)
     for i in range(b):
-        tiles = [images[i], *colored[i], overlay_mask(images[i], mask[i])]
-        y = i * (height + SEPARATOR)
+        image, overlay = big[i], overlay_mask(big[i], mask[i])
+        captions = [f"image {i}", *([""] * (nh + 1)), f"{int(kept[i].sum())} of {gh * gw} patches"]
+        tiles = [image, *colored[i], overlay]
+        if gt is not None:
+            g = gt[i].numpy().repeat(k, axis=0).repeat(k, axis=1)  # (T_h, T_w)
+            edge, green = mask_outline(g)[..., None], np.asarray(GT_RGB, np.uint8)
+            gt_tile = np.where(g[..., None], 255, 0).astype(np.uint8)
+            tiles = [np.where(edge, green, image), *colored[i], np.where(edge, green, overlay), gt_tile]
+            captions[1:-1] = [f"J {float(v):.2f}" for v in scores[i]]
+            captions[-1] = f"J {float(scores[i, -1]):.2f}, {captions[-1]}"
+            captions.append(f"{float(g.mean()):.0%} of the image")
+        y = LABEL_HEIGHT + SEPARATOR + i * (th + LABEL_HEIGHT + SEPARATOR)
         for j, tile in enumerate(tiles):
-            x = j * (width + SEPARATOR)
-            out[y : y + height, x : x + width] = tile
+            x = j * (tw + SEPARATOR)
+            out[y : y + th, x : x + tw] = tile
+        out[y + th : y + th + LABEL_HEIGHT] = _text_strip(captions, tw, total_w)
     return out

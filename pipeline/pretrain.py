@@ -48,6 +48,8 @@ class PretrainResult:
     teacher_dir: Path
     checkpoint_path: str
     data_root: str
+    # Rank 0's last report (+ skipped_samples, data); with val object masks also "attention_jaccard": {"teacher",
+    # "random_init" (or "start" after model.init_from), "centre_prior": scores, "n_images", "epoch", "mass"}
     metrics: dict[str, Any] = field(default_factory=dict)
     model_version: str | None = None  # "name/version" in the MLflow model registry
     start_knn: dict[str, Any] | None = None  # k-NN of the starting weights (model.init_from), measured before step 1

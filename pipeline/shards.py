@@ -6,6 +6,7 @@ Layout of a dataset root (a local directory, or ``s3://bucket/prefix`` / ``gs://
       index.json            {"format": "dino-ray-shards/1", "classes": [...] | null,
                              "splits": {"train": {"count": N, "shards": [{"name": ..., "count": n}, ...]}}}
       train-000000.tar      webdataset tar: per sample ``{key}.jpg`` (JPEG bytes) + ``{key}.cls`` (ASCII int)
+                            [+ ``{key}.mask.png``: object mask, 1-channel PNG 0/255, e.g. synthetic val]
       train-000001.tar
       val-000000.tar
       ...
@@ -39,6 +40,7 @@ log = logging.getLogger(__name__)
 INDEX_NAME = "index.json"
 INDEX_FORMAT = "dino-ray-shards/1"
 IMAGE_EXTS = ("jpg", "jpeg", "png")  # member extensions that count as "the image" of a sample
+MASK_EXT = "mask.png"  # optional ground-truth object mask of a sample (not an image: ext is the whole "mask.png")
 
 _KEY_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 _SHARD_RE = re.compile(r"^(?P<split>.+)-(?P<num>\d+)\.tar$")
@@ -56,12 +58,14 @@ class DataError(ValueError):
 
 @dataclass(frozen=True)
 class Sample:
-    """One image to write: ``key`` (see :func:`safe_key`), encoded image bytes, class index or None."""
+    """One image to write: ``key`` (see :func:`safe_key`), encoded image bytes, class index or None,
+    and optionally the PNG bytes of its object mask (written as ``{key}.mask.png``)."""
 
     key: str
     image: bytes
     label: int | None
     ext: str = "jpg"
+    mask: bytes | None = None
 
 
 @dataclass(frozen=True)
@@ -452,7 +456,8 @@ def write_shards(
 ) -> list[dict]:
     """Writes ``samples`` as ``{split}-000000.tar, ...`` in ``out_dir``; returns ``[{"name", "count"}]``.
 
-    Each sample becomes members ``{key}.{ext}`` (image bytes) and, if labelled, ``{key}.cls``. A shard
+    Each sample becomes members ``{key}.{ext}`` (image bytes), if labelled ``{key}.cls``, and if it has
+    a mask ``{key}.mask.png``. A shard
     closes at ``max_count`` samples or before it would exceed ``max_bytes`` (tar overhead included;
     a single larger sample gets a shard of its own). Identical input gives byte-identical shards.
 
@@ -525,6 +530,10 @@ def _sample_members(s: Sample, seen: set[str]) -> list[tuple[str, bytes]]:
         if type(s.label) is not int or s.label < 0:
             raise ValueError(f"sample {s.key!r}: label must be an int >= 0 or None, got {s.label!r}")
         members.append((f"{s.key}.cls", str(s.label).encode("ascii")))
+    if s.mask is not None:
+        if not isinstance(s.mask, (bytes, bytearray)) or not s.mask:
+            raise ValueError(f"sample {s.key!r}: mask must be non-empty PNG bytes or None")
+        members.append((f"{s.key}.{MASK_EXT}", bytes(s.mask)))
     seen.add(s.key)
     return members
 
@@ -621,10 +630,10 @@ def verify_split(root: str | os.PathLike, split: str) -> SplitCheck:
 
     Per shard: it is a readable tar (every header checksum valid, no member truncated); every member is a
     regular file named ``{key}.{ext}`` with a safe key (:func:`is_safe_key`) and ``ext`` one of
-    :data:`IMAGE_EXTS` or ``cls``; each sample's members are contiguous, it has exactly one non-empty
-    image and at most one ``cls``, which parses as an ASCII int in ``[0, len(classes))`` (``>= 0`` when
-    the index has no classes); no key repeats within the split; the number of samples equals the index
-    count. Only headers and ``cls`` members are read: image data is seeked over.
+    :data:`IMAGE_EXTS`, ``cls`` or :data:`MASK_EXT`; each sample's members are contiguous, it has exactly
+    one non-empty image, at most one non-empty mask and at most one ``cls``, which parses as an ASCII int
+    in ``[0, len(classes))`` (``>= 0`` when the index has no classes); no key repeats within the split;
+    the number of samples equals the index count. Only headers and ``cls`` members are read: image data is seeked over.
 
     Raises:
         ShardVerificationError: the first failure, naming the shard (or the index when the split is
@@ -669,8 +678,9 @@ def _verify_shard(path: Path, n_classes: int | None, seen: set[str]) -> int:
     def close_sample() -> None:
         if key is None:
             return
-        if sum(e in IMAGE_EXTS for e in exts) != 1 or exts.count("cls") > 1 or len(set(exts)) != len(exts):
-            raise bad(f"sample {key!r} has members {['.' + e for e in exts]}; expected one image and at most one .cls")
+        if sum(e in IMAGE_EXTS for e in exts) != 1 or len(set(exts)) != len(exts):  # one each of cls, mask.png
+            raise bad(f"sample {key!r} has members {['.' + e for e in exts]}; expected one image, at most one .cls "
+                      f"and at most one .{MASK_EXT}")
         if key in seen:
             raise bad(f"sample key {key!r} occurs twice in the split")
         seen.add(key)
@@ -679,8 +689,8 @@ def _verify_shard(path: Path, n_classes: int | None, seen: set[str]) -> int:
         k, ext = _member_key_ext(name)
         if not is_file:
             raise bad(f"member {name!r} is not a regular file")
-        if k is None or not is_safe_key(k) or (ext not in IMAGE_EXTS and ext != "cls"):
-            exts = ",".join((*IMAGE_EXTS, "cls"))
+        if k is None or not is_safe_key(k) or (ext not in IMAGE_EXTS and ext not in ("cls", MASK_EXT)):
+            exts = ",".join((*IMAGE_EXTS, "cls", MASK_EXT))
             raise bad(f"malformed member name {name!r}: expected KEY.{{{exts}}} with KEY in [A-Za-z0-9_-]")
         if k != key:
             close_sample()
@@ -699,7 +709,7 @@ def _verify_shard(path: Path, n_classes: int | None, seen: set[str]) -> int:
     with tarfile.open(path, "r:") as tf:
         for m in tf:
             k, ext = _member_key_ext(m.name)
-            if ext in IMAGE_EXTS and m.size == 0:
+            if (ext in IMAGE_EXTS or ext == MASK_EXT) and m.size == 0:
                 raise bad(f"member {m.name!r} is empty")
             if ext != "cls":
                 continue

@@ -11,6 +11,11 @@ and contrast, not geometry. ``tests/pipeline/test_synthetic.py`` measures the pi
 
 Used by the demo and the end-to-end tests: pretrained features should beat the same network at random
 initialisation on k-NN accuracy here.
+
+Each val sample also carries the shape's mask (member ``{key}.mask.png``, 1-channel PNG, 255 where the
+shape's anti-aliased alpha is >= 0.5, distractor blobs excluded): the ground truth against which the
+teacher's thresholded ``[CLS]`` attention is scored (Jaccard, :func:`dino.attention.attention_jaccard`).
+Training and k-NN readers ignore that member (:data:`pipeline.tar_reader.KEEP`).
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from pipeline.shards import Sample, write_index, write_shards
 log = logging.getLogger(__name__)
 
 CLASSES = ("circle", "square", "triangle", "plus", "ring", "star", "stripes", "checker")
-VERSION = 3  # bump when the images change: cached copies are keyed by it
+VERSION = 4  # bump when the images change: cached copies are keyed by it
 JPEG_QUALITY = 90
 _SUPERSAMPLE = 4  # shapes are drawn at 4x and box-filtered down: anti-aliased edges
 _MIN_CONTRAST = 0.25  # |luma(shape) - luma(background)| in [0, 1]: the shape stays visible in grayscale
@@ -50,7 +55,8 @@ def make_synthetic_dataset(
 
     Labels are balanced (``n`` labels ``i % len(CLASSES)``, shuffled, per split); everything is drawn
     from ``numpy`` generators seeded by ``(seed, split)``, so the same arguments give byte-identical
-    shards. About 2 ms per 64-px image on one core. Class names (:data:`CLASSES`) go to the index.
+    shards. About 2 ms per 64-px image on one core. Class names (:data:`CLASSES`) go to the index. Val
+    samples carry the shape's mask as ``{key}.mask.png`` (see the module docstring).
     """
     if n_train < 1 or n_val < 0 or image_size < 16:
         raise ValueError(f"need n_train >= 1, n_val >= 0, image_size >= 16; got {n_train}, {n_val}, {image_size}")
@@ -59,25 +65,41 @@ def make_synthetic_dataset(
     for split, n, split_seed in (("train", n_train, 0), ("val", n_val, 1)):
         if n == 0:
             continue
-        samples = _samples(split, n, image_size, np.random.SeedSequence([seed, split_seed]))
+        samples = _samples(split, n, image_size, np.random.SeedSequence([seed, split_seed]), masks=split == "val")
         splits[split] = write_shards(samples, out, split, max_count=shard_size)
     write_index(out, splits, list(CLASSES))
     log.info("synthetic shapes dataset: %d train + %d val images of %dpx in %s", n_train, n_val, image_size, out)
     return out
 
 
-def _samples(split: str, n: int, size: int, seq: np.random.SeedSequence) -> Iterator[Sample]:
+def _samples(split: str, n: int, size: int, seq: np.random.SeedSequence, masks: bool) -> Iterator[Sample]:
     order_seq, *image_seqs = seq.spawn(n + 1)
     labels = np.random.default_rng(order_seq).permutation(np.arange(n) % len(CLASSES))
     for i, (label, s) in enumerate(zip(labels, image_seqs)):
-        img = render_image(int(label), size, np.random.default_rng(s))
+        img, alpha = render_sample(int(label), size, np.random.default_rng(s))
         buf = io.BytesIO()
         Image.fromarray(img).save(buf, format="JPEG", quality=JPEG_QUALITY)
-        yield Sample(f"{split}_{i:06d}", buf.getvalue(), int(label))
+        mask = None
+        if masks:
+            png = io.BytesIO()
+            Image.fromarray(mask_to_binary(alpha)).save(png, format="PNG")
+            mask = png.getvalue()
+        yield Sample(f"{split}_{i:06d}", buf.getvalue(), int(label), mask=mask)
+
+
+def mask_to_binary(alpha: np.ndarray) -> np.ndarray:
+    """``(H, W)`` uint8 anti-aliased alpha -> ``(H, W)`` uint8 0/255: set where the alpha is >= 0.5 (128)."""
+    return np.where(np.asarray(alpha) >= 128, 255, 0).astype(np.uint8)
 
 
 def render_image(label: int, size: int, rng: np.random.Generator) -> np.ndarray:
-    """One ``(size, size, 3)`` uint8 image of class ``CLASSES[label]``."""
+    """One ``(size, size, 3)`` uint8 image of class ``CLASSES[label]`` (:func:`render_sample` without the mask)."""
+    return render_sample(label, size, rng)[0]
+
+
+def render_sample(label: int, size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """One ``(size, size, 3)`` uint8 image of class ``CLASSES[label]`` and its shape's ``(size, size)``
+    uint8 alpha mask (0-255, anti-aliased; the distractor blobs drawn under the shape are not in it)."""
     canvas = Image.fromarray((_background(size, rng) * 255 + 0.5).astype(np.uint8))
     for _ in range(rng.integers(1, 4)):  # distractor blobs (small ellipses), drawn under the shape
         rx, cx, cy = rng.uniform(0.03, 0.08) * size, *rng.uniform(0, size, 2)
@@ -99,7 +121,7 @@ def render_image(label: int, size: int, rng: np.random.Generator) -> np.ndarray:
     shape_rgb = (np.clip(fg.astype(np.float32) * shade, 0, 1) * 255 + 0.5).astype(np.uint8)
     canvas.paste(Image.fromarray(shape_rgb), mask=mask)
     noise = rng.integers(-9, 10, (size, size, 3), dtype=np.int16)  # pixel noise, std ~5.5 / 255
-    return np.clip(np.asarray(canvas, np.int16) + noise, 0, 255).astype(np.uint8)
+    return np.clip(np.asarray(canvas, np.int16) + noise, 0, 255).astype(np.uint8), np.asarray(mask, np.uint8)
 
 
 def _foreground(rng: np.random.Generator) -> np.ndarray:

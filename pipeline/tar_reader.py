@@ -6,6 +6,10 @@ and label members (``jpg``/``jpeg``/``png``/``webp``, ``cls``) as raw bytes, and
 unpickles anything. A shard that ends early (truncated upload, disk full) yields every complete sample
 before the cut plus one marker row ``{"__error__": "truncated_shard"}`` that the multi-crop stage counts;
 ``ray.data.read_webdataset`` raises ``tarfile.ReadError`` there and fails the whole dataset.
+
+Other members (e.g. the object masks ``{key}.mask.png`` of the synthetic val split) are skipped without
+being read, so training never carries them; a caller that wants one names it in ``extra``
+(:func:`read_shard`), which adds it as a column.
 """
 
 from __future__ import annotations
@@ -23,15 +27,19 @@ KEEP = ("jpg", "jpeg", "png", "webp", "cls")
 COLUMNS = ("__key__", "__url__", "__error__") + KEEP
 
 
-def _row(key: str, url: str, members: dict[str, bytes], error: str | None = None) -> dict[str, Any]:
-    row: dict[str, Any] = {c: None for c in COLUMNS}
+def _row(
+    key: str, url: str, members: dict[str, bytes], error: str | None = None, extra: tuple[str, ...] = ()
+) -> dict[str, Any]:
+    row: dict[str, Any] = {c: None for c in COLUMNS + extra}
     row.update(members)
     row["__key__"], row["__url__"], row["__error__"] = key, url, error
     return row
 
 
-def iter_samples(fileobj, url: str) -> Iterator[dict[str, Any]]:
-    """Samples of one tar stream as rows with every column of :data:`COLUMNS` (missing ones None)."""
+def iter_samples(fileobj, url: str, extra: tuple[str, ...] = ()) -> Iterator[dict[str, Any]]:
+    """Samples of one tar stream as rows with every column of :data:`COLUMNS` and ``extra`` (missing
+    ones None). ``extra``: further member extensions to keep, e.g. ``("mask.png",)``."""
+    keep = KEEP + tuple(extra)
     key, members = None, {}
     try:
         with tarfile.open(fileobj=fileobj, mode="r|") as tf:
@@ -43,15 +51,15 @@ def iter_samples(fileobj, url: str) -> Iterator[dict[str, Any]]:
                     continue
                 if k != key:
                     if key is not None:
-                        yield _row(key, url, members)
+                        yield _row(key, url, members, extra=extra)
                     key, members = k, {}
-                if ext in KEEP:
+                if ext in keep:
                     members[ext] = tf.extractfile(member).read()
         if key is not None:
-            yield _row(key, url, members)
+            yield _row(key, url, members, extra=extra)
     except (tarfile.ReadError, EOFError, OSError) as e:  # truncated or corrupt archive
         log.warning("shard %s is truncated or corrupt after sample %s: %s", url, key, e)
-        yield _row(f"{key or ''}#truncated", url, {}, error="truncated_shard")
+        yield _row(f"{key or ''}#truncated", url, {}, error="truncated_shard", extra=extra)
 
 
 def to_table(rows: list[dict[str, Any]]):
@@ -80,8 +88,8 @@ def read_shard_tables(batch: dict[str, Any], filesystem=None, rows_per_table: in
             yield to_table(rows)
 
 
-def read_shard(row: dict[str, Any], filesystem=None) -> Iterator[dict[str, Any]]:
-    """``flat_map`` function: ``{"path": ...}`` -> the shard's sample rows."""
+def read_shard(row: dict[str, Any], filesystem=None, extra: tuple[str, ...] = ()) -> Iterator[dict[str, Any]]:
+    """``flat_map`` function: ``{"path": ...}`` -> the shard's sample rows (``extra``: see :func:`iter_samples`)."""
     path = row["path"]
     try:
         if filesystem is not None:
@@ -90,9 +98,9 @@ def read_shard(row: dict[str, Any], filesystem=None) -> Iterator[dict[str, Any]]
             stream = open(path, "rb")  # noqa: SIM115  (closed below)
     except OSError as e:  # vanished, permissions, storage errors: one marker row, the run goes on
         log.warning("cannot read shard %s: %s", path, e)
-        yield _row(f"{path}#unreadable", path, {}, error="unreadable_shard")
+        yield _row(f"{path}#unreadable", path, {}, error="unreadable_shard", extra=extra)
         return
     try:
-        yield from iter_samples(stream, path)
+        yield from iter_samples(stream, path, extra)
     finally:
         stream.close()

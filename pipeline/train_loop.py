@@ -463,9 +463,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if checkpoint is not None:
             tracker.set_tag("resumed_from_step", str(runner.global_step))
             log.info("resuming MLflow run %s: steps <= %d already logged are not re-sent", plan.run_id, skip)
-    attention = _attention_logger(cfg, plan, runner, device) if rank == 0 else None
-
+    attention = _attention_probe(cfg, plan, device) if rank == 0 else None
     fresh = checkpoint is None
+    if attention is not None:
+        # The weights before the first step (random init, or model.init_from), and the centre prior: step 0.
+        start = (lambda: attention.measure_start(runner.teacher.backbone, tracker)) if fresh else attention.restore_start
+        _safely(start, "at the start")
 
     def save_checkpoint(metrics: dict[str, Any]) -> None:
         with tempfile.TemporaryDirectory() as d:
@@ -507,13 +510,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 log.info("time budget: %s", budget[1])
                 tracker.set_tag(*budget)
                 tracker.log_metrics({"planned_epochs": runner.planned_epochs}, step=runner.global_step)
-            if attention is not None and cfg.health.attention_every_epochs and (
-                runner.epoch % cfg.health.attention_every_epochs == 0 or runner.epoch == runner.planned_epochs
-            ):
-                attention(runner.epoch)
-            tracker.flush_before_checkpoint()
             last = runner.epoch >= runner.planned_epochs or runner.data_exhausted
+            if attention is not None and (runner.epoch % cfg.health.attention_every_epochs == 0 or last):
+                _safely(lambda: attention.at_epoch(runner.teacher.backbone, tracker, runner.epoch, runner.global_step),
+                        f"at epoch {runner.epoch}")
+            tracker.flush_before_checkpoint()
             metrics = {**summary, "global_step": runner.global_step}
+            if last and attention is not None and attention.results() is not None:
+                metrics["attention_jaccard"] = attention.results()  # for the driver: PretrainResult.metrics
             if last or runner.epoch % cfg.ray.checkpoint_every_epochs == 0:
                 save_checkpoint(metrics)
             else:
@@ -554,8 +558,8 @@ def _paused_upload(step: int):
     return upload
 
 
-def _attention_logger(cfg: Config, plan: LoopPlan, runner: DinoRunner, device: torch.device):
-    """Rank 0: a function logging the teacher's attention maps of fixed val images at an epoch, or None."""
+def _attention_probe(cfg: Config, plan: LoopPlan, device: torch.device):
+    """Rank 0: the attention figure and Jaccard of fixed val images (:class:`AttentionProbe`), or None."""
     if not cfg.health.attention_every_epochs or not plan.attention_paths:
         return None
     from dino.backbone import is_vit
@@ -565,21 +569,22 @@ def _attention_logger(cfg: Config, plan: LoopPlan, runner: DinoRunner, device: t
         return None
     from mlflow.tracking import MlflowClient
 
-    from pipeline.attention_maps import fixed_val_images, log_attention_maps
+    from pipeline.attention_maps import AttentionProbe
 
     try:
-        images = fixed_val_images(list(plan.attention_paths), cfg.health.attention_images, cfg.augment.global_size)
+        return AttentionProbe.load(
+            list(plan.attention_paths), cfg.health.attention_images, cfg.augment.global_size,
+            client=MlflowClient(plan.tracking_uri), run_id=plan.run_id, device=device,
+            start_label="random_init" if plan.init_weights is None else "start",
+        )
     except Exception as e:  # a diagnostic: never a reason to fail the run
         log.warning("attention maps disabled: cannot read val images (%s)", e)
         return None
-    if len(images) == 0:
-        return None
-    client = MlflowClient(plan.tracking_uri)
 
-    def log_maps(epoch: int) -> None:
-        try:
-            log_attention_maps(client, plan.run_id, runner.teacher.backbone, images, epoch, device)
-        except Exception as e:  # a diagnostic must never stop training
-            log.warning("attention maps at epoch %d failed: %s", epoch, e)
 
-    return log_maps
+def _safely(measure: Callable[[], None], when: str) -> None:
+    """Runs a measurement of the attention probe; a failure is a warning (a diagnostic must never stop training)."""
+    try:
+        measure()
+    except Exception as e:
+        log.warning("attention maps %s failed: %s", when, e)

@@ -13,7 +13,7 @@ from tar_members import write_tar as _tar
 
 from dino.attention import attention_figure, last_cls_attention
 from dino.backbone import create_backbone
-from pipeline.attention_maps import fixed_val_images, log_attention_maps
+from pipeline.attention_maps import fixed_val_images, fixed_val_masked, log_attention_maps
 
 TINY = ("vit_tiny_patch16_224", 0.0, 32, {"depth": 2, "patch_size": 8, "embed_dim": 48, "num_heads": 3})
 
@@ -86,10 +86,126 @@ def test_logs_the_figure_as_a_png(mlflow_run, tmp_path):
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
     x = (x - torch.tensor([0.485, 0.456, 0.406])[:, None, None]) / torch.tensor([0.229, 0.224, 0.225])[:, None, None]
     want = attention_figure(images, last_cls_attention(model, x))
-    assert png.shape == want.shape == (2 * 32 + 2, 6 * 32 + 5 * 2, 3)
+    assert png.shape == want.shape == (18 + 2 + 2 * (160 + 18) + 2, 6 * 160 + 5 * 2, 3)  # 32 px tiles x 5
     # Normalisation differs from crops_to_input's in rounding only; the figure is quantised to 256 colours.
     assert (png != want).any(axis=-1).mean() < 0.002
-    np.testing.assert_array_equal(png[:32, :32], images[0])  # first tile is the raw image
+    np.testing.assert_array_equal(png[20:180, :160], images[0].repeat(5, 0).repeat(5, 1))  # first tile: the image
+
+
+def _mask_png(mask: np.ndarray) -> bytes:
+    return _encode(np.where(mask, 255, 0).astype(np.uint8), "PNG", "L")
+
+
+def test_masked_val_set_reads_image_and_mask_pairs_only(tmp_path):
+    rng = np.random.default_rng(1)
+    img = [_encode(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8), "PNG") for _ in range(4)]
+    m = np.zeros((32, 32), bool)
+    m[8:24, 4:20] = True
+    shard = _tar(tmp_path / "v.tar", [
+        ("a.png", img[0]), ("a.cls", b"1"),  # no mask: skipped
+        ("b.png", img[1]), ("b.mask.png", _mask_png(m)),
+        ("c.png", img[2]), ("c.mask.png", b"not a png"),  # undecodable mask: skipped
+        ("d.png", img[3]), ("d.cls", b"0"), ("d.mask.png", _mask_png(~m)),
+    ])
+    images, masks = fixed_val_masked([shard], n=5, size=16)
+    assert images.shape == (2, 16, 16, 3) and masks.shape == (2, 16, 16) and masks.dtype == np.float32
+    for got, data in zip(images, [img[1], img[3]]):
+        np.testing.assert_array_equal(got, _torchvision_reference(data, 16))
+    # the mask goes through the image's resize (bicubic 32 -> 16): binarised at 0.5 it is m halved
+    half = m[::2, ::2]
+    np.testing.assert_array_equal(masks[0] >= 0.5, half)
+    np.testing.assert_array_equal(masks[1] >= 0.5, ~half)
+    assert fixed_val_images([shard], n=5, size=16).shape == (4, 16, 16, 3)  # images alone: all four
+
+    late_mask = [(f"k{i}.png", img[i % 4]) for i in range(10)] + [("z.png", img[1]), ("z.mask.png", _mask_png(m))]
+    no_masks = _tar(tmp_path / "n.tar", late_mask)
+    images, masks = fixed_val_masked([no_masks], n=3, size=16)  # 3 images without a mask: gives up early
+    assert images.shape == (0, 16, 16, 3) and masks.shape == (0, 16, 16)
+
+
+def test_attention_scores_and_figure_with_masks(mlflow_run, tmp_path, monkeypatch):
+    import pipeline.attention_maps as am
+
+    client, run_id = mlflow_run
+    model = create_backbone(*TINY)
+    images = _images(3)
+    masks = np.zeros((3, 32, 32), np.float32)
+    masks[:, 8:24, 8:24] = 1.0
+    # attention_scores is attention_jaccard of the teacher's attention, batched: the batches agree with one pass
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+    x = (x - torch.tensor([0.485, 0.456, 0.406])[:, None, None]) / torch.tensor([0.229, 0.224, 0.225])[:, None, None]
+    attn = last_cls_attention(model, x)
+    got = am.attention_scores(model, images, masks, "cpu", batch=2)
+    want = am.attention_jaccard(attn, torch.from_numpy(masks))
+    assert got["n_images"] == 3 and got["best_head_index"] == want["best_head_index"]
+    for k in ("head_mean", "best_head", "mean_heads"):
+        assert abs(got[k] - want[k]) < 0.05  # rounding of the normalisation may flip a tied patch
+
+    path = log_attention_maps(client, run_id, model, images[:2], epoch=1, device="cpu", gt_masks=masks[:2])
+    png = np.asarray(Image.open(client.download_artifacts(run_id, path, str(tmp_path / "dl"))))
+    assert png.shape == (18 + 2 + 2 * (160 + 18) + 2, 7 * 160 + 6 * 2, 3)  # + the ground-truth column
+    gt_tile = np.where(masks[0].repeat(5, 0).repeat(5, 1)[..., None] > 0, 255, 0).repeat(3, -1)
+    np.testing.assert_array_equal(png[20:180, 6 * 162 :], gt_tile)  # the ground-truth column, white on black
+
+
+class _Tracker:
+    def __init__(self):
+        self.logged = []
+
+    def log_metrics(self, metrics, step):
+        self.logged.append((step, dict(metrics)))
+
+
+def test_probe_scores_start_centre_prior_and_teacher_on_synthetic_masks(mlflow_run, tmp_path, caplog):
+    from pipeline.attention_maps import CENTRE_PRIOR_METRIC, JACCARD_IMAGES, AttentionProbe, score_metrics
+    from pipeline.shards import load_split
+    from pipeline.synthetic import make_synthetic_dataset
+
+    client, run_id = mlflow_run
+    make_synthetic_dataset(tmp_path / "syn", n_train=2, n_val=70, image_size=32, seed=0)
+    paths = load_split(tmp_path / "syn", "val").paths
+    probe = AttentionProbe.load(paths, 2, 32, client=client, run_id=run_id, device="cpu")
+    assert probe.images.shape == (JACCARD_IMAGES, 32, 32, 3) and probe.masks.shape == (JACCARD_IMAGES, 32, 32)
+    torch.manual_seed(0)
+    model = create_backbone(*TINY)
+    tracker = _Tracker()
+    probe.measure_start(model, tracker)
+    (step, logged), = tracker.logged
+    assert step == 0 and set(logged) == {*score_metrics(probe.start), *score_metrics(probe.start, "_start"), CENTRE_PRIOR_METRIC}
+    assert logged["attention_jaccard_mean_heads_start"] == probe.start["mean_heads"]
+    c = probe.centre  # one map for all heads: the three scores agree
+    assert c["head_mean"] == pytest.approx(c["mean_heads"], abs=1e-12) and c["best_head"] == pytest.approx(c["mean_heads"], abs=1e-12)
+    assert 0 < probe.centre["mean_heads"] < 1 and 0 <= probe.start["head_mean"] <= probe.start["best_head"] <= 1
+
+    with torch.no_grad():  # "training": some other weights
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    probe.at_epoch(model, tracker, epoch=2, step=40)
+    assert tracker.logged[1] == (40, score_metrics(probe.teacher))
+    assert client.list_artifacts(run_id, "attention")[0].path == "attention/epoch_0002.png"
+    res = probe.results()
+    assert set(res) == {"teacher", "random_init", "centre_prior", "n_images", "epoch", "mass"}
+    assert (res["n_images"], res["epoch"], res["mass"]) == (64, 2, 0.6)
+    assert set(res["teacher"]) == {"head_mean", "best_head", "best_head_index", "mean_heads"}
+    assert res["teacher"]["mean_heads"] == probe.teacher["mean_heads"] and res["random_init"]["best_head"] == probe.start["best_head"]
+
+    # a resumed run reads the start scores back from the run (logged at step 0 under sectioned names)
+    from mlflow.entities import Metric
+
+    client.log_batch(run_id, metrics=[Metric("attention/" + k[len("attention_"):], v, 0, 0) for k, v in logged.items()])
+    again = AttentionProbe.load(paths, 2, 32, client=client, run_id=run_id, device="cpu")
+    again.restore_start()
+    assert again.start == probe.start
+
+    # shards without masks: one info line, a figure, no scores
+    plain = load_split(tmp_path / "syn", "train").paths  # train shards carry no masks
+    with caplog.at_level(logging.INFO, logger="pipeline.attention_maps"):
+        bare = AttentionProbe.load(plain, 2, 32, client=client, run_id=run_id, device="cpu")
+    assert bare.masks is None and len(bare.images) == 2
+    assert sum("no object masks" in r.getMessage() for r in caplog.records) == 1
+    bare.measure_start(model, tracker)
+    bare.at_epoch(model, tracker, epoch=3, step=60)
+    assert len(tracker.logged) == 2 and bare.results() is None
 
 
 def test_unreachable_server_only_warns(monkeypatch, caplog):

@@ -98,6 +98,15 @@ def test_every_metric_the_loop_logs_has_a_section_in_mlflow():
                                      "data/undecodable", "data_skipped_samples")] == [
         "knn/top1", "knn/top5_k20", "knn/random_init_top1_k10", "index/recall_at_10", "data/undecodable",
         "data/skipped_samples"]
+    # What the attention probe logs (pipeline/attention_maps.py): its own section.
+    from pipeline.attention_maps import CENTRE_PRIOR_METRIC, score_metrics
+
+    scores = {"head_mean": 0.1, "best_head": 0.2, "mean_heads": 0.3, "best_head_index": 1}
+    probe = [*score_metrics(scores), *score_metrics(scores, "_start"), CENTRE_PRIOR_METRIC]
+    assert sorted(metric_name(k) for k in probe) == [
+        "attention/best_head", "attention/best_head_start", "attention/jaccard_best_head",
+        "attention/jaccard_best_head_start", "attention/jaccard_centre_prior", "attention/jaccard_head_mean",
+        "attention/jaccard_head_mean_start", "attention/jaccard_mean_heads", "attention/jaccard_mean_heads_start"]
 
 
 def test_non_finite_loss_stops_with_a_clear_message():

@@ -22,6 +22,7 @@ from pipeline.shards import (
     INDEX_FORMAT,
     DataError,
     Sample,
+    ShardVerificationError,
     SplitInfo,
     is_safe_key,
     load_split,
@@ -92,6 +93,32 @@ def test_round_trip_keys_bytes_labels_and_index(tmp_path):
     assert [m.name for m in members] == ["s000.jpg", "s000.cls", "s001.jpg", "s001.cls", "s002.jpg", "s002.cls"]
     assert {(m.mtime, m.uid, m.gid, m.uname, m.mode) for m in members} == {(0, 0, 0, "", 0o644)}
     assert _files(tmp_path) == ["index.json", "train-000000.tar", "train-000001.tar", "train-000002.tar"]
+
+
+def test_mask_member_is_written_counted_once_and_verified(tmp_path):
+    samples = [Sample("m0", _jpeg(0), 1, mask=b"\x89PNG m0"), Sample("m1", _jpeg(1), 0), Sample("m2", _jpeg(2), None, mask=b"M")]
+    shards = write_shards(samples, tmp_path, "val")
+    with tarfile.open(tmp_path / "val-000000.tar") as tf:
+        assert tf.getnames() == ["m0.jpg", "m0.cls", "m0.mask.png", "m1.jpg", "m1.cls", "m2.jpg", "m2.mask.png"]
+    write_index(tmp_path, {"val": shards}, ["a", "b"])
+    assert load_split(tmp_path, "val").count == 3 and shards == [{"name": "val-000000.tar", "count": 3}]
+    assert verify_split(tmp_path, "val").samples == 3
+    got = _read_back(load_split(tmp_path, "val").paths)  # webdataset's own grouping: one sample, key "mask.png"
+    assert [g.get("mask.png") for g in got] == [b"\x89PNG m0", None, b"M"]
+    with pytest.raises(ValueError, match="mask must be non-empty"):
+        write_shards([Sample("a", b"1", 0, mask=b"")], tmp_path / "bad", "val")
+
+    def rewrite(extra):  # the same shard with other members after m0's
+        members = [("m0.jpg", _jpeg(0)), ("m0.cls", b"1"), *extra]
+        _tar(tmp_path / "val-000000.tar", members)
+        write_index(tmp_path, {"val": [{"name": "val-000000.tar", "count": 1}]}, ["a", "b"])
+
+    rewrite([("m0.mask.png", b"M"), ("m0.mask.png", b"N")])
+    with pytest.raises(ShardVerificationError, match="at most one .mask.png"):
+        verify_split(tmp_path, "val")
+    rewrite([("m0.mask.png", b"")])
+    with pytest.raises(ShardVerificationError, match="'m0.mask.png' is empty"):
+        verify_split(tmp_path, "val")
 
 
 def test_rollover_at_max_count_and_max_bytes(tmp_path):

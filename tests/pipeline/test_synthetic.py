@@ -10,7 +10,8 @@ import webdataset as wds
 from PIL import Image
 
 from pipeline.shards import load_split, read_index
-from pipeline.synthetic import CLASSES, make_synthetic_dataset, render_image
+from pipeline.shards import verify_split
+from pipeline.synthetic import CLASSES, make_synthetic_dataset, render_image, render_sample
 
 
 def _read(root, split):
@@ -48,6 +49,37 @@ def test_render_is_a_pure_function_of_the_generator_state():
     assert a.shape == (64, 64, 3) and a.dtype == np.uint8
     np.testing.assert_array_equal(a, b)
     assert a.std() > 10  # not a flat image
+
+
+def test_val_samples_carry_the_shape_mask_as_drawn(tmp_path):
+    make_synthetic_dataset(tmp_path, n_train=4, n_val=3, image_size=32, seed=5)
+    _, train = _read(tmp_path, "train")
+    assert all("mask.png" not in s for s in train)  # only val carries masks: training reads nothing more
+    _, val = _read(tmp_path, "val")
+    assert verify_split(tmp_path, "val").samples == 3
+    # The val generator as make_synthetic_dataset seeds it: labels, then one generator per image.
+    order, *seqs = np.random.SeedSequence([5, 1]).spawn(4)
+    labels = np.random.default_rng(order).permutation(np.arange(3) % len(CLASSES))
+    for s, label, seq in zip(val, labels, seqs):
+        img, alpha = render_sample(int(label), 32, np.random.default_rng(seq))
+        mask = Image.open(io.BytesIO(s["mask.png"]))
+        assert (mask.format, mask.mode, mask.size) == ("PNG", "L", (32, 32))
+        m = np.asarray(mask)
+        assert set(np.unique(m)) == {0, 255}
+        np.testing.assert_array_equal(m == 255, alpha >= 128)  # the shape's alpha, binarised at 0.5
+        np.testing.assert_array_equal(render_image(int(label), 32, np.random.default_rng(seq)), img)
+
+
+def test_mask_is_the_shape_mask_not_the_distractors(monkeypatch):
+    import pipeline.synthetic as synthetic
+
+    drawn = []
+    real = synthetic._shape_mask
+    monkeypatch.setattr(synthetic, "_shape_mask", lambda *a: drawn.append(real(*a)) or drawn[-1])
+    img, alpha = render_sample(CLASSES.index("square"), 64, np.random.default_rng(11))
+    assert len(drawn) == 1 and alpha.shape == (64, 64) and alpha.dtype == np.uint8
+    np.testing.assert_array_equal(alpha, np.asarray(drawn[0]))  # the one shape pasted; blobs are other masks
+    assert 0 < (alpha >= 128).sum() < 64 * 64
 
 
 @pytest.fixture(scope="module")

@@ -25,6 +25,22 @@ def test_groups_by_key_and_keeps_only_image_and_label_members():
     assert rows[2]["jpg"] is None and rows[2]["cls"] == b"2" and rows[2]["__url__"] == "s.tar"
 
 
+def test_mask_members_are_skipped_unless_asked_for(tmp_path):
+    data = _tar([("a.jpg", b"A"), ("a.cls", b"3"), ("a.mask.png", b"M" * 7), ("b.png", b"B"), ("b.cls", b"1")])
+    rows = list(iter_samples(io.BytesIO(data), "s.tar"))  # what training and k-NN read
+    assert [r["__key__"] for r in rows] == ["a", "b"]  # the mask does not make a sample of its own
+    assert all(set(r) == set(COLUMNS) for r in rows) and rows[0]["png"] is None  # "mask.png" is not "png"
+    rows = list(iter_samples(io.BytesIO(data), "s.tar", extra=("mask.png",)))
+    assert [(r["__key__"], r["jpg"], r["png"], r["mask.png"]) for r in rows] == [
+        ("a", b"A", None, b"M" * 7), ("b", None, b"B", None)]
+    (tmp_path / "s.tar").write_bytes(data)
+    (table,) = read_shard_tables({"path": [str(tmp_path / "s.tar")]})  # the Ray Data read stage: no mask column
+    assert table.column_names == list(COLUMNS) and table.num_rows == 2
+    assert [r["mask.png"] for r in read_shard({"path": str(tmp_path / "s.tar")}, extra=("mask.png",))] == [b"M" * 7, None]
+    gone = list(read_shard({"path": str(tmp_path / "gone.tar")}, extra=("mask.png",)))
+    assert gone[0]["__error__"] == "unreadable_shard" and gone[0]["mask.png"] is None
+
+
 def test_truncated_archive_yields_complete_samples_then_a_marker():
     data = _tar([(f"k{i}.jpg", bytes([i]) * 3000) for i in range(6)])
     cut = data[: 3 * 3584 + 1000]  # three whole members (512 header + 3072 data), then mid-member

@@ -72,6 +72,21 @@ def test_two_worker_pretraining_tracks_exports_and_evaluates(tmp_path, ray_clust
 
     artifacts = {a.path for a in client.list_artifacts(result.run_id)}
     assert {"config.json", "teacher"} <= artifacts
+
+    # Attention against the synthetic val masks (DINO Sec. 4.2.1): the random-init teacher and the centre prior
+    # at step 0, the teacher at the last epoch (attention_every_epochs 5 > 2 epochs), returned to the driver.
+    jac = result.metrics["attention_jaccard"]
+    assert set(jac) == {"teacher", "random_init", "centre_prior", "n_images", "epoch", "mass"}
+    assert (jac["n_images"], jac["epoch"], jac["mass"]) == (48, 2, 0.6)  # every val image has a mask
+    history = client.get_metric_history(result.run_id, "attention/jaccard_mean_heads")
+    assert [m.step for m in history] == [0, total]
+    assert history[0].value == pytest.approx(jac["random_init"]["mean_heads"])
+    assert history[1].value == pytest.approx(jac["teacher"]["mean_heads"])
+    for key in ("head_mean", "best_head", "mean_heads"):
+        assert 0.0 <= jac["teacher"][key] <= 1.0
+        assert run.data.metrics[f"attention/jaccard_{key}_start"] == pytest.approx(jac["random_init"][key])
+    assert run.data.metrics["attention/jaccard_centre_prior"] == pytest.approx(jac["centre_prior"]["mean_heads"])
+    assert [a.path for a in client.list_artifacts(result.run_id, "attention")] == ["attention/epoch_0002.png"]
     # The registered version is the logged pyfunc model (not the teacher/ folder), and it loads.
     import mlflow.pyfunc
     import pandas as pd
