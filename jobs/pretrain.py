@@ -89,11 +89,11 @@ def _knn(cfg, prepared, result) -> None:
     baselines = cfg.knn.baselines
     knn = evaluate_teacher(cfg, req, result.teacher_dir, random_baseline="random_init" in baselines,
                            pixel_baseline="raw_pixels" in baselines)
-    k = cfg.knn.k
-    print(f"k-NN (k={k}, T={cfg.knn.temperature}) on '{cfg.data.val_split}' ({knn['n_queries']} images, {knn['n_db']} in the index):")
-    for name, label in (("teacher", "DINO teacher"), ("random_init", "random init"), ("raw_pixels", "raw pixels")):
-        if name in knn:
-            print(f"  {label:16s} top-1 {knn[name]['top1']:6.2f}%  top-5 {knn[name]['top5']:6.2f}%")
+    from pipeline.summary import comparison_lines
+
+    for line in comparison_lines(knn, result.metrics.get("attention_jaccard"), k=cfg.knn.k,
+                                 temperature=cfg.knn.temperature, split=cfg.data.val_split):
+        print(line)
     if result.start_knn is not None:
         from pipeline.pretrain import compare_with_start
 

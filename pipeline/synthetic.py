@@ -1,19 +1,20 @@
-"""A small synthetic dataset on which DINO must learn shape, not colour or position.
+"""A small synthetic dataset of objects, on which DINO must learn what the objects are, not where or how bright.
 
-Each image shows one shape whose category is the class (:data:`CLASSES`), drawn at a random position,
-size (30-60% of the image side), rotation and polarity (dark or light) on a cluttered mid-grey
-background (a gradient with low-frequency noise, pixel noise and a few small blobs). Brightness and
-colour are nearly constant across the dataset, so they cannot tie two crops of one image together
-(see :func:`_foreground`), and are drawn independently of the class and the shape may be lighter or darker than its surround, so raw pixels
-are a weak cue (a pixel k-NN is far from perfect), while the class survives DINO's augmentations: crops
-keep part of the outline or texture, and colour jitter, grayscale, blur and solarisation change colour
-and contrast, not geometry. ``tests/pipeline/test_synthetic.py`` measures the pixel k-NN accuracy.
+Each image shows 2-4 objects of one class (:data:`CLASSES`: a shape with its surface pattern, :data:`TEXTURES`),
+each at a random position, size (25-45% of the image side), rotation, pattern phase and polarity (dark or
+light), over a mid-grey background with faint gradients, low-frequency noise, pixel noise and a few small
+distractor blobs. Brightness and colour are drawn independently of the class and nearly constant across the
+dataset (see :func:`_foreground`), so they cannot tie two crops of one image together; the background varies
+little from image to image, so the objects are what two views share. Raw pixels are a fair but weak cue
+(objects move, turn and change polarity; a pixel k-NN is far from perfect), while the class survives DINO's
+augmentations: nearly every crop keeps one object's outline or pattern. ``tests/pipeline/test_synthetic.py``
+measures the pixel k-NN accuracy.
 
-Used by the demo and the end-to-end tests: pretrained features should beat the same network at random
-initialisation on k-NN accuracy here.
+Used by the demo and the end-to-end tests: pretrained features should beat raw pixels and the same network at
+random initialisation on k-NN accuracy here, and the teacher's attention should find the objects.
 
-Each val sample also carries the shape's mask (member ``{key}.mask.png``, 1-channel PNG, 255 where the
-shape's anti-aliased alpha is >= 0.5, distractor blobs excluded): the ground truth against which the
+Each val sample also carries its objects' mask (member ``{key}.mask.png``, 1-channel PNG, 255 where the
+objects' anti-aliased alpha is >= 0.5, distractor blobs excluded): the ground truth against which the
 teacher's thresholded ``[CLS]`` attention is scored (Jaccard, :func:`dino.attention.attention_jaccard`).
 Training and k-NN readers ignore that member (:data:`pipeline.tar_reader.KEEP`).
 """
@@ -36,7 +37,10 @@ from pipeline.shards import Sample, write_index, write_shards
 log = logging.getLogger(__name__)
 
 CLASSES = ("circle", "square", "triangle", "plus", "ring", "star", "stripes", "checker")
-VERSION = 4  # bump when the images change: cached copies are keyed by it
+TEXTURES = ("solid", "stripes", "checker", "rings") * 2  # the surface pattern of each class's objects
+INSTANCES = (2, 5)  # 2 to 4 objects of the class per image
+INSTANCE_SIZE = (0.25, 0.45)  # each object's extent, as a fraction of the image side
+VERSION = 5  # bump when the images change: cached copies are keyed by it
 JPEG_QUALITY = 90
 _SUPERSAMPLE = 4  # shapes are drawn at 4x and box-filtered down: anti-aliased edges
 _MIN_CONTRAST = 0.25  # |luma(shape) - luma(background)| in [0, 1]: the shape stays visible in grayscale
@@ -98,30 +102,61 @@ def render_image(label: int, size: int, rng: np.random.Generator) -> np.ndarray:
 
 
 def render_sample(label: int, size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """One ``(size, size, 3)`` uint8 image of class ``CLASSES[label]`` and its shape's ``(size, size)``
-    uint8 alpha mask (0-255, anti-aliased; the distractor blobs drawn under the shape are not in it)."""
+    """One ``(size, size, 3)`` uint8 image of class ``CLASSES[label]`` and its objects' ``(size, size)``
+    uint8 alpha mask (0-255, anti-aliased; the union of the instances; the distractor blobs are not in it)."""
     canvas = Image.fromarray((_background(size, rng) * 255 + 0.5).astype(np.uint8))
-    for _ in range(rng.integers(1, 4)):  # distractor blobs (small ellipses), drawn under the shape
+    for _ in range(rng.integers(1, 4)):  # distractor blobs (small ellipses), drawn under the objects
         rx, cx, cy = rng.uniform(0.03, 0.08) * size, *rng.uniform(0, size, 2)
         ry, t = rx * rng.uniform(0.5, 1.0), np.linspace(0, 2 * math.pi, 24, endpoint=False)
         blob = _rotated(cx, cy, rng.uniform(0, math.pi), list(zip(rx * np.cos(t), ry * np.sin(t))))
         canvas.paste(tuple((_foreground(rng) * 255).astype(int).tolist()), mask=_polygon_mask(size, [blob], supersample=2))
 
-    d = rng.uniform(0.3, 0.6) * size  # shape extent (diameter of its enclosing circle), pixels
-    cx, cy = rng.uniform(d / 2, size - d / 2, 2)
-    mask = _shape_mask(CLASSES[label], size, cx, cy, d / 2, rng.uniform(0, 2 * math.pi), rng)  # "L"
-    alpha = np.asarray(mask, np.float32).reshape(-1)
-    under = alpha @ np.asarray(canvas, np.float32).reshape(-1, 3) / max(255 * float(alpha.sum()), 1e-6)
-    fg = _foreground(rng)
-    for _ in range(100):  # colour independent of class; only too-low contrast is redrawn
-        if abs(_luma(fg) - _luma(under)) >= _MIN_CONTRAST:
-            break
+    union = np.zeros((size, size), np.uint8)
+    for _ in range(int(rng.integers(*INSTANCES))):
+        d = rng.uniform(*INSTANCE_SIZE) * size  # extent (diameter of the enclosing circle), pixels
+        cx, cy = rng.uniform(d / 2, size - d / 2, 2)
+        mask = _shape_mask(CLASSES[label], size, cx, cy, d / 2, rng.uniform(0, 2 * math.pi), rng)  # "L"
+        alpha = np.asarray(mask, np.float32).reshape(-1)
+        under = alpha @ np.asarray(canvas, np.float32).reshape(-1, 3) / max(255 * float(alpha.sum()), 1e-6)
         fg = _foreground(rng)
-    shade = 1 + 0.15 * _smooth_noise(size, 4, 1, rng)  # uneven lighting on the shape, (H, W, 1)
-    shape_rgb = (np.clip(fg.astype(np.float32) * shade, 0, 1) * 255 + 0.5).astype(np.uint8)
-    canvas.paste(Image.fromarray(shape_rgb), mask=mask)
+        for _ in range(100):  # colour independent of class; only too-low contrast is redrawn
+            if abs(_luma(fg) - _luma(under)) >= _MIN_CONTRAST:
+                break
+            fg = _foreground(rng)
+        shade = 1 + 0.15 * _smooth_noise(size, 4, 1, rng)  # uneven lighting on the object, (H, W, 1)
+        pattern = _texture(TEXTURES[label], size, cx, cy, d / 2, rng)[..., None]  # (H, W, 1) 0/1
+        # Two-tone: the pattern's cells take the opposite polarity, so a patterned object is dark and light at once.
+        rgb = fg.astype(np.float32) * shade * (1 - pattern) + np.clip(1.0 - fg, 0, 1).astype(np.float32) * pattern
+        canvas.paste(Image.fromarray((np.clip(rgb, 0, 1) * 255 + 0.5).astype(np.uint8)), mask=mask)
+        union = np.maximum(union, np.asarray(mask, np.uint8))
     noise = rng.integers(-9, 10, (size, size, 3), dtype=np.int16)  # pixel noise, std ~5.5 / 255
-    return np.clip(np.asarray(canvas, np.int16) + noise, 0, 255).astype(np.uint8), np.asarray(mask, np.uint8)
+    return np.clip(np.asarray(canvas, np.int16) + noise, 0, 255).astype(np.uint8), union
+
+
+def _texture(kind: str, size: int, cx: float, cy: float, r: float, rng: np.random.Generator) -> np.ndarray:
+    """``(size, size)`` float32 0/1 surface pattern of an object of radius ``r`` centred at ``(cx, cy)``:
+    ``solid`` (none), ``stripes`` and ``checker`` (at a random angle) or concentric ``rings``; period
+    ``max(3, r / 2)`` px, so the pattern scales with the object."""
+    y, x = _grid(size)
+    a = rng.uniform(0, 2 * math.pi)
+    u = (x - cx) * math.cos(a) + (y - cy) * math.sin(a)
+    v = -(x - cx) * math.sin(a) + (y - cy) * math.cos(a)
+    period = max(3.0, r / 2)
+    if kind == "solid":
+        return np.zeros((size, size), np.float32)
+    if kind == "stripes":
+        return (np.sin(2 * math.pi * u / period) > 0).astype(np.float32)
+    if kind == "checker":
+        return ((np.sin(2 * math.pi * u / period) > 0) ^ (np.sin(2 * math.pi * v / period) > 0)).astype(np.float32)
+    if kind == "rings":
+        return ((np.hypot(x - cx, y - cy) % period) < period / 2).astype(np.float32)
+    raise ValueError(f"unknown texture {kind!r}")
+
+
+@functools.lru_cache(maxsize=8)
+def _grid(size: int) -> tuple[np.ndarray, np.ndarray]:
+    y, x = np.mgrid[0:size, 0:size].astype(np.float32)
+    return y, x
 
 
 def _foreground(rng: np.random.Generator) -> np.ndarray:
@@ -163,13 +198,16 @@ def _coords(size: int) -> tuple[np.ndarray, np.ndarray]:
 
 def _background(size: int, rng: np.random.Generator) -> np.ndarray:
     """Random-colour linear gradient in a random direction plus low-frequency colour noise, float32."""
-    c0 = np.full(3, rng.uniform(0.4, 0.6), np.float32)  # mid grey: no global cue that ties two crops together
+    c0 = np.full(3, rng.uniform(0.4, 0.6), np.float32)
     c1 = np.clip(c0 + rng.uniform(-0.15, 0.15), 0, 1).astype(np.float32)
     t = rng.uniform(0, 2 * math.pi)
     y, x = _coords(size)
     ramp = np.clip((x - 0.5) * math.cos(t) + (y - 0.5) * math.sin(t) + 0.5, 0, 1)[..., None]
     noise = _smooth_noise(size, int(rng.integers(3, 9)), 1, rng)
-    return np.clip(c0 + (c1 - c0) * ramp + 0.12 * noise, 0, 1)
+    bg = np.clip(c0 + (c1 - c0) * ramp + 0.12 * noise, 0, 1)
+    # Mid grey, its variations damped to 40 %: a background that tells one image from another is what two views
+    # share most easily (DINO then matches backgrounds, and its attention goes there, not to the objects).
+    return 0.5 + 0.4 * (bg - bg.mean())
 
 
 def _polygon_mask(size: int, polygons: list, holes: list = (), supersample: int = _SUPERSAMPLE) -> Image.Image:
