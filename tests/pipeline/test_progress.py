@@ -173,6 +173,9 @@ def test_the_epoch_printer_survives_a_gone_source():
 
 # Lines as Ray forwarded or printed them in a run of `python jobs/pretrain.py` (Ray 2.60), prefix removed.
 SILENCED = [
+    "Reporting training result 1: TrainingReport(checkpoint=Checkpoint(filesystem=local, path=/tmp/p1/ray/run/"
+    "checkpoint_2026-12-03_16-52-19.061832), metrics={'epoch': 1, 'steps': 46, 'mean_loss': 6.497247219085693} "
+    "from rank 0",
     "[2026-12-03 16:51:26,578 E 24999 25040] core_worker.cc:2465: Actor with class name: 'PreemptionWatcher' and ID: "
     "'1779a7a567f856c9586430db01000000' has constructor arguments in the object store and max_restarts > 0. If the "
     "arguments in the object store go out of scope or are lost, the actor restart will fail. See "
@@ -243,7 +246,6 @@ def test_the_known_warnings_are_ignored_by_message_only():
         warnings.simplefilter("always")
         quiet_warnings()
         warnings.warn("`ExecutionOptions.exclude_resources` is deprecated and will be removed", RayDeprecationWarning)
-        warnings.warn("Add type hints to the `predict` method to enable data validation", UserWarning)
         warnings.warn("`ExecutionOptions.other_thing` is deprecated", RayDeprecationWarning)
         warnings.warn("something else", UserWarning)
     assert [str(w.message) for w in caught] == ["`ExecutionOptions.other_thing` is deprecated", "something else"]
