@@ -72,16 +72,19 @@ def raw_pixel_features(views, normalise: bool = True):
     return torch.cat(out)
 
 
-def decoded_views(paths: list[str], image_size: int):
-    """Every decodable image of ``paths`` as its evaluation view: ``(views, labels, shards)``."""
+def decoded_views(paths: list[str], image_size: int, total: int | None = None, label: str = "decoding"):
+    """Every decodable image of ``paths`` as its evaluation view: ``(views, labels, shards)``; progress
+    (of ``total`` images) shown as ``label``."""
     import numpy as np
 
     from pipeline.embed import decode_views
+    from pipeline.progress import track
     from pipeline.storage import filesystem_for
     from pipeline.tar_reader import read_shard_tables
 
     views, labels, shards = [], [], []
-    for table in read_shard_tables({"path": paths}, filesystem_for(paths), rows_per_table=256):
+    tables = read_shard_tables({"path": paths}, filesystem_for(paths), rows_per_table=256)
+    for table in track(tables, label, total, size=lambda t: t.num_rows, emit=say):
         out = decode_views({c: np.array(table.column(c).to_pylist(), dtype=object) for c in table.column_names}, image_size)
         views.append(out["view"])
         labels.append(out["label"])
@@ -94,17 +97,20 @@ def raw_pixels_accuracy(train, val, image_size: int, ks: list[int], temperature:
     import torch
 
     from dino.knn import knn_accuracy, knn_predict
+    from pipeline.progress import Progress
 
-    xt, yt, _ = decoded_views(train.paths, image_size)
-    xv, yv, _ = decoded_views(val.paths, image_size)
+    xt, yt, _ = decoded_views(train.paths, image_size, train.count, f"raw pixels: decoding '{train.split}'")
+    xv, yv, _ = decoded_views(val.paths, image_size, val.count, f"raw pixels: decoding '{val.split}'")
     num_classes = len(train.classes) if train.classes else int(max(yt.max(), yv.max())) + 1
     out: dict[str, dict[int, float]] = {}
-    for name, normalise in (("normalised", True), ("uint8", False)):
-        ft, fv = raw_pixel_features(xt, normalise), raw_pixel_features(xv, normalise)
-        out[name] = {}
-        for k in ks:
-            scores = knn_predict(ft, torch.from_numpy(yt), fv, num_classes, k=k, temperature=temperature)
-            out[name][k] = knn_accuracy(scores, torch.from_numpy(yv), topk=(1,))[1]
+    with Progress("raw pixels: k-NN", 2 * len(ks), unit="evaluations", rate_unit="evaluations/s", emit=say) as bar:
+        for name, normalise in (("normalised", True), ("uint8", False)):
+            ft, fv = raw_pixel_features(xt, normalise), raw_pixel_features(xv, normalise)
+            out[name] = {}
+            for k in ks:
+                scores = knn_predict(ft, torch.from_numpy(yt), fv, num_classes, k=k, temperature=temperature)
+                out[name][k] = knn_accuracy(scores, torch.from_numpy(yv), topk=(1,))[1]
+                bar.update(1)
     return out
 
 

@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     import json
 
     run_id = args.run_id or json.loads((teacher / "teacher.json").read_text()).get("run_id")
-    init_ray(cfg.ray.address)
+    init_ray(cfg.ray.address, cfg.logging.ray_verbose)
     req = KnnRequest(root, cfg.data.train_split, cfg.data.val_split or None, out, uri, run_id)
     try:
         res = evaluate_teacher(cfg, req, teacher, random_baseline=args.random_baseline)

@@ -62,6 +62,7 @@ if __package__ in (None, ""):  # run as a script: make the repo root importable
 
 from PIL import Image, UnidentifiedImageError
 
+from pipeline.progress import Progress
 from pipeline.shards import (
     DataError,
     Sample,
@@ -365,43 +366,6 @@ class Result:
     engine: str = "in-process"
 
 
-class Progress:
-    """A tqdm bar when stderr is a terminal (and tqdm installed), else a log line every ``_LOG_EVERY_S`` s."""
-
-    def __init__(self, total: int, desc: str):
-        self.total, self.desc, self.done, self.skipped = total, desc, 0, 0
-        self.start = self._last = time.monotonic()
-        self._bar = None
-        if sys.stderr.isatty():
-            try:  # tqdm comes with timm's huggingface_hub; without it, log lines
-                from tqdm import tqdm
-            except ImportError:
-                return
-            self._bar = tqdm(total=total, desc=desc, unit="img", file=sys.stderr, dynamic_ncols=True)
-
-    def update(self, skipped: bool) -> None:
-        self.done += 1
-        self.skipped += skipped
-        if self._bar is not None:
-            self._bar.update(1)
-            if skipped:
-                self._bar.set_postfix(skipped=self.skipped, refresh=False)
-            return
-        now = time.monotonic()
-        if now - self._last >= _LOG_EVERY_S:
-            self._last = now
-            log.info("%s", self.line())
-
-    def line(self) -> str:
-        rate = self.done / max(time.monotonic() - self.start, 1e-9)
-        return (f"{self.desc}: {self.done}/{self.total} images ({100 * self.done / max(self.total, 1):.0f}%), "
-                f"{rate:.1f} images/s, {self.skipped} skipped")
-
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
-
-
 def check_output(out: Path, split: str, overwrite: bool) -> dict | None:
     """Refuses a bad split name, an OUT_DIR that is a file or already holds ``split`` (unless ``overwrite``).
 
@@ -438,7 +402,7 @@ def convert(listing: Listing, out: Path, opts: Options) -> Result:
     usable = [it for it in items if it.key is not None]
     skipped: list[dict] = []
     first_of: dict[str, str] = {}  # key -> name of the image that has it
-    progress = Progress(len(items), opts.split)
+    progress = Progress(opts.split, len(items), every_s=_LOG_EVERY_S, count_skipped=True, emit=log.info)
 
     def skip(it: Item, reason: str, detail: str) -> None:
         skipped.append({"split": opts.split, "path": it.path, "reason": reason, "detail": detail, "name": it.name})
@@ -447,7 +411,7 @@ def convert(listing: Listing, out: Path, opts: Options) -> Result:
     for it in items:
         if it.key is None:
             skip(it, "bad-key", "no sample key can be made from this name")
-            progress.update(True)
+            progress.update(1, skipped=1)
 
     def samples() -> Iterator[Sample]:
         if opts.use_ray:
@@ -463,7 +427,7 @@ def convert(listing: Listing, out: Path, opts: Options) -> Result:
                 data = None
             else:
                 first_of[it.key] = it.name
-            progress.update(data is None)
+            progress.update(1, skipped=int(data is None))
             if data is not None:
                 yield Sample(it.key, data, it.label)
         if n != len(usable):

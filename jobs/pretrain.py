@@ -33,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="config overrides as key=value (e.g. optim.epochs=3)")
     args = parser.parse_args(argv)
     _cli.setup_logging()
+    _cli.quiet_libraries()
 
     from pipeline.config import load_config
     from pipeline.pretrain import prepare, pretrain

@@ -268,6 +268,10 @@ class HealthConfig(_Section):
     attention_images: int = Field(gt=0)
 
 
+class LogConfig(_Section):
+    ray_verbose: bool
+
+
 class KnnConfig(_Section):
     k: int = Field(gt=0)
     image_size: int | None = Field(gt=0)
@@ -305,6 +309,7 @@ class Config(_Section):
     tracking: TrackingConfig
     health: HealthConfig
     knn: KnnConfig
+    logging: LogConfig
     preset: str = "default"  # filled by load_config: the preset file's stem
 
     def to_dict(self) -> dict[str, Any]:

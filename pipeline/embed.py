@@ -164,10 +164,13 @@ def collect(batches: Iterable[dict[str, np.ndarray]], splits: dict[str, SplitInf
     """Embedder output batches -> ``{model: {split: Embeddings}}``, rows of each split sorted by key.
 
     A row belongs to every split that lists its shard. Raises :class:`DataError` naming the split when
-    a split ends up with no decodable image.
+    a split ends up with no decodable image. Shows its progress (:class:`pipeline.progress.Progress`).
     """
+    from pipeline.progress import track
+
+    shard_counts = {p: n for info in splits.values() for p, n in zip(info.paths, info.counts)}  # a shard once
     parts: dict[str, list[np.ndarray]] = {c: [] for c in (*META_COLUMNS, *(f"feature_{m}" for m in models))}
-    for batch in batches:
+    for batch in track(batches, "embedding", sum(shard_counts.values()), size=lambda b: len(b["key"])):
         for c, chunks in parts.items():
             chunks.append(np.asarray(batch[c]))
     cols = {c: np.concatenate(v) if v else np.zeros(0) for c, v in parts.items()}

@@ -210,22 +210,29 @@ def check_tracking_uri(uri: str, cfg: Config) -> str:
     )
 
 
-def init_ray(address: str | None) -> None:
-    """Join ``address`` or start a local cluster (dashboard on 127.0.0.1, no progress bars off a tty)."""
+def init_ray(address: str | None, verbose: bool = False) -> None:
+    """Join ``address`` or start a local cluster (dashboard on 127.0.0.1, no progress bars off a tty).
+
+    ``verbose`` (``logging.ray_verbose``) false: Ray's lines that repeat ours, and known-harmless warnings,
+    are not shown (:mod:`pipeline.ray_output`); errors and tracebacks always are.
+    """
     import ray
 
-    if ray.is_initialized():
-        return
-    ctx = ray.data.DataContext.get_current()
-    if not sys.stdout.isatty():
-        ctx.enable_progress_bars = False
-    import os
+    from pipeline.ray_output import quiet_driver, quiet_forwarded
 
-    address = address or os.environ.get("RAY_ADDRESS")  # set for a `ray job submit` driver
-    if address:
-        ray.init(address=address, log_to_driver=True)
-    else:
-        ray.init(include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True)
+    quiet_driver(verbose)
+    if not ray.is_initialized():
+        ctx = ray.data.DataContext.get_current()
+        if not sys.stdout.isatty():
+            ctx.enable_progress_bars = False
+        import os
+
+        address = address or os.environ.get("RAY_ADDRESS")  # set for a `ray job submit` driver
+        if address:
+            ray.init(address=address, log_to_driver=True)
+        else:
+            ray.init(include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True)
+    quiet_forwarded(verbose)
 
 
 def _git_commit() -> str:
@@ -283,12 +290,14 @@ def pretrain(p: Prepared) -> PretrainResult:
     from ray.train.torch import TorchTrainer
 
     from pipeline.data import multicrop_dataset
+    from pipeline.progress import EpochPrinter, summary_line
+    from pipeline.ray_output import train_logging_config
     from pipeline.sample_stats import SampleCounter, skipped_total
     from pipeline.train_loop import LoopPlan, train_loop_per_worker
 
     cfg = p.cfg
     started = time.time()  # optim.time_budget_minutes counts from here: Ray's start is part of the job
-    init_ray(cfg.ray.address)
+    init_ray(cfg.ray.address, cfg.logging.ray_verbose)
     placement = resolve_placement_or_fail(cfg)
     run_id = find_run(p.tracking_uri, p.experiment, p.run_name)
     if run_id is not None:  # a re-submitted run name: continue that run (Ray Train resumes its checkpoints)
@@ -337,6 +346,7 @@ def pretrain(p: Prepared) -> PretrainResult:
             storage_path=storage,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.ray.num_to_keep),
             failure_config=ray.train.FailureConfig(max_failures=cfg.ray.max_failures),
+            logging_config=train_logging_config(cfg.logging.ray_verbose),
         ),
         datasets={"train": ds},
         dataset_config=ingest_config(placement.data_selector),
@@ -347,6 +357,8 @@ def pretrain(p: Prepared) -> PretrainResult:
         from pipeline.cluster_timeline import ClusterTimeline
 
         timeline = ClusterTimeline(interval_s=1.0).start()
+    epochs = EpochPrinter(lambda since: ray.get(counter.epoch_records.remote(since), timeout=30)).start()
+    t_fit = time.time()
     try:
         result = trainer.fit()
     except Exception as e:
@@ -358,7 +370,9 @@ def pretrain(p: Prepared) -> PretrainResult:
             raise DataError(f"run {p.run_name} stopped: {storage_error}; {last_checkpoint_note(storage, p.run_name)}") from None
         raise
     finally:
+        records = epochs.stop()  # the last epoch's line, if the thread had not shown it yet
         prune_unregistered_checkpoints(storage, p.run_name)
+    fit_s = time.time() - t_fit
     skipped = ray.get(counter.get.remote())
     stopped = ray.get(counter.stopped.remote())  # rank 0's reason: Result.metrics are the last checkpoint's
     ray.kill(counter)
@@ -371,6 +385,7 @@ def pretrain(p: Prepared) -> PretrainResult:
     if result.checkpoint is None:
         client.set_terminated(run_id, "FAILED")
         raise RuntimeError(f"training of run {p.run_name} finished without a checkpoint")
+    log.info(summary_line(records, fit_s))
     teacher_dir = export_from_checkpoint(result.checkpoint, Path(cfg.output_dir) / p.run_name / "teacher", run_id)
     client.log_artifacts(run_id, str(teacher_dir), artifact_path="teacher")
     client.log_metric(run_id, metric_name("data_skipped_samples"), skipped_total(skipped))

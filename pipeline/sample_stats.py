@@ -23,10 +23,12 @@ NOTES = ("no_label", "converted")  # kept, but worth counting
 class SampleCounter:
     """Totals over all actors and epochs: rows seen, skipped per reason, per shard, example keys; and why
     the run stopped, if it did (rank 0 records it here: Ray Train's ``Result.metrics`` are those of the
-    latest *checkpoint*, so a stop reported without a checkpoint never reaches the driver through them)."""
+    latest *checkpoint*, so a stop reported without a checkpoint never reaches the driver through them); and
+    rank 0's epoch records, which the driver prints as they come (Ray Train V2 streams no reports to it)."""
 
     def __init__(self) -> None:
         self.stop_reason: str | None = None
+        self.epochs: list[dict[str, Any]] = []  # pipeline.progress.epoch_record of each epoch, in order
         self.seen = 0
         self.reasons: Counter[str] = Counter()
         self.shards: Counter[str] = Counter()
@@ -70,6 +72,13 @@ class SampleCounter:
 
     def stopped(self) -> str | None:
         return self.stop_reason
+
+    def epoch_done(self, record: dict[str, Any]) -> None:
+        self.epochs.append(record)
+
+    def epoch_records(self, since: int = 0) -> list[dict[str, Any]]:
+        """The epoch records after the first ``since``."""
+        return self.epochs[since:]
 
     def get(self) -> dict[str, Any]:
         return {

@@ -28,6 +28,7 @@ from dino.train_step import build_student_teacher, dino_step, maybe_compile, pre
 from pipeline.checkpoint import CheckpointError, load_state, save_state
 from pipeline.config import Config, config_from_dict
 from pipeline.init_weights import apply_start
+from pipeline.progress import epoch_record
 from pipeline.sample_stats import bad_fraction_error
 from pipeline.sample_stats import metrics as data_metrics
 from pipeline.tracking import MetricsTracker, NullTracker, last_logged_step
@@ -139,6 +140,7 @@ class DinoRunner:
         self.steps_in_epoch = 0  # steps of the current epoch done (checkpointed: mid-epoch resume)
         self.data_exhausted = False  # the run's batch stream ended (fewer good samples than planned)
         self.collapse: str | None = None  # the collapse verdict of the latest window
+        self.last_entropy = (float("nan"), float("nan"))  # h(Pt) of the latest window (nats), and h / log K
         spe = plan.steps_per_epoch
         self.planned_epochs = o.epochs  # optim.epochs, or what fits optim.time_budget_minutes
         self.budget_fits: list[tuple[int, int]] = []  # (global step, epochs) of each change the budget made
@@ -305,7 +307,7 @@ class DinoRunner:
             self.steps_in_epoch = 0
         elapsed = time.perf_counter() - t_epoch
         mean_loss = torch.stack(losses).float().mean().item() if losses else float("nan")
-        summary = {"epoch": self.epoch, "steps": steps, "mean_loss": mean_loss, "epoch_time_s": elapsed}
+        summary = {"epoch": self.epoch, "steps": steps, "mean_loss": mean_loss, "epoch_time_s": elapsed, "data_wait_s": wait}
         if t_half is not None and steps > steps_at_half:
             summary["late_step_s"] = (time.perf_counter() - t_half) / (steps - steps_at_half)
         return {**summary, "stopped": stopped} if stopped else summary
@@ -364,6 +366,7 @@ class DinoRunner:
             problems.append(f"{self.skipped_steps} non-finite steps skipped, more than health.max_skipped_steps")
         v = self.schedules.at(self.global_step - 1)
         entropy, kl = out["teacher_entropy"].item(), out["kl"].item()
+        self.last_entropy = (entropy, entropy / math.log(self.cfg.model.out_dim))
         metrics = {
             "loss": loss,
             "lr": v.lr,
@@ -374,7 +377,7 @@ class DinoRunner:
             "center_norm": self.loss_fn.center.norm().item(),
             "center_divergence": self.center_divergence(),
             "teacher_entropy": entropy,
-            "teacher_entropy_ratio": entropy / math.log(self.cfg.model.out_dim),
+            "teacher_entropy_ratio": self.last_entropy[1],
             "kl_teacher_student": kl,
             "images_per_s": window_steps * B / max(window_s, 1e-9),
             "step_time_s": window_s / max(window_steps, 1),
@@ -434,13 +437,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
     device = ray.train.torch.get_device()
-    data_stats = record_stop = None
+    data_stats = record_stop = record_epoch = None
     if rank == 0 and plan.counter_name:
         import ray
 
         counter = ray.get_actor(plan.counter_name)
         data_stats = lambda: ray.get(counter.get.remote())  # noqa: E731
         record_stop = lambda reason: ray.get(counter.stop.remote(reason))  # noqa: E731  (the driver reads it)
+        record_epoch = counter.epoch_done.remote  # the driver prints it (pipeline.progress.epoch_line)
     runner = DinoRunner(
         cfg,
         plan,
@@ -491,6 +495,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     shard = ray.train.get_dataset_shard("train")
     B = cfg.optim.batch_size_per_worker
     batches = iter(shard.iter_torch_batches(batch_size=B, drop_last=True, prefetch_batches=2))
+    walls: list[float] = []  # wall seconds of each epoch of this process, epoch ends included (for the ETA)
+    t_record = time.perf_counter()
     try:
         epoch_end_s = 0.0  # what the previous epoch end took (report, checkpoint, attention maps)
         while runner.epoch < runner.planned_epochs and not runner.data_exhausted:
@@ -510,6 +516,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 log.info("time budget: %s", budget[1])
                 tracker.set_tag(*budget)
                 tracker.log_metrics({"planned_epochs": runner.planned_epochs}, step=runner.global_step)
+            if record_epoch is not None:
+                wall, t_record = time.perf_counter() - t_record, time.perf_counter()
+                record_epoch(epoch_record(summary, planned_epochs=runner.planned_epochs, wall_s=wall,
+                                          global_batch_size=plan.global_batch_size, recent_walls=walls,
+                                          teacher_entropy=runner.last_entropy[0], entropy_ratio=runner.last_entropy[1]))
+                walls.append(wall)
             last = runner.epoch >= runner.planned_epochs or runner.data_exhausted
             if attention is not None and (runner.epoch % cfg.health.attention_every_epochs == 0 or last):
                 _safely(lambda: attention.at_epoch(runner.teacher.backbone, tracker, runner.epoch, runner.global_step),

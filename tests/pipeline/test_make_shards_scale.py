@@ -313,7 +313,7 @@ def test_progress_log_lines_and_summary_off_a_terminal(written, tmp_path, capsys
     assert make_shards.main([str(tmp_path / "src"), str(tmp_path / "o2"), "--no-ray"]) == 0
     progress = [r.getMessage() for r in caplog.records if r.name == "make_shards"]
     assert [re.sub(r" \(.*", "", m) for m in progress] == [f"train: {i}/6 images" for i in range(1, 7)]
-    assert re.fullmatch(r"train: 6/6 images \(100%\), \d+\.\d images/s, 0 skipped", progress[-1])
+    assert re.fullmatch(r"train: 6/6 images \(100 %\), [\d,]+ img/s, 0 skipped, in \d+ s", progress[-1])
     out = capsys.readouterr().out.splitlines()
     assert re.fullmatch(rf"split train: wrote 6 images to 1 shards in {re.escape(str(tmp_path / 'o2'))}, "
                         r"skipped 0 \(in-process, \d+\.\d s, \d+\.\d images/s\)", out[0]), out[0]
@@ -328,9 +328,9 @@ def test_progress_is_a_tqdm_bar_on_a_terminal(monkeypatch):
 
     tty = Tty()
     monkeypatch.setattr(make_shards.sys, "stderr", tty)
-    p = make_shards.Progress(4, "train")
-    for skipped in (False, True, False, False):
-        p.update(skipped)
+    p = make_shards.Progress("train", 4, count_skipped=True)
+    for skipped in (0, 1, 0, 0):
+        p.update(1, skipped=skipped)
     p.close()
     final = tty.getvalue().split("\r")[-1]
     assert "train: 100%" in final and "4/4" in final and "skipped=1" in final, final

@@ -157,7 +157,8 @@ def test_submitted_job_survives_a_killed_worker_and_tracks_one_run(ray_head, mlf
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(mlflow_server)
-    out = _submit(ray_head, shared_tmp, mlflow_server, wait=False)
+    # logging.ray_verbose: Ray Train's per-report lines ("... from rank 0") tell which worker is rank 0.
+    out = _submit(ray_head, shared_tmp, mlflow_server, "logging.ray_verbose=true", wait=False)
     assert out.returncode == 0, out.stderr[-3000:]
     job_id = next(line.split("'")[1] for line in (out.stdout + out.stderr).splitlines() if "submitted successfully" in line)
 

@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import re
 
 import pytest
 import torch
@@ -32,16 +34,29 @@ def _smoke(tmp_path, uri, *extra):
     )
 
 
-def test_two_worker_pretraining_tracks_exports_and_evaluates(tmp_path, ray_cluster, mlflow_server):
+def test_two_worker_pretraining_tracks_exports_and_evaluates(tmp_path, ray_cluster, mlflow_server, caplog, capfd):
     from mlflow.tracking import MlflowClient
 
     from pipeline.knn_index import KnnRequest, evaluate_teacher
     from pipeline.pretrain import prepare, pretrain
 
+    caplog.set_level(logging.INFO, logger="pipeline")
     cfg = _smoke(tmp_path, mlflow_server, "tracking.run_name=ray-e2e")
     p = prepare(cfg)
     assert p.steps_per_epoch == 96 // (8 * 2) and p.global_batch_size == 16
     result = pretrain(p)
+
+    # What a person follows on the driver: one line per epoch (rank 0's records), then a summary.
+    shown = [r.getMessage() for r in caplog.records if r.name in ("pipeline.progress", "pipeline.pretrain")]
+    epochs = [m for m in shown if m.startswith("epoch ")]
+    assert [m.split(":")[0] for m in epochs] == ["epoch 1/2", "epoch 2/2"], shown
+    for m in epochs:
+        assert re.fullmatch(r"epoch \d/2: loss \d+\.\d{4}, [\d.,]+ img/s, data wait \d+ %, teacher entropy "
+                            r"\d+\.\d{3} \(\d\.\d\d of log K\), \d+ s, ETA \d+ s", m), m
+    assert epochs[-1].endswith("ETA 0 s")
+    summary = [m for m in shown if m.startswith("training finished:")]
+    assert len(summary) == 1 and re.fullmatch(r"training finished: 2 epochs, 12 steps in .+, [\d.,]+ img/s, final loss "
+                                              r"\d+\.\d{4}", summary[0]), summary
 
     client = MlflowClient(mlflow_server)
     run = client.get_run(result.run_id)
@@ -120,6 +135,11 @@ def test_two_worker_pretraining_tracks_exports_and_evaluates(tmp_path, ray_clust
     req = KnnRequest(p.data_root, "train", "val", tmp_path / "knn", mlflow_server, result.run_id)
     knn = evaluate_teacher(cfg, req, result.teacher_dir, random_baseline=False)
     assert 0.0 <= knn["teacher"]["top1"] <= 100.0 and knn["n_db"] == 96 and knn["n_queries"] == 48
+    # logging.ray_verbose=false: Ray Data's notes on the k-NN pass (run by this process) are not shown.
+    printed = "".join(capfd.readouterr())
+    for silenced in ("Starting execution of Dataset", "Execution plan of Dataset", "execution finished in",
+                     "Progress bars disabled"):
+        assert silenced not in printed, silenced
     child = client.get_run(knn["mlflow_run_id"])
     assert child.data.tags["mlflow.parentRunId"] == result.run_id
     assert child.data.metrics["knn/top1"] == pytest.approx(knn["teacher"]["top1"])
