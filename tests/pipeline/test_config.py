@@ -121,7 +121,7 @@ def test_default_yaml_is_the_papers_vit_s16_recipe_at_a_global_batch_of_1024():
 # Preset -> {dotted key: expected value}: what each preset is for.
 PRESET_VALUES = {
     "smoke": {"ray.num_workers": 1, "augment.n_local": 2, "augment.global_size": 32, "optim.epochs": 1},
-    "local": {"ray.num_workers": 1, "augment.n_local": 4, "data.root": None, "optim.epochs": 15,
+    "local": {"ray.num_workers": 1, "augment.n_local": 4, "data.root": None, "optim.epochs": 12, "optim.time_budget_minutes": 5.5,
               "ray.augment_priority": "idle"},
     "imagenette": {
         "data.root": "../shared/data/imagenette2-224", "data.train_split": "train", "data.val_split": "val",
