@@ -179,7 +179,7 @@ def log_attention_maps(
     return artifact_file
 
 
-JACCARD_IMAGES = 64  # val images with a mask that the attention is scored on (the first ones, fixed)
+JACCARD_IMAGES = 256  # val images with a mask that the attention is scored on (the first ones, fixed)
 
 # Local metric names (pipeline.tracking.METRIC_NAMES sections them under "attention/"): the scores of
 # dino.attention.summarise_jaccard, logged for the teacher at each attention epoch, for the starting
