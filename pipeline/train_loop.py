@@ -139,7 +139,8 @@ class DinoRunner:
         self.skipped_steps = 0  # non-finite steps skipped (health.nonfinite = skip), this run
         self.steps_in_epoch = 0  # steps of the current epoch done (checkpointed: mid-epoch resume)
         self.data_exhausted = False  # the run's batch stream ended (fewer good samples than planned)
-        self.collapse: str | None = None  # the collapse verdict of the latest window
+        self.collapse: str | None = None  # the collapse episode under way (its reason), None when there is none
+        self.collapse_since, self.clear_windows = 0, 0  # where that episode began; clear windows since
         self.last_entropy = (float("nan"), float("nan"))  # h(Pt) of the latest window (nats), and h / log K
         spe = plan.steps_per_epoch
         self.planned_epochs = o.epochs  # optim.epochs, or what fits optim.time_budget_minutes
@@ -393,7 +394,16 @@ class DinoRunner:
         if verdict and verdict != self.collapse:  # warn and tag once per episode, not every window
             log.warning("collapse suspected at step %d: %s (h(Pt)=%.4g, KL=%.4g)", self.global_step, verdict, entropy, kl)
             tracker.set_tag("collapse", f"{verdict} at step {self.global_step}")
-        self.collapse = verdict
+            self.collapse_since, self.clear_windows = self.global_step, 0
+        if verdict:
+            self.collapse, self.clear_windows = verdict, 0
+        elif self.collapse:  # over once no condition has held for as many windows as it took to report one
+            self.clear_windows += 1
+            if self.clear_windows >= self.monitor.patience:
+                log.warning("collapse over at step %d: %s held from step %d; now h(Pt)=%.4g (%.2f of log K), KL=%.4g",
+                            self.global_step, self.collapse, self.collapse_since, entropy, self.last_entropy[1], kl)
+                tracker.set_tag("collapse", f"{self.collapse} from step {self.collapse_since} to {self.global_step}, over")
+                self.collapse = None
         if verdict and self.cfg.health.collapse_action == "stop":
                 problems.append(f"collapse ({verdict}) at global step {self.global_step}: h(Pt)={entropy:.4g}, KL={kl:.4g}")
         return self.agree_stop(problems[0] if problems else None, tracker)

@@ -159,3 +159,19 @@ def test_collapse_is_tagged_and_can_stop_the_run():
         assert ("stopped" in summary) == stops
         if stops:
             assert summary["stopped"].startswith("collapse (kl_to_zero) at global step 2")
+
+
+def test_a_collapse_episode_that_ends_is_said_to_be_over(caplog):
+    """The uniform teacher of a short run's first epochs: reported once, and reported over (with where it began)
+    once no condition has held for `patience` windows; a window that flags again in between restarts that count."""
+    runner = _runner("health.collapse_patience=2", spe=12)  # windows at steps 2, 4, ..., 12
+    verdicts = iter(["entropy_uniform", "entropy_uniform", None, "entropy_uniform", None, None])
+    runner.monitor.update = lambda entropy, kl: next(verdicts)
+    tracker = _Tracker()
+    with caplog.at_level("WARNING", logger="pipeline.train_loop"):
+        summary = runner.train_epoch(iter(_batches(12)), tracker)
+    assert "stopped" not in summary and summary["steps"] == 12
+    lines = [r.getMessage() for r in caplog.records if "collapse" in r.getMessage()]
+    assert len(lines) == 2 and lines[0].startswith("collapse suspected at step 2: entropy_uniform")
+    assert lines[1].startswith("collapse over at step 12: entropy_uniform held from step 2; now h(Pt)=")
+    assert tracker.tags["collapse"] == "entropy_uniform from step 2 to 12, over" and runner.collapse is None
