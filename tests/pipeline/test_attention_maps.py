@@ -162,7 +162,7 @@ def test_probe_scores_start_centre_prior_and_teacher_on_synthetic_masks(mlflow_r
     from pipeline.synthetic import make_synthetic_dataset
 
     client, run_id = mlflow_run
-    make_synthetic_dataset(tmp_path / "syn", n_train=2, n_val=70, image_size=32, seed=0)
+    make_synthetic_dataset(tmp_path / "syn", n_train=2, n_val=JACCARD_IMAGES + 6, image_size=32, seed=0)
     paths = load_split(tmp_path / "syn", "val").paths
     probe = AttentionProbe.load(paths, 2, 32, client=client, run_id=run_id, device="cpu")
     assert probe.images.shape == (JACCARD_IMAGES, 32, 32, 3) and probe.masks.shape == (JACCARD_IMAGES, 32, 32)
