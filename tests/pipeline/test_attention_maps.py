@@ -185,7 +185,7 @@ def test_probe_scores_start_centre_prior_and_teacher_on_synthetic_masks(mlflow_r
     assert client.list_artifacts(run_id, "attention")[0].path == "attention/epoch_0002.png"
     res = probe.results()
     assert set(res) == {"teacher", "random_init", "centre_prior", "n_images", "epoch", "mass"}
-    assert (res["n_images"], res["epoch"], res["mass"]) == (64, 2, 0.6)
+    assert (res["n_images"], res["epoch"], res["mass"]) == (JACCARD_IMAGES, 2, 0.6)
     assert set(res["teacher"]) == {"head_mean", "best_head", "best_head_index", "mean_heads"}
     assert res["teacher"]["mean_heads"] == probe.teacher["mean_heads"] and res["random_init"]["best_head"] == probe.start["best_head"]
 
