@@ -92,14 +92,15 @@ def _knn(cfg, prepared, result) -> None:
                            pixel_baseline="raw_pixels" in baselines)
     from pipeline.summary import comparison_lines
 
-    for line in comparison_lines(knn, result.metrics.get("attention_jaccard"), k=cfg.knn.k,
+    rows = knn if result.start_knn is None else {**knn, "start": result.start_knn}  # its own row of the table
+    for line in comparison_lines(rows, result.metrics.get("attention_jaccard"), k=cfg.knn.k,
                                  temperature=cfg.knn.temperature, split=cfg.data.val_split):
         print(line)
     if result.start_knn is not None:
         from pipeline.pretrain import compare_with_start
 
         start = result.start_knn
-        print(f"  starting weights top-1 {start['top1']:6.2f}%  top-5 {start['top5']:6.2f}%  ({cfg.model.init_from})")
+        print(f"  starting weights: {cfg.model.init_from}")
         verdict = compare_with_start(result.tracking_uri, result.run_id, knn["teacher"]["top1"], start["top1"])
         print(f"  {verdict}")
     print(f"index: {knn['index_dir']}; MLflow k-NN run {knn['mlflow_run_id']} (child of {result.run_id})")

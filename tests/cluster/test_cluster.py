@@ -19,6 +19,7 @@ import csv
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -307,7 +308,8 @@ def test_cpu_nodes_come_from_zero_up_to_the_pool_max_and_go_when_idle(main_run):
 def test_run_finishes_with_its_knn_result_in_one_mlflow_run(main_run):
     _succeeded(main_run)
     logs = main_run["logs"]
-    assert "DINO teacher     top-1" in logs and "random init      top-1" in logs
+    for row in ("DINO teacher", "random init", "raw pixels"):  # the closing table (pipeline/summary.py)
+        assert re.search(rf"^  {row} +\d+\.\d\d% +\d+\.\d\d%", logs, re.M), logs[-3000:]
     runs = main_run["runs"]
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     assert runs[0].data.tags["placement"].startswith("training on dino-ray/role=train nodes")

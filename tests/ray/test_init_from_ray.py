@@ -38,9 +38,9 @@ def test_a_run_from_an_exported_teacher_measures_its_start_and_keeps_a_frozen_ba
     for (k, v), w in zip(teacher.state_dict().items(), start_model.state_dict().values(), strict=True):
         torch.testing.assert_close(v, w, rtol=1e-5, atol=1e-6, msg=k)
     # ... and the final k-NN is the starting point's: same backbone, same protocol.
-    teacher_line = next(line for line in out.splitlines() if "DINO teacher" in line)
-    start_line = next(line for line in out.splitlines() if "starting weights" in line)
-    assert f"top-1 {start_top1[0].value:6.2f}%" in start_line and f"top-1 {start_top1[0].value:6.2f}%" in teacher_line
+    teacher_line = next(line for line in out.splitlines() if line.startswith("  DINO teacher "))
+    start_line = next(line for line in out.splitlines() if line.startswith("  starting weights "))
+    assert f" {start_top1[0].value:.2f}%" in start_line and f" {start_top1[0].value:.2f}%" in teacher_line
     assert "the run ended +0.00 points top-1 above its starting point" in out
     assert tags["dino.below_start"] == "false" and tags["dino.knn_vs_start"] == "+0.00 points top-1"
 
