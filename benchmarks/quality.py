@@ -15,7 +15,7 @@ crop size, :mod:`dino.eval_view`):
   values per image, which on Imagenette scores higher than the full view), flattened and L2-normalised
   (cosine similarity); the plain uint8 values, a weaker baseline, are printed too. Views are streamed
   (decoded a table at a time, averaged, dropped): memory ``(N + M) x 3,072`` float32 for N database and M
-  query images (1.35 GB at 100k + 10k), and each variant is one exact search of ``max(ks)`` neighbours
+  query images (1.26 GiB at 100k + 10k), and each variant is one exact search of ``max(ks)`` neighbours
   that votes every k;
 * (b) **random init**: the preset's backbone at its initialisation (the seed the run starts from);
 * (c) **DINO teacher** after pretraining with the preset through the real pipeline
