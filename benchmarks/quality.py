@@ -396,7 +396,8 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"\nweighted k-NN top-1, k={args.k}, T={cfg.knn.temperature}: {knn['n_queries']} '{cfg.data.val_split}' queries "
           f"against {knn['n_db']} '{cfg.data.train_split}' images, {size} px views")
-    print(f"  (a) raw pixels ({side} px, normalised) {figures['raw_pixels']:6.2f}%   (uint8 values: {raw_all['uint8'][args.k]:.2f}%)")
+    print(f"  (a) raw pixels ({side} px, normalised) {figures['raw_pixels']:6.2f}%   "
+          f"(uint8 values: {raw_all['uint8'][args.k]:.2f}%)")
     print(f"  (b) {cfg.model.arch} random init    {figures['random_init']:6.2f}%")
     print(f"  (c) DINO teacher, {epochs} epochs        {figures['dino']:6.2f}%")
     print(f"  (c) - max(a, b) = {margin:+.2f} points (target >= +10)")
