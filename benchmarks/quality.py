@@ -4,13 +4,19 @@
     python benchmarks/quality.py --minutes 10 --data DIR          # any webdataset root with train/val splits
     python benchmarks/quality.py --epochs 12 model.out_dim=2048   # fixed epochs; key=value overrides the preset
     python benchmarks/quality.py --also-at 224                    # also evaluate all three at 224 px views
+    python benchmarks/quality.py --pixels-only --data DIR         # the raw-pixel baseline only (minutes at 100k images)
 
 Weighted k-NN (the paper's protocol: k=20, T=0.07, exp(sim/T) votes; database = train split, queries =
 val split) of three features of the same evaluation view (resize + centre crop to the preset's global
 crop size, :mod:`dino.eval_view`):
 
-* (a) **raw pixels**: the view as the backbone receives it (ImageNet mean/std normalisation) flattened
-  and L2-normalised (cosine similarity); the plain uint8 values, a weaker baseline, are printed too;
+* (a) **raw pixels**: the view as the backbone receives it (ImageNet mean/std normalisation) area-averaged
+  to at most 32 px (``--pixel-side``; the k-NN job's own baseline, ``pipeline.embed.RawPixels``: 3,072
+  values per image, which on Imagenette scores higher than the full view), flattened and L2-normalised
+  (cosine similarity); the plain uint8 values, a weaker baseline, are printed too. Views are streamed
+  (decoded a table at a time, averaged, dropped): memory ``(N + M) x 3,072`` float32 for N database and M
+  query images (1.26 GiB at 100k + 10k), and each variant is one exact search of ``max(ks)`` neighbours
+  that votes every k;
 * (b) **random init**: the preset's backbone at its initialisation (the seed the run starts from);
 * (c) **DINO teacher** after pretraining with the preset through the real pipeline
   (:func:`pipeline.pretrain.pretrain`: a local Ray cluster, Ray Data augmentation actors, a Ray Train
@@ -47,29 +53,15 @@ DEFAULT_DATA = REPO.parent / "shared" / "data" / "imagenette2-224"
 
 log = logging.getLogger("quality")
 
+PIXEL_SIDE = 32  # raw pixels are area-averaged to at most this side (pipeline.embed.RAW_PIXELS_SIDE: 3,072 values)
+SEARCH_ROWS = 4096  # database rows per similarity block of the pixel search
+QUERY_ROWS = 1024  # query rows per similarity block: a block is QUERY_ROWS x SEARCH_ROWS float32 (16 MiB)
+EVERY_S = 10.0  # seconds before the first progress line (pipeline.progress.Progress)
+
 
 def say(text: str) -> None:
     """A progress line on stdout (Ray and MLflow reconfigure logging)."""
     print(f"[quality {time.strftime('%H:%M:%S')}] {text}", flush=True)
-
-
-def raw_pixel_features(views, normalise: bool = True):
-    """``(N, S, S, 3)`` uint8 views -> ``(N, 3 S S)`` float32 L2-normalised rows.
-
-    ``normalise``: the backbone's own input (ImageNet mean/std per channel, :func:`dino.crops.crops_to_input`)
-    flattened; otherwise the uint8 values as they are (all in the positive orthant: a weaker baseline,
-    reported for reference).
-    """
-    import torch
-
-    from dino.crops import crops_to_input
-
-    out = []
-    for start in range(0, len(views), 1024):
-        chunk = torch.from_numpy(views[start : start + 1024])
-        x = crops_to_input(chunk[:, None], "cpu") if normalise else chunk.float()  # (B, 3, S, S) or (B, S, S, 3)
-        out.append(torch.nn.functional.normalize(x.reshape(len(chunk), -1), dim=1))
-    return torch.cat(out)
 
 
 def decoded_views(paths: list[str], image_size: int, total: int | None = None, label: str = "decoding"):
@@ -92,25 +84,132 @@ def decoded_views(paths: list[str], image_size: int, total: int | None = None, l
     return np.concatenate(views), np.concatenate(labels), np.concatenate(shards)
 
 
-def raw_pixels_accuracy(train, val, image_size: int, ks: list[int], temperature: float) -> dict[str, dict[int, float]]:
-    """Weighted k-NN top-1 (percent) of raw-pixel features for each k: ``{"normalised": ..., "uint8": ...}``."""
+def pooled_pixels(tables, image_size: int, side: int, total: int | None = None, label: str = "raw pixels",
+                  decode=None):
+    """Raw-pixel features of every decodable image of an iterator of shard tables, streamed.
+
+    Each table (:func:`pipeline.tar_reader.read_shard_tables` rows) is decoded to its ``(B, S, S, 3)`` uint8
+    evaluation views (``decode``, default :func:`pipeline.embed.decode_views`), area-averaged to
+    ``min(side, S)`` px (``side`` <= 0: the full view) and dropped: only the averages are kept, so memory is
+    ``N x 3 s^2`` float32 however large the views (100k images at s = 32: 1.2 GB), plus one table's views.
+
+    Returns ``(pixels, labels)``: ``(N, 3 s^2)`` float32 channel-first averages of the uint8 values (0-255),
+    ``(N,)`` int64. Normalising after averaging equals averaging the normalised input (a per-channel affine
+    map), so :func:`pixel_features` of these is the k-NN job's baseline (``pipeline.embed.RawPixels``).
+    """
+    import numpy as np
     import torch
 
-    from dino.knn import knn_accuracy, knn_predict
+    from pipeline.progress import track
+
+    if decode is None:
+        from pipeline.embed import decode_views as decode
+    s = image_size if side <= 0 else min(side, image_size)
+    dim = 3 * s * s
+    pixels = np.empty((total or 1024, dim), np.float32)  # grown (x1.5) only if ``total`` is short or unknown
+    labels = np.empty(len(pixels), np.int64)
+    n = 0
+    for table in track(tables, label, total, size=lambda t: t.num_rows, emit=say, every_s=EVERY_S):
+        out = decode({c: np.array(table.column(c).to_pylist(), dtype=object) for c in table.column_names}, image_size)
+        x = torch.from_numpy(out.pop("view")).permute(0, 3, 1, 2).float()  # (B, 3, S, S), 0-255
+        if s != image_size:
+            x = torch.nn.functional.adaptive_avg_pool2d(x, s)  # (B, 3, s, s): area averages
+        b = len(x)
+        if n + b > len(pixels):  # realloc: in place where the allocator can
+            grow = max(n + b, len(pixels) * 3 // 2)
+            pixels.resize((grow, dim), refcheck=False)
+            labels.resize(grow, refcheck=False)
+        pixels[n : n + b] = x.reshape(b, dim).numpy()
+        labels[n : n + b] = out["label"]
+        n += b
+    pixels.resize((n, dim), refcheck=False)  # undecodable images, or a short ``total``: give the rest back
+    labels.resize(n, refcheck=False)
+    return pixels, labels
+
+
+def pixel_features(pixels, normalise: bool):
+    """``(n, 3 s^2)`` channel-first pixel values (0-255) -> ``(n, 3 s^2)`` float32 L2-normalised rows.
+
+    ``normalise``: ImageNet mean/std per channel first (the backbone's input, :func:`dino.crops.crops_to_input`);
+    otherwise the values as they are (all in the positive orthant: a weaker baseline, reported for reference).
+    """
+    import torch
+
+    from dino.crops import IMAGENET_MEAN, IMAGENET_STD
+
+    x = torch.as_tensor(pixels, dtype=torch.float32)
+    if normalise:
+        n = len(x)
+        mean = torch.tensor(IMAGENET_MEAN).mul_(255.0).view(1, 3, 1)
+        std = torch.tensor(IMAGENET_STD).mul_(255.0).view(1, 3, 1)
+        x = ((x.reshape(n, 3, -1) - mean) / std).reshape(n, -1)
+    return torch.nn.functional.normalize(x, dim=1)
+
+
+def top_neighbours(queries, database, k: int, features=lambda rows: rows, label: str | None = None):
+    """Exact inner-product top-``k`` of every query over the whole database, in blocks.
+
+    Args:
+        queries: ``(M, D)`` float32 query features (already what is compared).
+        database: ``(N, D')`` rows, turned into ``(n, D)`` features ``SEARCH_ROWS`` at a time by ``features``.
+        k: neighbours per query (clamped to ``N``).
+        label: progress of the database rows under this label, if given.
+
+    Returns:
+        ``(similarities, ids)``, each ``(M, min(k, N))``, best first: those of ``torch.topk`` over the full
+        ``(M, N)`` similarity matrix (equal up to ties), holding one block of it at a time.
+    """
+    import torch
+
     from pipeline.progress import Progress
 
-    xt, yt, _ = decoded_views(train.paths, image_size, train.count, f"raw pixels: decoding '{train.split}'")
-    xv, yv, _ = decoded_views(val.paths, image_size, val.count, f"raw pixels: decoding '{val.split}'")
+    n_db, m = len(database), len(queries)
+    k = min(k, n_db)
+    best_sim = torch.full((m, k), -torch.inf)  # (M, k), best first
+    best_id = torch.full((m, k), -1, dtype=torch.long)
+    with Progress(label or "search", n_db, unit="database images", emit=say if label else lambda _: None,
+                  every_s=EVERY_S, tty=None if label else False) as bar:
+        for start in range(0, n_db, SEARCH_ROWS):
+            db = features(database[start : start + SEARCH_ROWS])  # (n, D)
+            for q0 in range(0, m, QUERY_ROWS):
+                sim = queries[q0 : q0 + QUERY_ROWS] @ db.T  # (m, n)
+                top_sim, top_id = sim.topk(min(k, len(db)), dim=1)  # (m, k'), best first
+                both_sim = torch.cat([best_sim[q0 : q0 + QUERY_ROWS], top_sim], dim=1)  # (m, k + k')
+                both_id = torch.cat([best_id[q0 : q0 + QUERY_ROWS], top_id + start], dim=1)
+                keep_sim, keep = both_sim.topk(k, dim=1)  # (m, k)
+                best_sim[q0 : q0 + QUERY_ROWS], best_id[q0 : q0 + QUERY_ROWS] = keep_sim, both_id.gather(1, keep)
+            bar.update(len(db))
+    return best_sim, best_id
+
+
+def raw_pixels_accuracy(train, val, image_size: int, ks: list[int], temperature: float,
+                        side: int = PIXEL_SIDE) -> dict[str, dict[int, float]]:
+    """Weighted k-NN top-1 (percent) of raw-pixel features for each k: ``{"normalised": ..., "uint8": ...}``.
+
+    Both splits are streamed through :func:`pooled_pixels` (views area-averaged to ``side`` px, ``<= 0``: the
+    full view); each variant is one exact search of ``max(ks)`` neighbours, every k voted from it
+    (:func:`dino.knn.vote_for_each_k`). Memory: ``(N + M) x 3 s^2`` float32 (N database, M query images)
+    plus one ``QUERY_ROWS x SEARCH_ROWS`` block.
+    """
+    import torch
+
+    from dino.knn import knn_accuracy, vote_for_each_k
+    from pipeline.storage import filesystem_for
+    from pipeline.tar_reader import read_shard_tables
+
+    def stream(split):
+        tables = read_shard_tables({"path": split.paths}, filesystem_for(split.paths), rows_per_table=256)
+        return pooled_pixels(tables, image_size, side, split.count, f"raw pixels: decoding '{split.split}'")
+
+    xt, yt = stream(train)
+    xv, yv = stream(val)
     num_classes = len(train.classes) if train.classes else int(max(yt.max(), yv.max())) + 1
     out: dict[str, dict[int, float]] = {}
-    with Progress("raw pixels: k-NN", 2 * len(ks), unit="evaluations", rate_unit="evaluations/s", emit=say) as bar:
-        for name, normalise in (("normalised", True), ("uint8", False)):
-            ft, fv = raw_pixel_features(xt, normalise), raw_pixel_features(xv, normalise)
-            out[name] = {}
-            for k in ks:
-                scores = knn_predict(ft, torch.from_numpy(yt), fv, num_classes, k=k, temperature=temperature)
-                out[name][k] = knn_accuracy(scores, torch.from_numpy(yv), topk=(1,))[1]
-                bar.update(1)
+    for name, normalise in (("normalised", True), ("uint8", False)):
+        sims, ids = top_neighbours(pixel_features(xv, normalise), xt, max(ks), lambda rows: pixel_features(rows, normalise),
+                                   label=f"raw pixels: k-NN search ({name})")
+        scores = vote_for_each_k(sims, torch.from_numpy(yt)[ids], num_classes, ks, temperature)
+        out[name] = {k: knn_accuracy(s, torch.from_numpy(yv), topk=(1,))[1] for k, s in scores.items()}
     return out
 
 
@@ -174,6 +273,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--k", type=int, default=20, help="headline k of the weighted k-NN (default: 20)")
     p.add_argument("--also-at", default="",
                    help="comma-separated extra evaluation view sizes in px (e.g. 224): (a), (b) and (c) again at each, reported beside the headline")
+    p.add_argument("--pixel-side", type=int, default=PIXEL_SIDE,
+                   help=f"raw pixels: views area-averaged to at most this side in px (default {PIXEL_SIDE}, as the k-NN job's "
+                        "baseline; 0: the full view, N x 3 x size^2 float32 in memory)")
+    p.add_argument("--pixels-only", action="store_true",
+                   help="only the raw-pixel baseline (what runs before pretraining): print it, write its JSON, exit")
     p.add_argument("overrides", nargs="*", help="config overrides key=value, applied after the preset")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -202,10 +306,20 @@ def main(argv: list[str] | None = None) -> int:
     size = cfg.knn.image_size or cfg.augment.global_size  # the evaluation view, as the k-NN job uses
 
     t0 = time.perf_counter()
-    raw_all = raw_pixels_accuracy(train, val, size, ks, cfg.knn.temperature)
-    raw = raw_all["normalised"]
-    say(f"raw pixels ({size} px views): top-1 k={args.k} {raw[args.k]:.2f}% "
-        f"(uint8 values: {raw_all['uint8'][args.k]:.2f}%; {time.perf_counter() - t0:.0f} s)")
+    raw_all = raw_pixels_accuracy(train, val, size, ks, cfg.knn.temperature, args.pixel_side)
+    raw, raw_s = raw_all["normalised"], time.perf_counter() - t0
+    side = size if args.pixel_side <= 0 else min(args.pixel_side, size)
+    say(f"raw pixels ({size} px views averaged to {side} px): top-1 k={args.k} {raw[args.k]:.2f}% "
+        f"(uint8 values: {raw_all['uint8'][args.k]:.2f}%; {raw_s:.0f} s)")
+    if args.pixels_only:
+        out.mkdir(parents=True, exist_ok=True)
+        report = {"data": str(cfg.data.root), "n_db": train.count, "n_queries": val.count, "view_px": size,
+                  "pixel_side": side, "k": args.k, "temperature": cfg.knn.temperature, "seconds": raw_s,
+                  "by_k": {"raw_pixels": raw, "raw_pixels_uint8": raw_all["uint8"]}, "cpu_count": os.cpu_count()}
+        (out / f"quality-pixels-{stamp}.json").write_text(json.dumps(report, indent=2))
+        print(f"raw pixels, {size} px views averaged to {side} px, {val.count} '{val.split}' queries against "
+              f"{train.count} '{train.split}' images: top-1 by k {raw} (uint8 values: {raw_all['uint8']}); {raw_s:.0f} s")
+        return 0
 
     spe = train.count // (cfg.optim.batch_size_per_worker * cfg.ray.num_workers)
     budget_s = args.minutes * 60
@@ -252,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
         "budget_min": args.minutes, "epochs": epochs, "budget_fit": fit, "planned_epochs": history,
         "steps_per_epoch": spe, "calibrated_step_s": step_s,
         "pretrain_min": pretrain_s / 60, "top1": figures, "margin_pts": margin,
-        "raw_pixels_uint8": raw_all["uint8"][args.k],
+        "raw_pixels_uint8": raw_all["uint8"][args.k], "pixel_side": side, "pixels_s": raw_s,
         "by_k": {**three["by_k"], "raw_pixels_uint8": raw_all["uint8"]},
         "mlflow": {"tracking_uri": result.tracking_uri, "pretrain_run_id": result.run_id,
                    "knn_run_id": knn.get("mlflow_run_id"), "run_name": prepared.run_name},
@@ -262,12 +376,12 @@ def main(argv: list[str] | None = None) -> int:
     for s in sorted({int(v) for v in args.also_at.split(",") if v.strip()} - {size}):
         t1 = time.perf_counter()
         cfg_s = load_config(args.preset, [*base, *args.overrides, *run_overrides, f"knn.image_size={s}"])
-        raw_s = raw_pixels_accuracy(train, val, s, ks, cfg.knn.temperature)
+        raw_at = raw_pixels_accuracy(train, val, s, ks, cfg.knn.temperature, args.pixel_side)
         req_s = KnnRequest(data_root=prepared.data_root, train_split=cfg.data.train_split, val_split=cfg.data.val_split,
                            out_dir=out / prepared.run_name / f"knn-{s}px", tracking_uri=result.tracking_uri,
                            pretrain_run_id=result.run_id)
         knn_s = evaluate_teacher(cfg_s, req_s, result.teacher_dir, random_baseline=True, embed_fn=embed_in_process)
-        extra[s] = {**three_way(raw_s, knn_s, args.k), "raw_pixels_uint8": raw_s["uint8"][args.k],
+        extra[s] = {**three_way(raw_at, knn_s, args.k), "raw_pixels_uint8": raw_at["uint8"][args.k],
                     "knn_run_id": knn_s.get("mlflow_run_id")}
         top = extra[s]["top1"]
         say(f"{s} px views: raw {top['raw_pixels']:.2f} / random {top['random_init']:.2f} / DINO {top['dino']:.2f} "
@@ -282,7 +396,8 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"\nweighted k-NN top-1, k={args.k}, T={cfg.knn.temperature}: {knn['n_queries']} '{cfg.data.val_split}' queries "
           f"against {knn['n_db']} '{cfg.data.train_split}' images, {size} px views")
-    print(f"  (a) raw pixels (backbone input)    {figures['raw_pixels']:6.2f}%   (uint8 values: {raw_all['uint8'][args.k]:.2f}%)")
+    print(f"  (a) raw pixels ({side} px, normalised) {figures['raw_pixels']:6.2f}%   "
+          f"(uint8 values: {raw_all['uint8'][args.k]:.2f}%)")
     print(f"  (b) {cfg.model.arch} random init    {figures['random_init']:6.2f}%")
     print(f"  (c) DINO teacher, {epochs} epochs        {figures['dino']:6.2f}%")
     print(f"  (c) - max(a, b) = {margin:+.2f} points (target >= +10)")
