@@ -395,8 +395,9 @@ class DinoRunner:
             log.warning("collapse suspected at step %d: %s (h(Pt)=%.4g, KL=%.4g)", self.global_step, verdict, entropy, kl)
             tracker.set_tag("collapse", f"{verdict} at step {self.global_step}")
             self.collapse_since, self.clear_windows = self.global_step, 0
-        if verdict:
-            self.collapse, self.clear_windows = verdict, 0
+        clear = not any(self.monitor.counts.values())  # no condition held in this window
+        if verdict or not clear:
+            self.collapse, self.clear_windows = verdict or self.collapse, 0
         elif self.collapse:  # over once no condition has held for as many windows as it took to report one
             self.clear_windows += 1
             if self.clear_windows >= self.monitor.patience:

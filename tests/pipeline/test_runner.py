@@ -165,8 +165,16 @@ def test_a_collapse_episode_that_ends_is_said_to_be_over(caplog):
     """The uniform teacher of a short run's first epochs: reported once, and reported over (with where it began)
     once no condition has held for `patience` windows; a window that flags again in between restarts that count."""
     runner = _runner("health.collapse_patience=2", spe=12)  # windows at steps 2, 4, ..., 12
-    verdicts = iter(["entropy_uniform", "entropy_uniform", None, "entropy_uniform", None, None])
-    runner.monitor.update = lambda entropy, kl: next(verdicts)
+    # (verdict, whether a condition held): a window where the condition holds again but has not yet held for
+    # `patience` windows (verdict None) is not a clear window.
+    windows = iter([("entropy_uniform", 1), ("entropy_uniform", 1), (None, 0), (None, 1), (None, 0), (None, 0)])
+
+    def update(entropy, kl):
+        verdict, held = next(windows)
+        runner.monitor.counts = dict.fromkeys(runner.monitor.REASONS, 0) | {"entropy_uniform": held}
+        return verdict
+
+    runner.monitor.update = update
     tracker = _Tracker()
     with caplog.at_level("WARNING", logger="pipeline.train_loop"):
         summary = runner.train_epoch(iter(_batches(12)), tracker)
