@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -67,7 +68,7 @@ def eval_views(root: str, train_split: str, val_split: str, image_size: int, cac
     xv, yv, _ = decoded_views(load_split(root, val_split).paths, image_size)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.stem + ".partial.npz")
+        tmp = path.with_name(f"{path.stem}.{os.getpid()}.partial.npz")  # one per process: two probes may build it at once
         np.savez(tmp, xt=xt, yt=yt, xv=xv, yv=yv)
         tmp.replace(path)  # complete or absent: a concurrent probe never reads half a cache
     return xt, yt, xv, yv
