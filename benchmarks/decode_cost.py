@@ -31,6 +31,7 @@ import argparse
 import io
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -72,17 +73,6 @@ def reencode(data: bytes, side: int, quality: int) -> bytes:
     buf = io.BytesIO()
     img.save(buf, "JPEG", quality=quality)
     return buf.getvalue()
-
-
-def write_shard(path: Path, images: list[bytes]) -> None:
-    import tarfile
-
-    with tarfile.open(path, "w") as tf:
-        for i, payload in enumerate(images):
-            for ext, b in (("jpg", payload), ("cls", b"0")):
-                info = tarfile.TarInfo(f"s{i:06d}.{ext}")
-                info.size = len(b)
-                tf.addfile(info, io.BytesIO(b))
 
 
 def view_draft_factor(size: tuple[int, int], image_size: int) -> int:
@@ -137,12 +127,10 @@ def crop_fidelity(full: np.ndarray, small: np.ndarray, spec, rng: np.random.Gene
         si, sj = round(i * fy), round(j * fx)
         sh = max(1, min(small.shape[0] - si, round(h * fy)))
         sw = max(1, min(small.shape[1] - sj, round(w * fx)))
-        q = type(p)(box=(si, sj, sh, sw), flip=p.flip, jitter=p.jitter, grayscale=p.grayscale,
-                    blur_sigma=p.blur_sigma, solarize=p.solarize)
+        q = replace(p, box=(si, sj, sh, sw))
         ref = apply_crop(full, p, size, spec.solarize_threshold)
         diffs.append(mad(ref, apply_crop(small, q, size, spec.solarize_threshold)))
-        moved = type(p)(box=(min(i + 1, full.shape[0] - h), min(j + 1, full.shape[1] - w), h, w), flip=p.flip,
-                        jitter=p.jitter, grayscale=p.grayscale, blur_sigma=p.blur_sigma, solarize=p.solarize)
+        moved = replace(p, box=(min(i + 1, full.shape[0] - h), min(j + 1, full.shape[1] - w), h, w))
         shifted.append(mad(ref, apply_crop(full, moved, size, spec.solarize_threshold)))
     return float(np.mean(diffs)), float(np.mean(shifted))
 
@@ -151,11 +139,12 @@ def measure(images: list[bytes], spec, view_size: int, tmp: Path, seed: int = 0)
     """Per-image thread CPU milliseconds of each phase, and the fidelity figures, for one set of JPEGs."""
     from dino.augment import MultiCropAugment, decode_image, draft_factor
     from dino.eval_view import center_view
+    from pipeline.shards import Sample, write_shards
     from pipeline.storage import filesystem_for
     from pipeline.tar_reader import read_shard_tables
 
-    shard = tmp / "train-000000.tar"
-    write_shard(shard, images)
+    (written,) = write_shards((Sample(f"s{i:06d}", b, 0) for i, b in enumerate(images)), tmp, "train", max_count=len(images))
+    shard = tmp / written["name"]
     t = time.thread_time()
     n = sum(tb.num_rows for tb in read_shard_tables({"path": [str(shard)]}, filesystem_for([str(shard)]), rows_per_table=256))
     read_ms = (time.thread_time() - t) / n * 1e3
