@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import sys
 import time
@@ -32,6 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "imagenette2-224"
+HEALTH_EVERY = 10  # steps between teacher entropy / KL measurements (the pipeline's tracking.log_every_steps)
 
 
 def say(text: str) -> None:
@@ -94,10 +96,23 @@ def knn_top1(backbone, views, k: int, temperature: float, batch: int = 256) -> f
     return knn_accuracy(scores, torch.from_numpy(yv), topk=(1,))[1]
 
 
-def probe(cfg, epochs: int, eval_at: list[int], threads: int = 1, cache: Path | None = None, k: int | None = None) -> dict[str, Any]:
+def probe(
+    cfg,
+    epochs: int,
+    eval_at: list[int],
+    threads: int = 1,
+    cache: Path | None = None,
+    k: int | None = None,
+    view_sizes: list[int] | None = None,
+) -> dict[str, Any]:
     """Train ``cfg``'s recipe for ``epochs`` epochs in this process; k-NN top-1 at ``eval_at`` and the end.
 
-    Returns ``{"epochs": [{"epoch", "loss", "seconds"}...], "knn_top1": {epoch: %}, "steps": n, ...}``.
+    Every ``HEALTH_EVERY`` steps the step also computes the teacher's entropy and the teacher-student KL
+    (:mod:`dino.health`, nats); each epoch reports their means beside the loss (``log out_dim`` is the
+    uniform teacher). ``view_sizes``: the final teacher is also evaluated on views of these sizes.
+
+    Returns ``{"epochs": [{"epoch", "loss", "teacher_entropy", "kl", "seconds"}...], "knn_top1": {epoch: %},
+    "knn_top1_by_view": {size: %}, "steps": n, ...}``.
     """
     import numpy as np
     import torch
@@ -118,7 +133,7 @@ def probe(cfg, epochs: int, eval_at: list[int], threads: int = 1, cache: Path | 
     plan = LoopPlan(steps_per_epoch=spe, global_batch_size=batch, tracking_uri="", run_id="recipe-probe")
     runner = DinoRunner(cfg, plan, torch.device("cpu"))
     mapper = MultiCropMapper(spec_from_config(cfg.augment), seed=cfg.seed, with_meta=False)
-    report: dict[str, Any] = {"steps_per_epoch": spe, "epochs": [], "knn_top1": {}}
+    report: dict[str, Any] = {"steps_per_epoch": spe, "log_out_dim": math.log(cfg.model.out_dim), "epochs": [], "knn_top1": {}}
 
     def evaluate(epoch: int) -> None:
         t = time.perf_counter()
@@ -131,18 +146,32 @@ def probe(cfg, epochs: int, eval_at: list[int], threads: int = 1, cache: Path | 
     rng = np.random.default_rng(cfg.seed)
     for epoch in range(1, epochs + 1):
         order = rng.permutation(len(rows))
-        t, losses = time.perf_counter(), []
+        t, losses, entropy, kl = time.perf_counter(), [], [], []
         for s in range(spe):
             picked = [rows[i] for i in order[s * batch : (s + 1) * batch]]
             raw = {c: np.array([r.get(c) for r in picked], dtype=object) for c in ("__key__", "jpg", "cls")}
             crops = mapper(raw)
-            out = runner.step({name: torch.from_numpy(a) for name, a in crops.items()})
+            health = s % HEALTH_EVERY == 0
+            out = runner.step({name: torch.from_numpy(a) for name, a in crops.items()}, health=health)
             losses.append(float(out["loss"]))
-        report["epochs"].append({"epoch": epoch, "loss": float(np.mean(losses)), "seconds": time.perf_counter() - t})
-        say(f"epoch {epoch}/{epochs}: loss {np.mean(losses):.4f}, {time.perf_counter() - t:.0f} s")
+            if health:
+                entropy.append(float(out["teacher_entropy"]))
+                kl.append(float(out["kl"]))
+        row = {"epoch": epoch, "loss": float(np.mean(losses)), "teacher_entropy": float(np.mean(entropy)), "kl": float(np.mean(kl))}
+        report["epochs"].append(row | {"seconds": time.perf_counter() - t})
+        say(
+            f"epoch {epoch}/{epochs}: loss {row['loss']:.4f}, teacher entropy {row['teacher_entropy']:.3f} "
+            f"(uniform {report['log_out_dim']:.3f}), KL {row['kl']:.3f}, {time.perf_counter() - t:.0f} s"
+        )
         if epoch in eval_at and epoch != epochs:
             evaluate(epoch)
     evaluate(epochs)
+    report["knn_top1_by_view"] = {}
+    for size in view_sizes or ():
+        t = time.perf_counter()
+        other = eval_views(root, cfg.data.train_split, cfg.data.val_split, size, cache)
+        acc = report["knn_top1_by_view"][size] = knn_top1(runner.teacher.backbone, other, k, cfg.knn.temperature)
+        say(f"epoch {epochs}: teacher k-NN top-1 (k={k}) on {size} px views {acc:.2f} ({time.perf_counter() - t:.0f} s)")
     report["steps"] = runner.global_step
     return report
 
@@ -157,6 +186,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--name", default="probe", help="name of this recipe in the printout and the report")
     p.add_argument("--out", default="outputs/recipe_probe", help="folder of the JSON reports")
     p.add_argument("--cache", default="outputs/recipe_probe/cache", help="folder of cached evaluation views ('' = none)")
+    p.add_argument("--view-sizes", default="", help="comma-separated view sizes to evaluate the final teacher on as well")
     p.add_argument("overrides", nargs="*", help="config overrides key=value, applied after the preset")
     args = p.parse_args(argv)
 
@@ -170,10 +200,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         p.error(f"--eval-at must be comma-separated epochs, got {args.eval_at!r}")
     if any(e < 0 or e > args.epochs for e in eval_at):
         p.error(f"--eval-at epochs must lie in 0..{args.epochs}, got {args.eval_at!r}")
+    try:
+        view_sizes = [int(x) for x in args.view_sizes.split(",") if x.strip()]
+    except ValueError:
+        p.error(f"--view-sizes must be comma-separated pixel sizes, got {args.view_sizes!r}")
+    if any(v < 8 for v in view_sizes):
+        p.error(f"--view-sizes must be >= 8 px, got {args.view_sizes!r}")
     cfg = load_config(args.preset, [f"data.root={args.data}", f"optim.epochs={args.epochs}", *args.overrides])
     say(f"{args.name}: preset {args.preset} {' '.join(args.overrides) or '(as is)'}, {args.epochs} epochs, {args.threads} thread(s)")
     t0 = time.perf_counter()
-    report = probe(cfg, args.epochs, eval_at, args.threads, Path(args.cache) if args.cache else None)
+    report = probe(cfg, args.epochs, eval_at, args.threads, Path(args.cache) if args.cache else None, view_sizes=view_sizes)
     report.update(name=args.name, preset=args.preset, overrides=args.overrides, data=args.data, minutes=(time.perf_counter() - t0) / 60)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

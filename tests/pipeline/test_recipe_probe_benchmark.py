@@ -37,6 +37,10 @@ def test_probe_trains_the_whole_schedule_reproducibly_and_reports_it(bench, shap
     assert first["steps"] == 8  # 2 epochs x 4 steps: the schedule asked for, no more
     assert [e["epoch"] for e in first["epochs"]] == [1, 2]
     assert all(math.isfinite(e["loss"]) for e in first["epochs"])
+    # the teacher's entropy lies between one-hot and uniform over out_dim=64; the KL is a KL
+    assert first["log_out_dim"] == pytest.approx(math.log(64))
+    assert all(0 < e["teacher_entropy"] <= math.log(64) + 1e-4 and e["kl"] >= 0 for e in first["epochs"])
+    assert first["knn_top1_by_view"] == {}
     assert sorted(first["knn_top1"]) == [0, 1, 2]
     # 40 val images: every accuracy is a multiple of 2.5 %
     assert all(0 <= a <= 100 and abs(a / 2.5 - round(a / 2.5)) < 1e-6 for a in first["knn_top1"].values())
@@ -52,6 +56,11 @@ def test_probe_trains_the_whole_schedule_reproducibly_and_reports_it(bench, shap
     other = run(bench, shapes, tmp_path, "optim.base_lr=0.04")
     assert other["epochs"][1]["loss"] != first["epochs"][1]["loss"]
     assert other["knn_top1"][0] == first["knn_top1"][0]  # same random initialisation
+    # the final teacher evaluated on other view sizes too: the configured size gives the final figure again
+    sizes = run(bench, shapes, tmp_path, "--view-sizes", "32,24")
+    assert sizes["knn_top1_by_view"][32] == first["knn_top1"][2]
+    assert abs(sizes["knn_top1_by_view"][24] / 2.5 - round(sizes["knn_top1_by_view"][24] / 2.5)) < 1e-6
+    assert sorted(p.name.endswith(("-32.npz", "-24.npz")) for p in (tmp_path / "cache").iterdir()) == [True, True]
 
 
 def test_knn_top1_is_the_weighted_vote_of_the_nearest_training_views(bench):
