@@ -33,7 +33,6 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "imagenette2-224"
-HEALTH_EVERY = 10  # steps between teacher entropy / KL measurements (the pipeline's tracking.log_every_steps)
 
 
 def say(text: str) -> None:
@@ -107,7 +106,7 @@ def probe(
 ) -> dict[str, Any]:
     """Train ``cfg``'s recipe for ``epochs`` epochs in this process; k-NN top-1 at ``eval_at`` and the end.
 
-    Every ``HEALTH_EVERY`` steps the step also computes the teacher's entropy and the teacher-student KL
+    Every ``tracking.log_every_steps`` steps of an epoch (as the pipeline does) the step also computes the teacher's entropy and the teacher-student KL
     (:mod:`dino.health`, nats); each epoch reports their means beside the loss (``log out_dim`` is the
     uniform teacher). ``view_sizes``: the final teacher is also evaluated on views of these sizes.
 
@@ -144,6 +143,7 @@ def probe(
     if 0 in eval_at:
         evaluate(0)
     rng = np.random.default_rng(cfg.seed)
+    health_every = cfg.tracking.log_every_steps
     for epoch in range(1, epochs + 1):
         order = rng.permutation(len(rows))
         t, losses, entropy, kl = time.perf_counter(), [], [], []
@@ -151,7 +151,7 @@ def probe(
             picked = [rows[i] for i in order[s * batch : (s + 1) * batch]]
             raw = {c: np.array([r.get(c) for r in picked], dtype=object) for c in ("__key__", "jpg", "cls")}
             crops = mapper(raw)
-            health = s % HEALTH_EVERY == 0
+            health = s % health_every == 0
             out = runner.step({name: torch.from_numpy(a) for name, a in crops.items()}, health=health)
             losses.append(float(out["loss"]))
             if health:
