@@ -106,9 +106,9 @@ def probe(
 ) -> dict[str, Any]:
     """Train ``cfg``'s recipe for ``epochs`` epochs in this process; k-NN top-1 at ``eval_at`` and the end.
 
-    Every ``tracking.log_every_steps`` steps of an epoch (as the pipeline does) the step also computes the teacher's entropy and the teacher-student KL
-    (:mod:`dino.health`, nats); each epoch reports their means beside the loss (``log out_dim`` is the
-    uniform teacher). ``view_sizes``: the final teacher is also evaluated on views of these sizes.
+    Every ``tracking.log_every_steps`` steps of an epoch (as the pipeline does) the step also computes the
+    teacher's entropy and the teacher-student KL (:mod:`dino.health`, nats); each epoch reports their means
+    beside the loss (``log out_dim`` is the uniform teacher). ``view_sizes``: the final teacher is also evaluated on views of these sizes.
 
     Returns ``{"epochs": [{"epoch", "loss", "teacher_entropy", "kl", "seconds"}...], "knn_top1": {epoch: %},
     "knn_top1_by_view": {size: %}, "steps": n, ...}``.
