@@ -5,6 +5,7 @@
     python benchmarks/quality.py --epochs 12 model.out_dim=2048   # fixed epochs; key=value overrides the preset
     python benchmarks/quality.py --also-at 224                    # also evaluate all three at 224 px views
     python benchmarks/quality.py --pixels-only --data DIR         # the raw-pixel baseline only (minutes at 100k images)
+    python benchmarks/quality.py --minutes 120 --curve 15,30,60   # + the teacher at 15/30/60 min of the same run
 
 Weighted k-NN (the paper's protocol: k=20, T=0.07, exp(sim/T) votes; database = train split, queries =
 val split) of three features of the same evaluation view (resize + centre crop to the preset's global
@@ -259,6 +260,31 @@ def three_way(raw_all: dict, knn: dict, k: int) -> dict:
     return {"top1": top1, "margin_pts": top1["dino"] - max(top1["raw_pixels"], top1["random_init"]), "by_k": by_k}
 
 
+def learning_curve(cfg, prepared, result, knn: dict, k: int, out: Path, epochs: int, pretrain_s: float) -> list[dict]:
+    """The run's teacher snapshots (``optim.teacher_snapshot_minutes``), each evaluated like the final teacher,
+    then the final teacher itself: ``[{"mark_min", "elapsed_min", "epoch", "top1", "by_k"}, ...]`` by time."""
+    from pipeline.embed import embed_in_process
+    from pipeline.knn_index import KnnRequest, evaluate_teacher
+    from pipeline.snapshots import download_snapshots
+
+    points = []
+    for meta, folder in download_snapshots(result.tracking_uri, result.run_id, out / prepared.run_name / "snapshots"):
+        t0 = time.perf_counter()
+        req = KnnRequest(data_root=prepared.data_root, train_split=cfg.data.train_split, val_split=cfg.data.val_split,
+                         out_dir=out / prepared.run_name / f"knn-{folder.name}", tracking_uri=result.tracking_uri,
+                         pretrain_run_id=result.run_id)
+        got = evaluate_teacher(cfg, req, folder, random_baseline=False, embed_fn=embed_in_process)
+        by_k = {kk: v["top1"] for kk, v in got["teacher"]["by_k"].items()}
+        points.append({"mark_min": meta["snapshot_min"], "elapsed_min": meta["elapsed_min"], "epoch": meta["epoch"],
+                       "top1": by_k[k], "by_k": by_k, "knn_run_id": got.get("mlflow_run_id")})
+        say(f"snapshot {folder.name}: {meta['elapsed_min']:.1f} min, epoch {meta['epoch']}: top-1 k={k} {by_k[k]:.2f}% "
+            f"({time.perf_counter() - t0:.0f} s)")
+    by_k = {kk: v["top1"] for kk, v in knn["teacher"]["by_k"].items()}
+    points.append({"mark_min": None, "elapsed_min": pretrain_s / 60, "epoch": epochs, "top1": by_k[k], "by_k": by_k,
+                   "knn_run_id": knn.get("mlflow_run_id")})
+    return points
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", default=str(DEFAULT_DATA), help="webdataset root (folder or s3://) with train and val splits")
@@ -278,8 +304,15 @@ def main(argv: list[str] | None = None) -> int:
                         "baseline; 0: the full view, N x 3 x size^2 float32 in memory)")
     p.add_argument("--pixels-only", action="store_true",
                    help="only the raw-pixel baseline (what runs before pretraining): print it, write its JSON, exit")
+    p.add_argument("--curve", default="",
+                   help="comma-separated minutes under --minutes (e.g. 15,30,60 with --minutes 120): the run logs its teacher "
+                        "at the first epoch end past each (optim.teacher_snapshot_minutes), each is evaluated afterwards: "
+                        "k-NN top-1 against wall-clock minutes from one run")
     p.add_argument("overrides", nargs="*", help="config overrides key=value, applied after the preset")
     args = p.parse_args(argv)
+    marks = sorted({float(v) for v in args.curve.split(",") if v.strip()})
+    if marks and (args.epochs is not None or marks[-1] >= args.minutes or marks[0] <= 0):
+        p.error(f"--curve {args.curve}: minutes must be > 0 and under --minutes {args.minutes:g}, without --epochs")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     from pipeline.config import load_config
@@ -331,6 +364,8 @@ def main(argv: list[str] | None = None) -> int:
         say(f"calibration: {step_s:.3f} s/step x {spe} steps/epoch x {args.slowdown:.2f} slowdown "
             f"-> ~{estimate} epoch(s) in {args.minutes:.0f} min; the run fits its own, at most {cap}")
         run_overrides = [f"optim.epochs={cap}", f"optim.time_budget_minutes={args.minutes}"]
+        if marks:
+            run_overrides.append(f"optim.teacher_snapshot_minutes=[{','.join(f'{m:g}' for m in marks)}]")
     else:
         run_overrides = [f"optim.epochs={args.epochs}"]
     cfg = load_config(args.preset, [*base, *args.overrides, *run_overrides])
@@ -387,6 +422,11 @@ def main(argv: list[str] | None = None) -> int:
         say(f"{s} px views: raw {top['raw_pixels']:.2f} / random {top['random_init']:.2f} / DINO {top['dino']:.2f} "
             f"({extra[s]['margin_pts']:+.2f}; {time.perf_counter() - t1:.0f} s)")
     report["also_at"] = extra
+    if marks:
+        report["curve"] = learning_curve(cfg, prepared, result, knn, args.k, out, epochs, pretrain_s)
+        for point in report["curve"]:
+            client.log_metric(result.run_id, f"quality_curve_dino_top1_k{args.k}", point["top1"],
+                              step=int(round(point["elapsed_min"] * 60)))
 
     for name, value in {**{f"quality_{k}_top1_k{args.k}": v for k, v in figures.items()},
                         "quality_margin_pts": margin, "quality_pretrain_min": pretrain_s / 60,
@@ -405,6 +445,9 @@ def main(argv: list[str] | None = None) -> int:
         t = e["top1"]
         print(f"  at {s} px views: (a) {t['raw_pixels']:.2f}%  (b) {t['random_init']:.2f}%  (c) {t['dino']:.2f}%  "
               f"-> {e['margin_pts']:+.2f} points")
+    if marks:
+        print(f"  learning curve, one run (k={args.k}): "
+              + "; ".join(f"{c['elapsed_min']:.1f} min (epoch {c['epoch']}) {c['top1']:.2f}%" for c in report["curve"]))
     print(f"pretraining {pretrain_s / 60:.1f} min of a {args.minutes:.0f} min budget ({os.cpu_count()} CPUs); "
           f"preset {cfg.preset} {' '.join(args.overrides)}")
     print(f"MLflow: run {result.run_id} ({prepared.run_name}) at {result.tracking_uri}; k-NN run {knn.get('mlflow_run_id')}")

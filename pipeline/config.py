@@ -153,6 +153,7 @@ class ModelConfig(_Section):
 class OptimConfig(_Section):
     epochs: int = Field(gt=0)
     time_budget_minutes: float | None = Field(default=None, gt=0.0)
+    teacher_snapshot_minutes: list[float] = Field(default_factory=list)  # pipeline/snapshots.py
     batch_size_per_worker: int = Field(gt=0)
     base_lr: float = Field(gt=0.0)
     min_lr: float = Field(ge=0.0)
@@ -174,10 +175,23 @@ class OptimConfig(_Section):
             raise ValueError(f"must be 'auto' or an epoch count >= 0, got {v}")
         return v
 
+    @field_validator("teacher_snapshot_minutes")
+    @classmethod
+    def _marks(cls, v):
+        bad = [m for m in v if not m > 0]
+        if bad:
+            raise ValueError(f"marks must be minutes > 0, got {bad[0]}")
+        return sorted(set(v))
+
     @model_validator(mode="after")
     def _warmup(self):
         if self.warmup_epochs > self.epochs:
             raise ValueError(f"warmup_epochs {self.warmup_epochs} exceeds epochs {self.epochs}")
+        budget = self.time_budget_minutes
+        late = [m for m in self.teacher_snapshot_minutes if budget is not None and m >= budget]
+        if late:
+            raise ValueError(f"teacher_snapshot_minutes {late[0]:g} is not under time_budget_minutes {budget:g} "
+                             "(the run ends before it; the final export is the last point)")
         return self
 
 

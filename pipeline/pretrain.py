@@ -318,6 +318,7 @@ def pretrain(p: Prepared) -> PretrainResult:
         counter_name=f"dino_sample_counter_{run_id}",
         attention_paths=tuple(p.val.paths) if p.val is not None else (),
         deadline=training_deadline(started, cfg.optim.time_budget_minutes),
+        started=started,
         init_weights=ray.put(p.start) if p.start is not None else None,  # every node reads it from the object store
     )
     counter_name = plan.counter_name
@@ -634,18 +635,10 @@ def _log_config_artifact(p: Prepared, run_id: str) -> None:
 
 def export_from_checkpoint(checkpoint, out_dir: Path, run_id: str) -> Path:
     """Final Ray Train checkpoint -> exported teacher backbone (safetensors + teacher.json)."""
-    from dino.backbone import backbone_kwargs
     from pipeline.checkpoint import export_teacher, load_state
+    from pipeline.snapshots import teacher_meta
 
     with checkpoint.as_directory() as d:
         state = load_state(d)
-    cfg = state["config"]
-    meta = {
-        "arch": cfg["model"]["arch"],
-        "timm_kwargs": backbone_kwargs(cfg["model"]["arch"], cfg["augment"]["global_size"], cfg["model"]["model_kwargs"]),
-        "image_size": cfg["knn"].get("image_size") or cfg["augment"]["global_size"],  # the evaluation view
-        "run_id": run_id,
-        "global_step": state["global_step"],
-        "epoch": state["epoch"],
-    }
+    meta = teacher_meta(state["config"], run_id, state["global_step"], state["epoch"])
     return export_teacher(out_dir, state["teacher"], meta)

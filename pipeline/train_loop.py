@@ -47,6 +47,7 @@ class LoopPlan:
     counter_name: str | None = None  # the run's SampleCounter actor (bad samples by reason)
     attention_paths: tuple[str, ...] = ()  # val shards whose first images get attention maps (rank 0)
     deadline: float | None = None  # time.time() by which training must end (optim.time_budget_minutes), or None
+    started: float | None = None  # time.time() when the pretraining call started (optim.teacher_snapshot_minutes)
     init_weights: Any = None  # model.init_from mapped (pipeline.init_weights.StartWeights), or a Ray ObjectRef to one
 
 
@@ -480,6 +481,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             log.info("resuming MLflow run %s: steps <= %d already logged are not re-sent", plan.run_id, skip)
     attention = _attention_probe(cfg, plan, device) if rank == 0 else None
     fresh = checkpoint is None
+    snapshots = _snapshot_schedule(cfg, plan, fresh) if rank == 0 else None
     if attention is not None:
         # The weights before the first step (random init, or model.init_from), and the centre prior: step 0.
         start = (lambda: attention.measure_start(runner.teacher.backbone, tracker)) if fresh else attention.restore_start
@@ -537,6 +539,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             if attention is not None and (runner.epoch % cfg.health.attention_every_epochs == 0 or last):
                 _safely(lambda: attention.at_epoch(runner.teacher.backbone, tracker, runner.epoch, runner.global_step),
                         f"at epoch {runner.epoch}")
+            if snapshots is not None:
+                _snapshot_if_due(snapshots, runner, cfg, plan)
             tracker.flush_before_checkpoint()
             metrics = {**summary, "global_step": runner.global_step}
             if last and attention is not None and attention.results() is not None:
@@ -603,6 +607,38 @@ def _attention_probe(cfg: Config, plan: LoopPlan, device: torch.device):
     except Exception as e:  # a diagnostic: never a reason to fail the run
         log.warning("attention maps disabled: cannot read val images (%s)", e)
         return None
+
+
+def _snapshot_schedule(cfg: Config, plan: LoopPlan, fresh: bool):
+    """Rank 0: the marks of ``optim.teacher_snapshot_minutes`` still to log (:mod:`pipeline.snapshots`), or None."""
+    if not cfg.optim.teacher_snapshot_minutes or plan.started is None:
+        return None
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.snapshots import SnapshotSchedule, logged_labels
+
+    done = set() if fresh else logged_labels(MlflowClient(plan.tracking_uri), plan.run_id)
+    return SnapshotSchedule(cfg.optim.teacher_snapshot_minutes, plan.started, done)
+
+
+def _snapshot_if_due(snapshots, runner: DinoRunner, cfg: Config, plan: LoopPlan) -> None:
+    """At an epoch end: log the teacher for every mark reached since the last one. A failure is a warning
+    (a learning-curve point is never worth the run)."""
+    now = time.time()
+    due = snapshots.due(now)
+    if not due:
+        return
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.snapshots import log_snapshot, teacher_meta
+
+    elapsed = snapshots.elapsed_min(now)
+    meta = {**teacher_meta(cfg.to_dict(), plan.run_id, runner.global_step, runner.epoch), "elapsed_min": round(elapsed, 3)}
+    try:
+        labels = log_snapshot(MlflowClient(plan.tracking_uri), plan.run_id, runner.teacher.state_dict(), meta, due)
+        log.info("teacher snapshot %s at %.1f min (epoch %d)", ", ".join(labels), elapsed, runner.epoch)
+    except Exception as e:
+        log.warning("teacher snapshot at %.1f min (marks %s) failed: %s", elapsed, due, e)
 
 
 def _safely(measure: Callable[[], None], when: str) -> None:

@@ -160,7 +160,8 @@ def test_a_spent_time_budget_ends_two_workers_alike_after_the_warm_up_epoch(tmp_
     from pipeline.checkpoint import load_state, load_teacher
     from pipeline.pretrain import prepare, pretrain
 
-    cfg = _smoke(tmp_path, mlflow_server, "tracking.run_name=ray-budget", "optim.epochs=3", "optim.time_budget_minutes=0.01")
+    cfg = _smoke(tmp_path, mlflow_server, "tracking.run_name=ray-budget", "optim.epochs=3", "optim.time_budget_minutes=0.01",
+                 "optim.teacher_snapshot_minutes=[0.005,0.002]")
     p = prepare(cfg)
     result = pretrain(p)
 
@@ -171,8 +172,18 @@ def test_a_spent_time_budget_ends_two_workers_alike_after_the_warm_up_epoch(tmp_
     state = load_state(result.checkpoint_path)
     assert state["epoch"] == 1 and state["global_step"] == p.steps_per_epoch
     assert [tuple(f) for f in state["budget_fits"]] == [(p.steps_per_epoch, 1)]
-    _, meta = load_teacher(result.teacher_dir)
+    final, meta = load_teacher(result.teacher_dir)
     assert meta["global_step"] == p.steps_per_epoch
+    # Both snapshot marks were past at the one epoch end: rank 0 logged that teacher under each, as exports.
+    from pipeline.snapshots import download_snapshots
+
+    snaps = download_snapshots(mlflow_server, result.run_id, tmp_path / "snaps")
+    assert [(m["snapshot_min"], m["epoch"], m["global_step"]) for m, _ in snaps] == [
+        (0.002, 1, p.steps_per_epoch), (0.005, 1, p.steps_per_epoch)]
+    assert all(m["elapsed_min"] >= 0.005 and m["run_id"] == result.run_id for m, _ in snaps)
+    for _, folder in snaps:
+        snap, _ = load_teacher(folder)
+        assert all(torch.equal(v, final.state_dict()[k]) for k, v in snap.state_dict().items())
 
 
 def test_a_run_stopped_for_bad_data_fails_with_the_reason_not_as_finished(tmp_path, ray_cluster, mlflow_server):
