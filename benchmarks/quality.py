@@ -323,6 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.tracking import metric_name
 
     out = Path(args.out).absolute()
+    out.mkdir(parents=True, exist_ok=True)  # the run's SQLite tracking store lives in it
     stamp = time.strftime("%Y%m%d-%H%M%S")
     base = [
         f"data.root={args.data}",
@@ -345,7 +346,6 @@ def main(argv: list[str] | None = None) -> int:
     say(f"raw pixels ({size} px views averaged to {side} px): top-1 k={args.k} {raw[args.k]:.2f}% "
         f"(uint8 values: {raw_all['uint8'][args.k]:.2f}%; {raw_s:.0f} s)")
     if args.pixels_only:
-        out.mkdir(parents=True, exist_ok=True)
         report = {"data": str(cfg.data.root), "n_db": train.count, "n_queries": val.count, "view_px": size,
                   "pixel_side": side, "k": args.k, "temperature": cfg.knn.temperature, "seconds": raw_s,
                   "by_k": {"raw_pixels": raw, "raw_pixels_uint8": raw_all["uint8"]}, "cpu_count": os.cpu_count()}
