@@ -32,6 +32,10 @@ timed in this process with the worker's thread count) gives the estimate ``(budg
 slowdown)``, printed, and the cap on epochs (twice the estimate). The epochs trained and the pretraining
 time actually spent are printed next to the budget.
 
+With ``--curve 15,30,60`` the run also logs its teacher at the first epoch end past each of those minutes
+(``optim.teacher_snapshot_minutes``, :mod:`pipeline.snapshots`); after the run each snapshot is evaluated
+like (c), giving k-NN top-1 against wall-clock minutes from one run (``benchmarks/plot_curves.py`` draws it).
+
 (b) and (c) are embedded by the k-NN job's own code (:func:`pipeline.knn_index.evaluate_teacher`, in
 this process), which also writes the index and logs a k-NN MLflow run linked to the pretraining run.
 The figures are logged as ``quality_*`` metrics of the pretraining run and written as JSON.
