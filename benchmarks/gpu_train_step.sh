@@ -1,18 +1,18 @@
 #!/usr/bin/env bash
-# Issue 7's training-step figures on one GPU in one go: JSON per run + one log under $OUT.
+# Issue 19's torch-only GPU checks in one go (training step + numerics): JSON per run + one log under $OUT.
 #
 #   OUT=/tmp/train_step bash benchmarks/gpu_train_step.sh            # python3 on PATH holds torch + timm
 #   PY=.venv/bin/python bash benchmarks/gpu_train_step.sh
 #
-# Expected ~5-6 min on one H100 (each run: CUDA start-up, one fp32 FLOP-count step, 5 warm-up + 20 timed
-# steps per variant; each --compile run spends 1-2 min in inductor), at most ~9 min: every run is capped
-# by `timeout`, so one stuck run does not sink the rest. Most important first:
-#   1. ViT-S/16 reference vs ours + torch.compile       (the issue's target: >= 2.0x, MFU >= 40%)
-#   2. ViT-S/16 reference vs ours, eager                (what compile adds; the reference a second time)
-#   3. ViT-S/16 reference without its host syncs        (how much of the ratio is loss.item() + clip syncs)
-#   4. ViT-B/16 reference vs ours + torch.compile
-#   5. ViT-B/16 ours, eager
-# 2x224 + 10x96 crops, batch 64 per GPU, out_dim 65536 (the script's defaults). 6 files come back.
+# Expected ~4-5 min on one H100/H200 (each run: CUDA start-up, one fp32 FLOP-count step, the card's bf16 matmul
+# rate, 5 warm-up + 20 timed steps per variant; each --compile run spends 1-2 min in inductor), at most ~8 min:
+# every run is capped by `timeout`, so one stuck run does not sink the rest. Most important first:
+#   1. ViT-S/16 reference vs ours + torch.compile       (the targets: >= 2.0x the reference, MFU >= 40%)
+#   2. numerics: 50 steps in fp32 / TF32 / bf16 / fp16 + GradScaler from the same weights and crops
+#   3. ViT-S/16 ours, eager                             (what compile adds)
+#   4. ViT-S/16 reference without its host syncs        (how much of the ratio is loss.item() + clip syncs)
+#   5. ViT-B/16 reference vs ours + torch.compile
+# 2x224 + 10x96 crops, batch 64 per GPU, out_dim 65536 (the scripts' defaults). 6 files come back.
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-outputs/train_step}
@@ -37,9 +37,11 @@ run() {  # run NAME LIMIT_S ARGS...
 
 S=(--arch vit_small_patch16_224)
 B=(--arch vit_base_patch16_224)
-run vit_s_compile 180 "${S[@]}" --which both --compile
-run vit_s_eager 75 "${S[@]}" --which both
-run vit_s_reference_nosync 50 "${S[@]}" --which reference --no-reference-syncs
-run vit_b_compile 180 "${B[@]}" --which both --compile
-run vit_b_eager 60 "${B[@]}" --which ours
+run vit_s_compile 170 "${S[@]}" --which both --compile
+echo "=== numerics: benchmarks/gpu_numerics.py (limit 120s)" | tee -a "$LOG"
+timeout 120 "$PY" benchmarks/gpu_numerics.py --json "$OUT/numerics.json" 2>&1 | tee -a "$LOG"
+run vit_s_eager 60 "${S[@]}" --which ours
+run vit_s_reference_nosync 45 "${S[@]}" --which reference --no-reference-syncs
+run vit_b_compile 170 "${B[@]}" --which both --compile
 echo "=== done after $SECONDS s" | tee -a "$LOG"
+grep -h "^SUMMARY" "$LOG" || true
