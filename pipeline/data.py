@@ -447,6 +447,35 @@ def one_block_per_batch(context, batch_bytes: int, buffer_blocks: int) -> None:
         context._max_num_blocks_in_streaming_gen_buffer = buffer_blocks
 
 
+def split_read_blocks(
+    reads: ray.data.Dataset, rows: int, num_cpus: float, label_selector: dict[str, str] | None = None
+) -> ray.data.Dataset:
+    """Raw sample blocks of at most ``rows`` rows (one augmentation batch) before the actor pool.
+
+    The dataset's block size is set for the pool's *output* (one batch of crops, tens of MB:
+    :func:`one_block_per_batch`), and Ray Data applies it to the read stage's output too: the reader's
+    64-sample tables are merged into blocks of thousands of JPEGs, each one task of one actor. Ray Data
+    also sizes the pool's concurrency from the output it expects per task (a thousand-image block gives
+    ~0.5-1 GB of crops), so few actors run at once: on the H200 machine, 16 actors were busy ~4 cores'
+    worth (BENCHMARKS.md, GPU figures). A streaming repartition to ``rows`` rows per block cuts the raw
+    blocks (bytes only, no decoding) so that every pool task is one batch.
+
+    The repartition's tasks reserve ``num_cpus`` (the read tasks' share) and run where the reads run
+    (``label_selector``); Ray Data's default for map tasks, a whole CPU, would not fit beside the actors on
+    small nodes. Those are private fields of Ray's logical operator: where they are not there, the reads
+    are returned unsplit, with a warning.
+    """
+    split = reads.repartition(target_num_rows_per_block=rows)
+    op = getattr(getattr(split, "_logical_plan", None), "dag", None)
+    if type(op).__name__ != "StreamingRepartition" or not isinstance(getattr(op, "ray_remote_args", None), dict):
+        log.warning("this Ray Data has no streaming repartition operator with remote args: read blocks are not split "
+                    "per batch (fewer augmentation actors run at once on large nodes)")
+        return reads
+    remote = {"num_cpus": num_cpus, **({"label_selector": dict(label_selector)} if label_selector else {})}
+    object.__setattr__(op, "ray_remote_args", remote)  # a frozen dataclass in Ray 2.60
+    return split
+
+
 def multicrop_dataset(
     paths: list[str],
     cfg: Config,
@@ -469,6 +498,7 @@ def multicrop_dataset(
     n_reads = r.read_tasks()
     reads = read_shards(paths, num_cpus=r.read_cpus_per_task, concurrency=n_reads, passes=passes, seed=cfg.seed,
                         tasks_per_pass=n_reads, label_selector=label_selector)
+    reads = split_read_blocks(reads, r.augment_batch_size, r.read_cpus_per_task, label_selector)
     one_block_per_batch(reads.context, r.augment_batch_size * crop_bytes(spec), r.augment_output_buffer)
     if label_selector:
         reads.context.execution_options.label_selector = dict(label_selector)

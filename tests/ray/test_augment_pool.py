@@ -179,3 +179,37 @@ def test_in_process_mapper_never_changes_the_callers_policy():
     out = mapper({"__key__": np.array(["a"], dtype=object), "jpg": np.array([jpeg.getvalue()], dtype=object)})
     assert out["global_crops"].shape[0] == 1
     assert os.sched_getscheduler(0) == before == os.SCHED_OTHER
+
+
+def test_read_blocks_are_split_to_one_batch_before_the_pool(tmp_path, ray_cluster):
+    """The crop-sized block target (tens of MB) would merge the reader's tables into blocks of hundreds of
+    samples, each one task of one actor; split_read_blocks cuts them to one batch, in tasks that reserve the
+    read tasks' CPU share, and the stage's plan has the split between the reads and the pool."""
+    from pipeline.config import load_config
+    from pipeline.data import crop_bytes, multicrop_dataset, one_block_per_batch, read_shards, spec_from_config, split_read_blocks
+    from pipeline.shards import load_split
+    from pipeline.synthetic import make_synthetic_dataset
+
+    root = make_synthetic_dataset(tmp_path / "d", n_train=300, n_val=0, image_size=32, shard_size=100)  # 3 shards
+    paths = load_split(str(root), "train").paths
+    cfg = load_config("smoke", ["ray.augment_batch_size=16"])
+    batch_bytes = 16 * crop_bytes(spec_from_config(cfg.augment))
+
+    def bundle_rows(ds) -> list[int]:
+        one_block_per_batch(ds.context, batch_bytes, 8)
+        return [b.num_rows() for b in ds.iter_internal_ref_bundles()]
+
+    merged = bundle_rows(read_shards(paths, num_cpus=0.25, concurrency=1, tasks_per_pass=1, seed=0))
+    assert sum(merged) == 300 and max(merged) > 16 * 4, merged  # hundreds of samples per block unsplit
+    reads = read_shards(paths, num_cpus=0.25, concurrency=1, tasks_per_pass=1, seed=0)
+    split = split_read_blocks(reads, 16, 0.25)
+    assert split._logical_plan.dag.ray_remote_args == {"num_cpus": 0.25}
+    rows = bundle_rows(split)
+    assert sum(rows) == 300 and max(rows) == 16 and rows.count(16) >= 300 // 16 - 3, rows
+    # The production stage has the split between the reads and the pool.
+    names = []
+    op = multicrop_dataset(paths, cfg)._logical_plan.dag
+    while op is not None:
+        names.append(type(op).__name__)
+        op = op.input_dependencies[0] if op.input_dependencies else None
+    assert names[:3] == ["MapBatches", "StreamingRepartition", "Read"], names

@@ -1,0 +1,27 @@
+# Python packages for a machine that cannot download them (the lent GPU machine: Python 3.12, torch, timm, no Ray):
+# unpacks the archives of .stage/ into $STAGE_SITE and puts it on PYTHONPATH and PATH. Source it:
+#
+#   source benchmarks/gpu_stage.sh          # from the repo root; returns non-zero if something is missing
+#
+# .stage/ray312.tar.xz: ray 2.60.0 (no Java jars, no rllib) with the data, train and dashboard extras' packages
+# the machine lacks (jsonschema stack, pydantic 2, tensorboardX, opencensus, py-spy, ...), webdataset,
+# braceexpand; .stage/mlflow312.tar.xz: mlflow 3.17.2 (no UI build) with SQLAlchemy, alembic, opentelemetry,
+# faiss-cpu. Both are cp312 manylinux x86_64 trees built from PyPI wheels (BENCHMARKS.md, GPU figures, says how).
+STAGE_SITE=${STAGE_SITE:-/tmp/site312}
+_stage_t0=$SECONDS
+for _a in .stage/ray312.tar.xz .stage/mlflow312.tar.xz; do
+    if [ ! -f "$_a" ]; then
+        echo "gpu_stage: $_a is missing (build it as BENCHMARKS.md's GPU section says, and carry .stage)" >&2
+        return 1 2>/dev/null || exit 1
+    fi
+done
+mkdir -p "$STAGE_SITE"
+for _a in .stage/ray312.tar.xz .stage/mlflow312.tar.xz; do
+    xz -dc -T0 "$_a" | tar -x -C "$STAGE_SITE" || { echo "gpu_stage: could not unpack $_a" >&2; return 1 2>/dev/null || exit 1; }
+done
+export PYTHONPATH="$STAGE_SITE${PYTHONPATH:+:$PYTHONPATH}"
+export PATH="$STAGE_SITE/bin:$PATH"
+echo "gpu_stage: unpacked into $STAGE_SITE in $((SECONDS - _stage_t0)) s"
+python3 -c 'import ray, ray.data, ray.train.torch, pydantic, webdataset, braceexpand, mlflow, faiss, sqlalchemy
+print("gpu_stage: ray", ray.__version__, "pydantic", pydantic.__version__, "mlflow", mlflow.__version__, "faiss", faiss.__version__)' \
+    || { echo "gpu_stage: the staged packages do not import" >&2; return 1 2>/dev/null || exit 1; }
