@@ -50,7 +50,9 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from benchmarks.train_step import BenchConfig, build_models, resolve_device, schedules_for, set_fused_attn  # noqa: E402
+from benchmarks.train_step import (  # noqa: E402
+    BenchConfig, build_models, publish, resolve_device, schedules_for, set_fused_attn,
+)
 from dino.crops import crops_to_input  # noqa: E402
 from dino.loss import DINOLoss  # noqa: E402
 from dino.optim import build_optimizer  # noqa: E402
@@ -210,11 +212,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "runs": {n: {k: v for k, v in r.items() if not k.startswith("_")} for n, r in runs.items()},
         "vs_fp32": comparisons,
     }
-    print(report(result), flush=True)
-    if a.json_out:
-        Path(a.json_out).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.json_out).write_text(json.dumps(result, indent=1))
-    return result
+    return publish(result, report(result), a.json_out)
 
 
 def report(result: dict[str, Any]) -> str:

@@ -33,7 +33,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from benchmarks.train_step import (  # noqa: E402
-    BenchConfig, build_ours, count_step_flops, peak_tflops, resolve_device, synchronize, synthetic_crops,
+    BenchConfig, build_ours, count_step_flops, peak_tflops, publish, resolve_device, synchronize, synthetic_crops,
 )
 
 # First match wins; kernel names are matched lower-cased.
@@ -142,11 +142,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result = {"config": dataclasses.asdict(cfg), "device_name": torch.cuda.get_device_name(device)
               if device.type == "cuda" else None, "torch": torch.__version__, "flops_per_image": flops_per_image,
               "peak_tflops": peak, "profile": prof, "batches": rates}
-    print(report(result), flush=True)
-    if a.json_out:
-        Path(a.json_out).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.json_out).write_text(json.dumps(result, indent=1))
-    return result
+    return publish(result, report(result), a.json_out)
 
 
 def report(r: dict[str, Any]) -> str:

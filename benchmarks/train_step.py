@@ -580,6 +580,16 @@ def report(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def publish(result: dict[str, Any], text: str, json_out: str | None) -> dict[str, Any]:
+    """Print a benchmark's report and write its result as JSON to ``json_out`` (if given); returns ``result``.
+    Shared by the GPU benchmarks built on this module (gpu_numerics.py, gpu_step_profile.py)."""
+    print(text, flush=True)
+    if json_out:
+        Path(json_out).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_out).write_text(json.dumps(result, indent=1))
+    return result
+
+
 def parse_args(argv: list[str] | None) -> BenchConfig:
     d = BenchConfig()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -660,11 +670,7 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
         "speedup": (variants["ours"]["images_per_s"] / variants["reference"]["images_per_s"]
                     if len(variants) == 2 else None),
     }
-    print(report(result), flush=True)
-    if cfg.json_out:
-        Path(cfg.json_out).parent.mkdir(parents=True, exist_ok=True)
-        Path(cfg.json_out).write_text(json.dumps(result, indent=1))
-    return result
+    return publish(result, report(result), cfg.json_out)
 
 
 if __name__ == "__main__":
