@@ -98,7 +98,8 @@ def run_precision(name: str, cfg: BenchConfig, device: torch.device, eval_input:
     autocast_dtype, scaler = precision_settings(device, "fp32" if name in ("fp32", "tf32") else name)
     schedules = schedules_for(cfg)
     channels_last = device.type == "cuda"
-    losses, norms, scales = [], [], []
+    losses, norms = [], []
+    scales = [scaler.get_scale()] if scaler is not None else []  # the scale before step 0, then after each step
     t0 = time.perf_counter()
     for i in range(cfg.steps):
         g_u8, l_u8 = step_crops(cfg, i, device)
