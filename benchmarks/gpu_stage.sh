@@ -6,17 +6,18 @@
 # .stage/ray312.tar.xz: ray 2.60.0 (no Java jars, no rllib) with the data, train and dashboard extras' packages
 # the machine lacks (jsonschema stack, pydantic 2, tensorboardX, opencensus, py-spy, ...), webdataset,
 # braceexpand; .stage/mlflow312.tar.xz: mlflow 3.17.2 (no UI build) with SQLAlchemy, alembic, opentelemetry,
-# faiss-cpu. Both are cp312 manylinux x86_64 trees built from PyPI wheels (BENCHMARKS.md, GPU figures, says how).
+# faiss-cpu. Both are cp312 manylinux x86_64 trees built from PyPI wheels by benchmarks/build_gpu_stage.sh.
 STAGE_SITE=${STAGE_SITE:-/tmp/site312}
+_stage_archives=".stage/ray312.tar.xz .stage/mlflow312.tar.xz"
 _stage_t0=$SECONDS
-for _a in .stage/ray312.tar.xz .stage/mlflow312.tar.xz; do
+for _a in $_stage_archives; do
     if [ ! -f "$_a" ]; then
-        echo "gpu_stage: $_a is missing (build it as BENCHMARKS.md's GPU section says, and carry .stage)" >&2
+        echo "gpu_stage: $_a is missing (build it with: bash benchmarks/build_gpu_stage.sh; then carry .stage)" >&2
         return 1 2>/dev/null || exit 1
     fi
 done
 mkdir -p "$STAGE_SITE"
-for _a in .stage/ray312.tar.xz .stage/mlflow312.tar.xz; do
+for _a in $_stage_archives; do
     xz -dc -T0 "$_a" | tar -x -C "$STAGE_SITE" || { echo "gpu_stage: could not unpack $_a" >&2; return 1 2>/dev/null || exit 1; }
 done
 export PYTHONPATH="$STAGE_SITE${PYTHONPATH:+:$PYTHONPATH}"

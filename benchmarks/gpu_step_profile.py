@@ -56,16 +56,21 @@ def kind_of(name: str) -> str:
     return "other"
 
 
+def warmed_up(cfg: BenchConfig, device: torch.device):
+    """Our step (benchmarks/train_step.py's ``build_ours``) on synthetic crops, after ``cfg.warmup`` steps."""
+    variant = build_ours(cfg, device, synthetic_crops(cfg, device))
+    for i in range(cfg.warmup):
+        variant.step(i)
+    synchronize(device)
+    return variant
+
+
 def profile_step(cfg: BenchConfig, device: torch.device, steps: int) -> dict[str, Any]:
     """Device-kernel time by kind over ``steps`` steps (after ``cfg.warmup``)."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
-    crops = synthetic_crops(cfg, device)
-    variant = build_ours(cfg, device, crops)
-    for i in range(cfg.warmup):
-        variant.step(i)
-    synchronize(device)
+    variant = warmed_up(cfg, device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     t0 = time.perf_counter()
     with profile(activities=activities) as prof:
@@ -94,11 +99,7 @@ def profile_step(cfg: BenchConfig, device: torch.device, steps: int) -> dict[str
 
 
 def batch_rate(cfg: BenchConfig, device: torch.device, flops_per_image: float, peak: float | None) -> dict[str, Any]:
-    crops = synthetic_crops(cfg, device)
-    variant = build_ours(cfg, device, crops)
-    for i in range(cfg.warmup):
-        variant.step(i)
-    synchronize(device)
+    variant = warmed_up(cfg, device)
     t0 = time.perf_counter()
     for i in range(cfg.steps):
         variant.step(cfg.warmup + i)
