@@ -75,7 +75,7 @@ def eval_views(root: str, train_split: str, val_split: str, image_size: int, cac
     return xt, yt, xv, yv
 
 
-def knn_top1(backbone, views, k: int, temperature: float, batch: int = 256) -> float:
+def knn_top1(backbone, views, k: int, temperature: float, batch: int = 256, device: str = "cpu") -> float:
     """Weighted k-NN top-1 (percent) of ``backbone``'s L2-normalised features, val queries against train."""
     import torch
 
@@ -86,13 +86,42 @@ def knn_top1(backbone, views, k: int, temperature: float, batch: int = 256) -> f
     was_training = backbone.training
     backbone.eval()
     try:
-        ft = torch.cat([embed_views(backbone, torch.from_numpy(xt[i : i + batch]), "cpu") for i in range(0, len(xt), batch)])
-        fv = torch.cat([embed_views(backbone, torch.from_numpy(xv[i : i + batch]), "cpu") for i in range(0, len(xv), batch)])
+        ft = torch.cat([embed_views(backbone, torch.from_numpy(xt[i : i + batch]), device) for i in range(0, len(xt), batch)])
+        fv = torch.cat([embed_views(backbone, torch.from_numpy(xv[i : i + batch]), device) for i in range(0, len(xv), batch)])
     finally:
         backbone.train(was_training)
     num_classes = int(max(yt.max(), yv.max())) + 1
     scores = knn_predict(ft, torch.from_numpy(yt), fv, num_classes, k=k, temperature=temperature)
     return knn_accuracy(scores, torch.from_numpy(yv), topk=(1,))[1]
+
+
+_ROWS: list[dict[str, Any]] = []  # the training rows, set before the augmentation pool forks (shared copy-on-write)
+_MAPPER = None
+
+
+def _pool_init(spec, seed: int, counter) -> None:
+    """One augmentation process: its own mapper, seeded by its start order so no two draw the same crops."""
+    global _MAPPER
+    import torch
+
+    from pipeline.data import MultiCropMapper
+
+    torch.set_num_threads(1)
+    with counter.get_lock():
+        index = counter.value
+        counter.value += 1
+    _MAPPER = MultiCropMapper(spec, seed=seed + 7919 * (index + 1), with_meta=False)
+
+
+def _augment(rows: list[dict[str, Any]], picked, mapper) -> dict[str, Any]:
+    import numpy as np
+
+    batch = [rows[i] for i in picked]
+    return mapper({c: np.array([r.get(c) for r in batch], dtype=object) for c in ("__key__", "jpg", "cls")})
+
+
+def _pool_augment(picked) -> dict[str, Any]:
+    return _augment(_ROWS, picked, _MAPPER)
 
 
 def probe(
@@ -103,8 +132,15 @@ def probe(
     cache: Path | None = None,
     k: int | None = None,
     view_sizes: list[int] | None = None,
+    device: str = "cpu",
+    workers: int = 0,
 ) -> dict[str, Any]:
     """Train ``cfg``'s recipe for ``epochs`` epochs in this process; k-NN top-1 at ``eval_at`` and the end.
+
+    ``device``: where the student and teacher train and the views are embedded (``"cuda"`` on a GPU
+    machine: the runner's ``optim.precision`` applies, ``auto`` = bf16 there). ``workers`` > 0 augments
+    in that many forked processes, each with its own seed (so crops differ from a ``workers=0`` run with the
+    same seed), batches in the same order; 0 augments in this process.
 
     Every ``tracking.log_every_steps`` steps of an epoch (as the pipeline does) the step also computes the
     teacher's entropy and the teacher-student KL (:mod:`dino.health`, nats); each epoch reports their means
@@ -113,6 +149,8 @@ def probe(
     Returns ``{"epochs": [{"epoch", "loss", "teacher_entropy", "kl", "seconds"}...], "knn_top1": {epoch: %},
     "knn_top1_by_view": {size: %}, "steps": n, ...}``.
     """
+    import multiprocessing
+
     import numpy as np
     import torch
 
@@ -120,6 +158,7 @@ def probe(
     from pipeline.shards import load_split
     from pipeline.train_loop import DinoRunner, LoopPlan
 
+    global _ROWS
     torch.set_num_threads(threads)
     root = str(cfg.data.root)
     rows = train_rows(load_split(root, cfg.data.train_split).paths)
@@ -130,13 +169,26 @@ def probe(
     views = eval_views(root, cfg.data.train_split, cfg.data.val_split, cfg.knn.image_size or cfg.augment.global_size, cache)
     k = k or cfg.knn.k
     plan = LoopPlan(steps_per_epoch=spe, global_batch_size=batch, tracking_uri="", run_id="recipe-probe")
-    runner = DinoRunner(cfg, plan, torch.device("cpu"))
-    mapper = MultiCropMapper(spec_from_config(cfg.augment), seed=cfg.seed, with_meta=False)
-    report: dict[str, Any] = {"steps_per_epoch": spe, "log_out_dim": math.log(cfg.model.out_dim), "epochs": [], "knn_top1": {}}
+    spec = spec_from_config(cfg.augment)
+    pool = None
+    if workers > 0:  # fork before the runner exists: the children hold the rows, never a CUDA context
+        _ROWS = rows
+        ctx = multiprocessing.get_context("fork")
+        pool = ctx.Pool(workers, initializer=_pool_init, initargs=(spec, cfg.seed, ctx.Value("i", 0)))
+    runner = DinoRunner(cfg, plan, torch.device(device))
+    mapper = MultiCropMapper(spec, seed=cfg.seed, with_meta=False)
+    report: dict[str, Any] = {
+        "steps_per_epoch": spe,
+        "log_out_dim": math.log(cfg.model.out_dim),
+        "device": device,
+        "workers": workers,
+        "epochs": [],
+        "knn_top1": {},
+    }
 
     def evaluate(epoch: int) -> None:
         t = time.perf_counter()
-        acc = knn_top1(runner.teacher.backbone, views, k, cfg.knn.temperature)
+        acc = knn_top1(runner.teacher.backbone, views, k, cfg.knn.temperature, device=device)
         report["knn_top1"][epoch] = acc
         say(f"epoch {epoch}: teacher k-NN top-1 (k={k}) {acc:.2f} ({time.perf_counter() - t:.0f} s)")
 
@@ -147,10 +199,9 @@ def probe(
     for epoch in range(1, epochs + 1):
         order = rng.permutation(len(rows))
         t, losses, entropy, kl = time.perf_counter(), [], [], []
-        for s in range(spe):
-            picked = [rows[i] for i in order[s * batch : (s + 1) * batch]]
-            raw = {c: np.array([r.get(c) for r in picked], dtype=object) for c in ("__key__", "jpg", "cls")}
-            crops = mapper(raw)
+        picks = [order[s * batch : (s + 1) * batch] for s in range(spe)]
+        batches = pool.imap(_pool_augment, picks) if pool else (_augment(rows, p, mapper) for p in picks)
+        for s, crops in enumerate(batches):
             health = s % health_every == 0
             out = runner.step({name: torch.from_numpy(a) for name, a in crops.items()}, health=health)
             losses.append(float(out["loss"]))
@@ -170,9 +221,13 @@ def probe(
     for size in view_sizes or ():
         t = time.perf_counter()
         other = eval_views(root, cfg.data.train_split, cfg.data.val_split, size, cache)
-        acc = report["knn_top1_by_view"][size] = knn_top1(runner.teacher.backbone, other, k, cfg.knn.temperature)
+        acc = report["knn_top1_by_view"][size] = knn_top1(runner.teacher.backbone, other, k, cfg.knn.temperature, device=device)
         say(f"epoch {epochs}: teacher k-NN top-1 (k={k}) on {size} px views {acc:.2f} ({time.perf_counter() - t:.0f} s)")
     report["steps"] = runner.global_step
+    if pool is not None:
+        pool.close()
+        pool.join()
+        _ROWS = []
     return report
 
 
@@ -187,6 +242,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--out", default="outputs/recipe_probe", help="folder of the JSON reports")
     p.add_argument("--cache", default="outputs/recipe_probe/cache", help="folder of cached evaluation views ('' = none)")
     p.add_argument("--view-sizes", default="", help="comma-separated view sizes to evaluate the final teacher on as well")
+    p.add_argument("--device", default="cpu", help="torch device to train and embed on (default: cpu; cuda on a GPU machine)")
+    p.add_argument("--workers", type=int, default=0, help="augmentation processes (default 0: in this process)")
     p.add_argument("overrides", nargs="*", help="config overrides key=value, applied after the preset")
     args = p.parse_args(argv)
 
@@ -204,12 +261,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         view_sizes = [int(x) for x in args.view_sizes.split(",") if x.strip()]
     except ValueError:
         p.error(f"--view-sizes must be comma-separated pixel sizes, got {args.view_sizes!r}")
+    if args.workers < 0:
+        p.error(f"--workers must be >= 0, got {args.workers}")
     if any(v < 8 for v in view_sizes):
         p.error(f"--view-sizes must be >= 8 px, got {args.view_sizes!r}")
     cfg = load_config(args.preset, [f"data.root={args.data}", f"optim.epochs={args.epochs}", *args.overrides])
-    say(f"{args.name}: preset {args.preset} {' '.join(args.overrides) or '(as is)'}, {args.epochs} epochs, {args.threads} thread(s)")
+    say(f"{args.name}: preset {args.preset} {' '.join(args.overrides) or '(as is)'}, {args.epochs} epochs, {args.threads} thread(s), {args.device}, {args.workers} augmentation process(es)")
     t0 = time.perf_counter()
-    report = probe(cfg, args.epochs, eval_at, args.threads, Path(args.cache) if args.cache else None, view_sizes=view_sizes)
+    report = probe(
+        cfg,
+        args.epochs,
+        eval_at,
+        args.threads,
+        Path(args.cache) if args.cache else None,
+        view_sizes=view_sizes,
+        device=args.device,
+        workers=args.workers,
+    )
     report.update(name=args.name, preset=args.preset, overrides=args.overrides, data=args.data, minutes=(time.perf_counter() - t0) / 60)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -63,6 +63,17 @@ def test_probe_trains_the_whole_schedule_reproducibly_and_reports_it(bench, shap
     assert sorted(p.name.endswith(("-32.npz", "-24.npz")) for p in (tmp_path / "cache").iterdir()) == [True, True]
 
 
+def test_augmentation_processes_feed_the_same_schedule_with_their_own_crops(bench, shapes, tmp_path):
+    in_process = run(bench, shapes, tmp_path)
+    pooled = run(bench, shapes, tmp_path, "--workers", "2")
+    assert pooled["workers"] == 2 and pooled["device"] == "cpu"
+    assert pooled["steps"] == in_process["steps"] == 8
+    assert all(math.isfinite(e["loss"]) for e in pooled["epochs"])
+    assert pooled["knn_top1"][0] == in_process["knn_top1"][0]  # same initialisation and views
+    # each process draws its own crops: the losses differ from the in-process stream of the same seed
+    assert [e["loss"] for e in pooled["epochs"]] != [e["loss"] for e in in_process["epochs"]]
+
+
 def test_knn_top1_is_the_weighted_vote_of_the_nearest_training_views(bench):
     import torch
 
@@ -83,6 +94,7 @@ def test_knn_top1_is_the_weighted_vote_of_the_nearest_training_views(bench):
     (["--epochs", "0"], "--epochs must be >= 1"),
     (["--eval-at", "3", "--epochs", "2"], "--eval-at epochs must lie in 0..2"),
     (["--eval-at", "x"], "--eval-at must be comma-separated"),
+    (["--workers", "-1"], "--workers must be >= 0"),
 ])  # fmt: skip
 def test_bad_arguments_are_one_line_errors(bench, capsys, argv, message):
     with pytest.raises(SystemExit):
