@@ -220,6 +220,7 @@ class RayConfig(_Section):
     augment_output_buffer: int = Field(ge=1)
     read_cpus_per_task: float = Field(gt=0.0)
     read_concurrency: int | None = Field(ge=1)
+    read_block_rows: int = Field(ge=0)
 
     def read_tasks(self) -> int:
         """Concurrent shard-read tasks: ``read_concurrency``, or one per 8 augmentation CPUs (at least 1).

@@ -450,15 +450,16 @@ def one_block_per_batch(context, batch_bytes: int, buffer_blocks: int) -> None:
 def split_read_blocks(
     reads: ray.data.Dataset, rows: int, num_cpus: float, label_selector: dict[str, str] | None = None
 ) -> ray.data.Dataset:
-    """Raw sample blocks of at most ``rows`` rows (one augmentation batch) before the actor pool.
+    """Raw sample blocks of at most ``rows`` rows (``ray.read_block_rows``, a few augmentation batches) before the pool.
 
     The dataset's block size is set for the pool's *output* (one batch of crops, tens of MB:
     :func:`one_block_per_batch`), and Ray Data applies it to the read stage's output too: the reader's
     64-sample tables are merged into blocks of thousands of JPEGs, each one task of one actor. Ray Data
     also sizes the pool's concurrency from the output it expects per task (a thousand-image block gives
-    ~0.5-1 GB of crops), so few actors run at once: on the H200 machine, 16 actors were busy ~4 cores'
-    worth (BENCHMARKS.md, GPU figures). A streaming repartition to ``rows`` rows per block cuts the raw
-    blocks (bytes only, no decoding) so that every pool task is one batch.
+    ~0.5-1 GB of crops), so few actors run at once. A streaming repartition to ``rows`` rows per block cuts
+    the raw blocks (bytes only, no decoding). Too small a block costs as much: each block is a task, an
+    object and a scheduling round. On the H200 machine's 16 cores (BENCHMARKS.md, GPU figures) the actors
+    were busy 8.3 cores' worth unsplit, 6.5 at 64 rows (one batch), 7.1 at 128, 13.3 at 256, 13.6 at 512.
 
     The repartition's tasks reserve ``num_cpus`` (the read tasks' share) and run where the reads run
     (``label_selector``); Ray Data's default for map tasks, a whole CPU, would not fit beside the actors on
@@ -498,7 +499,8 @@ def multicrop_dataset(
     n_reads = r.read_tasks()
     reads = read_shards(paths, num_cpus=r.read_cpus_per_task, concurrency=n_reads, passes=passes, seed=cfg.seed,
                         tasks_per_pass=n_reads, label_selector=label_selector)
-    reads = split_read_blocks(reads, r.augment_batch_size, r.read_cpus_per_task, label_selector)
+    if r.read_block_rows:
+        reads = split_read_blocks(reads, r.read_block_rows, r.read_cpus_per_task, label_selector)
     one_block_per_batch(reads.context, r.augment_batch_size * crop_bytes(spec), r.augment_output_buffer)
     if label_selector:
         reads.context.execution_options.label_selector = dict(label_selector)

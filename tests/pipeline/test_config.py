@@ -65,6 +65,7 @@ def test_schema_and_default_yaml_have_the_same_keys():
         (["ray.use_gpu=maybe"], "'ray.use_gpu"),
         (["ray.augment_priority=low"], "'ray.augment_priority"),
         (["ray.augment_output_buffer=0"], "'ray.augment_output_buffer' (got 0)"),
+        (["ray.read_block_rows=-1"], "'ray.read_block_rows' (got -1)"),
         (["optim=3"], "is a section"),
         (["optim.epochs"], "not of the form key=value"),
     ],
@@ -128,6 +129,11 @@ PRESET_VALUES = {
         "ray.num_workers": 1, "augment.global_size": 32, "augment.local_size": 16, "knn.image_size": 128,
         "model.arch": "resnet18", "model.model_kwargs": {}, "ray.torch_threads": 2, "ray.augment_priority": "idle",
     },
+    "imagenette_vit": {
+        "data.root": "../shared/data/imagenette2-224", "model.arch": "vit_tiny_patch16_224",
+        "model.model_kwargs": {"patch_size": 4, "embed_dim": 128, "depth": 6, "num_heads": 4},
+        "model.drop_path_rate": 0.1, "knn.image_size": 64, "health.attention_every_epochs": 2,
+    },
     "vit_small_imagenet": {
         "model.arch": "vit_small_patch16_224", "model.norm_last_layer": False, "model.out_dim": 65536,
         "optim.epochs": 300, "optim.base_lr": 0.0005, "loss.teacher_temp": 0.07,
@@ -163,6 +169,13 @@ def test_each_preset_loads_with_its_values(preset):
 
 def test_every_preset_is_checked_above():
     assert {p.stem for p in CONFIG_DIR.glob("*.yaml")} - {"default"} == set(PRESET_VALUES)
+
+
+def test_the_imagenette_vit_preset_is_the_imagenette_recipe_with_a_vit():
+    resnet, vit = load_config("imagenette").flat(), load_config("imagenette_vit").flat()
+    differ = {k for k in resnet.keys() | vit.keys() if resnet.get(k) != vit.get(k)}
+    assert differ == {"preset", "model.arch", "model.model_kwargs", "model.drop_path_rate", "knn.image_size",
+                      "health.attention_every_epochs"}  # fmt: skip
 
 
 def test_imagenette_preset_points_at_the_shared_benchmark_shards():

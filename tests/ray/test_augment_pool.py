@@ -181,10 +181,11 @@ def test_in_process_mapper_never_changes_the_callers_policy():
     assert os.sched_getscheduler(0) == before == os.SCHED_OTHER
 
 
-def test_read_blocks_are_split_to_one_batch_before_the_pool(tmp_path, ray_cluster):
+def test_read_blocks_are_split_before_the_pool(tmp_path, ray_cluster):
     """The crop-sized block target (tens of MB) would merge the reader's tables into blocks of hundreds of
-    samples, each one task of one actor; split_read_blocks cuts them to one batch, in tasks that reserve the
-    read tasks' CPU share, and the stage's plan has the split between the reads and the pool."""
+    samples, each one task of one actor; split_read_blocks cuts them to ``rows``, in tasks that reserve the
+    read tasks' CPU share, and the stage's plan has the split (ray.read_block_rows) between the reads and the
+    pool, or none with read_block_rows=0."""
     from pipeline.config import load_config
     from pipeline.data import crop_bytes, multicrop_dataset, one_block_per_batch, read_shards, spec_from_config, split_read_blocks
     from pipeline.shards import load_split
@@ -207,9 +208,14 @@ def test_read_blocks_are_split_to_one_batch_before_the_pool(tmp_path, ray_cluste
     rows = bundle_rows(split)
     assert sum(rows) == 300 and max(rows) == 16 and rows.count(16) >= 300 // 16 - 3, rows
     # The production stage has the split between the reads and the pool.
-    names = []
-    op = multicrop_dataset(paths, cfg)._logical_plan.dag
-    while op is not None:
-        names.append(type(op).__name__)
-        op = op.input_dependencies[0] if op.input_dependencies else None
-    assert names[:3] == ["MapBatches", "StreamingRepartition", "Read"], names
+    def plan(config) -> list:
+        ops, op = [], multicrop_dataset(paths, config)._logical_plan.dag
+        while op is not None:
+            ops.append(op)
+            op = op.input_dependencies[0] if op.input_dependencies else None
+        return ops
+
+    ops = plan(cfg)
+    assert [type(op).__name__ for op in ops[:3]] == ["MapBatches", "StreamingRepartition", "Read"]
+    assert cfg.ray.read_block_rows == ops[1].target_num_rows_per_block == 512
+    assert [type(op).__name__ for op in plan(load_config("smoke", ["ray.read_block_rows=0"]))[:2]] == ["MapBatches", "Read"]
