@@ -7,24 +7,19 @@
 #
 #   OUT=/tmp/probes DATA=/path/to/imagewoof2-128 bash benchmarks/gpu_probes.sh
 #
-# Ray (which pipeline.data imports) comes from $STAGE_SITE when python3 lacks it (benchmarks/gpu_stage.sh unpacks
-# it there; an earlier call on the same machine may have done so already). LIMIT: seconds per probe.
+# Ray (which pipeline.data imports) comes from benchmarks/gpu_stage.sh when python3 lacks it (from .stage, or from
+# an earlier call's unpack on the same machine). LIMIT: seconds per probe.
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-outputs/gpu_probes}
 DATA=${DATA:?DATA must name a webdataset root with train and val splits}
 LIMIT=${LIMIT:-420}
 PY=${PY:-python3}
-STAGE_SITE=${STAGE_SITE:-/tmp/site312}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 if ! "$PY" -c "import ray" 2>/dev/null; then
-    if [ -d "$STAGE_SITE/ray" ]; then
-        export PYTHONPATH="$STAGE_SITE${PYTHONPATH:+:$PYTHONPATH}"
-    else
-        # shellcheck source=benchmarks/gpu_stage.sh
-        source benchmarks/gpu_stage.sh > "$OUT/stage.log" 2>&1 || { cat "$OUT/stage.log"; exit 1; }
-    fi
+    # shellcheck source=benchmarks/gpu_stage.sh
+    source benchmarks/gpu_stage.sh > "$OUT/stage.log" 2>&1 || { cat "$OUT/stage.log"; exit 1; }
 fi
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv,noheader,nounits -lms 1000 \

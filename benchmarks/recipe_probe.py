@@ -176,7 +176,7 @@ def probe(
         ctx = multiprocessing.get_context("fork")
         pool = ctx.Pool(workers, initializer=_pool_init, initargs=(spec, cfg.seed, ctx.Value("i", 0)))
     runner = DinoRunner(cfg, plan, torch.device(device))
-    mapper = MultiCropMapper(spec, seed=cfg.seed, with_meta=False)
+    mapper = None if pool else MultiCropMapper(spec, seed=cfg.seed, with_meta=False)
     report: dict[str, Any] = {
         "steps_per_epoch": spe,
         "log_out_dim": math.log(cfg.model.out_dim),
