@@ -56,7 +56,7 @@ def source_images(root: str, limit: int) -> list[bytes]:
     paths = load_split(root, "train").paths
     out: list[bytes] = []
     for table in read_shard_tables({"path": paths}, filesystem_for(paths), rows_per_table=256):
-        out += [bytes(b) for b in table.column("jpg").to_pylist() if b]
+        out += [bytes(b) for b in table.column("image").to_pylist() if b]
         if len(out) >= limit:
             return out[:limit]
     return out

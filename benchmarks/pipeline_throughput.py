@@ -31,15 +31,15 @@ DEFAULT_SHARDS = REPO.parent / "shared" / "data" / "imagenette2-224"
 
 
 def first_rows(paths: list[str], limit: int) -> dict:
-    """The first ``limit`` samples of ``paths`` as one batch of raw rows (``__key__``, ``jpg``, ``cls``)."""
+    """The first ``limit`` samples of ``paths`` as one batch of raw rows (``__key__``, ``image``, ``cls``)."""
     import numpy as np
     import webdataset as wds
 
-    rows = {"__key__": [], "jpg": [], "cls": []}
+    rows = {"__key__": [], "image": [], "cls": []}
     for sample in wds.WebDataset(paths, shardshuffle=False):
-        for k in rows:
-            rows[k].append(sample[k])
-        if len(rows["jpg"]) >= limit:
+        for k, member in (("__key__", "__key__"), ("image", "jpg"), ("cls", "cls")):
+            rows[k].append(sample[member])
+        if len(rows["image"]) >= limit:
             break
     return {k: np.array(v, dtype=object) for k, v in rows.items()}
 
@@ -58,9 +58,9 @@ def single_core_rate(paths: list[str], spec, limit: int, core: int) -> float:
     mapper = MultiCropMapper(spec, seed=0)
     mapper({k: v[:16] for k, v in batch.items()})  # warm-up
     t0 = time.perf_counter()
-    for i in range(0, len(batch["jpg"]), 64):
+    for i in range(0, len(batch["image"]), 64):
         mapper({k: v[i : i + 64] for k, v in batch.items()})
-    return len(batch["jpg"]) / (time.perf_counter() - t0)
+    return len(batch["image"]) / (time.perf_counter() - t0)
 
 
 def plain_actor_rate(paths: list[str], spec, limit: int, cores: int, batch: int) -> tuple[float, list[float]]:
@@ -84,10 +84,10 @@ def plain_actor_rate(paths: list[str], spec, limit: int, cores: int, batch: int)
             def run(self, rows):
                 self.mapper({k: v[:16] for k, v in rows.items()})  # warm-up
                 t0, c0 = time.perf_counter(), time.process_time()
-                for i in range(0, len(rows["jpg"]), batch):
+                for i in range(0, len(rows["image"]), batch):
                     self.mapper({k: v[i : i + batch] for k, v in rows.items()})
                 wall = time.perf_counter() - t0
-                return len(rows["jpg"]) / wall, (time.process_time() - c0) / wall
+                return len(rows["image"]) / wall, (time.process_time() - c0) / wall
 
         actors = [PlainMapper.remote() for _ in range(cores)]
         ray.get([a.__ray_ready__.remote() for a in actors])

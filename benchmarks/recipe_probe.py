@@ -40,13 +40,13 @@ def say(text: str) -> None:
 
 
 def train_rows(paths: list[str]) -> list[dict[str, Any]]:
-    """Every sample of ``paths`` as a raw row (``__key__``, ``jpg``, ``cls``; bytes as stored)."""
+    """Every sample of ``paths`` as a raw row (``__key__``, ``image``, ``cls``; bytes as stored)."""
     from pipeline.storage import filesystem_for
     from pipeline.tar_reader import read_shard_tables
 
     rows = []
     for table in read_shard_tables({"path": paths}, filesystem_for(paths), rows_per_table=256):
-        cols = {c: table.column(c).to_pylist() for c in ("__key__", "jpg", "cls") if c in table.column_names}
+        cols = {c: table.column(c).to_pylist() for c in ("__key__", "image", "cls") if c in table.column_names}
         rows.extend({c: cols[c][i] for c in cols} for i in range(table.num_rows))
     return rows
 
@@ -117,7 +117,7 @@ def _augment(rows: list[dict[str, Any]], picked, mapper) -> dict[str, Any]:
     import numpy as np
 
     batch = [rows[i] for i in picked]
-    return mapper({c: np.array([r.get(c) for r in batch], dtype=object) for c in ("__key__", "jpg", "cls")})
+    return mapper({c: np.array([r.get(c) for r in batch], dtype=object) for c in ("__key__", "image", "cls")})
 
 
 def _pool_augment(picked) -> dict[str, Any]:

@@ -12,10 +12,12 @@ a label the class's position), or a manifest: ``.csv`` with rows ``path,label`` 
 is optional) or ``.jsonl`` with objects ``{"path": ..., "label": ...}``. Manifest paths are relative to
 the manifest's folder or absolute; labels are all class indices (ints) or all class names (then the
 classes are those of OUT_DIR's index if it has some, else the sorted distinct names), or all absent
-(unlabelled: no ``.cls``). Folder images are taken in sorted order, manifest rows in file order, so the
-same input always gives the same shard numbering and bytes. Keys are the path relative to the folder
-(or to the manifest's folder; absolute if outside it) without suffix, sanitised by
-:func:`pipeline.shards.safe_key`.
+(unlabelled: no ``.cls``). Folder images are listed in sorted order, manifest rows in file order, and written
+in a random order drawn from ``--seed`` (``--order random``, the default: a shard then holds a sample of every
+class instead of one class, so even a reader that does not shuffle gets mixed batches) or as listed
+(``--order sorted``); either way the same input and seed always give the same shard numbering and bytes.
+Keys are the path relative to the folder (or to the manifest's folder; absolute if outside it) without
+suffix, sanitised by :func:`pipeline.shards.safe_key`; of images whose keys collide, the first written keeps it.
 
 JPEGs are stored byte-identical; other formats are re-encoded as JPEG (quality 95, transparency
 flattened onto white). Every image is decoded once as a check (JPEGs at reduced DCT scale, which still
@@ -353,6 +355,19 @@ class Options:
     overwrite: bool = False
     workers: int = 1  # in-process loading: processes
     use_ray: bool = False  # load on Ray (must be initialised)
+    order: str = "random"  # random (drawn from seed) | sorted (as listed)
+    seed: int = 0
+
+
+def writing_order(items: list, order: str, seed: int) -> list:
+    """``items`` as they will be written: as listed (``sorted``) or permuted by a generator seeded with ``seed``."""
+    if order == "sorted":
+        return list(items)
+    if order != "random":
+        raise ValueError(f"order must be random or sorted, got {order!r}")
+    import numpy as np
+
+    return [items[i] for i in np.random.default_rng(seed).permutation(len(items))]
 
 
 @dataclass
@@ -398,7 +413,7 @@ def convert(listing: Listing, out: Path, opts: Options) -> Result:
     """
     _check_classes(listing, check_output(out, opts.split, opts.overwrite), out)
     t0 = time.monotonic()
-    items = listing.items
+    items = writing_order(listing.items, opts.order, opts.seed)
     usable = [it for it in items if it.key is not None]
     skipped: list[dict] = []
     first_of: dict[str, str] = {}  # key -> name of the image that has it
@@ -506,6 +521,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="max samples per shard; 0: no limit, needs --max-bytes (default: 1000)")
     p.add_argument("--max-bytes", type=_size, default=None, help="max bytes per shard, e.g. 512M (default: none)")
     p.add_argument("--overwrite", action="store_true", help="replace the split if OUT_DIR already has it")
+    p.add_argument("--order", choices=("random", "sorted"), default="random",
+                   help="order of the images in the shards: random (drawn from --seed; default) or sorted (as listed: "
+                        "a folder's shards then hold one class each)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random order (and of --synthetic; default: 0)")
     r = p.add_argument_group("where images are loaded")
     r.add_argument("--ray", action=argparse.BooleanOptionalAction, default=None,
                    help="load on Ray Data (default: when joining a cluster: --ray-address or RAY_ADDRESS)")
@@ -518,7 +537,6 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--n-train", type=int, default=2000)
     g.add_argument("--n-val", type=int, default=500)
     g.add_argument("--image-size", type=int, default=64)
-    g.add_argument("--seed", type=int, default=0)
     return p
 
 
@@ -588,7 +606,7 @@ def main(argv: list[str] | None = None) -> int:
         use_ray = args.ray if args.ray is not None else (
             args.ray_address is not None or bool(os.environ.get("RAY_ADDRESS")))
         opts = Options(args.split, args.shard_size or sys.maxsize, args.max_bytes, args.overwrite,
-                       args.workers, use_ray)
+                       args.workers, use_ray, args.order, args.seed)
         if use_ray:
             started_ray = _start_ray(args.ray_address, args.num_cpus)
         res = convert(listing, out, opts)

@@ -25,13 +25,10 @@ from torch import nn
 from dino.attention import attention_figure, attention_jaccard, centre_prior, last_cls_attention
 from dino.crops import crops_to_input
 from pipeline.shards import MASK_EXT
-from pipeline.tar_reader import KEEP, read_shard
+from pipeline.tar_reader import read_shard
 from pipeline.tracking import metric_name
 
 log = logging.getLogger(__name__)
-
-IMAGE_MEMBERS = tuple(k for k in KEEP if k != "cls")  # jpg, jpeg, png, webp, in reader order
-
 
 def resize_center_crop(img: Image.Image, size: int) -> np.ndarray:
     """Shorter side to ``size`` (bicubic), then the central ``size x size`` -> ``(size, size, 3)`` uint8.
@@ -106,7 +103,7 @@ def _first_decodable(paths: list[str], n: int, size: int, filesystem, masks: boo
             return
         with closing(read_shard({"path": str(path)}, filesystem, extra)) as rows:  # closes the shard on break
             for row in rows:
-                data = next((row[k] for k in IMAGE_MEMBERS if row[k] is not None), None)
+                data = row["image"]
                 if row["__error__"] is not None or not data:
                     continue
                 if masks and not row[MASK_EXT]:

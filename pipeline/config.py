@@ -42,10 +42,19 @@ def _range(v: tuple[float, float], lo: float, hi: float, name: str) -> tuple[flo
     return v
 
 
+_MEMBER_EXT = __import__("re").compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")
+
+
 class DataConfig(_Section):
-    root: str | None
-    train_split: str
+    root: str | list[str] | None
+    train_split: str | None
     val_split: str | None
+    val_root: str | list[str] | None
+    image_keys: tuple[str, ...]
+    label_key: str | None
+    label_field: str | None
+    shuffle_shards: int = Field(ge=1)
+    shuffle_buffer: int = Field(ge=0)
     synthetic_dir: str
     synthetic_train: int = Field(gt=0)
     synthetic_val: int = Field(gt=0)
@@ -58,7 +67,51 @@ class DataConfig(_Section):
     def _required(cls, v):
         if v == "???":  # a preset's way of saying "no default: the user must give it"
             raise ValueError("required by this preset: pass data.root=<folder or s3://bucket/prefix with shards>")
+        return _sources(v)
+
+    @field_validator("val_root")
+    @classmethod
+    def _val_root(cls, v):
+        return _sources(v)
+
+    @field_validator("image_keys")
+    @classmethod
+    def _image_keys(cls, v):
+        if not v:
+            raise ValueError("needs at least one member extension, e.g. [jpg, jpeg, png, webp]")
+        bad = [k for k in v if not _MEMBER_EXT.match(k)]
+        if bad:
+            raise ValueError(f"{bad[0]!r} is not a member extension (letters, digits, '_', '-', '.'; no leading dot)")
+        return tuple(k.lower() for k in v)
+
+    @field_validator("label_key", "label_field")
+    @classmethod
+    def _label(cls, v, info):
+        if v is not None and (not v.strip() or (info.field_name == "label_key" and not _MEMBER_EXT.match(v))):
+            raise ValueError("must be a member extension such as cls or json (null: unlabelled)"
+                             if info.field_name == "label_key" else "must be a JSON field name such as label, or null")
         return v
+
+    @model_validator(mode="after")
+    def _label_field_needs_key(self):
+        if self.label_field is not None and self.label_key is None:
+            raise ValueError(f"label_field {self.label_field!r} needs label_key: the JSON member that holds it (e.g. json)")
+        if self.label_key is not None and self.label_key in self.image_keys:
+            raise ValueError(f"label_key {self.label_key!r} is also one of image_keys {list(self.image_keys)}")
+        return self
+
+
+def _sources(v):
+    """A source is a string (folder, pattern, glob, one shard, a wids .json) or a non-empty list of strings."""
+    if isinstance(v, list):
+        if not v:
+            raise ValueError("an empty list names no shards")
+        if any(not str(x).strip() for x in v):
+            raise ValueError("a list entry is empty")
+        return [str(x) for x in v] if len(v) > 1 else str(v[0])
+    if isinstance(v, str) and not v.strip():
+        raise ValueError("is empty (null: the synthetic demo dataset)")
+    return v
 
 
 class AugmentConfig(_Section):

@@ -25,6 +25,7 @@ import logging
 import os
 import threading
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -33,11 +34,9 @@ import ray
 from dino.augment import MultiCropAugment, MultiCropSpec
 from pipeline.config import AugmentConfig, Config
 from pipeline.sample_stats import BatchTally
+from pipeline.shards import DEFAULT_MEMBERS, Members
 
 log = logging.getLogger(__name__)
-
-IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
-
 
 def spec_from_config(cfg: AugmentConfig) -> MultiCropSpec:
     return MultiCropSpec(**cfg.model_dump())
@@ -55,13 +54,15 @@ def _label(value: Any) -> int:
 
 
 def image_bytes(batch: dict[str, np.ndarray]) -> list[bytes | None]:
-    """Per row, the first image member present (jpg, jpeg, png, webp), or None.
+    """Per row, the sample's image (the reader's ``image`` column: its first image member), or None.
 
-    Absent members arrive as None, or as NaN when a whole block lacks that member: bytes or nothing.
+    Absent members arrive as None, or as NaN when a whole block lacks them: bytes or nothing.
     """
     n = len(batch["__key__"])
-    columns = [batch[k] for k in IMAGE_KEYS if k in batch]
-    return [next((c[i] for c in columns if isinstance(c[i], (bytes, bytearray))), None) for i in range(n)]
+    column = batch.get("image")
+    if column is None:
+        return [None] * n
+    return [c if isinstance(c, (bytes, bytearray)) else None for c in column]
 
 
 class MultiCropMapper:
@@ -339,11 +340,29 @@ def shard_order(n: int, pass_index: int, seed: int) -> np.ndarray:
     return np.random.default_rng([seed, pass_index]).permutation(n)
 
 
-def _read_shard_group(paths: tuple[str, ...], filesystem) -> Iterator[Any]:
-    from pipeline.tar_reader import read_shard_tables
+def _read_task(paths: tuple[str, ...], counts: tuple[int, ...] | None, seed: list[int] | None, filesystem,
+               layout: Members, group: int, buffer: int) -> Iterator[Any]:
+    from pipeline.tar_reader import read_shard_tables, shuffled_tables
 
-    for path in paths:
-        yield from read_shard_tables({"path": [path]}, filesystem)
+    if seed is None:  # the given order, sample by sample (benchmarks, and what the stage did before shuffling)
+        for path in paths:
+            yield from read_shard_tables({"path": [path]}, filesystem, layout=layout)
+        return
+    yield from shuffled_tables(list(paths), None if counts is None else list(counts), seed, group=group, buffer=buffer,
+                               filesystem=filesystem, layout=layout)
+
+
+@dataclass(frozen=True)
+class SampleShuffle:
+    """How a read task mixes its shards (``data.shuffle_shards``, ``data.shuffle_buffer``; see
+    :func:`pipeline.tar_reader.shuffled_rows`). ``group=1, buffer=0`` reads shard after shard (no mixing)."""
+
+    group: int = 32
+    buffer: int = 512
+
+    @classmethod
+    def from_config(cls, data) -> "SampleShuffle":
+        return cls(data.shuffle_shards, data.shuffle_buffer)
 
 
 class ShardPasses(ray.data.Datasource):
@@ -353,15 +372,27 @@ class ShardPasses(ray.data.Datasource):
     blocks are Arrow tables of 64 samples. The read tasks are small descriptions (a filesystem and a tuple of
     paths), made all at once when the execution starts.
 
+    Samples are shuffled inside the read tasks (:func:`pipeline.tar_reader.shuffled_rows`, seeded by
+    ``(seed, pass, task)``): a task interleaves its shards ``shuffle.group`` at a time, sample by sample, through
+    a buffer of ``shuffle.buffer`` samples, so that a batch's classes do not depend on how the shards were
+    written (class-sorted shards from an ImageNet-style folder give mixed batches). A pass's order is a
+    function of ``(seed, pass)``, the shard paths and their counts: no state lives in an actor or on the
+    trainer, a lost read task is replayed exactly, and a pass can be resumed from how many samples of each
+    of its read tasks were consumed.
+
     Training wants a few long tasks: its reads are paced by the trainer, so a worker that finished one
     shard's task waits for the next one, and Ray replaces a worker idle for more than a second with a new
     process, which spends ~2 s of CPU importing Ray Data: measured at 0.12-0.15 of a core for the whole run
     (a shard of 1,052 samples lasts ~12 s at 90 images/s) on a 2-core machine where the trainer needs both.
     A killed task is re-run from its first shard, its outputs already delivered skipped (exactly-once)."""
 
-    def __init__(self, paths: list[str], passes: int, seed: int | None, filesystem=None, tasks_per_pass: int | None = None):
+    def __init__(self, paths: list[str], passes: int, seed: int | None, filesystem=None, tasks_per_pass: int | None = None,
+                 counts: list[int] | None = None, layout: Members = DEFAULT_MEMBERS,
+                 shuffle: SampleShuffle = SampleShuffle()):
         self.paths, self.passes, self.seed, self.filesystem = list(paths), passes, seed, filesystem
         self.tasks_per_pass = tasks_per_pass
+        self.counts = None if counts is None else list(counts)
+        self.layout, self.shuffle = layout, shuffle
 
     def get_name(self) -> str:
         return "WebdatasetShards"
@@ -374,21 +405,28 @@ class ShardPasses(ray.data.Datasource):
     def estimate_inmemory_data_size(self) -> int | None:
         return None
 
+    def task_plan(self, pass_index: int) -> list[tuple[tuple[int, ...], list[int] | None]]:
+        """Per read task of pass ``pass_index``: the indices of its shards (in reading order) and its shuffle
+        seed (None: no shuffling)."""
+        n, k = len(self.paths), self.tasks_in_pass()
+        order = list(range(n)) if self.seed is None else shard_order(n, pass_index, self.seed).tolist()
+        return [(tuple(order[i::k]), None if self.seed is None else [self.seed, pass_index, i, 1]) for i in range(k)]
+
     def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None, data_context=None):
         from functools import partial
 
         from ray.data import ReadTask
         from ray.data.block import BlockMetadata
 
-        n, k, tasks = len(self.paths), self.tasks_in_pass(), []
+        tasks = []
         for p in range(self.passes):
-            order = range(n) if self.seed is None else shard_order(n, p, self.seed)
-            ordered = [self.paths[j] for j in order]
-            for i in range(k):
-                group = tuple(ordered[i::k])
+            for shards, seed in self.task_plan(p):
+                group = tuple(self.paths[j] for j in shards)
+                counts = None if self.counts is None else tuple(self.counts[j] for j in shards)
                 meta = BlockMetadata(num_rows=None, size_bytes=None, exec_stats=None, input_files=group)
-                tasks.append(ReadTask(partial(_read_shard_group, group, self.filesystem), meta,
-                                      per_task_row_limit=per_task_row_limit))
+                read = partial(_read_task, group, counts, seed, self.filesystem, self.layout, self.shuffle.group,
+                               self.shuffle.buffer)
+                tasks.append(ReadTask(read, meta, per_task_row_limit=per_task_row_limit))
         return tasks
 
 
@@ -402,14 +440,19 @@ def read_shards(
     seed: int | None = None,
     tasks_per_pass: int | None = None,
     label_selector: dict[str, str] | None = None,
+    counts: list[int] | None = None,
+    layout: Members = DEFAULT_MEMBERS,
+    sample_shuffle: SampleShuffle = SampleShuffle(),
 ) -> ray.data.Dataset:
-    """Raw sample rows (``__key__``, ``__url__``, ``jpg``/..., ``cls`` as bytes; see :mod:`pipeline.tar_reader`).
+    """Raw sample rows (``__key__``, ``__url__``, ``image``, ``cls`` as bytes; see :mod:`pipeline.tar_reader`).
 
     ``passes`` full passes over the shards, one after another in a single stream, each in its own shard
-    order (drawn from ``seed``, or a fresh random seed; the given order when ``shuffle`` is false). One
-    stream for a whole training run means one Ray Data execution: its actor pool, read tasks and the
-    trainer's prefetch stay warm across epoch boundaries instead of starting over every epoch.
-    ``tasks_per_pass``: read tasks per pass (see :class:`ShardPasses`); None = one per shard.
+    order and sample order (drawn from ``seed``, or a fresh random seed; the given order, shard after shard,
+    when ``shuffle`` is false). One stream for a whole training run means one Ray Data execution: its actor
+    pool, read tasks and the trainer's prefetch stay warm across epoch boundaries instead of starting over
+    every epoch. ``tasks_per_pass``: read tasks per pass (see :class:`ShardPasses`); None = one per shard.
+    ``counts``: samples per shard (the shuffle's weights); ``layout``: the image and label members;
+    ``sample_shuffle``: how the read tasks mix their shards.
     ``label_selector``: the read tasks run only on nodes with these labels (:mod:`pipeline.placement`).
 
     Read tasks only move bytes; ``num_cpus`` below 1 lets them fit beside train workers and
@@ -422,7 +465,7 @@ def read_shards(
     fs = filesystem_for(paths)  # built on the driver from its AWS environment, shipped to read tasks
     if shuffle and seed is None:
         seed = int(np.random.default_rng().integers(2**31))
-    source = ShardPasses(paths, passes, seed if shuffle else None, fs, tasks_per_pass)
+    source = ShardPasses(paths, passes, seed if shuffle else None, fs, tasks_per_pass, counts, layout, sample_shuffle)
     return ray.data.read_datasource(
         source, num_cpus=num_cpus, concurrency=concurrency, override_num_blocks=max(1, passes * source.tasks_in_pass()),
         **({"label_selector": dict(label_selector)} if label_selector else {}),
@@ -478,7 +521,7 @@ def split_read_blocks(
 
 
 def multicrop_dataset(
-    paths: list[str],
+    paths,
     cfg: Config,
     counter_name: str | None = None,
     passes: int = 1,
@@ -492,13 +535,23 @@ def multicrop_dataset(
     ``label_selector``: reads and actors run only on nodes with these labels (:mod:`pipeline.placement`);
     it is also the dataset's own execution option, so whatever Ray Data adds downstream goes there too.
     A sample whose decoding kills its actor ``data.max_sample_crashes`` times is skipped as ``crashed``
-    (:class:`CrashLedger`); without ``counter_name`` there is no ledger and Ray retries it as it would."""
+    (:class:`CrashLedger`); without ``counter_name`` there is no ledger and Ray retries it as it would.
+
+    ``paths``: a :class:`~pipeline.shards.SplitInfo` (its shards, their counts, its image and label members), or
+    shard paths read with ``data.*``'s members, all weighted alike by the shuffle."""
+    from pipeline.shards import SplitInfo, members_from_config
+
+    if isinstance(paths, SplitInfo):
+        paths, counts, layout = paths.paths, paths.counts, paths.members
+    else:
+        counts, layout = None, members_from_config(cfg.data)
     r = cfg.ray
     spec = spec_from_config(cfg.augment)
     # As many read tasks per pass as may run at once: long-lived tasks, no worker respawned per shard.
     n_reads = r.read_tasks()
     reads = read_shards(paths, num_cpus=r.read_cpus_per_task, concurrency=n_reads, passes=passes, seed=cfg.seed,
-                        tasks_per_pass=n_reads, label_selector=label_selector)
+                        tasks_per_pass=n_reads, label_selector=label_selector, counts=counts, layout=layout,
+                        sample_shuffle=SampleShuffle.from_config(cfg.data))
     if r.read_block_rows:
         reads = split_read_blocks(reads, r.read_block_rows, r.read_cpus_per_task, label_selector)
     one_block_per_batch(reads.context, r.augment_batch_size * crop_bytes(spec), r.augment_output_buffer)

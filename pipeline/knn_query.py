@@ -151,7 +151,7 @@ def neighbours(folder: IndexFolder, features: np.ndarray, k: int) -> list[list[N
 def read_images(wanted: list[tuple[str, str]]) -> dict[tuple[str, str], bytes]:
     """Image bytes of ``(shard, key)`` pairs, one streamed pass per shard; absent ones are left out."""
     from pipeline.storage import filesystem_for
-    from pipeline.tar_reader import KEEP, read_shard
+    from pipeline.tar_reader import read_shard
 
     by_shard: dict[str, set[str]] = {}
     for shard, key in wanted:
@@ -165,7 +165,7 @@ def read_images(wanted: list[tuple[str, str]]) -> dict[tuple[str, str], bytes]:
                     log.warning("cannot read thumbnails from %s (%s)", shard, row["__error__"])
                     break
                 if row["__key__"] in keys:
-                    data = next((row[e] for e in KEEP if e != "cls" and row[e]), None)
+                    data = row["image"] or None
                     if data is not None:
                         out[(shard, row["__key__"])] = data
                     keys.discard(row["__key__"])

@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 
 INDEX_NAME = "index.json"
 INDEX_FORMAT = "dino-ray-shards/1"
-IMAGE_EXTS = ("jpg", "jpeg", "png")  # member extensions that count as "the image" of a sample
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # member extensions that count as "the image" of a sample (default)
 MASK_EXT = "mask.png"  # optional ground-truth object mask of a sample (not an image: ext is the whole "mask.png")
 
 _KEY_RE = re.compile(r"^[A-Za-z0-9_-]+$")
@@ -69,17 +69,85 @@ class Sample:
 
 
 @dataclass(frozen=True)
-class SplitInfo:
-    """The shards of one split: ``paths[i]`` (local path or URI) holds ``counts[i]`` samples."""
+class Members:
+    """Which members of a webdataset sample are its image and its label (``data.image_keys``, ``data.label_key``,
+    ``data.label_field``).
 
-    split: str
+    The image is the first member present whose extension is in ``image`` (in that order); the label is the
+    member ``label`` (an ASCII integer, e.g. ``cls``), or with ``label_field`` the integer field of that member
+    read as JSON (e.g. ``label="json", label_field="label"``); ``label=None``: the collection is unlabelled.
+    """
+
+    image: tuple[str, ...] = IMAGE_EXTS
+    label: str | None = "cls"
+    label_field: str | None = None
+
+    def keep(self) -> tuple[str, ...]:
+        """The member extensions a reader keeps (every other member is skipped unread)."""
+        return tuple(dict.fromkeys(self.image + ((self.label,) if self.label else ())))
+
+    def label_bytes(self, members: dict[str, bytes]) -> bytes | None:
+        """The sample's label as ASCII digits (what a ``cls`` member holds), or None when it has none."""
+        if not self.label or members.get(self.label) is None:
+            return None
+        raw = members[self.label]
+        if self.label_field is None:
+            return raw
+        try:
+            value = json.loads(raw).get(self.label_field)
+        except (ValueError, AttributeError, UnicodeDecodeError):
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            return None
+        return str(value).strip().encode("ascii", "replace")
+
+    def describe(self) -> str:
+        label = "none" if not self.label else self.label + (f"[{self.label_field!r}]" if self.label_field else "")
+        return f"image .{'/.'.join(self.image)}, label {label}"
+
+
+DEFAULT_MEMBERS = Members()
+
+
+def members_from_config(data) -> Members:
+    """The :class:`Members` of ``data.image_keys``, ``data.label_key`` and ``data.label_field`` (a config section)."""
+    return Members(tuple(data.image_keys), data.label_key, data.label_field)
+
+
+@dataclass(frozen=True)
+class SplitInfo:
+    """The shards of one source: ``paths[i]`` (local path or URI) holds ``counts[i]`` samples.
+
+    ``split`` is the split's name in its dataset, or None for a collection without split names; ``source`` what
+    the user gave (folder, pattern, list) for messages; ``counted_by`` where the counts came from (``index.json``,
+    ``_info.json``, ``_stats.json``, ``wids``, ``tar headers``), a count None while a header count is still to
+    run (:mod:`pipeline.sources`: on Ray tasks, after Ray starts); ``labelled`` whether the first sample has a
+    label (None: not looked at).
+    """
+
+    @property
+    def counted(self) -> bool:
+        return self.counts is not None and all(c is not None for c in self.counts)
+
+    split: str | None
     paths: list[str]
-    counts: list[int]
+    counts: list[int | None] | None
     classes: list[str] | None
+    source: str = ""
+    members: Members = DEFAULT_MEMBERS
+    counted_by: str = ""
+    labelled: bool | None = None
 
     @property
     def count(self) -> int:
+        if not self.counted:
+            raise RuntimeError(f"{self.describe()}: samples not counted yet")
         return sum(self.counts)
+
+    def describe(self) -> str:
+        """``split 'train' of /data/x`` or ``/data/x/{00000..00099}.tar`` (a source without split names)."""
+        where = self.source or (self.paths[0].rsplit("/", 1)[0] if self.paths else "?")
+        return f"split {self.split!r} of {where}" if self.split else where
 
 
 # --------------------------------------------------------------------------------------------- keys
@@ -112,35 +180,17 @@ def safe_key(text: str) -> str:
 
 
 def load_split(root: str | os.PathLike, split: str) -> SplitInfo:
-    """Shard paths, per-shard sample counts and class names of ``split`` under ``root``.
+    """Shard paths, per-shard sample counts and class names of ``split`` under ``root``, counted.
 
-    Reads ``root/index.json`` when present. Without one (local roots only) discovers
-    ``{split}-NNNNNN.tar`` sorted by number and counts the distinct keys that have an image member
-    (``.jpg``/``.jpeg``/``.png``) by listing tar headers; class names then come from an imagenette-style
-    ``classes.json`` if present. For local roots the first sample of the first shard must have an image
-    member (only that sample is checked: a cheap guard against shards of another kind).
+    ``root`` is any source :mod:`pipeline.sources` reads (a folder with or without ``index.json``, local or
+    remote, a pattern, a list); a source without split names gives all its shards.
 
     Raises:
-        DataError: one line naming the path: root missing, no shards for the split (listing the splits
-            that exist), a split with 0 samples, a malformed index, a shard listed but missing, a shard
-            that is not a tar, or a first sample without an image.
+        DataError: one line naming the path (see :func:`pipeline.sources.resolve_source`).
     """
-    root = str(root)
-    if "://" in root and not root.startswith("file://"):
-        info = _load_remote(root, split)
-    else:
-        local = Path(root.removeprefix("file://")).expanduser()
-        if not local.exists():
-            raise DataError(f"dataset root {local} does not exist")
-        if not local.is_dir():
-            raise DataError(f"dataset root {local} is not a directory")
-        if (local / INDEX_NAME).exists():
-            info = _load_local_indexed(local, split)
-        else:
-            info = _discover_local(local, split)
-        _check_first_sample(Path(next(p for p, c in zip(info.paths, info.counts) if c > 0)))
-    log.info("split %r of %s: %d samples in %d shards", split, root, info.count, len(info.paths))
-    return info
+    from pipeline.sources import ensure_counted, resolve_source
+
+    return ensure_counted(resolve_source(str(root), split))
 
 
 def _parse_index(obj, where: str) -> dict:
@@ -185,43 +235,6 @@ def _read_local_index(path: Path) -> dict:
     return _parse_index(obj, str(path))
 
 
-def _split_from_index(index: dict, split: str, where: str, base: str, exists) -> SplitInfo:
-    if split not in index["splits"]:
-        have = ", ".join(sorted(index["splits"])) or "none"
-        raise DataError(f"{where}: no split {split!r} (splits in index: {have})")
-    shards = index["splits"][split]["shards"]
-    counts = [s["count"] for s in shards]
-    if sum(counts) == 0:
-        raise DataError(f"{where}: split {split!r} has 0 samples ({len(shards)} shards)")
-    paths = [f"{base}/{s['name']}" for s in shards]
-    missing = [s["name"] for s in shards if not exists(s["name"])]
-    if missing:
-        raise DataError(f"{where}: split {split!r} lists {len(missing)} missing shard(s), first: {base}/{missing[0]}")
-    return SplitInfo(split, paths, counts, index.get("classes"))
-
-
-def _load_local_indexed(root: Path, split: str) -> SplitInfo:
-    index = _read_local_index(root / INDEX_NAME)
-    base = str(root.resolve())
-    return _split_from_index(index, split, str(root / INDEX_NAME), base, lambda n: (root / n).is_file())
-
-
-def _discover_local(root: Path, split: str) -> SplitInfo:
-    found: dict[str, list[tuple[int, Path]]] = {}
-    for p in root.iterdir():
-        m = _SHARD_RE.match(p.name)
-        if m and p.is_file():
-            found.setdefault(m["split"], []).append((int(m["num"]), p))
-    if split not in found:
-        have = ", ".join(sorted(found)) or "no *-NNNNNN.tar shards at all"
-        raise DataError(f"no shards for split {split!r} in {root} (found: {have}) and no {INDEX_NAME}")
-    shards = [p.resolve() for _, p in sorted(found[split])]
-    counts = [_count_samples(p) for p in shards]
-    if sum(counts) == 0:
-        raise DataError(f"split {split!r} in {root} has 0 samples with an image ({len(shards)} shards)")
-    return SplitInfo(split, [str(p) for p in shards], counts, _read_classes_json(root / "classes.json"))
-
-
 def _member_key_ext(name: str) -> tuple[str | None, str]:
     m = _MEMBER_RE.match(name)
     return (m.group(1), m.group(2).lower()) if m else (None, "")
@@ -234,7 +247,7 @@ def _tar_number(field: bytes) -> int:
 
 
 def _scan_tar(path: Path) -> Iterator[tuple[str, bool]]:
-    """``(member name, is regular file)`` for each member, reading only the 512-byte headers.
+    """``(member name, is regular file)`` for each member of a local tar, reading only the 512-byte headers.
 
     A minimal ustar/pax/GNU header reader that seeks over member data: ~20x faster than ``tarfile``'s
     member objects, which matters when counting samples of shards that have no index. Long names from
@@ -245,92 +258,111 @@ def _scan_tar(path: Path) -> Iterator[tuple[str, bool]]:
     """
     try:
         with open(path, "rb") as f:
-            file_size = os.fstat(f.fileno()).st_size
-            long_name, long_size, first = None, None, True
-            while True:
-                hdr = f.read(_TAR_BLOCK)
-                if not hdr or hdr == bytes(_TAR_BLOCK):  # end of archive
-                    return
-                if len(hdr) < _TAR_BLOCK:
-                    raise DataError(f"{path}: corrupt tar shard: truncated header")
-                try:
-                    ok = _tar_number(hdr[148:156]) == sum(hdr[:148]) + 8 * 32 + sum(hdr[156:])
-                    size = _tar_number(hdr[124:136])
-                except ValueError:
-                    ok = False
-                if not ok:
-                    what = "not a readable tar shard" if first else "corrupt tar shard: bad header checksum"
-                    raise DataError(f"{path}: {what}")
-                first = False
-                kind = hdr[156:157]
-                data_len = -(-size // _TAR_BLOCK) * _TAR_BLOCK
-                if kind in (b"x", b"L"):  # pax extended header / GNU long name: applies to the next member
-                    data = f.read(data_len)[:size]
-                    if len(data) < size:
-                        raise DataError(f"{path}: corrupt tar shard: truncated member data")
-                    if kind == b"L":
-                        long_name = data.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
-                    else:
-                        pos = 0
-                        while pos < len(data):  # records: b"<len> <key>=<value>\n"
-                            sp = data.index(b" ", pos)
-                            n = int(data[pos:sp])
-                            key, _, value = data[sp + 1 : pos + n - 1].partition(b"=")
-                            if key == b"path":
-                                long_name = value.decode("utf-8", "surrogateescape")
-                            elif key == b"size":
-                                long_size = int(value)
-                            pos += n
-                    continue
-                if long_size is not None:
-                    size, data_len = long_size, -(-long_size // _TAR_BLOCK) * _TAR_BLOCK
-                name = long_name
-                if name is None:
-                    name = hdr[:100].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
-                    prefix = hdr[345:500].split(b"\0", 1)[0] if hdr[257:262] == b"ustar" else b""
-                    if prefix:
-                        name = prefix.decode("utf-8", "surrogateescape") + "/" + name
-                if kind == b"5":
-                    name = name.rstrip("/")  # as tarfile does for directories
-                long_name = long_size = None
-                if f.tell() + size > file_size:
-                    raise DataError(f"{path}: corrupt tar shard: truncated in member {name!r}")
-                yield name, kind in (b"0", b"\0", b"7")
-                f.seek(data_len, os.SEEK_CUR)
+            size = os.fstat(f.fileno()).st_size
+            yield from scan_tar_stream(f, str(path), size, lambda n: f.seek(n, os.SEEK_CUR))
     except OSError as e:
         raise DataError(f"{path}: cannot read tar shard: {e}") from e
+
+
+def _read_over(f, n: int) -> None:
+    """Skips ``n`` bytes of a stream that cannot seek (an object store's), reading them in 1 MiB pieces."""
+    while n > 0:
+        got = len(f.read(min(n, 1 << 20)))
+        if got == 0:
+            raise EOFError
+        n -= got
+
+
+def scan_tar_stream(f, name: str, size: int | None = None, skip=None) -> Iterator[tuple[str, bool]]:
+    """:func:`_scan_tar` over an open binary stream ``f`` (``name`` for messages): ``size`` the stream's
+    length when known (a member running past it is a truncation), ``skip(n)`` moves over ``n`` bytes of
+    member data (default: read them, for streams that cannot seek).
+
+    Raises:
+        DataError: not a tar (bad header checksum) or truncated.
+    """
+    skip = skip or (lambda n: _read_over(f, n))
+    pos = 0
+    try:
+        long_name, long_size, first = None, None, True
+        while True:
+            hdr = f.read(_TAR_BLOCK)
+            pos += len(hdr)
+            if not hdr or hdr == bytes(_TAR_BLOCK):  # end of archive
+                return
+            if len(hdr) < _TAR_BLOCK:
+                raise DataError(f"{name}: corrupt tar shard: truncated header")
+            try:
+                ok = _tar_number(hdr[148:156]) == sum(hdr[:148]) + 8 * 32 + sum(hdr[156:])
+                size_field = _tar_number(hdr[124:136])
+            except ValueError:
+                ok = False
+            if not ok:
+                what = "not a readable tar shard" if first else "corrupt tar shard: bad header checksum"
+                raise DataError(f"{name}: {what}")
+            first = False
+            kind = hdr[156:157]
+            data_len = -(-size_field // _TAR_BLOCK) * _TAR_BLOCK
+            if kind in (b"x", b"L"):  # pax extended header / GNU long name: applies to the next member
+                data = f.read(data_len)
+                pos += len(data)
+                data = data[:size_field]
+                if len(data) < size_field:
+                    raise DataError(f"{name}: corrupt tar shard: truncated member data")
+                if kind == b"L":
+                    long_name = data.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+                else:
+                    at = 0
+                    while at < len(data):  # records: b"<len> <key>=<value>\n"
+                        sp = data.index(b" ", at)
+                        n = int(data[at:sp])
+                        key, _, value = data[sp + 1 : at + n - 1].partition(b"=")
+                        if key == b"path":
+                            long_name = value.decode("utf-8", "surrogateescape")
+                        elif key == b"size":
+                            long_size = int(value)
+                        at += n
+                continue
+            if long_size is not None:
+                size_field, data_len = long_size, -(-long_size // _TAR_BLOCK) * _TAR_BLOCK
+            member = long_name
+            if member is None:
+                member = hdr[:100].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+                prefix = hdr[345:500].split(b"\0", 1)[0] if hdr[257:262] == b"ustar" else b""
+                if prefix:
+                    member = prefix.decode("utf-8", "surrogateescape") + "/" + member
+            if kind == b"5":
+                member = member.rstrip("/")  # as tarfile does for directories
+            long_name = long_size = None
+            if size is not None and pos + size_field > size:
+                raise DataError(f"{name}: corrupt tar shard: truncated in member {member!r}")
+            yield member, kind in (b"0", b"\0", b"7")
+            try:
+                skip(data_len)
+            except EOFError:
+                raise DataError(f"{name}: corrupt tar shard: truncated in member {member!r}") from None
+            pos += data_len
+    except OSError as e:
+        raise DataError(f"{name}: cannot read tar shard: {e}") from e
     except ValueError as e:  # malformed pax record
         if isinstance(e, DataError):
             raise
-        raise DataError(f"{path}: corrupt tar shard: {e}") from e
+        raise DataError(f"{name}: corrupt tar shard: {e}") from e
 
 
-def _count_samples(path: Path) -> int:
-    """Distinct keys with an image member, from the tar headers alone."""
+def count_keys(members: Iterable[tuple[str, bool]], image_exts: tuple[str, ...] = IMAGE_EXTS) -> int:
+    """Distinct sample keys with an image member (``image_exts``) among ``(member name, is file)`` pairs."""
     keys = set()
-    for name, is_file in _scan_tar(path):
+    for name, is_file in members:
         key, ext = _member_key_ext(name)
-        if is_file and key is not None and ext in IMAGE_EXTS:
+        if is_file and key is not None and ext in image_exts:
             keys.add(key)
     return len(keys)
 
 
-def _check_first_sample(path: Path) -> None:
-    """The first sample (first run of members sharing a key) must have an image member."""
-    first, exts = None, []
-    for name, is_file in _scan_tar(path):
-        key, ext = _member_key_ext(name)
-        if not is_file or key is None:
-            continue
-        if first is not None and key != first:
-            break
-        first = key
-        exts.append(ext)
-    if first is None:
-        raise DataError(f"{path}: shard has no samples")
-    if not any(e in IMAGE_EXTS for e in exts):
-        found = ", ".join("." + e for e in exts)
-        raise DataError(f"{path}: first sample {first!r} has no image member (.jpg/.jpeg/.png); found {found}")
+def _count_samples(path: Path, image_exts: tuple[str, ...] = IMAGE_EXTS) -> int:
+    """Distinct keys with an image member, from the tar headers alone."""
+    return count_keys(_scan_tar(path), image_exts)
 
 
 def _read_classes_json(path: Path) -> list[str] | None:
@@ -349,35 +381,6 @@ def _read_classes_json(path: Path) -> list[str] | None:
         return classes
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise DataError(f"{path}: malformed classes file: {e!r}") from e
-
-
-def _load_remote(root: str, split: str) -> SplitInfo:
-    """``s3://``/``gs://``... roots through pyarrow's filesystems (installed with ray[data])."""
-    base_uri = root.rstrip("/")
-    try:
-        from pyarrow import fs as pafs
-
-        filesystem, base = pafs.FileSystem.from_uri(base_uri)
-        base = base.rstrip("/")
-        index_path = f"{base}/{INDEX_NAME}"
-        if filesystem.get_file_info(index_path).type == pafs.FileType.NotFound:
-            raise DataError(
-                f"{base_uri}/{INDEX_NAME} not found: remote datasets need an index (jobs/make_shards.py writes one)"
-            )
-        with filesystem.open_input_stream(index_path) as f:
-            text = f.read()
-        listing = filesystem.get_file_info(pafs.FileSelector(base, allow_not_found=True))
-        names = {info.base_name for info in listing if info.type == pafs.FileType.File}
-    except DataError:
-        raise
-    except Exception as e:  # pyarrow raises OSError/ArrowInvalid/ImportError with multi-line text
-        raise DataError(f"{base_uri}: cannot read dataset: {type(e).__name__}: {str(e).strip()}") from e
-    try:
-        obj = json.loads(text)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DataError(f"{base_uri}/{INDEX_NAME}: cannot read index: {e}") from e
-    index = _parse_index(obj, f"{base_uri}/{INDEX_NAME}")
-    return _split_from_index(index, split, f"{base_uri}/{INDEX_NAME}", base_uri, names.__contains__)
 
 
 # ------------------------------------------------------------------------------------------ writing

@@ -16,7 +16,7 @@ random initialisation on k-NN accuracy here, and the teacher's attention should 
 Each val sample also carries its objects' mask (member ``{key}.mask.png``, 1-channel PNG, 255 where the
 objects' anti-aliased alpha is >= 0.5, distractor blobs excluded): the ground truth against which the
 teacher's thresholded ``[CLS]`` attention is scored (Jaccard, :func:`dino.attention.attention_jaccard`).
-Training and k-NN readers ignore that member (:data:`pipeline.tar_reader.KEEP`).
+Training and k-NN readers ignore that member (:class:`pipeline.shards.Members`).
 """
 
 from __future__ import annotations

@@ -2,8 +2,10 @@
 
 Shards are untrusted data. This reader streams each tar once, groups members into samples by
 webdataset's key rule (the member name up to the first ``.`` of its base name), keeps only the image
-and label members (``jpg``/``jpeg``/``png``/``webp``, ``cls``) as raw bytes, and never decodes or
-unpickles anything. A shard that ends early (truncated upload, disk full) yields every complete sample
+and label members (:class:`pipeline.shards.Members`: by default ``jpg``/``jpeg``/``png``/``webp`` and ``cls``)
+as raw bytes, and never decodes or unpickles anything. Each row has the same columns whatever the layout:
+``image`` (the bytes of the sample's first image member in ``Members.image`` order) and ``cls`` (its label as
+ASCII digits, from the ``cls`` member or a JSON member's field), None where absent. A shard that ends early (truncated upload, disk full) yields every complete sample
 before the cut plus one marker row ``{"__error__": "truncated_shard"}`` that the multi-crop stage counts;
 ``ray.data.read_webdataset`` raises ``tarfile.ReadError`` there and fails the whole dataset.
 
@@ -19,30 +21,36 @@ import tarfile
 from collections.abc import Iterator
 from typing import Any
 
-from pipeline.shards import _member_key_ext
+from pipeline.shards import DEFAULT_MEMBERS, Members, _member_key_ext
 
 log = logging.getLogger(__name__)
 
-KEEP = ("jpg", "jpeg", "png", "webp", "cls")
-COLUMNS = ("__key__", "__url__", "__error__") + KEEP
+COLUMNS = ("__key__", "__url__", "__error__", "image", "cls")
+STREAM_BUFFER = 1 << 20  # read-ahead of an object-store shard stream (tarfile reads 10 KiB at a time)
 
 
 def _row(
-    key: str, url: str, members: dict[str, bytes], error: str | None = None, extra: tuple[str, ...] = ()
+    key: str, url: str, members: dict[str, bytes], error: str | None = None, extra: tuple[str, ...] = (),
+    layout: Members = DEFAULT_MEMBERS,
 ) -> dict[str, Any]:
     row: dict[str, Any] = {c: None for c in COLUMNS + extra}
-    row.update(members)
+    row["image"] = next((members[e] for e in layout.image if e in members), None)
+    row["cls"] = layout.label_bytes(members)
+    for e in extra:
+        row[e] = members.get(e)
     row["__key__"], row["__url__"], row["__error__"] = key, url, error
     return row
 
 
-def iter_samples(fileobj, url: str, extra: tuple[str, ...] = ()) -> Iterator[dict[str, Any]]:
+def iter_samples(fileobj, url: str, extra: tuple[str, ...] = (), layout: Members = DEFAULT_MEMBERS) -> Iterator[dict[str, Any]]:
     """Samples of one tar stream as rows with every column of :data:`COLUMNS` and ``extra`` (missing
-    ones None). ``extra``: further member extensions to keep, e.g. ``("mask.png",)``."""
-    keep = KEEP + tuple(extra)
+    ones None). ``extra``: further member extensions to keep, e.g. ``("mask.png",)``; ``layout``: which
+    members are the image and the label."""
+    keep = layout.keep() + tuple(extra)
     key, members = None, {}
+    seen = _Tail(fileobj)
     try:
-        with tarfile.open(fileobj=fileobj, mode="r|") as tf:
+        with tarfile.open(fileobj=seen, mode="r|") as tf:
             for member in tf:
                 if not member.isfile():
                     continue
@@ -51,15 +59,42 @@ def iter_samples(fileobj, url: str, extra: tuple[str, ...] = ()) -> Iterator[dic
                     continue
                 if k != key:
                     if key is not None:
-                        yield _row(key, url, members, extra=extra)
+                        yield _row(key, url, members, extra=extra, layout=layout)
                     key, members = k, {}
                 if ext in keep:
                     members[ext] = tf.extractfile(member).read()
+            end = tf.offset
+        if not seen.zero_block_at(end):  # tarfile ends quietly on a cut at or inside a header
+            raise tarfile.ReadError(f"no end-of-archive block at byte {end}")
         if key is not None:
-            yield _row(key, url, members, extra=extra)
+            yield _row(key, url, members, extra=extra, layout=layout)
     except (tarfile.ReadError, EOFError, OSError) as e:  # truncated or corrupt archive
         log.warning("shard %s is truncated or corrupt after sample %s: %s", url, key, e)
         yield _row(f"{key or ''}#truncated", url, {}, error="truncated_shard", extra=extra)
+
+
+class _Tail:
+    """A read-only stream wrapper that remembers the last bytes read, so that the end of an archive can be
+    checked: ``tarfile`` in stream mode treats a stream that ends at, or inside, a member header as a complete
+    archive, where a complete one has a zero block at the offset its last header attempt was made."""
+
+    KEEP = 4 * tarfile.RECORDSIZE
+
+    def __init__(self, f):
+        self.f, self.pos, self.tail = f, 0, b""
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.f.read(n)
+        self.pos += len(data)
+        self.tail = (self.tail + data)[-self.KEEP:]
+        return data
+
+    def zero_block_at(self, offset: int) -> bool:
+        start = offset - (self.pos - len(self.tail))
+        if start < 0:  # long past: cannot tell, as before this check
+            return True
+        block = self.tail[start:start + tarfile.BLOCKSIZE]
+        return len(block) == tarfile.BLOCKSIZE and not any(block)
 
 
 def to_table(rows: list[dict[str, Any]]):
@@ -70,7 +105,7 @@ def to_table(rows: list[dict[str, Any]]):
     return pa.table({c: pa.array([r[c] for r in rows], type=types.get(c, pa.binary())) for c in COLUMNS})
 
 
-def read_shard_tables(batch: dict[str, Any], filesystem=None, rows_per_table: int = 64):
+def read_shard_tables(batch: dict[str, Any], filesystem=None, rows_per_table: int = 64, layout: Members = DEFAULT_MEMBERS):
     """``map_batches`` generator: shard paths -> their samples as Arrow tables of ``rows_per_table`` rows.
 
     Columnar output is what keeps the read stage cheap: Ray builds blocks from typed Arrow columns
@@ -79,7 +114,7 @@ def read_shard_tables(batch: dict[str, Any], filesystem=None, rows_per_table: in
     """
     for path in batch["path"]:
         rows: list[dict[str, Any]] = []
-        for row in read_shard({"path": str(path)}, filesystem):
+        for row in read_shard({"path": str(path)}, filesystem, layout=layout):
             rows.append(row)
             if len(rows) == rows_per_table:
                 yield to_table(rows)
@@ -88,19 +123,124 @@ def read_shard_tables(batch: dict[str, Any], filesystem=None, rows_per_table: in
             yield to_table(rows)
 
 
-def read_shard(row: dict[str, Any], filesystem=None, extra: tuple[str, ...] = ()) -> Iterator[dict[str, Any]]:
-    """``flat_map`` function: ``{"path": ...}`` -> the shard's sample rows (``extra``: see :func:`iter_samples`)."""
+def open_shard(path: str, filesystem=None):
+    """A binary stream of shard ``path``: a local file, or an object-store object through ``filesystem``
+    (read ahead :data:`STREAM_BUFFER` bytes at a time, never decompressed)."""
+    if filesystem is not None:
+        return filesystem.open_input_stream(path.split("://", 1)[-1], compression=None, buffer_size=STREAM_BUFFER)
+    return open(path, "rb")  # noqa: SIM115  (the caller closes it)
+
+
+def read_shard(row: dict[str, Any], filesystem=None, extra: tuple[str, ...] = (),
+               layout: Members = DEFAULT_MEMBERS) -> Iterator[dict[str, Any]]:
+    """``flat_map`` function: ``{"path": ...}`` -> the shard's sample rows (``extra``, ``layout``: see
+    :func:`iter_samples`)."""
     path = row["path"]
     try:
-        if filesystem is not None:
-            stream = filesystem.open_input_stream(path.split("://", 1)[-1])
-        else:
-            stream = open(path, "rb")  # noqa: SIM115  (closed below)
+        stream = open_shard(path, filesystem)
     except OSError as e:  # vanished, permissions, storage errors: one marker row, the run goes on
         log.warning("cannot read shard %s: %s", path, e)
         yield _row(f"{path}#unreadable", path, {}, error="unreadable_shard", extra=extra)
         return
     try:
-        yield from iter_samples(stream, path, extra)
+        yield from iter_samples(stream, path, extra, layout)
     finally:
         stream.close()
+
+
+def shuffled_rows(
+    paths: list[str],
+    counts: list[int] | None,
+    seed: list[int],
+    *,
+    group: int,
+    buffer: int,
+    filesystem=None,
+    layout: Members = DEFAULT_MEMBERS,
+) -> Iterator[dict[str, Any]]:
+    """The rows of ``paths`` (:func:`read_shard`'s) in a shuffled order that is a pure function of the arguments.
+
+    The shards are taken in ``ceil(n / group)`` consecutive groups of near-equal size (at most ``group``
+    each). Within a group the shards are read interleaved sample by sample: the order in which they are
+    drawn from is a random permutation of the group's samples (shard ``i`` appears ``counts[i]`` times), so
+    every shard is drawn from in proportion to what it has left and all of a group's shards end together;
+    then the rows pass through a shuffle buffer of ``buffer`` rows (each incoming row takes the place of a
+    randomly chosen one, which is emitted; the rest, shuffled, at the end). ``counts`` are only weights: a
+    shard that holds fewer rows than counted drops out early, one that holds more is read to its end after
+    its group's permutation. ``counts=None`` weighs the shards equally.
+
+    So from shards written in class order, a batch of consecutive rows mixes the classes of ``group``
+    shards (the whole group at a group boundary too), not one shard's class.
+
+    Deterministic: the same arguments and shard bytes give the same rows in the same order, so a re-run
+    read task re-emits exactly what its lost attempt emitted (Ray Data's exactly-once per pass rests on
+    this), and a consumer that knows how many rows of this sequence it has taken can resume from that count
+    by re-running the sequence and dropping as many (image bytes are not decoded here: cheap).
+
+    Memory: at most ``buffer`` rows (raw image bytes, ``buffer`` x the largest sample) plus ``group`` open
+    shard streams (each :data:`STREAM_BUFFER` of read-ahead from an object store; a file descriptor locally)
+    and the group's permutation (4 bytes per sample of the group).
+    """
+    import random
+
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    pick = random.Random(int(rng.integers(2**63)))  # Python's generator: ~10x cheaper per draw than numpy's
+    n = len(paths)
+    if counts is None:
+        counts = [1] * n
+    n_groups = max(1, -(-n // max(1, group)))
+    buf: list[dict[str, Any]] = []
+
+    def offer(row: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        if len(buf) < buffer:
+            buf.append(row)
+            return
+        if buffer == 0:
+            yield row
+            return
+        j = pick.randrange(buffer)
+        yield buf[j]
+        buf[j] = row
+
+    for members in np.array_split(np.arange(n), n_groups):
+        if len(members) == 0:
+            continue
+        readers = [read_shard({"path": paths[i]}, filesystem, layout=layout) for i in members]
+        weights = np.array([max(0, int(counts[i])) for i in members], dtype=np.int64)
+        if weights.sum() == 0:
+            weights[:] = 1
+        order = rng.permutation(np.repeat(np.arange(len(members), dtype=np.int32), weights))
+        done = [False] * len(members)
+        try:
+            for j in order.tolist():
+                if done[j]:
+                    continue
+                row = next(readers[j], None)
+                if row is None:
+                    done[j] = True
+                    continue
+                yield from offer(row)
+            for j, reader in enumerate(readers):  # rows beyond the counts (an index that undercounts)
+                if not done[j]:
+                    for row in reader:
+                        yield from offer(row)
+        finally:
+            for reader in readers:
+                reader.close()
+    pick.shuffle(buf)
+    yield from buf
+
+
+def shuffled_tables(paths, counts, seed, *, group: int, buffer: int, filesystem=None, layout: Members = DEFAULT_MEMBERS,
+                    rows_per_table: int = 64):
+    """:func:`shuffled_rows` as Arrow tables of ``rows_per_table`` rows (the read stage's blocks)."""
+    rows: list[dict[str, Any]] = []
+    for row in shuffled_rows(paths, counts, seed, group=group, buffer=buffer, filesystem=filesystem, layout=layout):
+        rows.append(row)
+        if len(rows) == rows_per_table:
+            yield to_table(rows)
+            rows = []
+    if rows:
+        yield to_table(rows)

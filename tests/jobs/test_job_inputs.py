@@ -29,7 +29,7 @@ def _run(main, argv, capsys):
     "make, overrides, needle",
     [
         (lambda d: None, ["data.root={d}/missing"], "missing does not exist"),
-        (lambda d: d.mkdir(), ["data.root={d}"], "no shards"),
+        (lambda d: d.mkdir(), ["data.root={d}"], "no .tar shards"),
         (lambda d: (d.mkdir(), _tar(d / "train-000000.tar", [("a.txt", b"hi"), ("a.cls", b"1")])), ["data.root={d}"], "image"),
         (lambda d: None, ["optim.epochz=3"], "unknown config key 'optim.epochz'"),
         (lambda d: None, ["optim.clip_grad=abc"], "'optim.clip_grad'"),

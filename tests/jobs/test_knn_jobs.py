@@ -172,7 +172,7 @@ def test_a_run_without_an_exported_teacher_is_named(tmp_path, capsys, no_ray_sta
     "make, extra, needle",
     [
         (lambda d: _dataset(d, val_labels=False), [], "split 'val' of {d} has no labels (sample v0 in"),
-        (lambda d: _dataset(d, val_images=False), [], "split 'val' in {d} has 0 samples with an image"),
+        (lambda d: _dataset(d, val_images=False), [], "split 'val' of {d} has 0 samples with an image"),
         (lambda d: _dataset(d), ["knn.index=annoy"], "'knn.index' (got 'annoy')"),
         (lambda d: _dataset(d), ["knn.ks=[10,0]"], "every k must be positive"),
         (lambda d: (_dataset(d), (d.parent / "notes").mkdir(), (d.parent / "notes" / "a.txt").write_text("x")),

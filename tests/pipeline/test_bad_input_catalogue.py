@@ -176,7 +176,7 @@ def test_empty_shard_file_is_named_at_discovery_and_a_marker_when_read(tmp_path)
     shard.write_bytes(b"")
     with pytest.raises(DataError) as err:
         load_split(tmp_path, "train")
-    _one_line(err, "split 'train' in", "has 0 samples with an image (1 shards)")
+    _one_line(err, "split 'train' of", "has 0 samples with an image", "in 1 shard(s)")
     rows = list(read_shard({"path": str(shard)}))  # e.g. emptied after the index was written
     assert [(r["__key__"], r["__error__"]) for r in rows] == [("#truncated", "truncated_shard")]
 
@@ -200,11 +200,16 @@ def test_malformed_classes_json_is_named(tmp_path, content, needle):
 
 
 def test_dataset_root_that_is_a_file_is_named(tmp_path):
-    f = tmp_path / "shards.tar"
+    f = tmp_path / "shards.txt"
     f.write_bytes(b"x")
     with pytest.raises(DataError) as err:
         load_split(f, "train")
-    _one_line(err, f"dataset root {f} is not a directory")
+    _one_line(err, f"dataset root {f} is not a directory, a .tar shard or a .json shard list")
+    f = tmp_path / "shards.tar"  # one shard may be a source: named when it is not a tar
+    f.write_bytes(b"x")
+    with pytest.raises(DataError) as err:
+        load_split(f, "train")
+    _one_line(err, f"{f}: ", "tar shard")
 
 
 def test_unwritable_output_folders_are_named(tmp_path, monkeypatch):
@@ -268,7 +273,7 @@ def test_a_tar_member_outside_the_key_rule_is_ignored_not_fatal(tmp_path):
         tf.addfile(link)
     (tmp_path / "s.tar").write_bytes(buf.getvalue())
     rows = list(read_shard({"path": str(tmp_path / "s.tar")}))
-    assert [(r["__key__"], r["jpg"], r["cls"]) for r in rows] == [("a", b"J", b"1")]
+    assert [(r["__key__"], r["image"], r["cls"]) for r in rows] == [("a", b"J", b"1")]
 
 
 SMOKE_KW = "{'depth': 2, 'patch_size': 8, 'embed_dim': 48, 'num_heads': 3}"  # configs/smoke.yaml's model.model_kwargs

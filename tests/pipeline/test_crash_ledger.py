@@ -131,7 +131,7 @@ def test_the_mapper_skips_and_counts_a_poison_sample(tmp_path):
     n = 3
     batch = {"__key__": np.array([f"k{i}" for i in range(n)], dtype=object),
              "__url__": np.array(["shard-0.tar"] * n, dtype=object),
-             "jpg": np.array([jpeg(i) for i in range(n)], dtype=object)}
+             "image": np.array([jpeg(i) for i in range(n)], dtype=object)}
     out = mapper(batch)
     assert list(out["key"]) == ["k0", "k2"] and out["global_crops"].shape[0] == 2
     assert mapper.last_tally.reasons["crashed"] == 1 and mapper.last_tally.bad == [("shard-0.tar", "k1", "crashed")]

@@ -51,7 +51,7 @@ def test_one_pass_embedding_equals_embedding_each_image(data, teacher, tiny_teac
         rows = {r["__key__"]: r for p in splits[split].paths for r in read_shard({"path": p})}
         assert [int(rows[k]["cls"]) for k in t.keys] == t.labels.tolist()
         assert all(k in {r["__key__"] for r in read_shard({"path": s})} for k, s in zip(t.keys[:3], t.shards[:3]))
-        views = torch.from_numpy(np.stack([center_view(decode_image(rows[k]["jpg"]), 32) for k in t.keys]))
+        views = torch.from_numpy(np.stack([center_view(decode_image(rows[k]["image"]), 32) for k in t.keys]))
         np.testing.assert_allclose(t.features, embed_views(model, views, "cpu").numpy(), atol=1e-5)
         torch.manual_seed(0)
         fresh = timm.create_model(tiny_teacher.arch, num_classes=0, **tiny_teacher.kwargs).eval()
@@ -207,7 +207,7 @@ def test_raw_pixel_baseline_is_a_cosine_knn_on_the_normalised_views(tmp_path, da
     def views(split):
         info = load_split(data, split)
         rows = sorted((r for p in info.paths for r in read_shard({"path": p})), key=lambda r: r["__key__"])
-        x = torch.from_numpy(np.stack([center_view(decode_image(r["jpg"]), 32) for r in rows]))
+        x = torch.from_numpy(np.stack([center_view(decode_image(r["image"]), 32) for r in rows]))
         feats = torch.nn.functional.normalize(crops_to_input(x[:, None], "cpu").flatten(1), dim=1)
         return feats, torch.tensor([int(r["cls"]) for r in rows])
 

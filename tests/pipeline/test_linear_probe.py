@@ -162,7 +162,7 @@ def test_training_views_are_seeded_random_resized_crops_with_flips(data):
     assert out["view"].shape == (6, 24, 24, 3) and out["view"].dtype == np.uint8 and out["unlabelled"] == 0
     assert out["label"].tolist() == [int(c) for c in raw["cls"]]
     rng = np.random.default_rng(5)
-    for i, data_bytes in enumerate(raw["jpg"]):
+    for i, data_bytes in enumerate(raw["image"]):
         img = np.asarray(decode_image(data_bytes).convert("RGB"))
         view = resized_crop(img, crop_box(rng.random(40).tolist(), (img.shape[1], img.shape[0]), TRAIN_SCALE, TRAIN_RATIO), 24)
         np.testing.assert_array_equal(out["view"][i], hflip(view) if rng.random() < 0.5 else view)
@@ -207,7 +207,7 @@ def test_features_mode_end_to_end_reaches_mlflow_as_a_child_run(tmp_path, data, 
     assert meta["layout"] == {"kind": "vit", "n_last_blocks": 2, "avgpool": True, "block_dim": 48, "dim": 144}
     assert meta["classes"] == list(CLASSES) and meta["num_classes"] == 8 and meta["run_id"] == parent
     rows = sorted((r for p in load_split(data, "val").paths for r in read_shard({"path": p})), key=lambda r: r["__key__"])
-    views = np.stack([center_view(decode_image(r["jpg"]), 32) for r in rows])
+    views = np.stack([center_view(decode_image(r["image"]), 32) for r in rows])
     logits = clf(features_of_views(model, views, feature_layout(model, 2, True), "cpu"))
     labels = torch.tensor([int(r["cls"]) for r in rows])
     top1 = 100.0 * (logits.argmax(1) == labels).float().mean().item()

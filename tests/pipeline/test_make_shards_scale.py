@@ -78,7 +78,7 @@ def test_manifest_conversion_labels_by_name_and_index(tmp_path, capsys, never_ra
     manifest = _write_manifest(imgs / f"list.{fmt}", rows)
     out = tmp_path / "out"
 
-    assert make_shards.main([str(manifest), str(out), "--shard-size", "2"]) == 0
+    assert make_shards.main([str(manifest), str(out), "--shard-size", "2", "--order", "sorted"]) == 0
 
     index = read_index(out)
     assert index["classes"] == (["ant", "zebra"] if by == "name" else None)
@@ -160,7 +160,7 @@ def test_skip_report_counts_by_reason_and_lists_every_image(tmp_path, capsys, ne
     (d / "x.png").write_bytes(_png_rgba(4))  # same key "x" as x.jpg
     rows = [(n, 0) for n in ("good.jpg", "broken.jpg", "empty.jpg", "notes.txt", "gone.jpg", "x.jpg", "x.png")]
     out = tmp_path / "out"
-    assert make_shards.main([str(_write_manifest(d / "m.csv", rows)), str(out)]) == 0
+    assert make_shards.main([str(_write_manifest(d / "m.csv", rows)), str(out), "--order", "sorted"]) == 0
 
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith(f"split train: wrote 2 images to 1 shards in {out}, skipped 5 (in-process, ")
@@ -225,7 +225,7 @@ def written(tmp_path) -> Path:
         for i in range(3):
             (src / c / f"{i}.jpg").write_bytes(_jpeg(i + (10 if c == "b" else 0)))
     out = tmp_path / "out"
-    assert make_shards.main([str(src), str(out), "--shard-size", "4", "--no-ray"]) == 0
+    assert make_shards.main([str(src), str(out), "--shard-size", "4", "--no-ray", "--order", "sorted"]) == 0
     return out
 
 

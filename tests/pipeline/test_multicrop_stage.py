@@ -27,7 +27,7 @@ def _batch(images: list[bytes], labels=None) -> dict[str, np.ndarray]:
     n = len(images)
     return {
         "__key__": np.array([f"k{i}" for i in range(n)], dtype=object),
-        "jpg": np.array(images, dtype=object),
+        "image": np.array(images, dtype=object),
         "cls": np.array([str(i % 4).encode() for i in range(n)] if labels is None else labels, dtype=object),
     }
 
@@ -106,7 +106,7 @@ def test_bad_sample_catalogue_is_converted_or_skipped_and_counted_by_reason():
     ]
     batch = {
         "__key__": np.array([r[0] for r in rows], dtype=object),
-        "jpg": np.array([r[1] for r in rows], dtype=object),
+        "image": np.array([r[1] for r in rows], dtype=object),
         "cls": np.array([r[2] for r in rows], dtype=object),
         "__url__": np.array(["s3://b/train-000007.tar"] * len(rows), dtype=object),
     }

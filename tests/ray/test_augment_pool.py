@@ -176,7 +176,7 @@ def test_in_process_mapper_never_changes_the_callers_policy():
     Image.new("RGB", (48, 48), (200, 40, 10)).save(jpeg, format="JPEG")
     before = os.sched_getscheduler(0)
     mapper = MultiCropMapper(spec_from_config(load_config("smoke").augment), seed=0, priority="idle")
-    out = mapper({"__key__": np.array(["a"], dtype=object), "jpg": np.array([jpeg.getvalue()], dtype=object)})
+    out = mapper({"__key__": np.array(["a"], dtype=object), "image": np.array([jpeg.getvalue()], dtype=object)})
     assert out["global_crops"].shape[0] == 1
     assert os.sched_getscheduler(0) == before == os.SCHED_OTHER
 

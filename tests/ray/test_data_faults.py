@@ -158,7 +158,10 @@ def test_read_task_killed_mid_shard_loses_and_duplicates_nothing(tmp_path, small
     killer = threading.Thread(target=kill_reader, daemon=True)
     server.start()
     killer.start()
-    cfg = load_config("smoke", ["ray.augment_actors_max=1", "ray.read_concurrency=2", "ray.augment_batch_size=16"])
+    # A 16-sample shuffle buffer: the task emits samples of the pipe's shard as it reads them (with the default
+    # buffer it would hold all it has read while blocked on the pipe).
+    cfg = load_config("smoke", ["ray.augment_actors_max=1", "ray.read_concurrency=2", "ray.augment_batch_size=16",
+                                "data.shuffle_buffer=16"])
     paths = [str(f) for f in files[:2]] + [str(fifo)]
     t0 = time.monotonic()
     for batch in multicrop_dataset(paths, cfg).iter_batches(batch_size=16, batch_format="numpy"):
