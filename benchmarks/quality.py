@@ -274,7 +274,7 @@ def learning_curve(cfg, prepared, result, knn: dict, k: int, out: Path, epochs: 
     points = []
     for meta, folder in download_snapshots(result.tracking_uri, result.run_id, out / prepared.run_name / "snapshots"):
         t0 = time.perf_counter()
-        req = KnnRequest(data_root=prepared.data_root, train_split=cfg.data.train_split, val_split=cfg.data.val_split,
+        req = KnnRequest.of(data_root=prepared.data_root, train_split=cfg.data.train_split, val_split=cfg.data.val_split,
                          out_dir=out / prepared.run_name / f"knn-{folder.name}", tracking_uri=result.tracking_uri,
                          pretrain_run_id=result.run_id)
         got = evaluate_teacher(cfg, req, folder, random_baseline=False, embed_fn=embed_in_process)
@@ -393,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
     say(f"pretraining: {epochs} epoch(s) in {pretrain_s / 60:.1f} min (budget {args.minutes:.1f} min)"
         + (f"; planned epochs {history}; last {fit}" if fit else ""))
 
-    req = KnnRequest(data_root=prepared.data_root, train_split=cfg.data.train_split, val_split=cfg.data.val_split,
+    req = KnnRequest.of(data_root=prepared.data_root, train_split=cfg.data.train_split, val_split=cfg.data.val_split,
                      out_dir=out / prepared.run_name / "knn", tracking_uri=result.tracking_uri,
                      pretrain_run_id=result.run_id)
     knn = evaluate_teacher(cfg, req, result.teacher_dir, random_baseline=True, embed_fn=embed_in_process)
@@ -416,7 +416,7 @@ def main(argv: list[str] | None = None) -> int:
         t1 = time.perf_counter()
         cfg_s = load_config(args.preset, [*base, *args.overrides, *run_overrides, f"knn.image_size={s}"])
         raw_at = raw_pixels_accuracy(train, val, s, ks, cfg.knn.temperature, args.pixel_side)
-        req_s = KnnRequest(data_root=prepared.data_root, train_split=cfg.data.train_split, val_split=cfg.data.val_split,
+        req_s = KnnRequest.of(data_root=prepared.data_root, train_split=cfg.data.train_split, val_split=cfg.data.val_split,
                            out_dir=out / prepared.run_name / f"knn-{s}px", tracking_uri=result.tracking_uri,
                            pretrain_run_id=result.run_id)
         knn_s = evaluate_teacher(cfg_s, req_s, result.teacher_dir, random_baseline=True, embed_fn=embed_in_process)

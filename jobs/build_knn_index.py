@@ -7,8 +7,10 @@ Usage::
     python jobs/build_knn_index.py --run-id <id> data.root=/data/imagenette knn.index=hnsw --random-baseline
     python jobs/build_knn_index.py --teacher <dir> data.root=s3://b/coll data.val_split=null   # index only
 
-The database is ``data.train_split`` of ``data.root``; queries are ``data.val_split`` (null: build the
-index without evaluating). With ``--run-id`` and no ``--config`` the run's logged config is the base, so
+The database is the training source (``data.root``, its ``data.train_split`` when it has split names); queries
+are the validation source (``data.val_split`` of ``data.root``, or ``data.val_root``; none: build the index
+without evaluating). With an unlabelled training source and a labelled validation source, each validation
+image votes with its nearest other validation images (leave-one-out). With ``--run-id`` and no ``--config`` the run's logged config is the base, so
 the run's dataset, image size and seed are used; ``key=value`` overrides apply on top. The index folder
 (``--out``, default: next to the teacher) holds the faiss index, the features as Parquet, the manifest
 and the accuracy tables; it is logged to MLflow as a run linked to the pretraining run.
@@ -68,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.knn_index import KnnRequest, evaluate_teacher, require_labels
     from pipeline.pretrain import check_ray_address, ensure_data, init_ray
     from pipeline.shards import DataError
-    from pipeline.storage import resolve_split
+    from pipeline.sources import ensure_counted, knn_protocol, resolve_source, validation_source
     from pipeline.teacher_source import require_teacher, teacher_from_run
     from pipeline.tracking import resolve_tracking_uri
 
@@ -80,11 +82,13 @@ def main(argv: list[str] | None = None) -> int:
         teacher = require_teacher(args.teacher) if args.teacher else teacher_from_run(args.run_id, uri, cfg.output_dir)
         load_teacher(teacher)  # readable weights that fit teacher.json: one line now, not a traceback under Ray
         root = ensure_data(cfg)
-        train = resolve_split(root, cfg.data.train_split)
-        val = resolve_split(root, cfg.data.val_split) if cfg.data.val_split else None
-        if val is not None:  # cheap look at each split's first sample; the full check follows embedding
-            require_labels(train, root)
-            require_labels(val, root)
+        train = resolve_source(root, cfg.data.train_split, cfg.data)
+        val, val_note = validation_source(cfg.data, root, train)
+        protocol, note = knn_protocol(train, val)
+        if protocol is not None:  # cheap look at the first samples (done); the full check follows embedding
+            require_labels(val)
+            if protocol == "paper":
+                require_labels(train)
         out = Path(args.out) if args.out else teacher.parent / "knn"
         if out.exists() and any(out.iterdir()) and not (out / MANIFEST_FILE).is_file():
             raise ValueError(f"--out {out} exists and is not a k-NN index folder (no {MANIFEST_FILE}); choose another")
@@ -96,29 +100,33 @@ def main(argv: list[str] | None = None) -> int:
 
     run_id = args.run_id or json.loads((teacher / "teacher.json").read_text()).get("run_id")
     init_ray(cfg.ray.address, cfg.logging.ray_verbose)
-    req = KnnRequest(root, cfg.data.train_split, cfg.data.val_split or None, out, uri, run_id)
+    print(note if val is not None or not val_note else f"{note} ({val_note})")
     try:
+        train = ensure_counted(train, num_cpus=cfg.ray.read_cpus_per_task)
+        val = ensure_counted(val, num_cpus=cfg.ray.read_cpus_per_task) if protocol is not None else None
+        req = KnnRequest(train, val, out, uri, run_id, protocol or "paper")
         res = evaluate_teacher(cfg, req, teacher, random_baseline=args.random_baseline)
     except DataError as e:  # found only after embedding: unlabelled samples, a split with no decodable image
         return _cli.fail(str(e))
-    _report(cfg, res)
+    _report(cfg, res, val)
     return 0
 
 
-def _report(cfg, res: dict) -> None:
+def _report(cfg, res: dict, val=None) -> None:
     kn = cfg.knn
     print(f"index: {res['index_dir']} ({res['index_type']}, {res['n_db']} vectors, {res['index_params'] or 'exact'})")
     if res.get("recall_at_k"):
         print("recall vs exact search (" + str(res["recall_queries"]) + " queries): "
               + "  ".join(f"@{k} {r:.4f}" for k, r in res["recall_at_k"].items()))
     if "teacher" in res:
-        print(f"weighted k-NN on '{cfg.data.val_split}' ({res['n_queries']} queries), T={kn.temperature}, exact search:")
+        how = ", leave-one-out" if res.get("protocol") == "leave_one_out" else ""
+        print(f"weighted k-NN on {val.describe()} ({res['n_queries']} queries{how}), T={kn.temperature}, exact search:")
         print(f"  {'model':<12} {'k':>4} {'top-1':>7} {'top-5':>7}")
         for name in ("teacher", "random_init"):
             for k, acc in res.get(name, {}).get("by_k", {}).items():
                 print(f"  {name:<12} {k:>4} {acc['top1']:7.2f} {acc['top5']:7.2f}")
     else:
-        print("no evaluation split (data.val_split is null): index only")
+        print("no labelled validation source: index only")
     if res.get("mlflow_run_id"):
         print(f"MLflow k-NN run {res['mlflow_run_id']}")
     print(f"query: python jobs/query_knn.py --index {res['index_dir']} IMAGE.jpg [--key KEY]")

@@ -41,7 +41,8 @@ def _parser() -> argparse.ArgumentParser:
     src.add_argument("--teacher", help="folder with teacher_backbone.safetensors + teacher.json")
     src.add_argument("--run-id", help="MLflow pretraining run whose exported teacher (and, by default, config) to use")
     p.add_argument("--config", help="preset for data/tracking defaults (default: the run's config with --run-id, else local)")
-    p.add_argument("--data", help="dataset root (folder, s3:// prefix or {split} shard pattern; default: the config's data.root)")
+    p.add_argument("--data", help="training source (folder, s3:// prefix, pattern, shard list; default: the config's data.root)")
+    p.add_argument("--val-data", help="evaluation source when --data has no split names (default: the config's data.val_root)")
     p.add_argument("--train-split", help="split the classifier is trained on (default: the config's data.train_split)")
     p.add_argument("--val-split", help="split it is evaluated on (default: the config's data.val_split)")
     p.add_argument("--mode", choices=("augment", "features"), help="augment: the paper's (default with a GPU); features: cached centre-view features (default on CPU)")
@@ -64,10 +65,10 @@ def main(argv: list[str] | None = None) -> int:
     _cli.quiet_libraries()
 
     from pipeline.checkpoint import load_teacher
-    from pipeline.linear_probe import ProbeRequest, ProbeSettings, classifier_files, feature_layout, require_labelled, run_probe
+    from pipeline.knn_index import require_labels
+    from pipeline.linear_probe import PROBE_NEEDS, ProbeRequest, ProbeSettings, classifier_files, feature_layout, run_probe
     from pipeline.pretrain import ensure_data
-    from pipeline.shards import DataError
-    from pipeline.storage import resolve_split
+    from pipeline.shards import DataError, members_from_config
     from pipeline.teacher_source import require_teacher, teacher_from_run
     from pipeline.tracking import resolve_tracking_uri
 
@@ -77,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
         from jobs import build_knn_index as knn_job
 
     try:  # every input problem surfaces here, before a model runs
-        overrides = [f"data.{k}={v}" for k, v in (("root", args.data), ("train_split", args.train_split), ("val_split", args.val_split)) if v]
+        overrides = [f"data.{k}={v}" for k, v in (("root", args.data), ("train_split", args.train_split),
+                                                  ("val_split", args.val_split), ("val_root", args.val_data)) if v]
         cfg, note = knn_job._load_config(argparse.Namespace(config=args.config, run_id=args.run_id, overrides=overrides))
         if note:
             print(f"note: {note}", file=sys.stderr)
@@ -95,8 +97,10 @@ def main(argv: list[str] | None = None) -> int:
         model, meta = load_teacher(teacher)  # readable weights that fit teacher.json: one line, not a traceback
         feature_layout(model, settings.n_last_blocks, settings.avgpool)
         root = ensure_data(cfg)
-        for split in dict.fromkeys((cfg.data.train_split, cfg.data.val_split)):
-            require_labelled(resolve_split(root, split), root)
+        req = ProbeRequest(teacher, root, cfg.data.train_split, cfg.data.val_split, Path("."), None, None,
+                           val_root=cfg.data.val_root, layout=members_from_config(cfg.data))
+        for info in req.sources():
+            require_labels(info, PROBE_NEEDS)
         out = Path(args.out) if args.out else teacher.parent / "linear"
         if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not classifier_files(out)[1].is_file())):
             raise ValueError(f"--out {out} exists and is not a linear-probe folder (no {classifier_files(out)[1].name}); choose another")
@@ -105,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
 
     run_id = args.run_id or meta.get("run_id")
     req = ProbeRequest(teacher, root, cfg.data.train_split, cfg.data.val_split, out, None if args.no_mlflow else uri,
-                       run_id, random_init=args.random_init)
+                       run_id, random_init=args.random_init, val_root=cfg.data.val_root, layout=req.layout)
     try:
         res = run_probe(req, settings)
     except DataError as e:  # found only while reading: unlabelled samples further in, a split with no decodable image
@@ -117,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
 def _report(req, settings, res: dict) -> None:
     from pipeline.linear_probe import scaled_lr
 
-    print(f"linear probe ({settings.mode}) on '{req.val_split}' ({res['n_val']} images), trained on '{req.train_split}' "
+    print(f"linear probe ({settings.mode}) on {res['val']} ({res['n_val']} images), trained on {res['train']} "
           f"({res['n_train']} images), {res['num_classes']} classes, features {res['feature_dim']}-d, "
           f"{settings.epochs} epochs, lr {scaled_lr(settings.base_lr, settings.batch_size):.3g}:")
     print(f"  {'model':<12} {'top-1':>7} {'top-5':>7}")

@@ -41,13 +41,10 @@ def main(argv: list[str] | None = None) -> int:
 
     try:  # every input problem surfaces here, before Ray starts
         cfg = load_config(args.config, args.overrides)
-        prepared = prepare(cfg)
-        if not args.no_knn and cfg.data.val_split:
-            from pipeline.storage import resolve_split
-
-            resolve_split(prepared.data_root, cfg.data.val_split)
+        prepared = prepare(cfg, entry_point="jobs/pretrain.py")
     except (ValueError, FileNotFoundError) as e:
         return _cli.fail(str(e))
+    _describe_data(prepared)
 
     try:
         result = pretrain(prepared)
@@ -58,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     if result.metrics.get("skipped_samples"):
         print(f"skipped {result.metrics['skipped_samples']} bad sample(s): {_skipped_summary(result.metrics['data'], cfg.data.max_sample_crashes)}")
     try:
-        if not args.no_knn and cfg.data.val_split:
+        if not args.no_knn:
             _knn(cfg, prepared, result)
     finally:
         logged = result.close_timeline()
@@ -76,25 +73,47 @@ def _skipped_summary(stats: dict, max_crashes: int) -> str:
                       if poison else "")
 
 
+def _describe_data(p) -> None:
+    """What will be read, in two lines: the training source and the validation source (or why there is none)."""
+    t = p.train
+    labels = {True: "labelled", False: "unlabelled", None: "labels not checked"}[t.labelled]
+    counted = f"{t.count:,} samples" if t.counted else "samples counted on Ray once it starts"
+    print(f"training data: {t.describe()}: {len(t.paths):,} shards, {counted} ({t.counted_by or 'tar headers'}), {labels}")
+    if p.val is not None:
+        v = p.val
+        n = f"{v.count:,} samples" if v.counted else "samples counted on Ray"
+        print(f"validation data: {v.describe()}: {len(v.paths):,} shards, {n}, "
+              f"{'labelled' if v.labelled else 'unlabelled'}")
+    else:
+        print(f"validation data: none ({p.val_note})")
+
+
 def _knn(cfg, prepared, result) -> None:
     from pipeline.knn_index import KnnRequest, evaluate_teacher
+    from pipeline.sources import knn_protocol
 
+    protocol, note = knn_protocol(prepared.train, prepared.val)
+    print(note)
     req = KnnRequest(
-        data_root=prepared.data_root,
-        train_split=cfg.data.train_split,
-        val_split=cfg.data.val_split,
+        train=prepared.train,
+        val=prepared.val if protocol is not None else None,
         out_dir=Path(cfg.output_dir) / prepared.run_name / "knn",
         tracking_uri=result.tracking_uri,
         pretrain_run_id=result.run_id,
+        protocol=protocol or "paper",
     )
     baselines = cfg.knn.baselines
     knn = evaluate_teacher(cfg, req, result.teacher_dir, random_baseline="random_init" in baselines,
                            pixel_baseline="raw_pixels" in baselines)
+    if protocol is None:
+        print(f"index of {knn['n_db']:,} images: {knn['index_dir']}; MLflow k-NN run {knn['mlflow_run_id']} "
+              f"(child of {result.run_id})")
+        return
     from pipeline.summary import comparison_lines
 
     rows = knn if result.start_knn is None else {**knn, "start": result.start_knn}  # its own row of the table
     for line in comparison_lines(rows, result.metrics.get("attention_jaccard"), k=cfg.knn.k,
-                                 temperature=cfg.knn.temperature, split=cfg.data.val_split):
+                                 temperature=cfg.knn.temperature, split=prepared.val.split or prepared.val.describe()):
         print(line)
     if result.start_knn is not None:
         from pipeline.pretrain import compare_with_start

@@ -180,15 +180,15 @@ def collect(batches: Iterable[dict[str, np.ndarray]], splits: dict[str, SplitInf
         rows = np.flatnonzero(np.isin(shards.astype(str), np.asarray(info.paths, dtype=str)))
         if len(rows) == 0:
             raise DataError(
-                f"split {split!r} is empty: none of its {info.count} sample(s) in {len(info.paths)} shard(s) "
+                f"{info.describe()} is empty: none of its {info.count} sample(s) in {len(info.paths)} shard(s) "
                 f"(e.g. {info.paths[0]}) has a decodable image"
             )
         rows = rows[np.argsort(keys[rows].astype(str), kind="stable")]
         if len(rows) < info.count:
-            log.warning("split %r: embedded %d of %d samples (%d skipped)", split, len(rows), info.count, info.count - len(rows))
+            log.warning("%s: embedded %d of %d samples (%d skipped)", info.describe(), len(rows), info.count, info.count - len(rows))
         dupes = len(rows) - len(np.unique(keys[rows].astype(str)))
         if dupes:
-            log.warning("split %r: %d duplicate key(s); a query by key returns the first", split, dupes)
+            log.warning("%s: %d duplicate key(s); a query by key returns the first", info.describe(), dupes)
         for m in models:
             feats = cols[f"feature_{m}"]
             out[m][split] = Embeddings(
@@ -229,7 +229,8 @@ def embed_splits(
     shipped = {name: (spec, ray.put(w) if w is not None else None) for name, (spec, w) in models.items()}
     paths = sorted({p for info in splits.values() for p in info.paths})  # a shard in two splits is read once
     gpus = int(ray.cluster_resources().get("GPU", 0))
-    ds = read_shards(paths, shuffle=False, num_cpus=read_cpus, label_selector=cpu_side.get("label_selector"))
+    layout = next(iter(splits.values())).members  # one run's sources share data.image_keys / label_key
+    ds = read_shards(paths, shuffle=False, num_cpus=read_cpus, label_selector=cpu_side.get("label_selector"), layout=layout)
     if cpu_side:  # the dataset's default (its resource requests to the autoscaler too); GPU actors override it
         ds.context.execution_options.label_selector = dict(cpu_side["label_selector"])
     embedder = {"fn_constructor_kwargs": {"models": shipped, "image_size": image_size, "decode": not gpus},
@@ -266,6 +267,7 @@ def embed_in_process(
         raise ValueError(f"models to embed together must share one input size, got {sorted(sizes)}")
     embedder = Embedder(models, sizes.pop(), decode=True)
     paths = sorted({p for info in splits.values() for p in info.paths})
-    tables = read_shard_tables({"path": paths}, filesystem_for(paths), rows_per_table=batch_size)
+    layout = next(iter(splits.values())).members
+    tables = read_shard_tables({"path": paths}, filesystem_for(paths), rows_per_table=batch_size, layout=layout)
     batches = (embedder({c: np.array(t.column(c).to_pylist(), dtype=object) for c in t.column_names}) for t in tables)
     return collect(batches, splits, list(models))

@@ -18,7 +18,7 @@ import io
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +37,7 @@ from pipeline.faiss_index import (
     search,
 )
 from pipeline.features import Embeddings
-from pipeline.shards import DataError
+from pipeline.shards import DataError, SplitInfo
 
 log = logging.getLogger(__name__)
 
@@ -48,57 +48,80 @@ PER_CLASS_TABLE = "knn_per_class.csv"
 BASELINES = ("teacher", "random_init", "raw_pixels")  # the models an evaluation may hold, in report order
 
 
+PROTOCOLS = ("paper", "leave_one_out")
+
+
 @dataclass(frozen=True)
 class KnnRequest:
-    """What to embed and where to report it. ``val_split`` None: build the index only, no evaluation."""
+    """What to embed and where to report it: the index is built from ``train``; ``val`` None: the index only,
+    no evaluation. ``protocol`` (:func:`pipeline.sources.knn_protocol`): ``paper`` = ``val`` queries against
+    ``train``; ``leave_one_out`` = each ``val`` image against the other ``val`` images (an unlabelled ``train``)."""
 
-    data_root: str
-    train_split: str
-    val_split: str | None
+    train: SplitInfo
+    val: SplitInfo | None
     out_dir: Path
     tracking_uri: str
     pretrain_run_id: str | None
+    protocol: str = "paper"
+
+    @classmethod
+    def of(cls, data_root, train_split: str, val_split: str | None, out_dir: Path, tracking_uri: str,
+           pretrain_run_id: str | None) -> "KnnRequest":
+        """Both from one labelled source with split names (counted here: local sources, or Ray running)."""
+        from pipeline.storage import resolve_split
+
+        val = resolve_split(data_root, val_split) if val_split else None
+        return cls(resolve_split(data_root, train_split), val, Path(out_dir), tracking_uri, pretrain_run_id)
 
 
-def check_labels(emb: Embeddings, split: str, root: str, classes: list[str] | None) -> None:
-    """Every sample labelled, and inside the dataset's class list when it has one; else a one-line DataError."""
+KNN_NEEDS = "weighted k-NN evaluation needs labels on the database and the queries"
+
+
+def check_labels(emb: Embeddings, info: SplitInfo, classes: list[str] | None, needs: str = KNN_NEEDS) -> None:
+    """Every sample labelled, and inside the dataset's class list when it has one; else a one-line DataError
+    ending in ``needs`` (what the labels are for)."""
     missing = int((emb.labels < 0).sum())
     if missing:
-        raise DataError(
-            f"split {split!r} of {root}: {missing} of {len(emb)} samples have no label ('cls' member); "
-            f"weighted k-NN evaluation needs labels on the database and evaluation splits"
-        )
+        raise DataError(f"{info.describe()}: {missing} of {len(emb)} samples have no label ({info.members.label_words()}); {needs}")
     if classes is not None and emb.labels.max() >= len(classes):
-        raise DataError(f"split {split!r} of {root}: label {int(emb.labels.max())} outside the dataset's {len(classes)} classes")
+        raise DataError(f"{info.describe()}: label {int(emb.labels.max())} outside the dataset's {len(classes)} classes")
 
 
-def require_labels(info, root: str) -> None:
-    """Before Ray: the split's first sample must carry a ``cls`` label (a cheap guard; one shard member read).
+def require_labels(info: SplitInfo, needs: str = "k-NN evaluation needs labels; pass data.val_split=null to build "
+                                                  "the index only") -> None:
+    """Before Ray: the source's first sample must carry a label (a cheap guard; one shard member read).
 
     Raises:
-        DataError: naming the split and shard when its first sample has no label.
+        DataError: naming the source and shard when its first sample has no label, ending in ``needs``.
     """
-    from pipeline.storage import filesystem_for
-    from pipeline.tar_reader import read_shard
+    from pipeline.sources import first_sample
 
-    first = info.paths[0]
-    rows = read_shard({"path": first}, filesystem_for([first]))
-    try:
-        row = next((r for r in rows if r["__error__"] is None), None)
-    finally:
-        rows.close()  # stop streaming the shard after its first sample
-    if row is not None and row["cls"] is None:
-        raise DataError(
-            f"split {info.split!r} of {root} has no labels (sample {row['__key__']} in {first} has no 'cls' "
-            f"member): k-NN evaluation needs labelled splits; pass data.val_split=null to build the index only"
-        )
+    if info.labelled:
+        return
+    key, members = first_sample(info.paths[0], info.members)
+    if key is not None and info.members.label_bytes(members) is None:
+        raise DataError(f"{info.describe()} has no labels (sample {key} in {info.paths[0]} has no "
+                        f"{info.members.label_words()}): {needs}")
 
 
-def knn_scores(index, db_labels: np.ndarray, queries: np.ndarray, num_classes: int, ks: list[int], temperature: float) -> dict[int, torch.Tensor]:
-    """``{k: (M, C) class scores}`` of the weighted vote, from one search of ``max(ks)`` neighbours."""
+def knn_scores(index, db_labels: np.ndarray, queries: np.ndarray, num_classes: int, ks: list[int], temperature: float,
+               exclude_self: bool = False) -> dict[int, torch.Tensor]:
+    """``{k: (M, C) class scores}`` of the weighted vote, from one search of ``max(ks)`` neighbours.
+
+    ``exclude_self``: the queries are the database itself (row ``i`` is item ``i``): each query's own entry is
+    left out of its neighbours (leave-one-out)."""
     from dino.knn import vote_for_each_k
 
-    sims, ids = search(index, queries, max(ks))  # (M, K) each, best first
+    k = max(ks)
+    if not exclude_self:
+        sims, ids = search(index, queries, k)  # (M, K) each, best first
+    else:
+        sims, ids = search(index, queries, k + 1)
+        own = ids == np.arange(len(ids))[:, None]
+        own[~own.any(axis=1), -1] = True  # self not among the nearest (ties): drop the farthest instead
+        keep = ~own
+        sims = sims[keep].reshape(len(ids), -1)
+        ids = ids[keep].reshape(len(ids), -1)
     return vote_for_each_k(torch.from_numpy(sims), torch.from_numpy(db_labels[ids]), num_classes, ks, temperature)
 
 
@@ -134,12 +157,14 @@ def _per_class_rows(scores: torch.Tensor, labels: np.ndarray, num_classes: int, 
 
 
 def _evaluate(pairs: dict[str, tuple[Embeddings, Embeddings]], teacher_exact, num_classes: int, classes: list[str] | None,
-              ks: list[int], kn, eval_split: str) -> tuple[dict[str, Any], dict[str, str]]:
-    """Weighted k-NN of each model's ``(database, queries)`` by exact search: accuracies and the table files."""
+              ks: list[int], kn, eval_split: str, protocol: str = "paper") -> tuple[dict[str, Any], dict[str, str]]:
+    """Weighted k-NN of each model's ``(database, queries)`` by exact search: accuracies and the table files.
+    ``leave_one_out``: the database is the queries, each query's own entry left out."""
     results, acc_rows, per_class = {}, [], []
+    loo = protocol == "leave_one_out"
     for name, (db, q) in pairs.items():
-        index = teacher_exact if name == "teacher" else exact_index(db.features)
-        scores = knn_scores(index, db.labels, q.features, num_classes, ks, kn.temperature)
+        index = teacher_exact if name == "teacher" and not loo else exact_index(db.features)
+        scores = knn_scores(index, db.labels, q.features, num_classes, ks, kn.temperature, exclude_self=loo)
         by_k = accuracy_rows(scores, q.labels)
         results[name] = {**by_k[kn.k], "by_k": by_k}
         acc_rows += [[name, k, round(v["top1"], 4), round(v["top5"], 4)] for k, v in by_k.items()]
@@ -149,35 +174,40 @@ def _evaluate(pairs: dict[str, tuple[Embeddings, Embeddings]], teacher_exact, nu
     tables = {
         f"{ACCURACY_TABLE}.csv": _csv(["model", "k", "top1", "top5"], acc_rows),
         f"{ACCURACY_TABLE}.json": json.dumps(
-            {"temperature": kn.temperature, "eval_split": eval_split, "n_queries": len(q), "n_db": len(db),
+            {"temperature": kn.temperature, "eval_split": eval_split, "protocol": protocol, "n_queries": len(q), "n_db": len(db),
              "rows": [dict(zip(["model", "k", "top1", "top5"], r)) for r in acc_rows]}, indent=2),
         PER_CLASS_TABLE: _csv(["class_id", "class_name", "count", f"top1_k{kn.k}", f"top5_k{kn.k}"], per_class),
     }
     return results, tables
 
 
-def knn_accuracies(cfg, data_root: str, models: dict[str, tuple[BackboneSpec, dict[str, torch.Tensor] | None]], *,
-                   embed_fn=None) -> dict[str, dict[str, Any]]:
+def knn_accuracies(cfg, train: SplitInfo, val: SplitInfo, models: dict[str, tuple[BackboneSpec, dict[str, torch.Tensor] | None]], *,
+                   protocol: str = "paper", embed_fn=None) -> dict[str, dict[str, Any]]:
     """Weighted k-NN of backbones by the paper's protocol (exact search, ``knn.*`` settings), nothing saved.
 
-    The database is ``data.train_split``, the queries ``data.val_split``, both embedded in one pass.
-    Returns ``{name: {"top1", "top5", "by_k"}}`` (percent; ``top1``/``top5`` at ``knn.k``).
+    The database is ``train``, the queries ``val``, both embedded in one pass (``leave_one_out``: ``val`` alone,
+    each image against the others). Returns ``{name: {"top1", "top5", "by_k"}}`` (percent; ``top1``/``top5`` at
+    ``knn.k``).
     """
     from pipeline.embed import embed_splits
-    from pipeline.storage import resolve_split
 
-    kn, d = cfg.knn, cfg.data
+    kn = cfg.knn
     ks = sorted(set(kn.ks) | {kn.k})
-    train, val = resolve_split(data_root, d.train_split), resolve_split(data_root, d.val_split)
-    emb = (embed_fn or embed_splits)({d.train_split: train, d.val_split: val}, models, batch_size=kn.batch_size,
-                                     actors=kn.actors, read_cpus=cfg.ray.read_cpus_per_task, ray_config=cfg.ray)
+    loo = protocol == "leave_one_out"
+    splits = {"queries": val} if loo else {"database": train, "queries": val}
+    emb = (embed_fn or embed_splits)(splits, models, batch_size=kn.batch_size, actors=kn.actors,
+                                     read_cpus=cfg.ray.read_cpus_per_task, ray_config=cfg.ray)
+    classes = val.classes if loo else train.classes
     out = {}
     for name in models:
-        db, q = emb[name][d.train_split], emb[name][d.val_split]
-        check_labels(db, d.train_split, data_root, train.classes)
-        check_labels(q, d.val_split, data_root, train.classes)
-        num_classes = len(train.classes) if train.classes is not None else int(max(db.labels.max(), q.labels.max())) + 1
-        by_k = accuracy_rows(knn_scores(exact_index(db.features), db.labels, q.features, num_classes, ks, kn.temperature), q.labels)
+        q = emb[name]["queries"]
+        db = q if loo else emb[name]["database"]
+        if not loo:
+            check_labels(db, train, classes)
+        check_labels(q, val, classes)
+        num_classes = len(classes) if classes is not None else int(max(db.labels.max(), q.labels.max())) + 1
+        scores = knn_scores(exact_index(db.features), db.labels, q.features, num_classes, ks, kn.temperature, exclude_self=loo)
+        by_k = accuracy_rows(scores, q.labels)
         out[name] = {**by_k[kn.k], "by_k": by_k}
     return out
 
@@ -196,15 +226,16 @@ def evaluate_teacher(cfg, req: KnnRequest, teacher_dir: Path, *, random_baseline
     """
     from pipeline.checkpoint import TEACHER_WEIGHTS, load_teacher
     from pipeline.embed import embed_splits
-    from pipeline.storage import resolve_split
     from pipeline.teacher_source import file_sha256
 
     kn = cfg.knn
     ks = sorted(set(kn.ks) | {kn.k})
-    train = resolve_split(req.data_root, req.train_split)
-    val = resolve_split(req.data_root, req.val_split) if req.val_split else None
-    if val is not None and req.val_split == req.train_split:
-        log.warning("evaluation split is the database split %r: every query finds itself, accuracies are optimistic", req.train_split)
+    train, val, protocol = req.train, req.val, req.protocol
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown k-NN protocol {protocol!r} (one of {', '.join(PROTOCOLS)})")
+    loo = val is not None and protocol == "leave_one_out"
+    if val is not None and not loo and val.paths == train.paths:
+        log.warning("the queries are the database (%s): every query finds itself, accuracies are optimistic", val.describe())
     model, meta = load_teacher(teacher_dir)
     image_size = kn.image_size or meta["image_size"]  # knn.image_size overrides the size the teacher was exported for
     spec = BackboneSpec(meta["arch"], meta["timm_kwargs"], image_size, seed=cfg.seed)
@@ -213,24 +244,27 @@ def evaluate_teacher(cfg, req: KnnRequest, teacher_dir: Path, *, random_baseline
         models["random_init"] = (spec, None)
     if pixel_baseline and val is not None:
         models["raw_pixels"] = (raw_pixels_spec(image_size), None)
-    splits = {req.train_split: train} | ({req.val_split: val} if val is not None else {})
+    splits = {"database": train} | ({"queries": val} if val is not None else {})
 
     t0 = time.perf_counter()
     emb = (embed_fn or embed_splits)(splits, models, batch_size=kn.batch_size, actors=kn.actors,
                                      read_cpus=cfg.ray.read_cpus_per_task, ray_config=cfg.ray)
     embed_s = time.perf_counter() - t0
-    db = emb["teacher"][req.train_split]
-    queries = emb["teacher"][req.val_split] if val is not None else None
-    n_images = len(db) + (len(queries) if queries is not None and req.val_split != req.train_split else 0)
+    db = emb["teacher"]["database"]
+    queries = emb["teacher"]["queries"] if val is not None else None
+    n_images = len(db) + (len(queries) if queries is not None and val.paths != train.paths else 0)
     log.info("embedded %d image(s) in %.1f s (%.1f images/s)", n_images, embed_s, n_images / max(embed_s, 1e-9))
 
-    classes = train.classes
-    results: dict[str, Any] = {"n_db": len(db), "n_queries": len(queries) if queries is not None else 0, "ks": ks, "k": kn.k}
+    classes = (val.classes if loo else train.classes) if val is not None else train.classes
+    results: dict[str, Any] = {"n_db": len(db), "n_queries": len(queries) if queries is not None else 0, "ks": ks, "k": kn.k,
+                               "protocol": protocol if val is not None else None}
     num_classes = 0
     if queries is not None:
-        check_labels(db, req.train_split, req.data_root, classes)
-        check_labels(queries, req.val_split, req.data_root, classes)
-        num_classes = len(classes) if classes is not None else int(max(db.labels.max(), queries.labels.max())) + 1
+        if not loo:
+            check_labels(db, train, classes)
+        check_labels(queries, val, classes)
+        ref = queries if loo else db
+        num_classes = len(classes) if classes is not None else int(max(ref.labels.max(), queries.labels.max())) + 1
 
     # The saved index, and exact search for the paper's protocol and as the recall reference.
     t0 = time.perf_counter()
@@ -245,8 +279,8 @@ def evaluate_teacher(cfg, req: KnnRequest, teacher_dir: Path, *, random_baseline
 
     tables: dict[str, str] = {}
     if queries is not None:
-        pairs = {name: (emb[name][req.train_split], emb[name][req.val_split]) for name in models}
-        accuracies, tables = _evaluate(pairs, exact, num_classes, classes, ks, kn, req.val_split)
+        pairs = {name: ((emb[name]["queries"] if loo else emb[name]["database"]), emb[name]["queries"]) for name in models}
+        accuracies, tables = _evaluate(pairs, exact, num_classes, classes, ks, kn, val.split or val.describe(), protocol)
         results.update(accuracies)
 
     manifest = IndexManifest(
@@ -261,10 +295,10 @@ def evaluate_teacher(cfg, req: KnnRequest, teacher_dir: Path, *, random_baseline
         index_params=params,
         recall_at_k=recall,
         recall_queries=n_recall,
-        data_root=req.data_root,
-        split=req.train_split,
-        eval_split=req.val_split if queries is not None else None,
-        classes=classes,
+        data_root=train.source,
+        split=train.split or "",
+        eval_split=(val.split or val.describe()) if queries is not None else None,
+        classes=train.classes,
         skipped=train.count - len(db),
         teacher_dir=str(Path(teacher_dir).absolute()),
         teacher_sha256=file_sha256(Path(teacher_dir) / TEACHER_WEIGHTS),
@@ -302,8 +336,9 @@ def _log_knn_run(cfg, req: KnnRequest, results: dict[str, Any], manifest: IndexM
     rid = client.create_run(exp_id, run_name=run_name, tags=tags).info.run_id
     kn = cfg.knn
     params = {
-        "k": kn.k, "ks": ",".join(map(str, results["ks"])), "temperature": kn.temperature, "data_root": req.data_root,
-        "split": req.train_split, "eval_split": req.val_split or "", "arch": manifest.arch, "index": kn.index,
+        "k": kn.k, "ks": ",".join(map(str, results["ks"])), "temperature": kn.temperature, "data_root": req.train.source,
+        "split": req.train.split or "", "eval_split": req.val.describe() if req.val is not None else "",
+        "protocol": results["protocol"] or "none", "arch": manifest.arch, "index": kn.index,
         "faiss_index": manifest.faiss_index, "n_db": results["n_db"], "n_queries": results["n_queries"],
         "batch_size": kn.batch_size, "actors": kn.actors, **{f"index.{k}": v for k, v in results["index_params"].items()},
     }

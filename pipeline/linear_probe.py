@@ -49,7 +49,8 @@ import torch
 from torch import Tensor, nn
 
 from pipeline.embed import META_COLUMNS, BackboneSpec, build_backbone, collect, decode_views
-from pipeline.shards import DataError, SplitInfo
+from pipeline.knn_index import check_labels
+from pipeline.shards import DEFAULT_MEMBERS, DataError, Members, SplitInfo
 
 log = logging.getLogger(__name__)
 
@@ -293,12 +294,12 @@ def cached_batches(train: dict[str, tuple[Tensor, Tensor]], batch_size: int, see
 # ------------------------------------------------------------------------------------------------- data
 
 
-def _raw_batches(paths: list[str], rows: int) -> Iterator[dict[str, np.ndarray]]:
+def _raw_batches(paths: list[str], rows: int, layout: Members = DEFAULT_MEMBERS) -> Iterator[dict[str, np.ndarray]]:
     """Shard rows as dicts of object columns, ``rows`` at a time: the reader ``embed_in_process`` uses."""
     from pipeline.storage import filesystem_for
     from pipeline.tar_reader import read_shard_tables
 
-    for t in read_shard_tables({"path": paths}, filesystem_for(paths), rows_per_table=rows):
+    for t in read_shard_tables({"path": paths}, filesystem_for(paths), rows_per_table=rows, layout=layout):
         yield {c: np.array(t.column(c).to_pylist(), dtype=object) for c in t.column_names}
 
 
@@ -313,9 +314,10 @@ def embed_center_views(
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     models = {name: (m.to(device).eval(), lay) for name, (m, lay) in models.items()}
     paths = sorted({p for info in splits.values() for p in info.paths})
+    layout = next(iter(splits.values())).members
 
     def batches():
-        for raw in _raw_batches(paths, batch_size):
+        for raw in _raw_batches(paths, batch_size, layout):
             b = decode_views(raw, image_size)
             out = {c: b[c] for c in META_COLUMNS}
             for name, (model, lay) in models.items():
@@ -361,7 +363,8 @@ def split_labels(info: SplitInfo) -> np.ndarray:
     on a dataset without a class list, where the class count is otherwise unknown before training."""
     from pipeline.data import _label
 
-    return np.array([_label(c) for raw in _raw_batches(info.paths, 256) for c in raw.get("cls", [])], dtype=np.int64)
+    return np.array([_label(c) for raw in _raw_batches(info.paths, 256, info.members) for c in raw.get("cls", [])],
+                    dtype=np.int64)
 
 
 def augmented_batches(
@@ -388,11 +391,11 @@ def augmented_batches(
             feats = {name: features_of_views(m, views, lay, device) for name, (m, lay) in models.items()}
             return feats, torch.tensor([y for _, y in picks], dtype=torch.long)
 
-        for raw in _raw_batches(paths, 64):
+        for raw in _raw_batches(paths, 64, info.members):
             b = train_views(raw, image_size, rng)
             if b["unlabelled"]:
-                raise DataError(f"split {info.split!r}: {b['unlabelled']} sample(s) without a label ('cls' member) in "
-                                f"{raw['__url__'][0]}; the linear probe needs a labelled training split")
+                raise DataError(f"{info.describe()}: {b['unlabelled']} sample(s) without a label ({info.members.label_words()}) "
+                                f"in {raw['__url__'][0]}; {PROBE_NEEDS}")
             pool.extend(zip(b["view"], b["label"].tolist()))
             while len(pool) >= max(settings.shuffle_buffer, settings.batch_size):
                 yield take(settings.batch_size)
@@ -402,30 +405,7 @@ def augmented_batches(
     return epoch_batches
 
 
-def check_labels(emb, split: str, root: str, num_classes: int | None) -> None:
-    """Every sample labelled (and inside the class list when there is one); else a one-line DataError."""
-    missing = int((emb.labels < 0).sum())
-    if missing:
-        raise DataError(f"split {split!r} of {root}: {missing} of {len(emb)} samples have no label ('cls' member); "
-                        f"the linear probe needs labelled training and evaluation splits")
-    if num_classes is not None and emb.labels.max() >= num_classes:
-        raise DataError(f"split {split!r} of {root}: label {int(emb.labels.max())} outside the dataset's {num_classes} classes")
-
-
-def require_labelled(info: SplitInfo, root: str) -> None:
-    """Cheap guard before any model runs: the split's first sample must carry a ``cls`` label."""
-    from pipeline.storage import filesystem_for
-    from pipeline.tar_reader import read_shard
-
-    first = info.paths[0]
-    rows = read_shard({"path": first}, filesystem_for([first]))
-    try:
-        row = next((r for r in rows if r["__error__"] is None), None)
-    finally:
-        rows.close()
-    if row is not None and row["cls"] is None:
-        raise DataError(f"split {info.split!r} of {root} has no labels (sample {row['__key__']} in {first} has no 'cls' "
-                        f"member): the linear probe needs labelled splits")
+PROBE_NEEDS = "the linear probe needs labelled training and evaluation sources"
 
 
 # ------------------------------------------------------------------------------------------- the job
@@ -433,16 +413,32 @@ def require_labelled(info: SplitInfo, root: str) -> None:
 
 @dataclass(frozen=True)
 class ProbeRequest:
-    """What to evaluate and where results go."""
+    """What to evaluate and where results go: the classifier trains on ``train_split`` of ``data_root`` (all of it
+    when it has no split names) and is evaluated on ``val_split`` of ``val_root`` (default ``data_root``);
+    ``layout``: the samples' image and label members (``data.image_keys``, ``data.label_key``)."""
 
     teacher_dir: Path
-    data_root: str
-    train_split: str
-    val_split: str
+    data_root: str | list[str]
+    train_split: str | None
+    val_split: str | None
     out_dir: Path
     tracking_uri: str | None  # None: no MLflow
     pretrain_run_id: str | None
     random_init: bool = False
+    val_root: str | list[str] | None = None
+    layout: Members = DEFAULT_MEMBERS
+
+    def sources(self) -> tuple[SplitInfo, SplitInfo]:
+        """The training and evaluation sources, counted (:mod:`pipeline.sources`); a one-line error when the
+        evaluation source would be the training collection itself by default."""
+        from pipeline.sources import ensure_counted, resolve_source
+
+        train = ensure_counted(resolve_source(self.data_root, self.train_split, members=self.layout))
+        val = ensure_counted(resolve_source(self.val_root or self.data_root, self.val_split, members=self.layout))
+        if self.val_root is None and val.split is None:
+            raise DataError(f"{train.describe()} has no split names: pass the evaluation source separately "
+                            f"(--val-data); a collection is never its own evaluation set")
+        return train, val
 
 
 def run_probe(req: ProbeRequest, settings: ProbeSettings) -> dict[str, Any]:
@@ -452,7 +448,6 @@ def run_probe(req: ProbeRequest, settings: ProbeSettings) -> dict[str, Any]:
     "mlflow_run_id", "num_classes", "n_train", "n_val", "settings"}`` (accuracies in percent).
     """
     from pipeline.checkpoint import TEACHER_WEIGHTS, load_teacher
-    from pipeline.storage import resolve_split
     from pipeline.teacher_source import file_sha256
 
     settings.validate()
@@ -462,19 +457,19 @@ def run_probe(req: ProbeRequest, settings: ProbeSettings) -> dict[str, Any]:
     if req.random_init:
         rnd = build_backbone(BackboneSpec(meta["arch"], meta["timm_kwargs"], image_size, seed=settings.seed), None)
         models["random_init"] = (rnd, models["teacher"][1])
-    train, val = resolve_split(req.data_root, req.train_split), resolve_split(req.data_root, req.val_split)
-    if req.train_split == req.val_split:
-        log.warning("evaluation split is the training split %r: accuracies are optimistic", req.train_split)
+    train, val = req.sources()
+    if val.paths == train.paths:
+        log.warning("the evaluation source is the training source (%s): accuracies are optimistic", train.describe())
     classes = train.classes
-    tr, va = req.train_split, req.val_split
+    tr, va = "train", "val"
     want = {va: val} if settings.mode == "augment" else {tr: train, va: val}  # augment: training views per epoch
     emb = embed_center_views(want, models, image_size, batch_size=min(settings.batch_size, 256))
     v = emb["teacher"][va]
-    check_labels(v, va, req.data_root, len(classes) if classes else None)
+    check_labels(v, val, classes, PROBE_NEEDS)
     val_feats = {n: (torch.from_numpy(e[va].features), torch.from_numpy(v.labels)) for n, e in emb.items()}
     if settings.mode == "features":
         t = emb["teacher"][tr]
-        check_labels(t, tr, req.data_root, len(classes) if classes else None)
+        check_labels(t, train, classes, PROBE_NEEDS)
         train_feats = {n: (torch.from_numpy(e[tr].features), torch.from_numpy(t.labels)) for n, e in emb.items()}
         batches, n_train = cached_batches(train_feats, settings.batch_size, settings.seed), len(t)
         train_labels = t.labels
@@ -494,11 +489,12 @@ def run_probe(req: ProbeRequest, settings: ProbeSettings) -> dict[str, Any]:
     train_s = time.perf_counter() - t0
     layout = models["teacher"][1]
     doc = {"arch": meta["arch"], "timm_kwargs": meta["timm_kwargs"], "image_size": image_size, "layout": asdict(layout),
-           "num_classes": num_classes, "classes": classes, "settings": asdict(settings), "data_root": req.data_root,
-           "train_split": req.train_split, "val_split": req.val_split, "run_id": req.pretrain_run_id,
+           "num_classes": num_classes, "classes": classes, "settings": asdict(settings), "data_root": train.source,
+           "train_split": train.split, "val_root": val.source, "val_split": val.split, "run_id": req.pretrain_run_id,
            "teacher_dir": str(Path(req.teacher_dir).absolute()),
            "teacher_sha256": file_sha256(Path(req.teacher_dir) / TEACHER_WEIGHTS)}
     out: dict[str, Any] = {"out_dir": str(req.out_dir), "num_classes": num_classes, "n_train": n_train, "n_val": len(v),
+                           "train": train.describe(), "val": val.describe(),
                            "settings": asdict(settings), "train_s": train_s, "feature_dim": layout.dim}
     for name in ("teacher", "random_init"):  # no stale baseline from an earlier run in the folder
         if name not in results:
@@ -589,7 +585,8 @@ class _ProbeTracker:
                       "epochs": settings.epochs, "base_lr": settings.base_lr, "lr": scaled_lr(settings.base_lr, settings.batch_size),
                       "batch_size": settings.batch_size, "seed": settings.seed, "image_size": settings.image_size or meta["image_size"],
                       "arch": meta["arch"], "feature_dim": dim, "data_root": req.data_root, "train_split": req.train_split,
-                      "val_split": req.val_split, "n_train": n_train, "n_val": n_val, "random_init": req.random_init}
+                      "val_root": req.val_root or req.data_root, "val_split": req.val_split, "n_train": n_train,
+                      "n_val": n_val, "random_init": req.random_init}
             client.log_batch(rid, params=[Param(k, str(v)) for k, v in redact(params).items()])
             return cls(client, rid, parent)
         except Exception as e:

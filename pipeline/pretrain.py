@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import platform
+import re
 import subprocess
 import sys
 import tempfile
@@ -19,8 +20,7 @@ from typing import Any
 
 from pipeline.config import Config
 from pipeline.shards import DataError, SplitInfo
-from pipeline.storage import resolve_split
-from pipeline.tracking import create_run, metric_name, redact, resolve_tracking_uri
+from pipeline.tracking import create_run, log_dataset_inputs, metric_name, redact, resolve_tracking_uri
 
 log = logging.getLogger(__name__)
 
@@ -30,15 +30,17 @@ class Prepared:
     """A validated plan for one run (no Ray resources requested yet)."""
 
     cfg: Config
-    data_root: str
-    train: SplitInfo
-    steps_per_epoch: int
+    data_root: str | list[str]
+    train: SplitInfo  # its counts may hold None until count_shards() (object storage without an index)
+    steps_per_epoch: int | None  # None until the training source is counted
     global_batch_size: int
     tracking_uri: str
     experiment: str
     run_name: str
-    val: SplitInfo | None = None  # for attention maps (and the k-NN evaluation); None when absent
+    val: SplitInfo | None = None  # for attention maps and the k-NN evaluation; None when there is no validation source
     start: Any = None  # model.init_from read and mapped onto the model (pipeline.init_weights.StartWeights), or None
+    val_note: str | None = None  # why there is no validation source, for the user
+    entry_point: str = ""  # the script the run was started from (the MLflow run's source)
 
 
 @dataclass
@@ -97,37 +99,51 @@ def ensure_data(cfg: Config) -> str:
     return str(out.resolve())
 
 
-def dataset_name(root: str) -> str:
-    """A short name for experiment/run names: the folder, or the folder holding a shard pattern."""
+def dataset_name(root) -> str:
+    """A short name for experiment/run names: the folder, the folder holding a pattern or a shard list, or the
+    first of a list of sources."""
     from pipeline.storage import is_pattern
 
-    path = Path(root.rstrip("/"))
-    return (path.parent.name if is_pattern(root) else path.name) or "dataset"
+    if isinstance(root, (list, tuple)):
+        root = root[0]
+    path = Path(str(root).rstrip("/"))
+    inside = is_pattern(str(root)) or path.suffix in (".tar", ".json")
+    name = path.parent.name if inside else path.name
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", name) or "dataset"
 
 
-def prepare(cfg: Config) -> Prepared:
-    """Validate data and sizes and compute the step plan. Raises one-line errors; starts nothing."""
-    from pipeline.preflight import check_before_ray
-
-    check_before_ray(cfg, resolve_tracking_uri(cfg.tracking.tracking_uri))  # the model, the store, local CPUs
-    root = ensure_data(cfg)
-    train = resolve_split(root, cfg.data.train_split)
+def steps_per_epoch(cfg: Config, train: SplitInfo) -> int:
+    """Full global batches in one pass over the (counted) training source; a one-line error when there is none."""
     global_batch = cfg.optim.batch_size_per_worker * cfg.ray.num_workers
     steps = train.count // global_batch
     if steps == 0:
         raise DataError(
-            f"split '{cfg.data.train_split}' of {root} has {train.count} samples, fewer than one global batch "
+            f"{train.describe()} has {train.count} samples, fewer than one global batch "
             f"({cfg.optim.batch_size_per_worker} x {cfg.ray.num_workers} workers = {global_batch})"
         )
+    return steps
+
+
+def prepare(cfg: Config, entry_point: str | None = None) -> Prepared:
+    """Validate data and sizes and compute the step plan. Raises one-line errors; starts nothing.
+
+    The training and validation sources are listed and, where an index or the local tar headers can tell,
+    counted here (:mod:`pipeline.sources`); shards on object storage that no index counts are counted by Ray
+    tasks once Ray has started (:func:`count_shards`). ``entry_point``: the script that started the run."""
+    from pipeline.preflight import check_before_ray
+    from pipeline.sources import validation_source
+
+    check_before_ray(cfg, resolve_tracking_uri(cfg.tracking.tracking_uri))  # the model, the store, local CPUs
+    root = ensure_data(cfg)
+    from pipeline.sources import resolve_source
+
+    train = resolve_source(root, cfg.data.train_split, cfg.data)
+    global_batch = cfg.optim.batch_size_per_worker * cfg.ray.num_workers
+    steps = steps_per_epoch(cfg, train) if train.counted else None
+    val, val_note = validation_source(cfg.data, root, train)
     name = dataset_name(root)
     experiment = cfg.tracking.experiment or f"dino-{name}-{cfg.preset}"
     run_name = cfg.tracking.run_name or f"{cfg.model.arch}-{name}-{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
-    val = None
-    if cfg.data.val_split:
-        try:
-            val = resolve_split(root, cfg.data.val_split)
-        except (DataError, FileNotFoundError, ValueError):
-            val = None  # optional here; the k-NN evaluation checks it with its own error
     check_ray_address(cfg.ray.address)
     check_writable(cfg.ray.storage_path, "ray.storage_path")
     check_writable(cfg.output_dir, "output_dir")
@@ -146,7 +162,38 @@ def prepare(cfg: Config) -> Prepared:
         run_name=run_name,
         val=val,
         start=start,
+        val_note=val_note,
+        entry_point=entry_point or _entry_point(),
     )
+
+
+def _entry_point() -> str:
+    """The script this process runs, relative to the repository when inside it (``jobs/pretrain.py``)."""
+    script = Path(sys.argv[0]).resolve() if sys.argv and sys.argv[0] else None
+    if script is None or not script.name:
+        return "python"
+    repo = Path(__file__).resolve().parents[1]
+    try:
+        return str(script.relative_to(repo))
+    except ValueError:
+        return script.name
+
+
+def count_shards(p: Prepared, label_selector: dict[str, str] | None = None) -> Prepared:
+    """Counts, in place, the training and validation shards that no index counted, by Ray tasks on the data
+    nodes (their tar headers; each shard streamed once), then makes the step plan; returns ``p``.
+
+    Raises:
+        DataError: a shard that is not a readable tar; a training source smaller than one global batch.
+    """
+    from pipeline.sources import count_on_ray
+
+    cpus = p.cfg.ray.read_cpus_per_task
+    p.train = count_on_ray(p.train, num_cpus=cpus, label_selector=label_selector)
+    if p.val is not None:
+        p.val = count_on_ray(p.val, num_cpus=cpus, label_selector=label_selector)
+    p.steps_per_epoch = steps_per_epoch(p.cfg, p.train)
+    return p
 
 
 def check_ray_address(address: str | None) -> None:
@@ -248,11 +295,16 @@ def _git_commit() -> str:
 def run_tags(p: Prepared, placement) -> dict[str, str]:
     import ray
     import torch
+    from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_SOURCE_NAME, MLFLOW_SOURCE_TYPE
 
+    commit = _git_commit()
     return {
-        "git_commit": _git_commit(),
+        MLFLOW_SOURCE_NAME: p.entry_point,  # the run page's "Source"
+        MLFLOW_SOURCE_TYPE: "JOB",
+        **({MLFLOW_GIT_COMMIT: commit} if commit != "unknown" else {}),
+        "git_commit": commit,
         "preset": p.cfg.preset,
-        "dataset": p.data_root,
+        "dataset": p.train.source,
         "arch": p.cfg.model.arch,
         "num_workers": str(p.cfg.ray.num_workers),
         "worker_kind": "gpu" if placement.cuda else "cpu",
@@ -299,6 +351,8 @@ def pretrain(p: Prepared) -> PretrainResult:
     started = time.time()  # optim.time_budget_minutes counts from here: Ray's start is part of the job
     init_ray(cfg.ray.address, cfg.logging.ray_verbose)
     placement = resolve_placement_or_fail(cfg)
+    if not p.train.counted or (p.val is not None and not p.val.counted):
+        count_shards(p, placement.data_selector)
     run_id = find_run(p.tracking_uri, p.experiment, p.run_name)
     if run_id is not None:  # a re-submitted run name: continue that run (Ray Train resumes its checkpoints)
         _client(p.tracking_uri).update_run(run_id, status="RUNNING")
@@ -308,6 +362,8 @@ def pretrain(p: Prepared) -> PretrainResult:
         run_id = create_run(p.tracking_uri, p.experiment, p.run_name, cfg.flat(), run_tags(p, placement))
         log.info("MLflow run %s (%s) in experiment %s at %s", run_id, p.run_name, p.experiment, p.tracking_uri)
         _log_config_artifact(p, run_id)
+        log_dataset_inputs(p.tracking_uri, run_id, dataset_name(p.data_root),
+                           [(p.train, "training")] + ([(p.val, "validation")] if p.val is not None else []))
     start_knn = measure_start(p, run_id) if p.start is not None else None
 
     plan = LoopPlan(
@@ -328,7 +384,7 @@ def pretrain(p: Prepared) -> PretrainResult:
     # All epochs as one stream (one Ray Data execution for the run), plus one spare pass: bad samples
     # make a pass shorter than the index says, and a resumed run needs fewer steps than a fresh one.
     passes = cfg.optim.epochs + 1
-    ds = multicrop_dataset(p.train.paths, cfg, counter_name=counter_name, passes=passes, with_meta=False,
+    ds = multicrop_dataset(p.train, cfg, counter_name=counter_name, passes=passes, with_meta=False,
                            label_selector=placement.data_selector)
     storage = cfg.ray.storage_path
     if "://" not in storage:
@@ -417,7 +473,7 @@ def measure_start(p: Prepared, run_id: str) -> dict[str, Any] | None:
     """
     cfg = p.cfg
     if p.val is None:
-        log.info("model.init_from: no val split (data.val_split), the starting point's k-NN is not measured")
+        log.info("model.init_from: no validation source, the starting point's k-NN is not measured")
         return None
     logged = _client(p.tracking_uri).get_run(run_id).data.metrics
     if all(k in logged for k in START_METRICS):
@@ -431,12 +487,18 @@ def measure_start(p: Prepared, run_id: str) -> dict[str, Any] | None:
                         cfg.knn.image_size or cfg.augment.global_size, seed=cfg.seed)
     t0 = time.perf_counter()
     try:
-        acc = knn_accuracies(cfg, p.data_root, {"start": (spec, backbone_weights(p.start))})["start"]
+        from pipeline.sources import knn_protocol
+
+        protocol, note = knn_protocol(p.train, p.val)
+        if protocol is None:
+            log.info("the starting point's k-NN is not measured: %s", note)
+            return None
+        acc = knn_accuracies(cfg, p.train, p.val, {"start": (spec, backbone_weights(p.start))}, protocol=protocol)["start"]
     except DataError as e:  # e.g. a val split without labels: the run goes on, unmeasured
         log.warning("the starting point's k-NN is not measured: %s", e)
         return None
-    log.info("starting weights (%s): k-NN top-1 %.2f%%, top-5 %.2f%% on '%s' (k=%d, %.0f s)", p.start.kind, acc["top1"],
-             acc["top5"], cfg.data.val_split, cfg.knn.k, time.perf_counter() - t0)
+    log.info("starting weights (%s): k-NN top-1 %.2f%%, top-5 %.2f%% on %s (k=%d, %.0f s)", p.start.kind, acc["top1"],
+             acc["top5"], p.val.describe(), cfg.knn.k, time.perf_counter() - t0)
     _client(p.tracking_uri).log_batch(run_id, metrics=_metrics({START_METRICS[0]: acc["top1"], START_METRICS[1]: acc["top5"]}))
     return acc
 

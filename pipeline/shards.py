@@ -105,6 +105,14 @@ class Members:
         label = "none" if not self.label else self.label + (f"[{self.label_field!r}]" if self.label_field else "")
         return f"image .{'/.'.join(self.image)}, label {label}"
 
+    def label_words(self) -> str:
+        """Where a label would be, in words: ``'cls' member``, ``integer field 'label' of a 'json' member``."""
+        if not self.label:
+            return "label (data.label_key is null)"
+        if self.label_field:
+            return f"integer field {self.label_field!r} of a {self.label!r} member"
+        return f"{self.label!r} member"
+
 
 DEFAULT_MEMBERS = Members()
 

@@ -511,8 +511,8 @@ def resolve_source(spec, split: str | None, data=None, *, members: Members | Non
     final = counts
     if all(c is not None for c in counts) and sum(counts) == 0:
         what = f"split {chosen!r} of {listing.source}" if chosen else listing.source
-        raise DataError(f"{what} has 0 samples with an image ({'/'.join('.' + e for e in layout.image)}) in "
-                        f"{len(paths)} shard(s)")
+        raise DataError(f"{what} has 0 samples with an image ({'/'.join('.' + e for e in layout.image)}; "
+                        f"data.image_keys) in {len(paths)} shard(s)")
     info = SplitInfo(chosen, paths, final, listing.classes, listing.source, layout, counted_by)
     if peek:
         first = next((p for p, c in zip(paths, counts) if c is None or c > 0), paths[0])
@@ -520,8 +520,8 @@ def resolve_source(spec, split: str | None, data=None, *, members: Members | Non
     return info
 
 
-def peek_first_sample(path: str, layout: Members, what: str) -> bool:
-    """Whether the first sample of shard ``path`` has a label; a one-line error when it has no image member.
+def first_sample(path: str, layout: Members) -> tuple[str | None, dict[str, bytes]]:
+    """The key of the first sample of shard ``path`` and its members (the label member's bytes, others empty).
 
     Reads only that sample (a few KB, streamed)."""
     from pipeline.tar_reader import open_shard
@@ -540,6 +540,12 @@ def peek_first_sample(path: str, layout: Members, what: str) -> bool:
                 exts[ext] = tf.extractfile(member).read() if ext == layout.label else b""
     except (OSError, tarfile.TarError, EOFError) as e:
         raise DataError(f"{path}: not a readable tar shard ({' '.join(str(e).split())})") from None
+    return first, exts
+
+
+def peek_first_sample(path: str, layout: Members, what: str) -> bool:
+    """Whether the first sample of shard ``path`` has a label; a one-line error when it has no image member."""
+    first, exts = first_sample(path, layout)
     if first is None:
         raise DataError(f"{path}: shard has no samples")
     if not any(e in exts for e in layout.image):
@@ -638,5 +644,48 @@ def ensure_counted(info: SplitInfo, *, num_cpus: float = 0.25, label_selector: d
     return replace(info, counts=counts, counted_by="+".join(x for x in sorted(set(info.counted_by.split("+")) | {"tar headers"}) if x))
 
 
+def validation_source(data, root, train: SplitInfo) -> tuple[SplitInfo | None, str | None]:
+    """The run's validation source and, when there is none, the line that says why.
+
+    ``data.val_root`` when given (its ``data.val_split`` if it has split names, else all of it; problems are
+    errors); else ``data.val_split`` of ``root`` when ``root`` has split names and holds that split. A source
+    without split names is never its own validation set.
+
+    Raises:
+        DataError: ``data.val_root`` is given but cannot serve (missing, empty, no such split).
+    """
+    if data.val_root is not None:
+        return resolve_source(data.val_root, data.val_split, data), None
+    if data.val_split is None:
+        return None, "data.val_split is null: no validation source"
+    if train.split is None:
+        return None, (f"{train.source} has no split names and data.val_root is not set: no validation source (a "
+                      f"collection is never its own validation set)")
+    try:
+        return resolve_source(root, data.val_split, data), None
+    except DataError as e:
+        if str(e).startswith(f"no split {data.val_split!r}"):
+            return None, f"{e}: no validation source (data.val_root=... names one, data.val_split=null says none)"
+        raise
+
+
+def knn_protocol(train: SplitInfo, val: SplitInfo | None) -> tuple[str | None, str]:
+    """How the final teacher's k-NN is evaluated, and the line that says so.
+
+    ``paper``: the database is the training source, the queries the validation source (both labelled);
+    ``leave_one_out``: an unlabelled training source with a labelled validation source: each validation image
+    votes with its nearest *other* validation images; None: no labelled validation source, no evaluation (the
+    index of the training source is still built)."""
+    if val is None:
+        return None, "no validation source: the k-NN evaluation is skipped (the index is still built)"
+    if val.labelled is False:
+        return None, (f"{val.describe()} is unlabelled (its first sample has no {val.members.label or 'label'} "
+                      f"member): the k-NN evaluation is skipped (the index is still built)")
+    if train.labelled is False:
+        return "leave_one_out", (f"{train.describe()} is unlabelled: k-NN evaluated leave-one-out within the labelled "
+                                 f"{val.describe()} (each image against the others)")
+    return "paper", f"k-NN: {val.describe()} against {train.describe()}"
+
+
 __all__ = ["INDEX_FORMAT", "Listing", "Shard", "SplitInfo", "canonical_split", "count_on_ray", "ensure_counted",
-           "list_source", "peek_first_sample", "resolve_source", "split_of_name"]
+           "knn_protocol", "list_source", "peek_first_sample", "resolve_source", "split_of_name", "validation_source"]

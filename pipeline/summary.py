@@ -26,7 +26,9 @@ def comparison_lines(knn: dict[str, Any], attention: dict[str, Any] | None, *, k
         k, temperature, split: the k-NN settings and the evaluation split, for the header.
     """
     att = attention or {}
-    head = (f"on '{split}': k-NN (k={k}, T={temperature}) of {knn['n_queries']} images against {knn['n_db']}")
+    against = (f"the {knn['n_queries'] - 1} others (leave-one-out)" if knn.get("protocol") == "leave_one_out"
+               else knn["n_db"])
+    head = (f"on '{split}': k-NN (k={k}, T={temperature}) of {knn['n_queries']} images against {against}")
     if att:
         head += (f"; attention Jaccard of {att['n_images']} images with object masks ({att['mass']:.0%} of the "
                  f"[CLS] attention's mass, mean of heads / best head)")

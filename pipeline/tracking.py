@@ -312,6 +312,39 @@ def create_run(tracking_uri: str, experiment: str, run_name: str, params: dict[s
     return run.info.run_id
 
 
+def dataset_entity(info, name: str):
+    """An MLflow dataset describing one source of shards (:class:`~pipeline.shards.SplitInfo`): its location
+    as the source, a digest of its shard list and counts, and a profile with samples, shards, labels, split."""
+    import hashlib
+
+    from mlflow.entities import Dataset
+
+    digest = hashlib.sha256("\n".join(f"{p}\t{c}" for p, c in zip(info.paths, info.counts or [])).encode()).hexdigest()
+    first = info.paths[0]
+    scheme = first.split("://", 1)[0] if "://" in first and not first.startswith("file://") else "local"
+    profile = {"num_samples": info.count if info.counted else None, "num_shards": len(info.paths),
+               "labelled": info.labelled, "split": info.split, "counted_by": info.counted_by,
+               "num_classes": len(info.classes) if info.classes else None,
+               "image_members": list(info.members.image), "label_member": info.members.label}
+    source = {"uri": strip_credentials(info.source), "shards": [strip_credentials(p) for p in info.paths[:3]]}
+    return Dataset(name=f"{name}/{info.split}" if info.split else name, digest=digest[:16], source_type=scheme,
+                   source=json.dumps(source), schema=None, profile=json.dumps(profile))
+
+
+def log_dataset_inputs(tracking_uri: str, run_id: str, name: str, sources: list) -> None:
+    """Log ``[(SplitInfo, context)]`` as the run's dataset inputs (the run page's "Datasets"; context
+    ``training`` / ``validation``). A tracking failure is a warning, never a failed run."""
+    from mlflow.entities import DatasetInput, InputTag
+    from mlflow.tracking import MlflowClient
+
+    try:
+        inputs = [DatasetInput(dataset_entity(info, name), [InputTag("mlflow.data.context", context)])
+                  for info, context in sources]
+        MlflowClient(tracking_uri).log_inputs(run_id, datasets=inputs)
+    except Exception as e:  # noqa: BLE001
+        log.warning("could not log the run's datasets to MLflow: %s: %s", type(e).__name__, " ".join(str(e).split())[:300])
+
+
 # MLflow 3's UI opens an experiment without this tag in its GenAI view, and lists its runs under
 # "Evaluation runs"; with it, the experiment opens as model training, runs listed as runs, with charts.
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"

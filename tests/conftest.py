@@ -96,6 +96,34 @@ def mlflow_server(tmp_path_factory):
     log.close()
 
 
+@pytest.fixture
+def moto_s3(monkeypatch, port_factory):
+    """moto's S3 server (a real S3 API, its own process) on 127.0.0.1, the AWS environment pointing at it;
+    yields a boto3 client for it."""
+    pytest.importorskip("moto")
+    boto3 = pytest.importorskip("boto3")
+    port = port_factory()
+    exe = Path(sys.executable).parent / "moto_server"
+    proc = subprocess.Popen([str(exe), "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=1)
+            break
+        except OSError:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                proc.kill()
+                pytest.skip("moto_server did not start")
+            time.sleep(0.3)
+    for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+                 "AWS_ENDPOINT_URL": url, "AWS_EC2_METADATA_DISABLED": "true"}.items():
+        monkeypatch.setenv(k, v)
+    yield boto3.client("s3", endpoint_url=url)
+    proc.terminate()
+    proc.wait(10)
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     """A local 2-CPU Ray cluster (dashboard on 127.0.0.1, progress bars off) shared by the session."""

@@ -30,6 +30,11 @@ def _run(main, argv, capsys):
     [
         (lambda d: None, ["data.root={d}/missing"], "missing does not exist"),
         (lambda d: d.mkdir(), ["data.root={d}"], "no .tar shards"),
+        (lambda d: ((d / "cat").mkdir(parents=True), (d / "cat" / "a.jpg").write_bytes(b"x"),
+                    (d / "cat" / "b.png").write_bytes(b"x")), ["data.root={d}"],
+         "is a folder of images (2 images in 1 class folders), not webdataset shards: pack them with "
+         "`python jobs/make_shards.py"),
+        (lambda d: None, ["data.root=[]"], "an empty list names no shards"),
         (lambda d: (d.mkdir(), _tar(d / "train-000000.tar", [("a.txt", b"hi"), ("a.cls", b"1")])), ["data.root={d}"], "image"),
         (lambda d: None, ["optim.epochz=3"], "unknown config key 'optim.epochz'"),
         (lambda d: None, ["optim.clip_grad=abc"], "'optim.clip_grad'"),

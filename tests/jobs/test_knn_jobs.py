@@ -33,7 +33,7 @@ def built(tmp_path_factory, tiny_teacher):
     d = tmp_path_factory.mktemp("knn")
     root = make_synthetic_dataset(d / "data", n_train=40, n_val=16, image_size=32, shard_size=16)
     teacher, _ = tiny_teacher(d / "run" / "teacher")
-    req = KnnRequest(str(root), "train", "val", d / "run" / "knn", f"sqlite:///{d}/mlflow.db", None)
+    req = KnnRequest.of(str(root), "train", "val", d / "run" / "knn", f"sqlite:///{d}/mlflow.db", None)
     evaluate_teacher(load_config("smoke"), req, teacher, random_baseline=False, embed_fn=embed_in_process)
     return d, root, teacher, d / "run" / "knn"
 
@@ -171,7 +171,7 @@ def test_a_run_without_an_exported_teacher_is_named(tmp_path, capsys, no_ray_sta
 @pytest.mark.parametrize(
     "make, extra, needle",
     [
-        (lambda d: _dataset(d, val_labels=False), [], "split 'val' of {d} has no labels (sample v0 in"),
+        (lambda d: _dataset(d), ["data.val_root={p}/elsewhere"], "dataset root {p}/elsewhere does not exist"),
         (lambda d: _dataset(d, val_images=False), [], "split 'val' of {d} has 0 samples with an image"),
         (lambda d: _dataset(d), ["knn.index=annoy"], "'knn.index' (got 'annoy')"),
         (lambda d: _dataset(d), ["knn.ks=[10,0]"], "every k must be positive"),

@@ -21,7 +21,7 @@ from pipeline.knn_index import (
     evaluate_teacher,
     require_labels,
 )
-from pipeline.shards import DataError, Sample, load_split, write_index, write_shards
+from pipeline.shards import DataError, SplitInfo, Sample, load_split, write_index, write_shards
 from pipeline.synthetic import CLASSES
 
 
@@ -72,7 +72,7 @@ def test_a_split_without_decodable_images_is_named_empty(data):
     splits = {"train": load_split(data, "train"), "val": load_split(data, "val")}
     rows = {"key": np.array(["x"], dtype=object), "label": np.array([0]), "shard": np.array([splits["train"].paths[0]], dtype=object),
             "feature_m": np.ones((1, 2), np.float32)}
-    with pytest.raises(DataError, match=r"split 'val' is empty: none of its 16 sample\(s\) in 1 shard\(s\)"):
+    with pytest.raises(DataError, match=r"split 'val' of .* is empty: none of its 16 sample\(s\) in 1 shard\(s\)"):
         collect([rows], splits, ["m"])
 
 
@@ -85,11 +85,12 @@ def test_labels_missing_are_named(tmp_path, data):
     from pipeline.features import Embeddings
 
     emb = Embeddings(np.zeros((4, 2), np.float32), np.array([0, -1, 2, -1]), np.array(list("abcd"), dtype=object), np.array(["s"] * 4, dtype=object))
+    info = SplitInfo("val", ["/d/val-000000.tar"], [4], None, "/d")
     with pytest.raises(DataError, match=r"split 'val' of /d: 2 of 4 samples have no label \('cls' member\)"):
-        check_labels(emb, "val", "/d", None)
+        check_labels(emb, info, None)
     emb.labels[:] = [0, 1, 2, 9]
     with pytest.raises(DataError, match="label 9 outside the dataset's 8 classes"):
-        check_labels(emb, "val", "/d", list(CLASSES))
+        check_labels(emb, info, list(CLASSES))
 
 
 @pytest.mark.parametrize("index", ["flat", "ivf"])
@@ -101,7 +102,7 @@ def test_evaluation_is_the_paper_protocol_and_reaches_mlflow(tmp_path, data, tea
     client = MlflowClient(uri)
     parent = client.create_run(client.create_experiment("pre"), run_name="pre-run").info.run_id
     cfg = load_config("smoke", [f"knn.index={index}", "knn.nlist=8", "knn.nprobe=2", "knn.ks=[1,5,20,200]", "knn.k=20"])
-    req = KnnRequest(data, "train", "val", tmp_path / "knn", uri, parent)
+    req = KnnRequest.of(data, "train", "val", tmp_path / "knn", uri, parent)
     res = evaluate_teacher(cfg, req, tdir, random_baseline=True, embed_fn=embed_in_process)
 
     # Independent: brute-force k-NN (dino.knn.knn_predict, torch topk) on the features written to Parquet.
@@ -149,7 +150,7 @@ def test_evaluation_is_the_paper_protocol_and_reaches_mlflow(tmp_path, data, tea
 def test_index_only_without_an_evaluation_split(tmp_path, data, teacher):
     tdir, _ = teacher
     cfg = load_config("smoke")
-    req = KnnRequest(data, "train", None, tmp_path / "knn", f"sqlite:///{tmp_path}/m.db", None)
+    req = KnnRequest.of(data, "train", None, tmp_path / "knn", f"sqlite:///{tmp_path}/m.db", None)
     res = evaluate_teacher(cfg, req, tdir, embed_fn=embed_in_process)
     assert "teacher" not in res and res["n_db"] == 40 and res["n_queries"] == 0
     assert sorted(p.name for p in (tmp_path / "knn").iterdir()) == ["features.parquet", "index.faiss", "manifest.json"]
@@ -179,11 +180,12 @@ def test_knn_accuracies_of_backbones_equal_the_index_jobs_evaluation(tmp_path, d
 
     tdir, _ = teacher
     cfg = load_config("smoke", ["knn.ks=[1,5,20]", "knn.k=5"])
-    req = KnnRequest(data, "train", "val", tmp_path / "knn", f"sqlite:///{tmp_path}/m.db", None)
+    req = KnnRequest.of(data, "train", "val", tmp_path / "knn", f"sqlite:///{tmp_path}/m.db", None)
     res = evaluate_teacher(cfg, req, tdir, random_baseline=True, embed_fn=embed_in_process)
     model, meta = load_teacher(tdir)
     spec = BackboneSpec(meta["arch"], meta["timm_kwargs"], meta["image_size"], seed=cfg.seed)
-    acc = knn_accuracies(cfg, data, {"start": (spec, model.state_dict()), "random_init": (spec, None)}, embed_fn=embed_in_process)
+    models = {"start": (spec, model.state_dict()), "random_init": (spec, None)}
+    acc = knn_accuracies(cfg, req.train, req.val, models, embed_fn=embed_in_process)
     assert acc["start"]["by_k"] == res["teacher"]["by_k"] and acc["start"]["top1"] == res["teacher"]["top1"]
     assert acc["random_init"]["by_k"] == res["random_init"]["by_k"]
     assert acc["start"]["by_k"] != acc["random_init"]["by_k"]  # two different networks, told apart
@@ -200,7 +202,7 @@ def test_raw_pixel_baseline_is_a_cosine_knn_on_the_normalised_views(tmp_path, da
 
     tdir, _ = teacher
     cfg = load_config("smoke", ["knn.ks=[1,5]", "knn.k=5"])
-    req = KnnRequest(data, "train", "val", tmp_path / "knn", f"sqlite:///{tmp_path}/m.db", None)
+    req = KnnRequest.of(data, "train", "val", tmp_path / "knn", f"sqlite:///{tmp_path}/m.db", None)
     res = evaluate_teacher(cfg, req, tdir, random_baseline=False, pixel_baseline=True, embed_fn=embed_in_process)
     assert set(res) >= {"teacher", "raw_pixels"} and "random_init" not in res
 

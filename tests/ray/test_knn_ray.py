@@ -31,7 +31,7 @@ def test_ray_embedding_equals_in_process_and_saves_an_hnsw_index(tmp_path, ray_c
 
     got = {}
     for name, embed_fn in (("ray", None), ("local", embed_in_process)):
-        req = KnnRequest(root, "train", "val", tmp_path / name, f"sqlite:///{tmp_path}/mlflow.db", None)
+        req = KnnRequest.of(root, "train", "val", tmp_path / name, f"sqlite:///{tmp_path}/mlflow.db", None)
         got[name] = evaluate_teacher(cfg, req, teacher, random_baseline=True, embed_fn=embed_fn)
 
     ray_res, local = got["ray"], got["local"]

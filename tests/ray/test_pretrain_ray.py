@@ -132,7 +132,7 @@ def test_two_worker_pretraining_tracks_exports_and_evaluates(tmp_path, ray_clust
     for k, v in model.state_dict().items():
         assert torch.equal(v, backbone[k]), k
 
-    req = KnnRequest(p.data_root, "train", "val", tmp_path / "knn", mlflow_server, result.run_id)
+    req = KnnRequest.of(p.data_root, "train", "val", tmp_path / "knn", mlflow_server, result.run_id)
     knn = evaluate_teacher(cfg, req, result.teacher_dir, random_baseline=False)
     assert 0.0 <= knn["teacher"]["top1"] <= 100.0 and knn["n_db"] == 96 and knn["n_queries"] == 48
     # logging.ray_verbose=false: Ray Data's notes on the k-NN pass (run by this process) are not shown.

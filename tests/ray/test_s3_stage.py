@@ -3,41 +3,9 @@ multi-crop stage: prefix + index.json, and a brace pattern with a {split} placeh
 
 from __future__ import annotations
 
-import subprocess
-import sys
-import time
-import urllib.request
-from pathlib import Path
-
 import pytest
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(600)]
-
-
-@pytest.fixture
-def moto_s3(monkeypatch, port_factory):
-    pytest.importorskip("moto")
-    boto3 = pytest.importorskip("boto3")
-    port = port_factory()
-    exe = Path(sys.executable).parent / "moto_server"
-    proc = subprocess.Popen([str(exe), "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            urllib.request.urlopen(url, timeout=1)
-            break
-        except OSError:
-            if time.monotonic() > deadline or proc.poll() is not None:
-                proc.kill()
-                pytest.skip("moto_server did not start")
-            time.sleep(0.3)
-    for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-                 "AWS_ENDPOINT_URL": url, "AWS_EC2_METADATA_DISABLED": "true"}.items():
-        monkeypatch.setenv(k, v)
-    yield boto3.client("s3", endpoint_url=url)
-    proc.terminate()
-    proc.wait(10)
 
 
 def test_multicrop_stage_reads_shards_from_s3(tmp_path, ray_cluster, moto_s3):
