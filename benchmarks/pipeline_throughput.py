@@ -10,7 +10,10 @@ actors (0.9 CPU each, leaving room for the read task), the scaling efficiency (p
 tasks, this driver = consumer + Ray Data's scheduler, other Ray processes), the images/s per CPU-second
 the actors got against the single-core rate, and the shape and bytes of emitted batches. With
 ``--plain-actors``, also the stage's ceiling without Ray Data: as many plain Ray actors running the same
-mapper over in-memory rows.
+mapper over in-memory rows. With ``--compare-shuffle N``, only the cost of the read tasks' sample shuffle:
+N interleaved pairs of pipeline runs, the stage as configured (``data.shuffle_shards``, ``data.shuffle_buffer``)
+against the same stage reading shard after shard (``shuffle_shards=1``, ``shuffle_buffer=0``), each run on a
+fresh Ray; prints every pair, the mean ratio and its spread.
 
 Timed after a warm-up (``--warmup`` images, whose rate is printed too): a process's first ~100 blocks written
 to (or mapped from) Ray's object store touch fresh pages, several times slower than later ones. The driver
@@ -133,7 +136,7 @@ def cpu_groups(before: dict, after: dict) -> dict[str, float]:
     return groups
 
 
-def pipeline_rate(paths: list[str], cfg, limit: int, cores: int, passes: int, warmup: int,
+def pipeline_rate(paths, cfg, limit: int, cores: int, passes: int, warmup: int,
                   consumer_batch: int) -> tuple[float, dict]:
     """Images/s of the stage over ``limit`` images after ``warmup`` images (from the first batch on, so actor
     start-up is excluded either way), the rate over the warm-up window itself, and where the CPU went while
@@ -198,6 +201,8 @@ def main(argv: list[str] | None = None) -> dict:
                         help="re-batch to this many images in the consumer (0 = take the stage's blocks as they come)")
     parser.add_argument("--plain-actors", action="store_true",
                         help="also run --cores plain Ray actors over in-memory rows (no Ray Data): the stage's ceiling")
+    parser.add_argument("--compare-shuffle", type=int, default=0, metavar="N",
+                        help="only: N interleaved pairs, sample shuffle on (as configured) vs off; the cost and its spread")
     args = parser.parse_args(argv)
 
     from pipeline.config import load_config
@@ -210,7 +215,10 @@ def main(argv: list[str] | None = None) -> dict:
          f"ray.augment_actors_max={args.cores}", "ray.augment_cpus_per_actor=0.9",  # leave room for reads
          "ray.read_cpus_per_task=0.01", "ray.read_concurrency=1", *([f"ray.augment_batch_size={args.batch}"] if args.batch else []), *args.set],
     )
-    paths = load_split(args.shards, args.split).paths
+    info = load_split(args.shards, args.split)
+    paths = info.paths
+    if args.compare_shuffle:
+        return compare_shuffle(info, cfg, args)
     spec = spec_from_config(cfg.augment)
     # The single-core rate is measured before and after the pipeline run (this VM drifts by tens of
     # percent over minutes); the ideal uses their mean.
@@ -242,6 +250,45 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"plain Ray actors, no Ray Data:      {plain:8.1f} images/s  ({100 * plain / ideal:.1f} % of {args.cores} x single; "
               f"actors at {', '.join(f'{c:.2f}' for c in shares)} of a core; Ray Data reaches {100 * rate / plain:.1f} % of this)")
         out["plain_actors"] = plain
+    return out
+
+
+def compare_shuffle(info, cfg, args) -> dict:
+    """``args.compare_shuffle`` pairs of (shuffled, plain) pipeline rates, alternating which goes first."""
+    import statistics
+
+    from pipeline.config import load_config
+
+    plain_cfg = load_config(None, [*cfg_overrides(cfg), "data.shuffle_shards=1", "data.shuffle_buffer=0"])
+    d = cfg.data
+    print(f"sample shuffle (data.shuffle_shards={d.shuffle_shards}, data.shuffle_buffer={d.shuffle_buffer}) against "
+          f"shard after shard; {args.cores} actors, {args.limit} images timed after {args.warmup}, {info.describe()}")
+    pairs = []
+    for i in range(args.compare_shuffle):
+        order = [("shuffled", cfg), ("plain", plain_cfg)] if i % 2 == 0 else [("plain", plain_cfg), ("shuffled", cfg)]
+        got = {}
+        for name, c in order:
+            got[name], _ = pipeline_rate(info, c, args.limit, args.cores, args.passes, args.warmup, args.consumer_batch)
+        ratio = got["shuffled"] / got["plain"]
+        pairs.append({**got, "ratio": ratio})
+        print(f"pair {i + 1} ({order[0][0]} first): shuffled {got['shuffled']:7.1f} images/s, plain {got['plain']:7.1f} "
+              f"images/s, ratio {ratio:.3f}")
+    ratios = [p["ratio"] for p in pairs]
+    mean = statistics.mean(ratios)
+    spread = (min(ratios), max(ratios))
+    print(f"shuffled / plain: mean {mean:.3f} (cost {100 * (1 - mean):+.1f} %), spread {spread[0]:.3f}-{spread[1]:.3f} "
+          f"over {len(pairs)} interleaved pairs (target: cost <= 5 %)")
+    return {"pairs": pairs, "mean_ratio": mean, "spread": spread}
+
+
+def cfg_overrides(cfg) -> list[str]:
+    """``key=value`` overrides that rebuild ``cfg``'s data and ray sections from the defaults."""
+    import json
+
+    out = []
+    for section in ("augment", "data", "ray"):
+        for k, v in getattr(cfg, section).model_dump().items():
+            out.append(f"{section}.{k}={json.dumps(list(v) if isinstance(v, tuple) else v)}")
     return out
 
 

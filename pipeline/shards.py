@@ -12,15 +12,16 @@ Layout of a dataset root (a local directory, or ``s3://bucket/prefix`` / ``gs://
       ...
 
 The index gives the sample count per shard without opening any shard: streamed data has no ``len()``,
-so steps per epoch come from here. A local root without an index (e.g. shards made by another tool)
-is still readable: :func:`load_split` then lists tar member headers to count samples (no image is
-decoded, data blocks are seeked over). Remote roots must have an index.
+so steps per epoch come from here. Collections in other layouts (other tools' names and indexes, or none)
+are read too: :mod:`pipeline.sources` finds their splits and counts (tar member headers when nothing
+else says: no image is decoded, data blocks are seeked over).
 
 Sample keys follow webdataset's rule that a key ends at the first ``.`` of the member name, so keys may
 hold only ``[A-Za-z0-9_-]`` (see :func:`safe_key`).
 
 Every check here runs on the driver before any Ray resource is requested, so each is cheap and each
-failure is one line naming the path (:class:`DataError`).
+failure is one line naming the path (:class:`DataError`). This module is also where a sample's members are
+named (:class:`Members`: which is the image, which the label).
 """
 
 from __future__ import annotations

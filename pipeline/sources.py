@@ -237,7 +237,7 @@ def _list_folder(folder: str) -> Listing:
     if tars:
         info = next((n for n in INFO_NAMES if n in names), None)
         if info:
-            _apply_info(listing, _join(folder, info))
+            _apply_info(listing, listing.shards, _join(folder, info), whole_folder=True)
         if _stats_counts([s for s in listing.shards if s.count is None], names, folder):
             listing.counted_by.add(STATS_SUFFIX.lstrip("_"))
     else:  # split sub-folders: train/0000.tar, val/0000.tar
@@ -270,25 +270,28 @@ def _ours(folder: str, names: set[str]) -> Listing:
     return Listing(folder, shards, index.get("classes"), {INDEX_NAME}, declared)
 
 
-def _apply_info(listing: Listing, path: str) -> None:
-    """Split names and shard lengths from a timm / Hugging Face ``_info.json``; shards it lists but are absent
-    are named."""
+def _apply_info(listing: Listing, shards: list[Shard], path: str, *, whole_folder: bool) -> None:
+    """Split names and shard lengths of ``shards`` from the timm / Hugging Face ``_info.json`` at ``path`` beside
+    them. ``whole_folder``: ``shards`` are every shard of its folder, so one the file lists that is not there is
+    named (a pattern may match only some)."""
     info = _json_file(path)
     splits = info.get("splits")
     if not isinstance(splits, dict):
         raise DataError(f"{path}: no 'splits' object (a timm / Hugging Face webdataset _info.json has one)")
-    by_name = {s.path.rsplit("/", 1)[-1]: s for s in listing.shards}
+    by_name = {s.path.rsplit("/", 1)[-1]: s for s in shards}
     for name, entry in splits.items():
         files = entry.get("filenames") if isinstance(entry, dict) else None
-        lengths = entry.get("shard_lengths") if isinstance(entry, dict) else None
         if not isinstance(files, list):
-            continue  # a split described by num_samples only: names decide
+            continue  # a split described by num_samples only: the file names decide
+        lengths = entry.get("shard_lengths")
         if not (isinstance(lengths, list) and len(lengths) == len(files)):
             lengths = [None] * len(files)
         for f, n in zip(files, lengths):
             shard = by_name.get(str(f).rsplit("/", 1)[-1])
             if shard is None:
-                raise DataError(f"{path}: split {name!r} lists {f}, which is not in {listing.source}")
+                if whole_folder:
+                    raise DataError(f"{path}: split {name!r} lists {f}, which is not in {listing.source}")
+                continue
             shard.split = canonical_split(str(entry.get("name") or name))
             if isinstance(n, int) and n >= 0:
                 shard.count = n
@@ -388,7 +391,7 @@ def _list_pattern(pattern: str) -> Listing:
         in_folder = [s for s in shards if s.path.rsplit("/", 1)[0] == folder]
         info = next((n for n in INFO_NAMES if n in names), None)
         if info:
-            _apply_info_partial(listing, in_folder, _join(folder, info))
+            _apply_info(listing, in_folder, _join(folder, info), whole_folder=False)
         if INDEX_NAME in names:
             _apply_ours_partial(listing, in_folder, _join(folder, INDEX_NAME))
         if _stats_counts([s for s in in_folder if s.count is None], names, folder):
@@ -396,20 +399,6 @@ def _list_pattern(pattern: str) -> Listing:
         if listing.classes is None:
             listing.classes = _classes_json(folder, names)
     return listing
-
-
-def _apply_info_partial(listing: Listing, shards: list[Shard], path: str) -> None:
-    """Counts of the matched shards from an ``_info.json`` beside them (a pattern needs not cover the whole set)."""
-    info = _json_file(path)
-    lengths = {}
-    for name, entry in (info.get("splits") or {}).items():
-        if isinstance(entry, dict) and isinstance(entry.get("filenames"), list) and isinstance(entry.get("shard_lengths"), list):
-            lengths.update({str(f).rsplit("/", 1)[-1]: n for f, n in zip(entry["filenames"], entry["shard_lengths"])})
-    for s in shards:
-        n = lengths.get(s.path.rsplit("/", 1)[-1])
-        if isinstance(n, int) and n >= 0:
-            s.count = n
-    listing.counted_by.add(path.rsplit("/", 1)[-1])
 
 
 def _apply_ours_partial(listing: Listing, shards: list[Shard], path: str) -> None:

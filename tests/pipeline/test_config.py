@@ -203,3 +203,21 @@ def test_the_continue_preset_requires_its_weights():
 def test_imagenet_presets_require_a_data_root(preset):
     with pytest.raises(ConfigError, match=rf"invalid config value 'data.root' \(got '\?\?\?'\): required by this preset.*{preset}.yaml"):
         load_config(preset)
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    (["data.image_keys=[]"], "'data.image_keys'"),
+    (["data.image_keys=[.jpg]"], "'.jpg' is not a member extension"),
+    (["data.label_key=' '"], "must be a member extension such as cls or json"),
+    (["data.label_key=null", "data.label_field=label"], "label_field 'label' needs label_key"),
+    (["data.label_key=jpg"], "label_key 'jpg' is also one of image_keys"),
+    (["data.shuffle_shards=0"], "'data.shuffle_shards' (got 0)"),
+    (["data.shuffle_buffer=-1"], "'data.shuffle_buffer' (got -1)"),
+])
+def test_data_member_keys_are_checked(overrides, needle):
+    with pytest.raises(ConfigError) as err:
+        load_config("smoke", overrides)
+    assert needle in str(err.value) and "\n" not in str(err.value), str(err.value)
+    cfg = load_config("smoke", ["data.image_keys=[WEBP, png]", "data.label_key=json", "data.label_field=label",
+                                "data.root=[/a, s3://b/c/*.tar]"])
+    assert cfg.data.image_keys == ("webp", "png") and cfg.data.root == ["/a", "s3://b/c/*.tar"]

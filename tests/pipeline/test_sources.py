@@ -167,3 +167,24 @@ def test_validation_sources_and_the_knn_protocol(tmp_path):
         None, "data.val_split is null: no validation source")
     unlabelled_val = resolve_source(str(tmp_path / "coll"), None)
     assert knn_protocol(train, unlabelled_val)[0] is None
+
+
+def test_object_storage_shards_without_an_index_are_counted_from_their_headers_and_a_bad_one_is_named(tmp_path, moto_s3):
+    """What the Ray tasks of pipeline.sources.count_on_ray run, here in this process (no Ray): a shard on S3 with no
+    index anywhere is streamed once and its headers counted; one that is not a tar is named."""
+    from pipeline.sources import _count_chunk, ensure_counted
+
+    names = _shards(str(tmp_path / "imagenet-train-%06d.tar"), 7, 4)
+    moto_s3.create_bucket(Bucket="bkt")
+    for n in names:
+        moto_s3.upload_file(n, "bkt", f"in/{Path(n).name}")
+    info = resolve_source("s3://bkt/in", "train")
+    assert info.counts == [None, None] and not info.counted and info.labelled  # counts wait for Ray
+    counted = ensure_counted(info)
+    assert counted.counts == [4, 3] and counted.counted_by == "tar headers"
+    moto_s3.put_object(Bucket="bkt", Key="in/imagenet-train-000002.tar", Body=b"not a tar" * 100)
+    info = resolve_source("s3://bkt/in", "train")
+    assert _count_chunk(info.paths, info.members.image, None)[:2] == [4, 3]
+    assert "imagenet-train-000002.tar: not a readable tar shard" in _count_chunk(info.paths, info.members.image, None)[2]
+    with pytest.raises(DataError, match=r"s3://bkt/in/imagenet-train-000002.tar: not a readable tar shard"):
+        ensure_counted(info)
