@@ -10,8 +10,9 @@ Usage::
 The database is the training source (``data.root``, its ``data.train_split`` when it has split names); queries
 are the validation source (``data.val_split`` of ``data.root``, or ``data.val_root``; none: build the index
 without evaluating). With an unlabelled training source and a labelled validation source, each validation
-image votes with its nearest other validation images (leave-one-out). With ``--run-id`` and no ``--config`` the run's logged config is the base, so
-the run's dataset, image size and seed are used; ``key=value`` overrides apply on top. The index folder
+image votes with its nearest other validation images (leave-one-out). With ``--run-id`` and no ``--config``
+the run's logged config is the base, so the run's dataset, image size and seed are used; ``key=value``
+overrides apply on top. The index folder
 (``--out``, default: next to the teacher) holds the faiss index, the features as Parquet, the manifest
 and the accuracy tables; it is logged to MLflow as a run linked to the pretraining run.
 """

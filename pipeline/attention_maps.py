@@ -24,7 +24,7 @@ from torch import nn
 
 from dino.attention import attention_figure, attention_jaccard, centre_prior, last_cls_attention
 from dino.crops import crops_to_input
-from pipeline.shards import MASK_EXT
+from pipeline.shards import DEFAULT_MEMBERS, MASK_EXT, Members
 from pipeline.tar_reader import read_shard
 from pipeline.tracking import metric_name
 
@@ -46,7 +46,7 @@ def resize_center_crop(img: Image.Image, size: int) -> np.ndarray:
     return np.asarray(img.crop((left, top, left + size, top + size)), dtype=np.uint8)
 
 
-def fixed_val_images(paths: list[str], n: int, size: int, filesystem=None) -> np.ndarray:
+def fixed_val_images(paths: list[str], n: int, size: int, filesystem=None, layout: Members = DEFAULT_MEMBERS) -> np.ndarray:
     """The first ``n`` decodable images of the shards, in path order, resized and centre-cropped.
 
     Shards are read with our safe reader (:func:`pipeline.tar_reader.read_shard`: raw bytes of
@@ -57,12 +57,13 @@ def fixed_val_images(paths: list[str], n: int, size: int, filesystem=None) -> np
         paths: Shard paths (local, or paths on ``filesystem``).
         n: Number of images wanted.
         size: Output side in pixels.
-        filesystem: Optional ``pyarrow.fs.FileSystem`` for remote shards.
+        filesystem: ``pyarrow.fs.FileSystem`` of remote shards (default: the one their URIs name).
+        layout: which members are the image (``data.image_keys``).
 
     Returns:
         ``(k, size, size, 3)`` uint8 RGB with ``k = min(n, decodable images)``; ``k < n`` is logged.
     """
-    out = [img for img, _ in _first_decodable(paths, n, size, filesystem, masks=False)]
+    out = [img for img, _ in _first_decodable(paths, n, size, filesystem, masks=False, layout=layout)]
     if len(out) < n:
         log.warning("attention maps: only %d of %d requested validation images could be decoded", len(out), n)
     if not out:
@@ -70,7 +71,8 @@ def fixed_val_images(paths: list[str], n: int, size: int, filesystem=None) -> np
     return np.stack(out)
 
 
-def fixed_val_masked(paths: list[str], n: int, size: int, filesystem=None) -> tuple[np.ndarray, np.ndarray]:
+def fixed_val_masked(paths: list[str], n: int, size: int, filesystem=None,
+                     layout: Members = DEFAULT_MEMBERS) -> tuple[np.ndarray, np.ndarray]:
     """The first ``n`` samples with a decodable image *and* object mask (``{key}.mask.png``), in path order.
 
     Read like :func:`fixed_val_images`; the mask (1-channel PNG, 0/255) is resized and cropped with the
@@ -81,7 +83,7 @@ def fixed_val_masked(paths: list[str], n: int, size: int, filesystem=None) -> tu
         ``(k, size, size, 3)`` uint8 images and ``(k, size, size)`` float32 masks in ``[0, 1]``; ``k = 0``
         when the shards hold no masks.
     """
-    pairs = list(_first_decodable(paths, n, size, filesystem, masks=True))
+    pairs = list(_first_decodable(paths, n, size, filesystem, masks=True, layout=layout))
     if not pairs:
         return np.zeros((0, size, size, 3), np.uint8), np.zeros((0, size, size), np.float32)
     return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs]).astype(np.float32) / 255
@@ -93,15 +95,18 @@ def _decode(data: bytes, size: int) -> np.ndarray:
         return resize_center_crop(img, size)
 
 
-def _first_decodable(paths: list[str], n: int, size: int, filesystem, masks: bool):
+def _first_decodable(paths: list[str], n: int, size: int, filesystem, masks: bool, layout: Members = DEFAULT_MEMBERS):
     """Up to ``n`` ``(image (size, size, 3) uint8, mask (size, size) uint8 or None)`` pairs; with ``masks``
     only samples with a decodable mask, giving up after ``n`` images without any mask."""
+    from pipeline.storage import filesystem_for
+
+    filesystem = filesystem if filesystem is not None else filesystem_for([str(p) for p in paths[:1]])
     found = without_mask = 0
     extra = (MASK_EXT,) if masks else ()
     for path in paths:
         if found >= n:
             return
-        with closing(read_shard({"path": str(path)}, filesystem, extra)) as rows:  # closes the shard on break
+        with closing(read_shard({"path": str(path)}, filesystem, extra, layout)) as rows:  # closes the shard on break
             for row in rows:
                 data = row["image"]
                 if row["__error__"] is not None or not data:
@@ -218,15 +223,16 @@ class AttentionProbe:
     teacher_epoch: int | None = None
 
     @classmethod
-    def load(cls, paths: list[str], figure_images: int, size: int, **fields) -> AttentionProbe | None:
+    def load(cls, paths: list[str], figure_images: int, size: int, layout: Members = DEFAULT_MEMBERS,
+             **fields) -> AttentionProbe | None:
         """The probe of the val shards, or None without a decodable image (``fields``: client, run_id, device, ...)."""
-        images, masks = fixed_val_masked(paths, JACCARD_IMAGES, size)
+        images, masks = fixed_val_masked(paths, JACCARD_IMAGES, size, layout=layout)
         if len(images):
             log.info("attention: Jaccard with the object masks of %d val images, figure of the first %d",
                      len(images), min(figure_images, len(images)))
             return cls(images=images, masks=masks, figure_images=figure_images, **fields)
         log.info("attention: the val shards have no object masks (%s): figure only, no Jaccard", MASK_EXT)
-        images = fixed_val_images(paths, figure_images, size)
+        images = fixed_val_images(paths, figure_images, size, layout=layout)
         return cls(images=images, masks=None, figure_images=figure_images, **fields) if len(images) else None
 
     def measure_start(self, backbone: nn.Module, tracker, step: int = 0) -> None:

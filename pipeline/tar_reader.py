@@ -5,9 +5,13 @@ webdataset's key rule (the member name up to the first ``.`` of its base name), 
 and label members (:class:`pipeline.shards.Members`: by default ``jpg``/``jpeg``/``png``/``webp`` and ``cls``)
 as raw bytes, and never decodes or unpickles anything. Each row has the same columns whatever the layout:
 ``image`` (the bytes of the sample's first image member in ``Members.image`` order) and ``cls`` (its label as
-ASCII digits, from the ``cls`` member or a JSON member's field), None where absent. A shard that ends early (truncated upload, disk full) yields every complete sample
-before the cut plus one marker row ``{"__error__": "truncated_shard"}`` that the multi-crop stage counts;
-``ray.data.read_webdataset`` raises ``tarfile.ReadError`` there and fails the whole dataset.
+ASCII digits, from the ``cls`` member or a JSON member's field), None where absent. A shard that ends early
+(truncated upload, disk full) yields every sample surely whole before the cut plus one marker row
+``{"__error__": "truncated_shard"}`` that the multi-crop stage counts; ``ray.data.read_webdataset`` raises
+``tarfile.ReadError`` there and fails the whole dataset.
+
+:func:`shuffled_rows` reads several shards interleaved through a buffer: the training stream's sample
+shuffle, a pure function of its arguments.
 
 Other members (e.g. the object masks ``{key}.mask.png`` of the synthetic val split) are skipped without
 being read, so training never carries them; a caller that wants one names it in ``extra``

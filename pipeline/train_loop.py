@@ -597,11 +597,12 @@ def _attention_probe(cfg: Config, plan: LoopPlan, device: torch.device):
     from mlflow.tracking import MlflowClient
 
     from pipeline.attention_maps import AttentionProbe
+    from pipeline.shards import members_from_config
 
     try:
         return AttentionProbe.load(
             list(plan.attention_paths), cfg.health.attention_images, cfg.augment.global_size,
-            client=MlflowClient(plan.tracking_uri), run_id=plan.run_id, device=device,
+            layout=members_from_config(cfg.data), client=MlflowClient(plan.tracking_uri), run_id=plan.run_id, device=device,
             start_label="random_init" if plan.init_weights is None else "start",
         )
     except Exception as e:  # a diagnostic: never a reason to fail the run

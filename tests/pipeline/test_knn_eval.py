@@ -224,3 +224,40 @@ def test_raw_pixel_baseline_is_a_cosine_knn_on_the_normalised_views(tmp_path, da
     assert isinstance(big, RawPixels) and raw_pixels_spec(96).arch == RAW_PIXELS and big.num_features == 3 * 32 * 32
     x = torch.arange(2 * 3 * 96 * 96, dtype=torch.float32).reshape(2, 3, 96, 96)
     np.testing.assert_allclose(big(x).numpy(), x.reshape(2, 3, 32, 3, 32, 3).mean((3, 5)).flatten(1).numpy(), rtol=1e-6)
+
+
+def test_an_unlabelled_database_is_evaluated_leave_one_out_on_the_labelled_queries(tmp_path, data, teacher):
+    """An unlabelled training collection: the index is built from it, and each labelled validation image votes with
+    its k nearest *other* validation images; equal to a brute-force k-NN that leaves each query out."""
+    from pipeline.sources import knn_protocol, resolve_source
+    from pipeline.tar_reader import read_shard
+
+    tdir, model = teacher
+    unlabelled = tmp_path / "unlabelled"
+    rows = [r for p in load_split(data, "train").paths for r in read_shard({"path": p})]
+    write_shards((Sample(r["__key__"], r["image"], None) for r in rows), unlabelled, "shard", max_count=16)
+    train = resolve_source(str(unlabelled), "train")  # no split names: all of it
+    val = resolve_source(data, "val")
+    protocol, line = knn_protocol(train, val)
+    assert protocol == "leave_one_out" and train.labelled is False and "leave-one-out" in line
+    cfg = load_config("smoke", ["knn.ks=[1,5]", "knn.k=5"])
+    req = KnnRequest(train, val, tmp_path / "knn", f"sqlite:///{tmp_path}/m.db", None, protocol)
+    res = evaluate_teacher(cfg, req, tdir, random_baseline=True, embed_fn=embed_in_process)
+    assert res["n_db"] == 40 and res["n_queries"] == 16 and res["protocol"] == "leave_one_out"
+    manifest = json.loads((tmp_path / "knn" / "manifest.json").read_text())
+    assert manifest["count"] == 40 and manifest["eval_split"] == "val"  # the index is the training collection's
+
+    from dino.augment import decode_image
+    from dino.eval_view import center_view, embed_views
+
+    vrows = sorted((r for p in val.paths for r in read_shard({"path": p})), key=lambda r: r["__key__"])
+    views = torch.from_numpy(np.stack([center_view(decode_image(r["image"]), 32) for r in vrows]))
+    feats, labels = embed_views(model, views, "cpu"), torch.tensor([int(r["cls"]) for r in vrows])
+    for k in (1, 5):
+        scores = torch.cat([knn_predict(feats[torch.arange(16) != i], labels[torch.arange(16) != i], feats[i:i + 1],
+                                        len(CLASSES), k=k, temperature=cfg.knn.temperature) for i in range(16)])
+        want = knn_accuracy(scores, labels, topk=(1, 5))
+        # float32 features of 48 dims: neighbour order ties are the only way to differ, and there are none here
+        assert res["teacher"]["by_k"][k]["top1"] == pytest.approx(want[1], abs=1e-9)
+        assert res["teacher"]["by_k"][k]["top5"] == pytest.approx(want[5], abs=1e-9)
+    assert set(res["random_init"]["by_k"]) == {1, 5}

@@ -2,7 +2,9 @@
 pretrained through ``jobs/pretrain.py`` on the session's Ray cluster, tracked to a real MLflow server, ending
 in a k-NN index: img2dataset output (no labels, ``_stats.json``), a timm / Hugging Face webdataset set
 (``_info.json``, four-digit names, ``validation``), webdataset's ImageNet recipe on S3 (moto) with no index at
-all (counted by Ray tasks), and ours (``index.json``)."""
+all (counted by Ray tasks). Ours (``index.json``) goes through ``jobs/pretrain.py`` in ``test_job_submit.py``
+and ``test_pretrain_ray.py``; the leave-one-out k-NN of an unlabelled collection is checked against a
+brute-force computation in ``tests/pipeline/test_knn_eval.py``."""
 
 from __future__ import annotations
 
@@ -90,19 +92,6 @@ def wds_imagenet_like(d: Path) -> Path:
     return d
 
 
-def ours(d: Path) -> Path:
-    """train-000000.tar / val-000000.tar + index.json (what make_shards writes)."""
-    from pipeline.shards import write_index
-
-    d.mkdir(parents=True)
-    splits = {}
-    for split, n, start in (("train", 96, 0), ("val", 32, 1000)):
-        shards = _write(str(d / f"{split}-%06d.tar"), n, 32, start=start)
-        splits[split] = [{"name": Path(f).name, "count": c} for f, c in shards]
-    write_index(d, splits, [f"colour{c}" for c in range(CLASSES)])
-    return d
-
-
 def _pretrain(tmp_path: Path, uri: str, capsys, name: str, *overrides: str) -> tuple[int, list[str]]:
     from jobs.pretrain import main
 
@@ -149,26 +138,6 @@ def test_img2dataset_output_pretrains_unlabelled_and_builds_its_index(tmp_path, 
     assert run.data.metrics["data/skipped_samples"] == 0
 
 
-def test_an_unlabelled_collection_is_evaluated_leave_one_out_on_a_labelled_validation_source(
-        tmp_path, ray_cluster, mlflow_server, capsys):
-    root = img2dataset_like(tmp_path / "laion")
-    val = tmp_path / "eval"
-    val.mkdir()
-    _write(str(val / "shard-%06d.tar"), 32, 16, start=1000)  # a labelled set with no split names
-    code, out = _pretrain(tmp_path, mlflow_server, capsys, "leave-one-out", f"data.root={root}", f"data.val_root={val}")
-    assert code == 0, out
-    assert out[1] == f"validation data: {val}: 2 shards, 32 samples, labelled"
-    assert (f"{root} is unlabelled: k-NN evaluated leave-one-out within the labelled {val} (each image against the "
-            f"others)") in out
-    head = next(x for x in out if "k-NN (k=5" in x)
-    assert "of 32 images against the 31 others (leave-one-out)" in head
-    teacher = next(x for x in out if x.strip().startswith("DINO teacher ") and "%" in x)
-    assert float(teacher.split()[2].rstrip("%")) > 25.0  # 4 colours: far above chance even untrained
-    client, run = _run_of(mlflow_server, "leave-one-out")
-    contexts = {t.value: json.loads(d.dataset.profile)["labelled"] for d in run.inputs.dataset_inputs for t in d.tags}
-    assert contexts == {"training": False, "validation": True}
-
-
 def test_a_timm_webdataset_set_pretrains_with_its_info_file_and_validation_split(tmp_path, ray_cluster, mlflow_server, capsys):
     root = timm_wds_like(tmp_path / "timm")
     code, out = _pretrain(tmp_path, mlflow_server, capsys, "timm-wds", f"data.root={root}")
@@ -202,12 +171,3 @@ def test_webdataset_imagenet_shards_on_s3_without_any_index_are_counted_by_ray_t
     (train,) = [d for d in run.inputs.dataset_inputs if d.tags[0].value == "training"]
     assert train.dataset.source_type == "s3" and json.loads(train.dataset.profile)["num_samples"] == 96
     assert json.loads(train.dataset.profile)["counted_by"] == "tar headers"
-
-
-def test_our_own_shards_pretrain_and_index(tmp_path, ray_cluster, mlflow_server, capsys):
-    root = ours(tmp_path / "ours")
-    code, out = _pretrain(tmp_path, mlflow_server, capsys, "ours", f"data.root={root}")
-    assert code == 0, out
-    assert out[0] == f"training data: split 'train' of {root}: 3 shards, 96 samples (index.json), labelled"
-    head = next(x for x in out if "k-NN (k=5" in x)
-    assert "of 32 images against 96" in head
