@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import fnmatch
+import functools
 import glob
 import json
 import logging
@@ -127,19 +128,28 @@ def _is_remote(path: str) -> bool:
     return "://" in path and not path.startswith("file://")
 
 
+_AWS_ENV = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_ACCESS_KEY_ID",
+            "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+
+
 def _filesystem(uri: str):
-    """``(pyarrow filesystem, path inside it)`` of an object-storage URI; S3 from the AWS environment."""
-    if uri.startswith("s3://"):
+    """``(pyarrow filesystem, path inside it)`` of an object-storage URI; S3 from the AWS environment. One
+    filesystem per scheme and environment (making one is far dearer than a small read through it)."""
+    scheme = uri.split("://", 1)[0]
+    env = tuple(os.environ.get(k) for k in _AWS_ENV) if scheme == "s3" else ()
+    bucket = "" if scheme == "s3" else f"{scheme}://{uri.split('://', 1)[1].split('/', 1)[0]}"
+    return _cached_filesystem(scheme, env, bucket), uri.split("://", 1)[1]
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_filesystem(scheme: str, env: tuple, bucket: str):
+    if scheme == "s3":
         from pipeline.storage import s3_filesystem
 
-        return s3_filesystem(), uri.removeprefix("s3://")
+        return s3_filesystem()
     from pyarrow import fs as pafs
 
-    return pafs.FileSystem.from_uri(uri)
-
-
-def _scheme(uri: str) -> str:
-    return uri.split("://", 1)[0] + "://"
+    return pafs.FileSystem.from_uri(bucket)[0]
 
 
 # ------------------------------------------------------------------------------------------ listing
