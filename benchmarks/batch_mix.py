@@ -2,7 +2,8 @@
 
     python benchmarks/batch_mix.py --data outputs/nette-sorted                 # class-sorted Imagenette (repack.py)
     python benchmarks/batch_mix.py --data ../shared/data/imagenette2-224      # shuffled at packing
-    python benchmarks/batch_mix.py --data outputs/nette-sorted data.shuffle_shards=1 data.shuffle_buffer=0  # no sample shuffle
+    python benchmarks/batch_mix.py --data outputs/nette-sorted data.shuffle_shards=1 data.shuffle_buffer=0 \
+        data.shuffle_random_access=false                                        # no sample shuffle: shard after shard
 
 Reads ``--batches`` batches of ``--batch`` samples (default 61 x 64, about 4,000 images) from the stage training
 uses (:func:`pipeline.data.multicrop_dataset` with the preset's read tasks, shuffle and actor pool; labels

@@ -12,7 +12,8 @@ the actors got against the single-core rate, and the shape and bytes of emitted 
 ``--plain-actors``, also the stage's ceiling without Ray Data: as many plain Ray actors running the same
 mapper over in-memory rows. With ``--compare-shuffle N``, only the cost of the read tasks' sample shuffle:
 N interleaved pairs of pipeline runs, the stage as configured (``data.shuffle_shards``, ``data.shuffle_buffer``)
-against the same stage reading shard after shard (``shuffle_shards=1``, ``shuffle_buffer=0``), each run on a
+against the same stage reading shard after shard (``shuffle_shards=1``, ``shuffle_buffer=0``,
+``shuffle_random_access=false``), each run on a
 fresh Ray; prints every pair, the mean ratio and its spread.
 
 Timed after a warm-up (``--warmup`` images, whose rate is printed too): a process's first ~100 blocks written
@@ -259,7 +260,8 @@ def compare_shuffle(info, cfg, args) -> dict:
 
     from pipeline.config import load_config
 
-    plain_cfg = load_config(None, [*cfg_overrides(cfg), "data.shuffle_shards=1", "data.shuffle_buffer=0"])
+    plain_cfg = load_config(None, [*cfg_overrides(cfg), "data.shuffle_shards=1", "data.shuffle_buffer=0",
+                                   "data.shuffle_random_access=false"])
     d = cfg.data
     print(f"sample shuffle (data.shuffle_shards={d.shuffle_shards}, data.shuffle_buffer={d.shuffle_buffer}) against "
           f"shard after shard; {args.cores} actors, {args.limit} images timed after {args.warmup}, {info.describe()}")

@@ -55,6 +55,7 @@ class DataConfig(_Section):
     label_field: str | None
     shuffle_shards: int = Field(ge=1)
     shuffle_buffer: int = Field(ge=0)
+    shuffle_random_access: bool
     synthetic_dir: str
     synthetic_train: int = Field(gt=0)
     synthetic_val: int = Field(gt=0)

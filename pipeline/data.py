@@ -341,28 +341,31 @@ def shard_order(n: int, pass_index: int, seed: int) -> np.ndarray:
 
 
 def _read_task(paths: tuple[str, ...], counts: tuple[int, ...] | None, seed: list[int] | None, filesystem,
-               layout: Members, group: int, buffer: int) -> Iterator[Any]:
+               layout: Members, shuffle: "SampleShuffle") -> Iterator[Any]:
     from pipeline.tar_reader import read_shard_tables, shuffled_tables
 
     if seed is None:  # the given order, sample by sample (benchmarks, and what the stage did before shuffling)
         for path in paths:
             yield from read_shard_tables({"path": [path]}, filesystem, layout=layout)
         return
-    yield from shuffled_tables(list(paths), None if counts is None else list(counts), seed, group=group, buffer=buffer,
-                               filesystem=filesystem, layout=layout)
+    yield from shuffled_tables(list(paths), None if counts is None else list(counts), seed, group=shuffle.group,
+                               buffer=shuffle.buffer, filesystem=filesystem, layout=layout,
+                               random_access=shuffle.random_access)
 
 
 @dataclass(frozen=True)
 class SampleShuffle:
-    """How a read task mixes its shards (``data.shuffle_shards``, ``data.shuffle_buffer``; see
-    :func:`pipeline.tar_reader.shuffled_rows`). ``group=1, buffer=0`` reads shard after shard (no mixing)."""
+    """How a read task mixes its shards (``data.shuffle_shards``, ``data.shuffle_buffer``,
+    ``data.shuffle_random_access``; see :func:`pipeline.tar_reader.shuffled_rows`). ``group=1, buffer=0,
+    random_access=False`` reads shard after shard, each in its stored order (no mixing)."""
 
     group: int = 32
     buffer: int = 512
+    random_access: bool = True
 
     @classmethod
     def from_config(cls, data) -> "SampleShuffle":
-        return cls(data.shuffle_shards, data.shuffle_buffer)
+        return cls(data.shuffle_shards, data.shuffle_buffer, data.shuffle_random_access)
 
 
 class ShardPasses(ray.data.Datasource):
@@ -373,8 +376,9 @@ class ShardPasses(ray.data.Datasource):
     paths), made all at once when the execution starts.
 
     Samples are shuffled inside the read tasks (:func:`pipeline.tar_reader.shuffled_rows`, seeded by
-    ``(seed, pass, task)``): a task interleaves its shards ``shuffle.group`` at a time, sample by sample, through
-    a buffer of ``shuffle.buffer`` samples, so that a batch's classes do not depend on how the shards were
+    ``(seed, pass, task)``): a task takes its shards ``shuffle.group`` at a time and draws their samples in a
+    random order (local shards by random access, object-storage shards interleaved as streams), through a
+    buffer of ``shuffle.buffer`` samples, so that a batch's classes do not depend on how the shards were
     written (class-sorted shards from an ImageNet-style folder give mixed batches). A pass's order is a
     function of ``(seed, pass)``, the shard paths and their counts: no state lives in an actor or on the
     trainer, a lost read task is replayed exactly, and a pass can be resumed from how many samples of each
@@ -424,8 +428,7 @@ class ShardPasses(ray.data.Datasource):
                 group = tuple(self.paths[j] for j in shards)
                 counts = None if self.counts is None else tuple(self.counts[j] for j in shards)
                 meta = BlockMetadata(num_rows=None, size_bytes=None, exec_stats=None, input_files=group)
-                read = partial(_read_task, group, counts, seed, self.filesystem, self.layout, self.shuffle.group,
-                               self.shuffle.buffer)
+                read = partial(_read_task, group, counts, seed, self.filesystem, self.layout, self.shuffle)
                 tasks.append(ReadTask(read, meta, per_task_row_limit=per_task_row_limit))
         return tasks
 

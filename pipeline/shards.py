@@ -290,6 +290,12 @@ def scan_tar_stream(f, name: str, size: int | None = None, skip=None) -> Iterato
     Raises:
         DataError: not a tar (bad header checksum) or truncated.
     """
+    for member, is_file, _, _ in scan_tar_members(f, name, size, skip):
+        yield member, is_file
+
+
+def scan_tar_members(f, name: str, size: int | None = None, skip=None) -> Iterator[tuple[str, bool, int, int]]:
+    """:func:`scan_tar_stream` with each member's data offset and size: ``(name, is regular file, offset, size)``."""
     skip = skip or (lambda n: _read_over(f, n))
     pos = 0
     try:
@@ -345,7 +351,7 @@ def scan_tar_stream(f, name: str, size: int | None = None, skip=None) -> Iterato
             long_name = long_size = None
             if size is not None and pos + size_field > size:
                 raise DataError(f"{name}: corrupt tar shard: truncated in member {member!r}")
-            yield member, kind in (b"0", b"\0", b"7")
+            yield member, kind in (b"0", b"\0", b"7"), pos, size_field
             try:
                 skip(data_len)
             except EOFError:

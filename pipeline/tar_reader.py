@@ -157,6 +157,64 @@ def read_shard(row: dict[str, Any], filesystem=None, extra: tuple[str, ...] = ()
         stream.close()
 
 
+class _IndexedShard:
+    """A local shard read by random access: its samples' member offsets from one pass over its headers (data
+    blocks seeked over), then any sample by ``pread``. Only regular files that scan as whole tars are indexed;
+    anything else (object storage, a pipe, a truncated or corrupt file) is streamed, which reports the damage."""
+
+    def __init__(self, path: str, samples: list[tuple[str, dict[str, tuple[int, int]]]]):
+        self.path, self.samples, self.fd = path, samples, None
+
+    @classmethod
+    def scan(cls, path: str, keep: tuple[str, ...]) -> "_IndexedShard | None":
+        import os
+        import stat
+
+        from pipeline.shards import DataError, scan_tar_members
+
+        if "://" in path and not path.startswith("file://"):
+            return None
+        local = path.removeprefix("file://")
+        try:
+            st = os.stat(local)
+            if not stat.S_ISREG(st.st_mode):
+                return None
+            samples: list[tuple[str, dict[str, tuple[int, int]]]] = []
+            end = 0
+            with open(local, "rb") as f:
+                for name, is_file, offset, size in scan_tar_members(f, local, st.st_size, lambda n: f.seek(n, os.SEEK_CUR)):
+                    end = offset + -(-size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+                    if not is_file:
+                        continue
+                    k, ext = _member_key_ext(name)
+                    if k is None:
+                        continue
+                    if not samples or samples[-1][0] != k:
+                        samples.append((k, {}))
+                    if ext in keep:
+                        samples[-1][1][ext] = (offset, size)
+                f.seek(end)
+                if f.read(tarfile.BLOCKSIZE) != bytes(tarfile.BLOCKSIZE):  # cut at a member boundary
+                    return None
+        except (OSError, DataError):
+            return None
+        return cls(local, samples)
+
+    def read(self, j: int) -> dict[str, bytes]:
+        import os
+
+        if self.fd is None:
+            self.fd = os.open(self.path, os.O_RDONLY)
+        return {ext: os.pread(self.fd, size, offset) for ext, (offset, size) in self.samples[j][1].items()}
+
+    def close(self) -> None:
+        import os
+
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
 def shuffled_rows(
     paths: list[str],
     counts: list[int] | None,
@@ -166,29 +224,38 @@ def shuffled_rows(
     buffer: int,
     filesystem=None,
     layout: Members = DEFAULT_MEMBERS,
+    random_access: bool = True,
 ) -> Iterator[dict[str, Any]]:
     """The rows of ``paths`` (:func:`read_shard`'s) in a shuffled order that is a pure function of the arguments.
 
     The shards are taken in ``ceil(n / group)`` consecutive groups of near-equal size (at most ``group``
-    each). Within a group the shards are read interleaved sample by sample: the order in which they are
-    drawn from is a random permutation of the group's samples (shard ``i`` appears ``counts[i]`` times), so
-    every shard is drawn from in proportion to what it has left and all of a group's shards end together;
-    then the rows pass through a shuffle buffer of ``buffer`` rows (each incoming row takes the place of a
+    each), and a group's samples are drawn in a random order:
+
+    - **local files** (with ``random_access``) are indexed (one pass over their headers, data seeked over)
+      and read by random access, so the group's samples come in a uniformly random order, whatever order
+      each shard holds them in;
+    - **object storage** (and local files that are not whole tars) is streamed: the shards are read
+      interleaved sample by sample, drawn in a random order in which shard ``i`` appears ``counts[i]`` times,
+      so each is drawn from in proportion to what it has left and all end together. Within a shard the
+      stored order remains (a stream cannot seek), which the buffer softens.
+
+    Then the rows pass through a shuffle buffer of ``buffer`` rows (each incoming row takes the place of a
     randomly chosen one, which is emitted; the rest, shuffled, at the end). ``counts`` are only weights: a
-    shard that holds fewer rows than counted drops out early, one that holds more is read to its end after
-    its group's permutation. ``counts=None`` weighs the shards equally.
+    streamed shard that holds fewer rows than counted drops out early, one that holds more is read to its end
+    after the group's draws. ``counts=None`` weighs streamed shards equally.
 
     So from shards written in class order, a batch of consecutive rows mixes the classes of ``group``
-    shards (the whole group at a group boundary too), not one shard's class.
+    shards, and from local shards the mix does not drift within a group either.
 
     Deterministic: the same arguments and shard bytes give the same rows in the same order, so a re-run
     read task re-emits exactly what its lost attempt emitted (Ray Data's exactly-once per pass rests on
     this), and a consumer that knows how many rows of this sequence it has taken can resume from that count
     by re-running the sequence and dropping as many (image bytes are not decoded here: cheap).
 
-    Memory: at most ``buffer`` rows (raw image bytes, ``buffer`` x the largest sample) plus ``group`` open
-    shard streams (each :data:`STREAM_BUFFER` of read-ahead from an object store; a file descriptor locally)
-    and the group's permutation (4 bytes per sample of the group).
+    Memory: at most ``buffer`` rows (raw image bytes, ``buffer`` x the largest sample) plus, per group, the
+    member offsets of its local shards (~100 bytes a sample), ``group`` open shards (a file descriptor
+    locally; :data:`STREAM_BUFFER` of read-ahead each from an object store) and the draw order (8 bytes a
+    sample of the group).
     """
     import random
 
@@ -200,6 +267,7 @@ def shuffled_rows(
     if counts is None:
         counts = [1] * n
     n_groups = max(1, -(-n // max(1, group)))
+    keep = layout.keep()
     buf: list[dict[str, Any]] = []
 
     def offer(row: dict[str, Any]) -> Iterator[dict[str, Any]]:
@@ -216,34 +284,54 @@ def shuffled_rows(
     for members in np.array_split(np.arange(n), n_groups):
         if len(members) == 0:
             continue
-        readers = [read_shard({"path": paths[i]}, filesystem, layout=layout) for i in members]
-        weights = np.array([max(0, int(counts[i])) for i in members], dtype=np.int64)
-        if weights.sum() == 0:
-            weights[:] = 1
-        order = rng.permutation(np.repeat(np.arange(len(members), dtype=np.int32), weights))
+        indexed = [_IndexedShard.scan(paths[i], keep) if random_access else None for i in members]
+        readers = [None if ix is not None else read_shard({"path": paths[i]}, filesystem, layout=layout)
+                   for i, ix in zip(members, indexed)]
+        # One draw per sample: (shard, sample) for indexed shards, (shard, -1: its next row) for streamed ones.
+        weights = [len(ix.samples) if ix is not None else max(0, int(counts[i])) for i, ix in zip(members, indexed)]
+        if sum(weights) == 0:
+            weights = [1] * len(members)
+        shard_of = np.repeat(np.arange(len(members), dtype=np.int32), weights)
+        sample_of = np.concatenate([np.arange(w, dtype=np.int32) if indexed[k] is not None else np.full(w, -1, np.int32)
+                                    for k, w in enumerate(weights)])
+        order = rng.permutation(len(shard_of))
         done = [False] * len(members)
         try:
-            for j in order.tolist():
-                if done[j]:
+            for k, j in zip(shard_of[order].tolist(), sample_of[order].tolist()):
+                if done[k]:
                     continue
-                row = next(readers[j], None)
+                if j >= 0:
+                    key = indexed[k].samples[j][0]
+                    try:
+                        row = _row(key, paths[members[k]], indexed[k].read(j), layout=layout)
+                    except OSError as e:  # the file changed under us: a marker, the rest of it skipped
+                        log.warning("cannot read shard %s: %s", paths[members[k]], e)
+                        row = _row(f"{paths[members[k]]}#unreadable", paths[members[k]], {}, error="unreadable_shard")
+                        done[k] = True
+                    yield from offer(row)
+                    continue
+                row = next(readers[k], None)
                 if row is None:
-                    done[j] = True
+                    done[k] = True
                     continue
                 yield from offer(row)
-            for j, reader in enumerate(readers):  # rows beyond the counts (an index that undercounts)
-                if not done[j]:
+            for k, reader in enumerate(readers):  # rows beyond the counts (an index that undercounts)
+                if reader is not None and not done[k]:
                     for row in reader:
                         yield from offer(row)
         finally:
-            for reader in readers:
-                reader.close()
+            for k in range(len(members)):
+                if readers[k] is not None:
+                    readers[k].close()
+                if indexed[k] is not None:
+                    indexed[k].close()
     pick.shuffle(buf)
     yield from buf
 
 
 def shuffled_tables(paths, counts, seed, *, group: int, buffer: int, filesystem=None, layout: Members = DEFAULT_MEMBERS,
-                    rows_per_table: int = 64):
+                    random_access: bool = True, rows_per_table: int = 64):
     """:func:`shuffled_rows` as Arrow tables of ``rows_per_table`` rows (the read stage's blocks)."""
-    rows = shuffled_rows(paths, counts, seed, group=group, buffer=buffer, filesystem=filesystem, layout=layout)
+    rows = shuffled_rows(paths, counts, seed, group=group, buffer=buffer, filesystem=filesystem, layout=layout,
+                         random_access=random_access)
     yield from tables_of(rows, rows_per_table)

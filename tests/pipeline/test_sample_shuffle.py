@@ -52,12 +52,11 @@ def mean_batch_entropy(labels: list[int], batch: int) -> float:
 
 
 def test_shuffled_rows_mix_class_sorted_shards_and_keep_every_sample_once(tmp_path):
-    from pipeline.tar_reader import shuffled_rows
+    from pipeline.tar_reader import read_shard, shuffled_rows
 
     paths, counts = _class_sorted_shards(tmp_path)
     assert len(paths) == 20
-    plain = [r for p in paths for r in shuffled_rows([p], None, [0], group=1, buffer=0)]
-    # group 1, no buffer: shard after shard, each in its own order, i.e. one class per 32 consecutive samples
+    plain = [r for p in paths for r in read_shard({"path": p})]  # shard after shard: one class per 32 samples
     assert [r["__key__"] for r in plain] == [f"c{c}_{i:03d}" for c in range(CLASSES) for i in range(PER_CLASS)]
     assert mean_batch_entropy(_labels(plain), 32) < 0.3
 
@@ -72,14 +71,45 @@ def test_shuffled_rows_mix_class_sorted_shards_and_keep_every_sample_once(tmp_pa
     assert [r["__key__"] for r in shuffled_rows(paths, counts, [0, 1, 2], group=32, buffer=64)] == keys
     assert [r["__key__"] for r in shuffled_rows(paths, counts, [0, 1, 3], group=32, buffer=64)] != keys
 
-    # Groups of 5 shards (4 groups): each group ends all its shards together, so every batch still mixes
-    # its group's classes (here 5 consecutive shards = 2.5 classes: ~0.97 nats), where reading shard after
-    # shard gives one class per batch.
-    grouped = list(shuffled_rows(paths, counts, [4], group=5, buffer=0))
-    assert sorted(r["__key__"] for r in grouped) == sorted(keys)
-    assert mean_batch_entropy(_labels(grouped), 32) > 0.85
-    first_group = {r["__url__"] for r in grouped[: 5 * 24]}
-    assert len(first_group) == 5  # a group's 5 shards are done before the next group starts (no buffer)
+
+def _position(key: str) -> int:
+    return int(key.split("_")[1]) % 24  # a sample's place in its 24-sample shard
+
+
+def test_local_shards_are_read_in_a_random_order_within_a_group(tmp_path):
+    """Local shards are indexed and read by random access: the first half of a group's samples holds samples from
+    anywhere in its shards (a stream would give the first halves of the shards first)."""
+    from pipeline.tar_reader import shuffled_rows
+
+    paths, counts = _class_sorted_shards(tmp_path)
+    rows = list(shuffled_rows(paths, counts, [4], group=5, buffer=0))  # 4 groups of 5 shards, no buffer
+    assert len(rows) == 480 and len({r["__key__"] for r in rows}) == 480
+    first_group = rows[:120]
+    assert len({r["__url__"] for r in first_group}) == 5  # a group's shards are done before the next group starts
+    early = [_position(r["__key__"]) for r in first_group[:60]]
+    # ~half from the shards' second halves (binomial 60 x 0.5: 30 +- 3 sd = 18..42; the seed is fixed), not ~none
+    assert 18 <= sum(p >= 12 for p in early) <= 42
+
+
+def test_streamed_shards_are_interleaved_in_proportion_and_keep_their_order(tmp_path, monkeypatch):
+    """What object-storage shards get (no random access): interleaved sample by sample, each shard in its stored
+    order, all shards of a group ending together."""
+    import pipeline.tar_reader as tr
+
+    monkeypatch.setattr(tr._IndexedShard, "scan", classmethod(lambda cls, path, keep: None))
+    paths, counts = _class_sorted_shards(tmp_path)
+    rows = list(tr.shuffled_rows(paths, counts, [4], group=5, buffer=0))
+    assert sorted(r["__key__"] for r in rows) == sorted(f"c{c}_{i:03d}" for c in range(CLASSES) for i in range(PER_CLASS))
+    by_shard: dict[str, list[int]] = {}
+    for r in rows:
+        by_shard.setdefault(r["__url__"], []).append(_position(r["__key__"]))
+    assert all(v == sorted(v) for v in by_shard.values())  # each shard in its own order
+    # Groups of 5 consecutive shards (2.5 classes each): every batch mixes its group's classes (~0.97 nats),
+    # where reading shard after shard gives one class per batch.
+    assert mean_batch_entropy(_labels(rows), 32) > 0.85
+    first_group = rows[:120]
+    assert len({r["__url__"] for r in first_group}) == 5
+    assert sum(_position(r["__key__"]) >= 12 for r in first_group[:60]) < 20  # streams: first halves first
 
 
 def test_counts_are_only_weights(tmp_path):
@@ -107,37 +137,57 @@ def test_a_bad_shard_in_a_group_is_a_marker_and_the_rest_is_read(tmp_path):
     assert len({r["__key__"] for r in good}) == len(good)
 
 
-def test_memory_is_bounded_by_the_buffer_and_the_group(tmp_path, monkeypatch):
+@pytest.mark.parametrize("mode", ["indexed", "streamed"])
+def test_memory_is_bounded_by_the_buffer_and_the_group(tmp_path, monkeypatch, mode):
     """Rows held at once: at most ``buffer`` in the buffer; shards open at once: at most ``group``."""
     import pipeline.tar_reader as tr
 
     paths, counts = _class_sorted_shards(tmp_path)
     opened = {"now": 0, "max": 0}
-    real_open = tr.open_shard
 
-    class Tracked:
-        def __init__(self, f):
-            self.f = f
-            opened["now"] += 1
-            opened["max"] = max(opened["max"], opened["now"])
+    def opening():
+        opened["now"] += 1
+        opened["max"] = max(opened["max"], opened["now"])
 
-        def read(self, *a):
-            return self.f.read(*a)
+    if mode == "streamed":
+        monkeypatch.setattr(tr._IndexedShard, "scan", classmethod(lambda cls, path, keep: None))
+        real_open = tr.open_shard
+
+        class Tracked:
+            def __init__(self, f):
+                self.f = f
+                opening()
+
+            def read(self, *a):
+                return self.f.read(*a)
+
+            def close(self):
+                if self.f is not None:
+                    opened["now"] -= 1
+                    self.f.close()
+                    self.f = None
+
+        monkeypatch.setattr(tr, "open_shard", lambda path, fs=None: Tracked(real_open(path, fs)))
+    else:
+        real_read, real_close = tr._IndexedShard.read, tr._IndexedShard.close
+
+        def read(self, j):
+            if self.fd is None:
+                opening()
+            return real_read(self, j)
 
         def close(self):
-            if self.f is not None:
+            if self.fd is not None:
                 opened["now"] -= 1
-                self.f.close()
-                self.f = None
+            real_close(self)
 
-    monkeypatch.setattr(tr, "open_shard", lambda path, fs=None: Tracked(real_open(path, fs)))
-    held = 0
+        monkeypatch.setattr(tr._IndexedShard, "read", read)
+        monkeypatch.setattr(tr._IndexedShard, "close", close)
     gen = tr.shuffled_rows(paths, counts, [2], group=6, buffer=40)
     first = next(gen)  # the first row comes out once the buffer is full: 40 rows held, one emitted
     assert first is not None and opened["max"] <= 6
     rest = list(gen)
-    held = 1 + len(rest)
-    assert held == 480 and opened["max"] <= 6 and opened["now"] == 0
+    assert 1 + len(rest) == 480 and 0 < opened["max"] <= 6 and opened["now"] == 0
 
 
 def test_make_shards_writes_a_seeded_random_order_by_default_and_sorted_on_request(tmp_path, capsys):

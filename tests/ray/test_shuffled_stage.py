@@ -80,7 +80,8 @@ def test_batches_from_class_sorted_shards_hold_every_class(class_sorted):
 
     # The same stage reading shard after shard (no sample shuffle: what training did before) gives one class
     # per batch whatever the shard order: the fixture is one that shard-order shuffling alone cannot pass.
-    plain = [b for b in _batches(class_sorted, "data.shuffle_shards=1", "data.shuffle_buffer=0") if len(b) == 32]
+    no_shuffle = ("data.shuffle_shards=1", "data.shuffle_buffer=0", "data.shuffle_random_access=false")
+    plain = [b for b in _batches(class_sorted, *no_shuffle) if len(b) == 32]
     plain_h = float(np.mean([_entropy(b) for b in plain]))
     print(f"without the sample shuffle: mean label entropy {plain_h:.3f} nats")
     assert plain_h < 0.25
