@@ -380,12 +380,13 @@ def _count_samples(path: Path, image_exts: tuple[str, ...] = IMAGE_EXTS) -> int:
     return count_keys(_scan_tar(path), image_exts)
 
 
-def _read_classes_json(path: Path) -> list[str] | None:
-    """Class names from imagenette-style ``{"classes": {"0": {"name": ...}}}`` (or a plain list)."""
-    if not path.is_file():
+def _read_classes_json(path: Path, read=None) -> list[str] | None:
+    """Class names from imagenette-style ``{"classes": {"0": {"name": ...}}}`` (or a plain list). ``read``:
+    a function giving the file's bytes (object storage), else ``path`` is a local file (None when absent)."""
+    if read is None and not path.is_file():
         return None
     try:
-        classes = json.loads(path.read_text())["classes"]
+        classes = json.loads(read() if read is not None else path.read_text())["classes"]
         if isinstance(classes, dict):
             items = sorted((int(k), v) for k, v in classes.items())
             if [k for k, _ in items] != list(range(len(items))):

@@ -332,11 +332,13 @@ def _stats_counts(shards: list[Shard], names: set[str], folder: str) -> int:
 
 
 def _classes_json(folder: str, names: set[str]) -> list[str] | None:
+    """Class names from an imagenette-style ``classes.json`` beside the shards, local or on object storage."""
     if "classes.json" not in names:
         return None
+    path = _join(folder, "classes.json")
     if _is_remote(folder):
-        return None
-    return _read_classes_json(Path(folder) / "classes.json")
+        return _read_classes_json(path, read=lambda: _read_small(path))
+    return _read_classes_json(Path(path))
 
 
 def _list_wids(path: str) -> Listing:

@@ -46,7 +46,7 @@ def _knn_embeddings(folder, images: list[bytes]) -> np.ndarray:
     spec = BackboneSpec(meta["arch"], meta["timm_kwargs"], meta["image_size"])
     embedder = Embedder({"teacher": (spec, load_file(str(folder / TEACHER_WEIGHTS)))}, meta["image_size"], decode=True)
     n = len(images)
-    batch = {"__key__": np.array([f"k{i}" for i in range(n)], dtype=object), "png": np.array(images, dtype=object)}
+    batch = {"__key__": np.array([f"k{i}" for i in range(n)], dtype=object), "image": np.array(images, dtype=object)}
     out = embedder(batch)
     assert list(out["key"]) == [f"k{i}" for i in range(n)]  # none skipped
     return out["feature_teacher"]
