@@ -128,6 +128,13 @@ def _is_remote(path: str) -> bool:
     return "://" in path and not path.startswith("file://")
 
 
+try:  # what boto3 raises for a missing object or a refused request
+    from botocore.exceptions import BotoCoreError as _BotoError, ClientError as _ClientErr
+
+    _ClientError: tuple = (_BotoError, _ClientErr)
+except ImportError:  # pragma: no cover
+    _ClientError = ()
+
 _AWS_ENV = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_ACCESS_KEY_ID",
             "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 
@@ -180,9 +187,29 @@ def _list_dir(path: str) -> tuple[list[str], list[str]]:
 def _read_small(path: str) -> bytes:
     if not _is_remote(path):
         return Path(path.removeprefix("file://")).read_bytes()
+    if path.startswith("s3://"):
+        bucket, _, key = path.removeprefix("s3://").partition("/")
+        return _s3_client().get_object(Bucket=bucket, Key=key)["Body"].read()
     fs, inner = _filesystem(path)
     with fs.open_input_stream(inner, compression=None) as f:
         return f.read()
+
+
+def _s3_client():
+    """A boto3 S3 client from the AWS environment (``AWS_ENDPOINT_URL`` included), one per environment, for small
+    objects (index and stats files): one GET each, where pyarrow's S3 streams also send a HEAD first, which
+    halves how many of 10,000 stats files a store answers per second."""
+    return _cached_s3_client(tuple(os.environ.get(k) for k in _AWS_ENV))
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_s3_client(env: tuple):
+    import boto3
+    import botocore.config
+
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    config = botocore.config.Config(max_pool_connections=_REMOTE_THREADS, retries={"max_attempts": 5, "mode": "standard"})
+    return boto3.session.Session().client("s3", endpoint_url=endpoint or None, config=config)
 
 
 def _join(base: str, name: str) -> str:
@@ -192,7 +219,7 @@ def _join(base: str, name: str) -> str:
 def _json_file(path: str, what: str = "file") -> dict:
     try:
         obj = json.loads(_read_small(path))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, *_ClientError) as e:
         raise DataError(f"{path}: cannot read {what}: {' '.join(str(e).split())}") from None
     if not isinstance(obj, dict):
         raise DataError(f"{path}: not a JSON object")
