@@ -9,6 +9,11 @@ Reads ``--batches`` batches of ``--batch`` samples (default 61 x 64, about 4,000
 uses (:func:`pipeline.data.multicrop_dataset` with the preset's read tasks, shuffle and actor pool; labels
 carried along), on a local Ray, and prints the mean number of classes per batch and the mean label entropy of
 a batch in nats against log(classes) of a uniform mix. ``key=value`` arguments override the preset.
+
+``--drift 64,1280,6400``: instead, one whole pass of one read task's sample order (what
+:func:`pipeline.tar_reader.shuffled_rows` emits, in this process, no Ray, no decoding) and, for windows of that
+many consecutive samples, the mean KL divergence of the window's class histogram from uniform: how far the mix
+drifts within a pass (a batch can hold every class while the classes still come in waves).
 """
 
 from __future__ import annotations
@@ -40,8 +45,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--batches", type=int, default=61)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--json", help="write the figures here")
+    p.add_argument("--drift", help="windows (samples) for the drift of one read task's order, e.g. 64,1280,6400")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args(argv)
+    if args.drift:
+        return drift(args)
 
     import numpy as np
     import ray
@@ -75,6 +83,39 @@ def main(argv: list[str] | None = None) -> dict:
           f"{math.log(classes):.3f})")
     out = {"data": args.data, "overrides": args.overrides, "batches": len(stats), "batch": args.batch,
            "classes_per_batch": mean_classes, "entropy": mean_h, "uniform": math.log(classes)}
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
+    return out
+
+
+def drift(args) -> dict:
+    """KL(window's class histogram || uniform), mean over windows, for one read task's whole pass."""
+    import numpy as np
+
+    from pipeline.config import load_config
+    from pipeline.sources import resolve_source
+    from pipeline.tar_reader import shuffled_rows
+
+    cfg = load_config(args.preset, [f"data.root={args.data}", *args.overrides])
+    d = cfg.data
+    train = resolve_source(args.data, d.train_split, d)
+    rows = shuffled_rows(train.paths, train.counts, [cfg.seed, 0, 0, 1], group=d.shuffle_shards, buffer=d.shuffle_buffer,
+                         layout=train.members, random_access=d.shuffle_random_access)
+    labels = np.array([int(r["cls"]) for r in rows if r["cls"] is not None])
+    classes = int(labels.max()) + 1
+    out = {"data": args.data, "overrides": args.overrides, "samples": len(labels)}
+    parts = []
+    for w in (int(x) for x in args.drift.split(",")):
+        kl = []
+        for i in range(0, len(labels) - w + 1, w):
+            p = np.bincount(labels[i:i + w], minlength=classes) / w
+            q = p[p > 0]
+            kl.append(float(np.log(classes) + (q * np.log(q)).sum()))
+        out[f"kl_{w}"] = float(np.mean(kl))
+        parts.append(f"{w}: {out[f'kl_{w}']:.4f}")
+    print(f"{train.describe()}, one read task's pass of {len(labels)} samples (data.shuffle_shards={d.shuffle_shards}, "
+          f"data.shuffle_buffer={d.shuffle_buffer}, random access {d.shuffle_random_access}): mean KL(window || uniform) "
+          f"by window size, " + ", ".join(parts))
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
     return out
