@@ -122,7 +122,7 @@ class Schedules:
         the end; a half-cosine's tail is quadratic, ``a[-1] - (a[-2] - a[-1]) / 3``, exact for it and for a
         constant). So every schedule keeps its value at ``from_step`` (no jump), and a cosine that starts at or
         before ``from_step`` becomes, up to interpolation, the cosine of a run ``total_steps`` long. Used by
-        the time budget (:mod:`pipeline.budget`) when the number of epochs that fit changes during a run.
+        the time budget (:mod:`pipeline.train.budget`) when the number of epochs that fit changes during a run.
 
         Raises:
             ValueError: If ``from_step`` is outside ``[0, T)`` or ``total_steps < from_step``.

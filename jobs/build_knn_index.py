@@ -33,7 +33,7 @@ except ImportError:
 def _load_config(args):
     """``--config`` (default ``local``), or with ``--run-id`` and no ``--config`` the run's logged config."""
     from pipeline.config import load_config
-    from pipeline.teacher_source import run_config
+    from pipeline.weights.teacher_source import run_config
     from pipeline.tracking import resolve_tracking_uri
 
     cfg = load_config(args.config or "local", args.overrides)
@@ -66,13 +66,13 @@ def main(argv: list[str] | None = None) -> int:
     _cli.setup_logging()
     _cli.quiet_libraries()
 
-    from pipeline.checkpoint import load_teacher
-    from pipeline.faiss_index import MANIFEST_FILE
-    from pipeline.knn_index import KnnRequest, evaluate_teacher, require_labels
-    from pipeline.pretrain import check_ray_address, ensure_data, init_ray
-    from pipeline.shards import DataError
-    from pipeline.sources import ensure_counted, knn_protocol, resolve_source, validation_source
-    from pipeline.teacher_source import require_teacher, teacher_from_run
+    from pipeline.weights.checkpoint import load_teacher
+    from pipeline.eval.faiss_index import MANIFEST_FILE
+    from pipeline.eval.knn import KnnRequest, evaluate_teacher, require_labels
+    from pipeline.driver.pretrain import check_ray_address, ensure_data, init_ray
+    from pipeline.errors import DataError
+    from pipeline.data.sources import ensure_counted, knn_protocol, resolve_source, validation_source
+    from pipeline.weights.teacher_source import require_teacher, teacher_from_run
     from pipeline.tracking import resolve_tracking_uri
 
     try:  # every input problem surfaces here, before Ray starts

@@ -64,12 +64,13 @@ def main(argv: list[str] | None = None) -> int:
     _cli.setup_logging()
     _cli.quiet_libraries()
 
-    from pipeline.checkpoint import load_teacher
-    from pipeline.knn_index import require_labels
-    from pipeline.linear_probe import PROBE_NEEDS, ProbeRequest, ProbeSettings, classifier_files, feature_layout, run_probe
-    from pipeline.pretrain import ensure_data
-    from pipeline.shards import DataError, members_from_config
-    from pipeline.teacher_source import require_teacher, teacher_from_run
+    from pipeline.weights.checkpoint import load_teacher
+    from pipeline.eval.knn import require_labels
+    from pipeline.eval.linear_probe import PROBE_NEEDS, ProbeRequest, ProbeSettings, classifier_files, feature_layout, run_probe
+    from pipeline.driver.pretrain import ensure_data
+    from pipeline.data.shards import members_from_config
+    from pipeline.errors import DataError
+    from pipeline.weights.teacher_source import require_teacher, teacher_from_run
     from pipeline.tracking import resolve_tracking_uri
 
     try:
@@ -119,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _report(req, settings, res: dict) -> None:
-    from pipeline.linear_probe import scaled_lr
+    from pipeline.eval.linear_probe import scaled_lr
 
     print(f"linear probe ({settings.mode}) on {res['val']} ({res['n_val']} images), trained on {res['train']} "
           f"({res['n_train']} images), {res['num_classes']} classes, features {res['feature_dim']}-d, "

@@ -17,20 +17,20 @@ in a random order drawn from ``--seed`` (``--order random``, the default: a shar
 class instead of one class, so even a reader that does not shuffle gets mixed batches) or as listed
 (``--order sorted``); either way the same input and seed always give the same shard numbering and bytes.
 Keys are the path relative to the folder (or to the manifest's folder; absolute if outside it) without
-suffix, sanitised by :func:`pipeline.shards.safe_key`; of images whose keys collide, the first written keeps it.
+suffix, sanitised by :func:`pipeline.data.shards.safe_key`; of images whose keys collide, the first written keeps it.
 
 JPEGs are stored byte-identical; other formats are re-encoded as JPEG (quality 95, transparency
 flattened onto white). Every image is decoded once as a check (JPEGs at reduced DCT scale, which still
 reads all their data). With more than 2,000 images (or ``--ray``) loading runs as Ray Data tasks
 (``map_batches`` over ``from_items``), otherwise in this process (``--workers`` processes); either way
-the driver writes the shards in input order through :func:`pipeline.shards.write_shards` (temporary
+the driver writes the shards in input order through :func:`pipeline.data.shards.write_shards` (temporary
 names, renamed when the split is complete), so both give byte-identical shards. Ray is started locally
 (``--num-cpus``) only if not already initialised, and shut down only if started here.
 
 Images that cannot be used are skipped, never fatal: counts by reason (corrupt, unreadable, missing,
 zero-byte, unsupported-format, key-collision, bad-key) are printed and every one is listed in
 ``OUT_DIR/skipped.jsonl`` (``{"split", "path", "reason", "detail"}``; entries of other splits are kept).
-Afterwards every shard written is read back and checked (:func:`pipeline.shards.verify_split`). A split
+Afterwards every shard written is read back and checked (:func:`pipeline.data.shards.verify_split`). A split
 that already exists in OUT_DIR (in its index or as shards) is not overwritten without ``--overwrite``.
 Writing a second split into the same OUT_DIR merges it into the existing index.
 
@@ -65,10 +65,8 @@ if __package__ in (None, ""):  # run as a script: make the repo root importable
 from PIL import Image, UnidentifiedImageError
 
 from pipeline.progress import Progress
-from pipeline.shards import (
-    DataError,
+from pipeline.data.shards import (
     Sample,
-    ShardVerificationError,
     SplitCheck,
     existing_split,
     is_safe_key,
@@ -78,6 +76,7 @@ from pipeline.shards import (
     write_index,
     write_shards,
 )
+from pipeline.errors import DataError, ShardVerificationError
 
 log = logging.getLogger("make_shards")
 
@@ -532,7 +531,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--num-cpus", type=int, default=os.cpu_count() or 1, help="CPUs of a local Ray started here")
     r.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
                    help="image-checking processes without Ray")
-    g = p.add_argument_group("synthetic shapes dataset (pipeline/synthetic.py)")
+    g = p.add_argument_group("synthetic shapes dataset (pipeline/data/synthetic.py)")
     g.add_argument("--synthetic", action="store_true", help="generate the synthetic dataset into OUT_DIR")
     g.add_argument("--n-train", type=int, default=2000)
     g.add_argument("--n-val", type=int, default=500)
@@ -554,7 +553,7 @@ def _start_ray(address: str | None, num_cpus: int) -> bool:
 
 
 def _synthetic(args, out: Path) -> None:
-    from pipeline.synthetic import make_synthetic_dataset
+    from pipeline.data.synthetic import make_synthetic_dataset
 
     for split in ("train", "val") if args.n_val > 0 else ("train",):
         check_output(out, split, args.overwrite)

@@ -36,8 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     _cli.quiet_libraries()
 
     from pipeline.config import load_config
-    from pipeline.pretrain import prepare, pretrain
-    from pipeline.shards import DataError
+    from pipeline.driver.pretrain import prepare, pretrain
+    from pipeline.errors import ClusterError, DataError
 
     try:  # every input problem surfaces here, before Ray starts
         cfg = load_config(args.config, args.overrides)
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         result = pretrain(prepared)
-    except DataError as e:  # a run stopped for a stated reason (checkpoint storage, health): one line
+    except (DataError, ClusterError) as e:  # a run stopped for a stated reason (checkpoint storage, health): one line
         return _cli.fail(str(e), code=1)
     print(f"pretraining finished: MLflow run {result.run_id} ({prepared.run_name}) at {result.tracking_uri}")
     print(f"teacher exported to {result.teacher_dir}; final checkpoint {result.checkpoint_path}")
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _skipped_summary(stats: dict, max_crashes: int) -> str:
-    from pipeline.sample_stats import REASONS
+    from pipeline.data.sample_stats import REASONS
 
     reasons = ", ".join(f"{r}={n}" for r, n in sorted(stats.get("reasons", {}).items()) if r in REASONS and n)
     poison = [f"{key} of {shard} ({n} worker deaths)" for shard, key, n in stats.get("crashes", []) if n >= max_crashes]
@@ -89,8 +89,8 @@ def _describe_data(p) -> None:
 
 
 def _knn(cfg, prepared, result) -> None:
-    from pipeline.knn_index import KnnRequest, evaluate_teacher
-    from pipeline.sources import knn_protocol
+    from pipeline.eval.knn import KnnRequest, evaluate_teacher
+    from pipeline.data.sources import knn_protocol
 
     protocol, note = knn_protocol(prepared.train, prepared.val)
     print(note)
@@ -109,14 +109,14 @@ def _knn(cfg, prepared, result) -> None:
         print(f"index of {knn['n_db']:,} images: {knn['index_dir']}; MLflow k-NN run {knn['mlflow_run_id']} "
               f"(child of {result.run_id})")
         return
-    from pipeline.summary import comparison_lines
+    from pipeline.driver.summary import comparison_lines
 
     rows = knn if result.start_knn is None else {**knn, "start": result.start_knn}  # its own row of the table
     for line in comparison_lines(rows, result.metrics.get("attention_jaccard"), k=cfg.knn.k,
                                  temperature=cfg.knn.temperature, split=prepared.val.split or prepared.val.describe()):
         print(line)
     if result.start_knn is not None:
-        from pipeline.pretrain import compare_with_start
+        from pipeline.driver.pretrain import compare_with_start
 
         start = result.start_knn
         print(f"  starting weights: {cfg.model.init_from}")

@@ -45,9 +45,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.k < 1 or args.thumb < 16:
         parser.error("-k must be >= 1 and --thumb >= 16")
 
-    from pipeline import contact_sheet as cs
-    from pipeline import knn_query as kq
-    from pipeline.faiss_index import load_index_dir
+    from pipeline.eval import contact_sheet as cs
+    from pipeline.eval import query as kq
+    from pipeline.eval.faiss_index import load_index_dir
 
     try:
         folder = load_index_dir(args.index)

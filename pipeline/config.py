@@ -22,14 +22,12 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from pipeline.errors import ConfigError
+
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 DEFAULTS_FILE = CONFIG_DIR / "default.yaml"
 
 Prob = Field(ge=0.0, le=1.0)
-
-
-class ConfigError(ValueError):
-    """A configuration problem, always a single line naming the key, value or file."""
 
 
 class _Section(BaseModel):
@@ -207,7 +205,7 @@ class ModelConfig(_Section):
 class OptimConfig(_Section):
     epochs: int = Field(gt=0)
     time_budget_minutes: float | None = Field(default=None, gt=0.0)
-    teacher_snapshot_minutes: list[float] = Field(default_factory=list)  # pipeline/snapshots.py
+    teacher_snapshot_minutes: list[float] = Field(default_factory=list)  # pipeline/train/snapshots.py
     batch_size_per_worker: int = Field(gt=0)
     base_lr: float = Field(gt=0.0)
     min_lr: float = Field(ge=0.0)

@@ -162,7 +162,7 @@ def epoch_record(summary: dict[str, Any], *, planned_epochs: int, global_batch_s
     """What rank 0 sends the driver at an epoch end (plain numbers; it crosses Ray).
 
     Args:
-        summary: :meth:`pipeline.train_loop.DinoRunner.train_epoch`'s summary (epoch, steps, mean_loss,
+        summary: :meth:`pipeline.train.loop.DinoRunner.train_epoch`'s summary (epoch, steps, mean_loss,
             epoch_time_s, data_wait_s).
         planned_epochs: the run's length now (``optim.epochs``, or what the time budget fitted).
         global_batch_size: images per step over all workers.
@@ -225,7 +225,7 @@ class EpochPrinter:
     """On the driver: shows rank 0's epoch records as they arrive, while ``trainer.fit()`` blocks.
 
     A thread calls ``fetch(since)`` (the records after the first ``since``; the run's
-    :class:`~pipeline.sample_stats.SampleCounter`) every ``every_s`` seconds and emits one
+    :class:`~pipeline.data.sample_stats.SampleCounter`) every ``every_s`` seconds and emits one
     :func:`epoch_line` per new record; :meth:`stop` fetches the last ones and returns them all.
     """
 

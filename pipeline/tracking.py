@@ -48,7 +48,7 @@ METRIC_NAMES = {
     "step_time_s": "speed/step_time_s",
     "data_wait_s": "speed/data_wait_s",
     "data_wait_fraction": "speed/data_wait_fraction",
-    # the teacher's [CLS] attention against object masks (DINO Sec. 4.2.1, pipeline/attention_maps.py): each
+    # the teacher's [CLS] attention against object masks (DINO Sec. 4.2.1, pipeline/train/attention.py): each
     # score per attention epoch and for the starting weights ("_start", step 0), the centre prior's once
     **{f"attention_{k}{s}": f"attention/{k}{s}" for k in (
         "jaccard_head_mean", "jaccard_best_head", "jaccard_mean_heads", "best_head") for s in ("", "_start")},
@@ -313,7 +313,7 @@ def create_run(tracking_uri: str, experiment: str, run_name: str, params: dict[s
 
 
 def dataset_entity(info, name: str):
-    """An MLflow dataset describing one source of shards (:class:`~pipeline.shards.SplitInfo`): its location
+    """An MLflow dataset describing one source of shards (:class:`~pipeline.data.shards.SplitInfo`): its location
     as the source, a digest of its shard list and counts, and a profile with samples, shards, labels, split."""
     import hashlib
 

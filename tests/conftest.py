@@ -148,7 +148,7 @@ class TinyTeacher:
         import timm
         import torch
 
-        from pipeline.checkpoint import export_teacher
+        from pipeline.weights.checkpoint import export_teacher
 
         torch.manual_seed(seed)
         kwargs = {**self.kwargs, **kw}

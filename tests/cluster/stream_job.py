@@ -1,7 +1,7 @@
 """A Ray job for tests/cluster: one pass of the production multi-crop stage while a CPU node is lost.
 
 ``python tests/cluster/stream_job.py --data DIR --out result.json --gate FOLDER`` builds the training
-stream (``pipeline.data.multicrop_dataset`` with keys, the run's placement: reads and actors on
+stream (``pipeline.data.stage.multicrop_dataset`` with keys, the run's placement: reads and actors on
 ``dino-ray/role=augment`` nodes) over the train split of ``DIR`` and consumes it on the driver. Once half
 the samples are in, it writes ``FOLDER/half`` and waits (at most 120 s) for ``FOLDER/killed``: the test
 kills a CPU node meanwhile. Written to ``--out``: every key delivered, in order, and the split's keys.
@@ -31,10 +31,10 @@ def main() -> int:
     import ray
 
     from pipeline.config import load_config
-    from pipeline.data import multicrop_dataset
-    from pipeline.placement import placement_for
-    from pipeline.storage import resolve_split
-    from pipeline.tar_reader import read_shard_tables
+    from pipeline.data.stage import multicrop_dataset
+    from pipeline.cluster.placement import placement_for
+    from pipeline.data.storage import resolve_split
+    from pipeline.data.tar_reader import read_shard_tables
 
     ray.init(address="auto")
     ray.data.DataContext.get_current().enable_progress_bars = False

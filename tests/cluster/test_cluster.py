@@ -1,4 +1,4 @@
-"""The cluster path, for real, on one machine: ``pipeline.local_cluster`` starts Ray's autoscaler (v2) with the
+"""The cluster path, for real, on one machine: ``pipeline.cluster.local`` starts Ray's autoscaler (v2) with the
 node types of ``cluster.yaml`` (every node a real raylet), and jobs go in through ``ray job submit``.
 
 One pretraining job (:func:`main_run`) is watched through Ray's state API while it runs; the test
@@ -51,7 +51,7 @@ def cluster(tmp_path_factory):
     pytest.importorskip("ray")
     if not Path(_ray_bin()).exists():
         pytest.skip("ray CLI not installed")
-    from pipeline.local_cluster import LocalCluster
+    from pipeline.cluster.local import LocalCluster
 
     folder = tmp_path_factory.mktemp("local-cluster")
     c = LocalCluster(folder, sizes={"cpu_worker": {"max_workers": CPU_MAX}, "gpu_worker": {"max_workers": TRAIN_MAX}},
@@ -178,9 +178,9 @@ class Chaos(threading.Thread):
 @pytest.fixture(scope="module")
 def main_run(cluster, mlflow_server, tmp_path_factory):
     """The pretraining job with both node losses and the poison sample; everything the tests look at."""
-    from pipeline.cluster_timeline import ClusterTimeline
+    from pipeline.cluster.timeline import ClusterTimeline
 
-    from pipeline.synthetic import make_synthetic_dataset
+    from pipeline.data.synthetic import make_synthetic_dataset
 
     tmp = tmp_path_factory.mktemp("cluster-run")
     make_synthetic_dataset(tmp / "data", n_train=TRAIN, n_val=64, image_size=PHOTO_PX, seed=0)
@@ -229,7 +229,7 @@ def main_run(cluster, mlflow_server, tmp_path_factory):
 
 
 def _events(rows, column):
-    from pipeline.cluster_timeline import events
+    from pipeline.cluster.timeline import events
 
     return events(rows, column)
 
@@ -312,7 +312,7 @@ def test_cpu_nodes_come_from_zero_up_to_the_pool_max_and_go_when_idle(main_run):
 def test_run_finishes_with_its_knn_result_in_one_mlflow_run(main_run):
     _succeeded(main_run)
     logs = main_run["logs"]
-    for row in ("DINO teacher", "random init", "raw pixels"):  # the closing table (pipeline/summary.py)
+    for row in ("DINO teacher", "random init", "raw pixels"):  # the closing table (pipeline/driver/summary.py)
         assert re.search(rf"^  {row} +\d+\.\d\d% +\d+\.\d\d%", logs, re.M), logs[-3000:]
     runs = main_run["runs"]
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
@@ -366,7 +366,7 @@ def _note_new_cpu_nodes(cluster, before: set[str], since: float, seen: dict[str,
 
 
 def test_every_sample_of_a_pass_is_delivered_once_while_a_cpu_node_is_lost(cluster, tmp_path):
-    from pipeline.synthetic import make_synthetic_dataset
+    from pipeline.data.synthetic import make_synthetic_dataset
 
     data = tmp_path / "data"
     make_synthetic_dataset(data, n_train=768, n_val=16, image_size=128, seed=3)

@@ -304,9 +304,9 @@ def test_rayjob_image_carries_the_validated_ray_version(rayjob):
 
 
 def test_both_deployments_label_every_node_role_the_job_places_by(cluster, rayjob):
-    """Placement (pipeline/placement.py) selects nodes by dino-ray/role: each deployment must label its head,
+    """Placement (pipeline/cluster/placement.py) selects nodes by dino-ray/role: each deployment must label its head,
     training and augmentation nodes so, and run the autoscaler that scales by labels (v2)."""
-    from pipeline.placement import AUGMENT, HEAD, ROLE_LABEL, TRAIN
+    from pipeline.cluster.placement import AUGMENT, HEAD, ROLE_LABEL, TRAIN
 
     types = cluster["available_node_types"]
     assert {n: t["labels"] for n, t in types.items()} == {

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.contact_sheet import CAPTION, GAP
-from pipeline.shards import Sample, write_index, write_shards
-from pipeline.synthetic import make_synthetic_dataset
+from pipeline.eval.contact_sheet import CAPTION, GAP
+from pipeline.data.shards import Sample, write_index, write_shards
+from pipeline.data.synthetic import make_synthetic_dataset
 
 
 def _run(main, argv, capsys):
@@ -27,8 +27,8 @@ def _run(main, argv, capsys):
 def built(tmp_path_factory, tiny_teacher):
     """A 40-image index with its 16-image evaluation split, built in-process (no Ray) by the job's own code."""
     from pipeline.config import load_config
-    from pipeline.embed import embed_in_process
-    from pipeline.knn_index import KnnRequest, evaluate_teacher
+    from pipeline.eval.embed import embed_in_process
+    from pipeline.eval.knn import KnnRequest, evaluate_teacher
 
     d = tmp_path_factory.mktemp("knn")
     root = make_synthetic_dataset(d / "data", n_train=40, n_val=16, image_size=32, shard_size=16)
@@ -124,13 +124,13 @@ def test_query_errors_name_the_problem(tmp_path, capsys, built, tiny_teacher):
 def no_ray_started(monkeypatch):
     """Fail the test if the job gets as far as asking Ray for anything."""
     ray = pytest.importorskip("ray")
-    import pipeline.pretrain
+    import pipeline.driver.pretrain
 
     def forbidden(*args, **kwargs):
         raise AssertionError("a bad-input path requested Ray resources")
 
     monkeypatch.setattr(ray, "init", forbidden)
-    monkeypatch.setattr(pipeline.pretrain, "init_ray", forbidden)
+    monkeypatch.setattr(pipeline.driver.pretrain, "init_ray", forbidden)
 
 
 def _jpeg():

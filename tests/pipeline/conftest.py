@@ -8,7 +8,7 @@ import pytest
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     """The synthetic shapes set: 40 train / 16 val images of 32 px in shards of 16, as a root path."""
-    from pipeline.synthetic import make_synthetic_dataset
+    from pipeline.data.synthetic import make_synthetic_dataset
 
     root = tmp_path_factory.mktemp("shapes")
     make_synthetic_dataset(root, n_train=40, n_val=16, image_size=32, shard_size=16)

@@ -13,7 +13,7 @@ from tar_members import write_tar as _tar
 
 from dino.attention import attention_figure, last_cls_attention
 from dino.backbone import create_backbone
-from pipeline.attention_maps import fixed_val_images, fixed_val_masked, log_attention_maps
+from pipeline.train.attention import fixed_val_images, fixed_val_masked, log_attention_maps
 
 TINY = ("vit_tiny_patch16_224", 0.0, 32, {"depth": 2, "patch_size": 8, "embed_dim": 48, "num_heads": 3})
 
@@ -124,7 +124,7 @@ def test_masked_val_set_reads_image_and_mask_pairs_only(tmp_path):
 
 
 def test_attention_scores_and_figure_with_masks(mlflow_run, tmp_path, monkeypatch):
-    import pipeline.attention_maps as am
+    import pipeline.train.attention as am
 
     client, run_id = mlflow_run
     model = create_backbone(*TINY)
@@ -157,9 +157,9 @@ class _Tracker:
 
 
 def test_probe_scores_start_centre_prior_and_teacher_on_synthetic_masks(mlflow_run, tmp_path, caplog):
-    from pipeline.attention_maps import CENTRE_PRIOR_METRIC, JACCARD_IMAGES, AttentionProbe, score_metrics
-    from pipeline.shards import load_split
-    from pipeline.synthetic import make_synthetic_dataset
+    from pipeline.train.attention import CENTRE_PRIOR_METRIC, JACCARD_IMAGES, AttentionProbe, score_metrics
+    from pipeline.data.shards import load_split
+    from pipeline.data.synthetic import make_synthetic_dataset
 
     client, run_id = mlflow_run
     make_synthetic_dataset(tmp_path / "syn", n_train=2, n_val=JACCARD_IMAGES + 6, image_size=32, seed=0)
@@ -199,7 +199,7 @@ def test_probe_scores_start_centre_prior_and_teacher_on_synthetic_masks(mlflow_r
 
     # shards without masks: one info line, a figure, no scores
     plain = load_split(tmp_path / "syn", "train").paths  # train shards carry no masks
-    with caplog.at_level(logging.INFO, logger="pipeline.attention_maps"):
+    with caplog.at_level(logging.INFO, logger="pipeline.train.attention"):
         bare = AttentionProbe.load(plain, 2, 32, client=client, run_id=run_id, device="cpu")
     assert bare.masks is None and len(bare.images) == 2
     assert sum("no object masks" in r.getMessage() for r in caplog.records) == 1
@@ -215,7 +215,7 @@ def test_unreachable_server_only_warns(monkeypatch, caplog):
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
     client = MlflowClient("http://127.0.0.1:9")
     model = create_backbone(*TINY)
-    with caplog.at_level(logging.WARNING, logger="pipeline.attention_maps"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.train.attention"):
         out = log_attention_maps(client, "0123456789abcdef", model, _images(1), epoch=7, device="cpu")
     assert out is None
     assert any("attention/epoch_0007.png" in r.getMessage() for r in caplog.records)

@@ -14,18 +14,20 @@ import tarfile
 import pytest
 import torch
 
-from pipeline.checkpoint import (
+from pipeline.weights.checkpoint import (
     TEACHER_META,
     TEACHER_WEIGHTS,
-    CheckpointError,
     export_teacher,
     load_state,
     load_teacher,
     save_state,
 )
-from pipeline.config import ConfigError, load_config
-from pipeline.shards import DataError, Sample, load_split, write_shards
-from pipeline.train_loop import DinoRunner, LoopPlan
+from pipeline.errors import CheckpointError
+from pipeline.config import load_config
+from pipeline.errors import ConfigError
+from pipeline.data.shards import Sample, load_split, write_shards
+from pipeline.errors import DataError
+from pipeline.train.loop import DinoRunner, LoopPlan
 
 
 def _one_line(err: pytest.ExceptionInfo, *needles: str) -> str:
@@ -113,7 +115,7 @@ def _export(d, **kwargs):
 
 
 def test_teacher_folder_missing_a_file_is_named(tmp_path):
-    from pipeline.teacher_source import require_teacher
+    from pipeline.weights.teacher_source import require_teacher
 
     d = _export(tmp_path / "t")
     (d / TEACHER_WEIGHTS).unlink()
@@ -151,14 +153,14 @@ def test_corrupt_teacher_files_are_named(tmp_path, file, content, needle):
 
 def test_build_job_refuses_a_corrupt_teacher_before_ray(tmp_path, capsys, monkeypatch):
     ray = pytest.importorskip("ray")
-    import pipeline.pretrain
+    import pipeline.driver.pretrain
     from jobs.build_knn_index import main
 
     def forbidden(*a, **k):
         raise AssertionError("a bad-input path requested Ray resources")
 
     monkeypatch.setattr(ray, "init", forbidden)
-    monkeypatch.setattr(pipeline.pretrain, "init_ray", forbidden)
+    monkeypatch.setattr(pipeline.driver.pretrain, "init_ray", forbidden)
     d = _export(tmp_path / "t")
     (d / TEACHER_WEIGHTS).write_bytes(b"\x00" * 16)
     code = main(["--teacher", str(d), "--config", "smoke", f"data.synthetic_dir={tmp_path / 'syn'}"])
@@ -170,7 +172,7 @@ def test_build_job_refuses_a_corrupt_teacher_before_ray(tmp_path, capsys, monkey
 
 
 def test_empty_shard_file_is_named_at_discovery_and_a_marker_when_read(tmp_path):
-    from pipeline.tar_reader import read_shard
+    from pipeline.data.tar_reader import read_shard
 
     shard = tmp_path / "train-000000.tar"
     shard.write_bytes(b"")
@@ -215,7 +217,7 @@ def test_dataset_root_that_is_a_file_is_named(tmp_path):
 def test_unwritable_output_folders_are_named(tmp_path, monkeypatch):
     import os
 
-    from pipeline.pretrain import check_writable
+    from pipeline.driver.pretrain import check_writable
 
     (tmp_path / "file").write_text("x")
     with pytest.raises(DataError) as err:
@@ -257,7 +259,7 @@ def test_config_values_of_the_wrong_type_shape_or_range_are_one_line(override, n
 
 def test_a_tar_member_outside_the_key_rule_is_ignored_not_fatal(tmp_path):
     """Members without an extension, directories and links inside a shard are skipped by the reader."""
-    from pipeline.tar_reader import read_shard
+    from pipeline.data.tar_reader import read_shard
 
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tf:
@@ -350,7 +352,7 @@ def test_config_values_that_would_fail_in_a_worker_or_after_training_are_one_lin
 def test_a_model_that_cannot_be_built_or_take_its_crops_is_named_before_ray(overrides, message):
     """Built on the meta device as the worker would build it (before: every worker restart failed with timm's
     traceback, ray.max_failures + 1 times)."""
-    from pipeline.preflight import check_model
+    from pipeline.driver.preflight import check_model
 
     with pytest.raises(ConfigError) as err:
         check_model(load_config("smoke", overrides))
@@ -362,7 +364,7 @@ def test_supported_models_pass_the_check_in_about_a_second():
     device: nothing allocated, ~0.5 s of CPU for the ViT-S (CPU time: the dev machine is shared)."""
     import time
 
-    from pipeline.preflight import check_model
+    from pipeline.driver.preflight import check_model
 
     check_model(load_config("smoke"))  # imports torch and timm, which the job needs anyway
     for preset, overrides in (("vit_small_imagenet", ["data.root=/d"]), ("smoke", ["model.arch=resnet10t", "model.model_kwargs={}"]),
@@ -386,7 +388,7 @@ def test_supported_models_pass_the_check_in_about_a_second():
 )
 def test_a_tracking_store_mlflow_cannot_open_is_named(uri, message):
     """Before: the run was created after Ray had started, and failed there with MLflow's traceback."""
-    from pipeline.preflight import check_tracking_store
+    from pipeline.driver.preflight import check_tracking_store
 
     with pytest.raises(ConfigError) as err:
         check_tracking_store(uri)
@@ -398,7 +400,7 @@ def test_a_tracking_store_mlflow_cannot_open_is_named(uri, message):
 
 def test_training_workers_larger_than_the_local_machine_are_named(monkeypatch):
     """A local cluster (ray.address null) cannot place 2 x 1.5 CPUs on 2 CPUs: before, Ray Train waited for them."""
-    from pipeline.preflight import check_local_cpus
+    from pipeline.driver.preflight import check_local_cpus
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     cfg = load_config("smoke", ["ray.num_workers=2", "ray.cpus_per_worker=1.5"])

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from pipeline.cluster_timeline import ClusterTimeline, actor_kind, events, node_role
+from pipeline.cluster.timeline import ClusterTimeline, actor_kind, events, node_role
 
 
 def test_actor_kinds_and_node_roles():

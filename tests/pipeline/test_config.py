@@ -7,7 +7,8 @@ import re
 import pytest
 import yaml
 
-from pipeline.config import CONFIG_DIR, DEFAULTS_FILE, ConfigError, config_from_dict, load_config
+from pipeline.config import CONFIG_DIR, DEFAULTS_FILE, config_from_dict, load_config
+from pipeline.errors import ConfigError
 
 
 def test_defaults_are_the_papers_recipe():
@@ -179,7 +180,7 @@ def test_the_imagenette_vit_preset_is_the_imagenette_recipe_with_a_vit():
 
 
 def test_imagenette_preset_points_at_the_shared_benchmark_shards():
-    from pipeline.shards import load_split
+    from pipeline.data.shards import load_split
 
     cfg = load_config("imagenette")
     root = CONFIG_DIR.parent / cfg.data.root  # relative to the repository root, where jobs are started

@@ -11,7 +11,7 @@ from collections import Counter
 
 import numpy as np
 
-from pipeline.data import CrashLedger, MultiCropMapper
+from pipeline.data.stage import CrashLedger, MultiCropMapper
 from dino.augment import MultiCropSpec
 
 

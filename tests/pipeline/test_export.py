@@ -8,7 +8,7 @@ import torch
 
 from dino.backbone import backbone_kwargs
 from dino.train_step import build_student_teacher
-from pipeline.checkpoint import TEACHER_META, TEACHER_WEIGHTS, export_teacher, load_state, load_teacher, save_state
+from pipeline.weights.checkpoint import TEACHER_META, TEACHER_WEIGHTS, export_teacher, load_state, load_teacher, save_state
 
 ARCH = "vit_tiny_patch16_224"
 KW = {"depth": 2, "patch_size": 8, "embed_dim": 48, "num_heads": 3}
@@ -68,7 +68,7 @@ def test_export_from_a_checkpoint_records_the_evaluation_view(tmp_path, knn_size
 
     import ray.train
 
-    from pipeline.pretrain import export_from_checkpoint
+    from pipeline.driver.pretrain import export_from_checkpoint
 
     teacher = _teacher()
     cfg = {"model": {"arch": ARCH, "model_kwargs": KW}, "augment": {"global_size": 32}, "knn": {"image_size": knn_size}}

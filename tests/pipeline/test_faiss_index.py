@@ -8,8 +8,8 @@ import json
 import numpy as np
 import pytest
 
-from pipeline import faiss_index as fi
-from pipeline.features import Embeddings, read_features
+from pipeline.eval import faiss_index as fi
+from pipeline.eval.features import Embeddings, read_features
 
 
 def _unit(rng, n, d):

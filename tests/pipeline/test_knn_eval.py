@@ -13,16 +13,17 @@ import torch
 
 from dino.knn import knn_accuracy, knn_predict
 from pipeline.config import load_config
-from pipeline.embed import BackboneSpec, collect, embed_in_process
-from pipeline.features import read_features
-from pipeline.knn_index import (
+from pipeline.eval.embed import BackboneSpec, collect, embed_in_process
+from pipeline.eval.features import read_features
+from pipeline.eval.knn import (
     KnnRequest,
     check_labels,
     evaluate_teacher,
     require_labels,
 )
-from pipeline.shards import DataError, SplitInfo, Sample, load_split, write_index, write_shards
-from pipeline.synthetic import CLASSES
+from pipeline.data.shards import SplitInfo, Sample, load_split, write_index, write_shards
+from pipeline.errors import DataError
+from pipeline.data.synthetic import CLASSES
 
 
 def _jpeg() -> bytes:
@@ -38,7 +39,7 @@ def _jpeg() -> bytes:
 def test_one_pass_embedding_equals_embedding_each_image(data, teacher, tiny_teacher):
     from dino.augment import decode_image
     from dino.eval_view import center_view, embed_views
-    from pipeline.tar_reader import read_shard
+    from pipeline.data.tar_reader import read_shard
 
     _, model = teacher
     splits = {"train": load_split(data, "train"), "val": load_split(data, "val")}
@@ -82,7 +83,7 @@ def test_labels_missing_are_named(tmp_path, data):
     with pytest.raises(DataError, match=r"split 'val' of .* has no labels \(sample v0 in .*val-000000.tar has no 'cls' member\)"):
         require_labels(load_split(root, "val"), str(root))
 
-    from pipeline.features import Embeddings
+    from pipeline.eval.features import Embeddings
 
     emb = Embeddings(np.zeros((4, 2), np.float32), np.array([0, -1, 2, -1]), np.array(list("abcd"), dtype=object), np.array(["s"] * 4, dtype=object))
     info = SplitInfo("val", ["/d/val-000000.tar"], [4], None, "/d")
@@ -158,8 +159,8 @@ def test_index_only_without_an_evaluation_split(tmp_path, data, teacher):
 
 def test_gpu_layout_decode_stage_then_embed_equals_the_fused_actor(data, teacher, tiny_teacher):
     """With GPUs, decoding is its own CPU stage feeding ``Embedder(decode=False)``: same output as fused."""
-    from pipeline.embed import Embedder, decode_views
-    from pipeline.tar_reader import read_shard_tables
+    from pipeline.eval.embed import Embedder, decode_views
+    from pipeline.data.tar_reader import read_shard_tables
 
     _, model = teacher
     models = {"teacher": (BackboneSpec(tiny_teacher.arch, tiny_teacher.kwargs, 32), model.state_dict())}
@@ -173,10 +174,10 @@ def test_gpu_layout_decode_stage_then_embed_equals_the_fused_actor(data, teacher
 
 
 def test_knn_accuracies_of_backbones_equal_the_index_jobs_evaluation(tmp_path, data, teacher):
-    """The starting point's k-NN (pipeline.pretrain.measure_start) is the index job's protocol, figure for figure."""
-    from pipeline.checkpoint import load_teacher
-    from pipeline.embed import BackboneSpec
-    from pipeline.knn_index import knn_accuracies
+    """The starting point's k-NN (pipeline.driver.pretrain.measure_start) is the index job's protocol, figure for figure."""
+    from pipeline.weights.checkpoint import load_teacher
+    from pipeline.eval.embed import BackboneSpec
+    from pipeline.eval.knn import knn_accuracies
 
     tdir, _ = teacher
     cfg = load_config("smoke", ["knn.ks=[1,5,20]", "knn.k=5"])
@@ -197,8 +198,8 @@ def test_raw_pixel_baseline_is_a_cosine_knn_on_the_normalised_views(tmp_path, da
     from dino.augment import decode_image
     from dino.crops import crops_to_input
     from dino.eval_view import center_view
-    from pipeline.embed import RAW_PIXELS, RawPixels, build_backbone, raw_pixels_spec
-    from pipeline.tar_reader import read_shard
+    from pipeline.eval.embed import RAW_PIXELS, RawPixels, build_backbone, raw_pixels_spec
+    from pipeline.data.tar_reader import read_shard
 
     tdir, _ = teacher
     cfg = load_config("smoke", ["knn.ks=[1,5]", "knn.k=5"])
@@ -229,8 +230,8 @@ def test_raw_pixel_baseline_is_a_cosine_knn_on_the_normalised_views(tmp_path, da
 def test_an_unlabelled_database_is_evaluated_leave_one_out_on_the_labelled_queries(tmp_path, data, teacher):
     """An unlabelled training collection: the index is built from it, and each labelled validation image votes with
     its k nearest *other* validation images; equal to a brute-force k-NN that leaves each query out."""
-    from pipeline.sources import knn_protocol, resolve_source
-    from pipeline.tar_reader import read_shard
+    from pipeline.data.sources import knn_protocol, resolve_source
+    from pipeline.data.tar_reader import read_shard
 
     tdir, model = teacher
     unlabelled = tmp_path / "unlabelled"

@@ -13,7 +13,7 @@ import pytest
 import timm
 import torch
 
-from pipeline.linear_probe import (
+from pipeline.eval.linear_probe import (
     FeatureLayout,
     LinearClassifier,
     ProbeRequest,
@@ -31,8 +31,8 @@ from pipeline.linear_probe import (
     train_linear,
     train_views,
 )
-from pipeline.shards import Sample, load_split, write_index, write_shards
-from pipeline.synthetic import CLASSES
+from pipeline.data.shards import Sample, load_split, write_index, write_shards
+from pipeline.data.synthetic import CLASSES
 
 
 def _hand_features(model, x, n: int, avgpool: bool) -> torch.Tensor:
@@ -154,7 +154,7 @@ def test_classifier_file_round_trips(tmp_path):
 def test_training_views_are_seeded_random_resized_crops_with_flips(data):
     from dino.augment import crop_box, decode_image, hflip, resized_crop
 
-    from pipeline.linear_probe import TRAIN_RATIO, TRAIN_SCALE, _raw_batches
+    from pipeline.eval.linear_probe import TRAIN_RATIO, TRAIN_SCALE, _raw_batches
 
     info = load_split(data, "train")
     raw = next(_raw_batches(info.paths[:1], 6))
@@ -171,7 +171,7 @@ def test_training_views_are_seeded_random_resized_crops_with_flips(data):
 def test_augment_epochs_see_every_training_image_once_in_a_new_order(data, teacher):
     _, model = teacher
     info = load_split(data, "train")
-    from pipeline.linear_probe import _raw_batches
+    from pipeline.eval.linear_probe import _raw_batches
 
     labels = np.array([int(c) for raw in _raw_batches(info.paths, 64) for c in raw["cls"]])
     layout = feature_layout(model, 1, False)
@@ -191,7 +191,7 @@ def test_features_mode_end_to_end_reaches_mlflow_as_a_child_run(tmp_path, data, 
 
     from dino.augment import decode_image
     from dino.eval_view import center_view
-    from pipeline.tar_reader import read_shard
+    from pipeline.data.tar_reader import read_shard
 
     tdir, model = teacher
     uri = f"sqlite:///{tmp_path}/mlflow.db"

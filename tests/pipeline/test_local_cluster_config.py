@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.local_cluster import HEAD_TYPE, LOCAL_SIZES, local_config, parse_sizes
-from pipeline.placement import LOCAL_GPU, ROLE_LABEL
+from pipeline.cluster.local import HEAD_TYPE, LOCAL_SIZES, local_config, parse_sizes
+from pipeline.cluster.placement import LOCAL_GPU, ROLE_LABEL
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -27,7 +27,7 @@ def test_node_types_labels_and_counts_come_from_cluster_yaml():
     assert gpu["resources"][LOCAL_GPU] == 1 and "GPU" not in gpu["resources"]  # 8 GPUs -> one stand-in
     assert cpu["resources"]["CPU"] == gpu["resources"]["CPU"] == LOCAL_SIZES["CPU"]
     assert cfg["idle_timeout_minutes"] == 0.2 and cfg["provider"]["gcs_address"] == "10.0.0.1:6379"
-    assert cfg["provider"]["module"] == "pipeline.local_cluster.LocalNodeProvider"
+    assert cfg["provider"]["module"] == "pipeline.cluster.local.LocalNodeProvider"
     assert cfg["max_workers"] == cpu["max_workers"] + gpu["max_workers"]
     # Without an explicit timeout, cluster.yaml's own.
     assert local_config("h:1")["idle_timeout_minutes"] == source["idle_timeout_minutes"]

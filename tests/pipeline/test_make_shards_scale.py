@@ -18,7 +18,8 @@ import webdataset as wds
 from PIL import Image
 
 from jobs import make_shards
-from pipeline.shards import ShardVerificationError, load_split, read_index, verify_split
+from pipeline.data.shards import load_split, read_index, verify_split
+from pipeline.errors import ShardVerificationError
 
 
 def _jpeg(seed: int, size=(10, 8)) -> bytes:

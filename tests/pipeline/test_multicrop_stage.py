@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from dino.augment import MultiCropAugment, MultiCropSpec
-from pipeline.data import MultiCropMapper
+from pipeline.data.stage import MultiCropMapper
 
 
 def _jpeg(seed: int, size=(40, 30), mode="RGB") -> bytes:

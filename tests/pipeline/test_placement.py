@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.placement import LOCAL_GPU, ROLE_LABEL, ClusterFacts, resolve_placement
+from pipeline.cluster.placement import LOCAL_GPU, ROLE_LABEL, ClusterFacts, resolve_placement
 
 HEAD_ONLY = (({ROLE_LABEL: "head"}),)
 GPU_TYPES = {"CPU": 2000, "GPU": 64}
@@ -56,7 +56,8 @@ def test_impossible_placements_are_one_line_errors(args, needle):
 
 
 def test_placement_keys_are_validated_with_the_config():
-    from pipeline.config import ConfigError, load_config
+    from pipeline.config import load_config
+    from pipeline.errors import ConfigError
 
     assert load_config("smoke").ray.placement == "auto"
     with pytest.raises(ConfigError, match="ray.placement"):

@@ -169,7 +169,7 @@ def test_the_epoch_printer_survives_a_gone_source():
     assert printer.stop() == []
 
 
-# -- what is silenced (pipeline.ray_output) ---------------------------------------------------------
+# -- what is silenced (pipeline.cluster.ray_output) ---------------------------------------------------------
 
 # Lines as Ray forwarded or printed them in a run of `python jobs/pretrain.py` (Ray 2.60), prefix removed.
 SILENCED = [
@@ -204,14 +204,14 @@ KEPT = [
 
 
 def test_only_the_named_lines_are_noise():
-    from pipeline.ray_output import is_noise
+    from pipeline.cluster.ray_output import is_noise
 
     assert [line for line in SILENCED if not is_noise(line)] == []
     assert [line for line in KEPT if is_noise(line)] == []
 
 
 def test_forwarded_batches_lose_only_their_noise_lines():
-    from pipeline.ray_output import filter_forwarded
+    from pipeline.cluster.ray_output import filter_forwarded
 
     printed = []
     batch = {"pid": 26287, "actor_name": "SplitCoordinator", "lines": [SILENCED[1], KEPT[2], KEPT[3], SILENCED[2]]}
@@ -222,7 +222,7 @@ def test_forwarded_batches_lose_only_their_noise_lines():
 
 
 def test_driver_loggers_drop_noise_records_and_keep_the_rest(caplog):
-    from pipeline.ray_output import NoiseFilter
+    from pipeline.cluster.ray_output import NoiseFilter
 
     logger = logging.getLogger("test_progress.mlflow_like")
     logger.addFilter(NoiseFilter())
@@ -240,7 +240,7 @@ def test_the_known_warnings_are_ignored_by_message_only():
 
     from ray.util.annotations import RayDeprecationWarning
 
-    from pipeline.ray_output import quiet_warnings
+    from pipeline.cluster.ray_output import quiet_warnings
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -8,7 +8,7 @@ import copy
 import torch
 
 from pipeline.config import load_config
-from pipeline.train_loop import DinoRunner, LoopPlan
+from pipeline.train.loop import DinoRunner, LoopPlan
 
 
 class _Tracker:
@@ -98,8 +98,8 @@ def test_every_metric_the_loop_logs_has_a_section_in_mlflow():
                                      "data/undecodable", "data_skipped_samples")] == [
         "knn/top1", "knn/top5_k20", "knn/random_init_top1_k10", "index/recall_at_10", "data/undecodable",
         "data/skipped_samples"]
-    # What the attention probe logs (pipeline/attention_maps.py): its own section.
-    from pipeline.attention_maps import CENTRE_PRIOR_METRIC, score_metrics
+    # What the attention probe logs (pipeline/train/attention.py): its own section.
+    from pipeline.train.attention import CENTRE_PRIOR_METRIC, score_metrics
 
     scores = {"head_mean": 0.1, "best_head": 0.2, "mean_heads": 0.3, "best_head_index": 1}
     probe = [*score_metrics(scores), *score_metrics(scores, "_start"), CENTRE_PRIOR_METRIC]
@@ -176,7 +176,7 @@ def test_a_collapse_episode_that_ends_is_said_to_be_over(caplog):
 
     runner.monitor.update = update
     tracker = _Tracker()
-    with caplog.at_level("WARNING", logger="pipeline.train_loop"):
+    with caplog.at_level("WARNING", logger="pipeline.train.loop"):
         summary = runner.train_epoch(iter(_batches(12)), tracker)
     assert "stopped" not in summary and summary["steps"] == 12
     lines = [r.getMessage() for r in caplog.records if "collapse" in r.getMessage()]

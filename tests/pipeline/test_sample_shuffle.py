@@ -1,4 +1,4 @@
-"""The read tasks' sample shuffle (pipeline.tar_reader.shuffled_rows) and make_shards' writing order, on shards
+"""The read tasks' sample shuffle (pipeline.data.tar_reader.shuffled_rows) and make_shards' writing order, on shards
 written in class order: what an ImageNet-style folder gives when packed as listed."""
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ def _jpeg(value: int) -> bytes:
 def _class_sorted_shards(out: Path, per_shard: int = 24):
     """10 classes x 48 samples written as listed (class after class) in shards of ``per_shard``: each shard
     holds one class (a shard no larger than a class), as make_shards --order sorted writes an ImageFolder."""
-    from pipeline.shards import Sample, write_shards
+    from pipeline.data.shards import Sample, write_shards
 
     samples = [Sample(f"c{c}_{i:03d}", _jpeg(c * 20), c) for c in range(CLASSES) for i in range(PER_CLASS)]
     shards = write_shards(samples, out, "train", max_count=per_shard)
@@ -52,7 +52,7 @@ def mean_batch_entropy(labels: list[int], batch: int) -> float:
 
 
 def test_shuffled_rows_mix_class_sorted_shards_and_keep_every_sample_once(tmp_path):
-    from pipeline.tar_reader import read_shard, shuffled_rows
+    from pipeline.data.tar_reader import read_shard, shuffled_rows
 
     paths, counts = _class_sorted_shards(tmp_path)
     assert len(paths) == 20
@@ -79,7 +79,7 @@ def _position(key: str) -> int:
 def test_local_shards_are_read_in_a_random_order_within_a_group(tmp_path):
     """Local shards are indexed and read by random access: the first half of a group's samples holds samples from
     anywhere in its shards (a stream would give the first halves of the shards first)."""
-    from pipeline.tar_reader import shuffled_rows
+    from pipeline.data.tar_reader import shuffled_rows
 
     paths, counts = _class_sorted_shards(tmp_path)
     rows = list(shuffled_rows(paths, counts, [4], group=5, buffer=0))  # 4 groups of 5 shards, no buffer
@@ -94,7 +94,7 @@ def test_local_shards_are_read_in_a_random_order_within_a_group(tmp_path):
 def test_streamed_shards_are_interleaved_in_proportion_and_keep_their_order(tmp_path, monkeypatch):
     """What object-storage shards get (no random access): interleaved sample by sample, each shard in its stored
     order, all shards of a group ending together."""
-    import pipeline.tar_reader as tr
+    import pipeline.data.tar_reader as tr
 
     monkeypatch.setattr(tr._IndexedShard, "scan", classmethod(lambda cls, path, keep: None))
     paths, counts = _class_sorted_shards(tmp_path)
@@ -114,7 +114,7 @@ def test_streamed_shards_are_interleaved_in_proportion_and_keep_their_order(tmp_
 
 def test_counts_are_only_weights(tmp_path):
     """An index that over- or under-counts a shard changes the mix, never which samples come out."""
-    from pipeline.tar_reader import shuffled_rows
+    from pipeline.data.tar_reader import shuffled_rows
 
     paths, counts = _class_sorted_shards(tmp_path)
     expected = sorted(r["__key__"] for r in shuffled_rows(paths, counts, [9], group=8, buffer=16))
@@ -123,7 +123,7 @@ def test_counts_are_only_weights(tmp_path):
 
 
 def test_a_bad_shard_in_a_group_is_a_marker_and_the_rest_is_read(tmp_path):
-    from pipeline.tar_reader import shuffled_rows
+    from pipeline.data.tar_reader import shuffled_rows
 
     paths, counts = _class_sorted_shards(tmp_path)
     Path(paths[3]).write_bytes(Path(paths[3]).read_bytes()[:3000])  # truncated mid-shard
@@ -140,7 +140,7 @@ def test_a_bad_shard_in_a_group_is_a_marker_and_the_rest_is_read(tmp_path):
 @pytest.mark.parametrize("mode", ["indexed", "streamed"])
 def test_memory_is_bounded_by_the_buffer_and_the_group(tmp_path, monkeypatch, mode):
     """Rows held at once: at most ``buffer`` in the buffer; shards open at once: at most ``group``."""
-    import pipeline.tar_reader as tr
+    import pipeline.data.tar_reader as tr
 
     paths, counts = _class_sorted_shards(tmp_path)
     opened = {"now": 0, "max": 0}
@@ -199,8 +199,8 @@ def test_make_shards_writes_a_seeded_random_order_by_default_and_sorted_on_reque
 
     def written(out: Path, *extra: str) -> list[list[int]]:
         assert make_shards.main([str(src), str(out), "--shard-size", "12", "--workers", "1", *extra]) == 0
-        from pipeline.shards import load_split
-        from pipeline.tar_reader import read_shard
+        from pipeline.data.shards import load_split
+        from pipeline.data.tar_reader import read_shard
 
         return [_labels(read_shard({"path": p})) for p in load_split(out, "train").paths]
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 from pipeline.config import load_config
-from pipeline.sample_stats import bad_fraction_error, metrics
-from pipeline.train_loop import DinoRunner, LoopPlan
+from pipeline.data.sample_stats import bad_fraction_error, metrics
+from pipeline.train.loop import DinoRunner, LoopPlan
 
 
 def _stats(seen, reasons, shards=None, examples=None):

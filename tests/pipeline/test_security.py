@@ -71,8 +71,8 @@ def test_the_payload_is_live(tmp_path):
 
 def test_pickles_in_a_shard_are_never_unpickled(tmp_path):
     from dino.augment import MultiCropSpec
-    from pipeline.data import MultiCropMapper
-    from pipeline.tar_reader import COLUMNS, read_shard, read_shard_tables
+    from pipeline.data.stage import MultiCropMapper
+    from pipeline.data.tar_reader import COLUMNS, read_shard, read_shard_tables
 
     sentinel = tmp_path / "ran"
     members = [("a.jpg", _jpeg()), ("a.cls", b"1")]
@@ -96,11 +96,11 @@ def test_pickles_in_a_shard_are_never_unpickled(tmp_path):
 def test_pickles_under_an_image_key_are_only_ever_given_to_pil(tmp_path):
     """A pickle renamed ``.jpg`` reaches the image decoder and is counted undecodable; nothing runs."""
     from dino.augment import MultiCropSpec
-    from pipeline.attention_maps import fixed_val_images
-    from pipeline.data import MultiCropMapper
-    from pipeline.embed import decode_views
-    from pipeline.knn_query import read_images
-    from pipeline.tar_reader import COLUMNS, read_shard
+    from pipeline.train.attention import fixed_val_images
+    from pipeline.data.stage import MultiCropMapper
+    from pipeline.eval.embed import decode_views
+    from pipeline.eval.query import read_images
+    from pipeline.data.tar_reader import COLUMNS, read_shard
 
     sentinel = tmp_path / "ran"
     p = _payloads(sentinel)
@@ -119,7 +119,8 @@ def test_pickles_under_an_image_key_are_only_ever_given_to_pil(tmp_path):
 
 
 def test_a_pickle_checkpoint_that_runs_code_is_refused(tmp_path):
-    from pipeline.checkpoint import STATE_FILE, CheckpointError, load_state
+    from pipeline.weights.checkpoint import STATE_FILE, load_state
+    from pipeline.errors import CheckpointError
 
     sentinel = tmp_path / "ran"
     torch.save({"student": {}, "epoch": _Payload(sentinel)}, tmp_path / STATE_FILE)
@@ -133,12 +134,8 @@ def test_a_pickle_checkpoint_that_runs_code_is_refused(tmp_path):
 def test_exported_teachers_are_safetensors_and_a_pickle_in_their_place_is_refused(tmp_path):
     import timm
 
-    from pipeline.checkpoint import (
-        TEACHER_WEIGHTS,
-        CheckpointError,
-        export_teacher,
-        load_teacher,
-    )
+    from pipeline.weights.checkpoint import TEACHER_WEIGHTS, export_teacher, load_teacher
+    from pipeline.errors import CheckpointError
 
     tk = {"depth": 1, "patch_size": 8, "embed_dim": 24, "num_heads": 2, "img_size": 16}
     model = timm.create_model("vit_tiny_patch16_224", num_classes=0, **tk)
@@ -208,8 +205,8 @@ def test_no_code_executing_loader_is_used_anywhere():
 
 
 def test_member_names_that_escape_are_strings_and_nothing_is_written(tmp_path):
-    from pipeline.shards import Sample, is_safe_key, write_shards
-    from pipeline.tar_reader import read_shard
+    from pipeline.data.shards import Sample, is_safe_key, write_shards
+    from pipeline.data.tar_reader import read_shard
 
     work = tmp_path / "a" / "b"
     work.mkdir(parents=True)

@@ -18,11 +18,9 @@ from PIL import Image
 from tar_members import write_tar as _tar
 
 from jobs import make_shards
-from pipeline.shards import (
+from pipeline.data.shards import (
     INDEX_FORMAT,
-    DataError,
     Sample,
-    ShardVerificationError,
     SplitInfo,
     is_safe_key,
     load_split,
@@ -32,6 +30,7 @@ from pipeline.shards import (
     write_index,
     write_shards,
 )
+from pipeline.errors import DataError, ShardVerificationError
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -517,7 +516,7 @@ def test_make_shards_runs_as_a_script_in_synthetic_mode(tmp_path):
 
 @pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
 def test_header_scanner_agrees_with_tarfile(tmp_path, fmt):
-    from pipeline.shards import _scan_tar
+    from pipeline.data.shards import _scan_tar
 
     path = tmp_path / "train-000000.tar"
     long_dir = "d" * 120 if fmt != tarfile.USTAR_FORMAT else "d" * 90  # ustar: split into prefix/name

@@ -4,7 +4,7 @@ tests/ray/test_pretrain_ray.py."""
 
 import pytest
 
-from pipeline.snapshots import SnapshotSchedule, snapshot_label
+from pipeline.train.snapshots import SnapshotSchedule, snapshot_label
 
 
 def test_marks_fall_due_once_each_in_order_at_the_first_epoch_end_past_them():
@@ -24,7 +24,8 @@ def test_a_resumed_run_skips_the_marks_it_already_logged():
 
 
 def test_the_config_sorts_the_marks_and_refuses_ones_the_run_cannot_reach():
-    from pipeline.config import ConfigError, load_config
+    from pipeline.config import load_config
+    from pipeline.errors import ConfigError
 
     cfg = load_config("imagenette", ["optim.teacher_snapshot_minutes=[60,15,30,15]", "optim.time_budget_minutes=120"])
     assert cfg.optim.teacher_snapshot_minutes == [15.0, 30.0, 60.0]
@@ -38,8 +39,8 @@ def test_a_snapshot_round_trips_through_a_tracking_server_as_an_exported_teacher
     import torch
     from mlflow.tracking import MlflowClient
 
-    from pipeline.checkpoint import load_teacher
-    from pipeline.snapshots import download_snapshots, log_snapshot, logged_labels
+    from pipeline.weights.checkpoint import load_teacher
+    from pipeline.train.snapshots import download_snapshots, log_snapshot, logged_labels
 
     _, model = tiny_teacher(tmp_path / "t", seed=3)
     state = {f"backbone.{k}": v for k, v in model.state_dict().items()}

@@ -1,4 +1,4 @@
-"""Sources in any webdataset layout (pipeline.sources): split names, counts from whatever index there is,
+"""Sources in any webdataset layout (pipeline.data.sources): split names, counts from whatever index there is,
 and one-line errors before Ray. Shards are written by ``webdataset.ShardWriter``, as other tools write them."""
 
 from __future__ import annotations
@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from pipeline.shards import DataError, Members
-from pipeline.sources import knn_protocol, list_source, resolve_source, split_of_name, validation_source
+from pipeline.data.shards import Members
+from pipeline.errors import DataError
+from pipeline.data.sources import knn_protocol, list_source, resolve_source, split_of_name, validation_source
 
 
 def _jpeg(i: int) -> bytes:
@@ -170,9 +171,9 @@ def test_validation_sources_and_the_knn_protocol(tmp_path):
 
 
 def test_object_storage_shards_without_an_index_are_counted_from_their_headers_and_a_bad_one_is_named(tmp_path, moto_s3):
-    """What the Ray tasks of pipeline.sources.count_on_ray run, here in this process (no Ray): a shard on S3 with no
+    """What the Ray tasks of pipeline.data.sources.count_on_ray run, here in this process (no Ray): a shard on S3 with no
     index anywhere is streamed once and its headers counted; one that is not a tar is named."""
-    from pipeline.sources import _count_chunk, ensure_counted
+    from pipeline.data.sources import _count_chunk, ensure_counted
 
     names = _shards(str(tmp_path / "imagenet-train-%06d.tar"), 7, 4)
     moto_s3.create_bucket(Bucket="bkt")

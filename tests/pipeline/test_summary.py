@@ -1,9 +1,9 @@
-"""The job's closing table (pipeline/summary.py): every figure in its row and column, the margins over
+"""The job's closing table (pipeline/driver/summary.py): every figure in its row and column, the margins over
 the best baseline of each measure, and rows left out for what was not measured."""
 
 from __future__ import annotations
 
-from pipeline.summary import comparison_lines
+from pipeline.driver.summary import comparison_lines
 
 KNN = {"teacher": {"top1": 41.5, "top5": 90.25}, "random_init": {"top1": 30.1, "top5": 80.0},
        "raw_pixels": {"top1": 31.3, "top5": 81.05}, "n_queries": 1000, "n_db": 3000}

@@ -9,9 +9,9 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from pipeline.shards import load_split, read_index
-from pipeline.shards import verify_split
-from pipeline.synthetic import CLASSES, make_synthetic_dataset, render_image, render_sample
+from pipeline.data.shards import load_split, read_index
+from pipeline.data.shards import verify_split
+from pipeline.data.synthetic import CLASSES, make_synthetic_dataset, render_image, render_sample
 
 
 def _read(root, split):
@@ -71,7 +71,7 @@ def test_val_samples_carry_the_shape_mask_as_drawn(tmp_path):
 
 
 def test_mask_is_the_union_of_the_objects_not_the_distractors(monkeypatch):
-    import pipeline.synthetic as synthetic
+    import pipeline.data.synthetic as synthetic
 
     drawn = []
     real = synthetic._shape_mask

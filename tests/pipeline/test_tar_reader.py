@@ -7,7 +7,7 @@ import pickle
 
 from tar_members import tar_bytes as _tar
 
-from pipeline.tar_reader import COLUMNS, iter_samples, read_shard, read_shard_tables
+from pipeline.data.tar_reader import COLUMNS, iter_samples, read_shard, read_shard_tables
 
 
 def test_groups_by_key_and_keeps_only_image_and_label_members():
@@ -26,7 +26,7 @@ def test_groups_by_key_and_keeps_only_image_and_label_members():
 
 
 def test_the_image_is_the_first_configured_member_and_the_label_may_be_a_json_field():
-    from pipeline.shards import Members
+    from pipeline.data.shards import Members
 
     data = _tar([
         ("a.webp", b"W"), ("a.jpg", b"J"), ("a.json", b'{"label": 7, "caption": "x"}'), ("a.cls", b"1"),

@@ -1,9 +1,9 @@
 """The exported teacher as an MLflow model and as a timm checkpoint.
 
 Registered on a real ``mlflow server``, loaded by ``models:/<name>/<version>`` in a fresh Python process,
-it embeds images exactly as the k-NN index does (:class:`pipeline.embed.Embedder`); and plain timm loads
+it embeds images exactly as the k-NN index does (:class:`pipeline.eval.embed.Embedder`); and plain timm loads
 the exported safetensors with ``pretrained_cfg_overlay`` into the same features as
-:func:`pipeline.checkpoint.load_teacher`.
+:func:`pipeline.weights.checkpoint.load_teacher`.
 """
 
 from __future__ import annotations
@@ -36,11 +36,11 @@ def _images() -> list[bytes]:
 
 
 def _knn_embeddings(folder, images: list[bytes]) -> np.ndarray:
-    """What the k-NN index computes for these images: the Embedder of pipeline.embed on raw shard rows."""
+    """What the k-NN index computes for these images: the Embedder of pipeline.eval.embed on raw shard rows."""
     from safetensors.torch import load_file
 
-    from pipeline.checkpoint import TEACHER_META, TEACHER_WEIGHTS
-    from pipeline.embed import BackboneSpec, Embedder
+    from pipeline.weights.checkpoint import TEACHER_META, TEACHER_WEIGHTS
+    from pipeline.eval.embed import BackboneSpec, Embedder
 
     meta = json.loads((folder / TEACHER_META).read_text())
     spec = BackboneSpec(meta["arch"], meta["timm_kwargs"], meta["image_size"])
@@ -80,7 +80,7 @@ json.dump(result, open(out, "w"))
 def test_registered_teacher_loads_in_a_fresh_process_and_embeds_like_the_knn_index(tmp_path, mlflow_server, tiny_teacher):
     from mlflow.tracking import MlflowClient
 
-    from pipeline.pretrain import register_teacher
+    from pipeline.driver.pretrain import register_teacher
     from pipeline.tracking import create_run
 
     folder, _ = tiny_teacher(tmp_path / "teacher")
@@ -124,7 +124,7 @@ def test_plain_timm_loads_the_export_with_pretrained_cfg_overlay(tmp_path, tiny_
     """The README's one-liner: timm reads the safetensors file itself (no download, no code of ours)."""
     import timm
 
-    from pipeline.checkpoint import TEACHER_WEIGHTS, load_teacher
+    from pipeline.weights.checkpoint import TEACHER_WEIGHTS, load_teacher
 
     folder, _ = tiny_teacher(tmp_path / "teacher", seed=3)
     meta = json.loads((folder / "teacher.json").read_text())
@@ -148,7 +148,7 @@ def test_registering_in_a_local_store_uses_that_store_not_the_working_directory(
     MLflow's global URI, which the job never sets: unset, it would open ./mlflow.db and not find the model)."""
     from mlflow.tracking import MlflowClient
 
-    from pipeline.pretrain import register_teacher
+    from pipeline.driver.pretrain import register_teacher
     from pipeline.tracking import create_run
 
     store = f"sqlite:///{tmp_path}/store/mlflow.db"

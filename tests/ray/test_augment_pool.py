@@ -12,8 +12,8 @@ def test_actor_pool_grows_from_min_and_stays_within_max(tmp_path, ray_cluster, m
     import ray
 
     from pipeline.config import load_config
-    from pipeline.data import MultiCropMapper, multicrop_dataset
-    from pipeline.shards import load_split
+    from pipeline.data.stage import MultiCropMapper, multicrop_dataset
+    from pipeline.data.shards import load_split
 
     class TaggingMapper(MultiCropMapper):
         """Production mapper plus the id of the actor that produced each row."""
@@ -23,7 +23,7 @@ def test_actor_pool_grows_from_min_and_stays_within_max(tmp_path, ray_cluster, m
             out["actor"] = np.array([ray.get_runtime_context().get_actor_id()] * len(out["key"]), dtype=object)
             return out
 
-    from pipeline.synthetic import make_synthetic_dataset
+    from pipeline.data.synthetic import make_synthetic_dataset
 
     root = make_synthetic_dataset(tmp_path / "d", n_train=2000, n_val=8, image_size=64, shard_size=25)  # 80 shards
     cfg = load_config(
@@ -33,7 +33,7 @@ def test_actor_pool_grows_from_min_and_stays_within_max(tmp_path, ray_cluster, m
          "augment.n_local=6", "augment.global_size=64", "augment.local_size=32"],
     )
     train = load_split(str(root), "train")
-    import pipeline.data as data
+    import pipeline.data.stage as data
 
     monkeypatch.setattr(data, "MultiCropMapper", TaggingMapper)  # read when the dataset is built
     ds = multicrop_dataset(train.paths, cfg)
@@ -51,9 +51,9 @@ def test_one_stream_of_several_passes_delivers_every_sample_once_per_pass(tmp_pa
     import collections
 
     from pipeline.config import load_config
-    from pipeline.data import multicrop_dataset
-    from pipeline.shards import load_split
-    from pipeline.synthetic import make_synthetic_dataset
+    from pipeline.data.stage import multicrop_dataset
+    from pipeline.data.shards import load_split
+    from pipeline.data.synthetic import make_synthetic_dataset
 
     root = make_synthetic_dataset(tmp_path / "d", n_train=120, n_val=0, image_size=32, shard_size=20)  # 6 shards
     cfg = load_config("smoke", ["ray.augment_actors_max=1", "ray.augment_batch_size=20", "seed=7"])
@@ -70,7 +70,7 @@ def test_one_stream_of_several_passes_delivers_every_sample_once_per_pass(tmp_pa
 
 
 def test_pass_orders_are_permutations_drawn_from_the_seed():
-    from pipeline.data import ShardPasses
+    from pipeline.data.stage import ShardPasses
 
     paths = [f"/d/shard-{i}.tar" for i in range(8)]
     files = [t.metadata.input_files[0] for t in ShardPasses(paths, passes=3, seed=5).get_read_tasks(1)]
@@ -96,9 +96,9 @@ def test_each_augmentation_batch_is_its_own_block(tmp_path, ray_cluster):
     shard's crops into one block (up to 128 MiB), which backpressure cannot split (the slow-trainer soak
     spilled 709 MiB through a 128 MiB store that way; 0 with batch-sized blocks)."""
     from pipeline.config import load_config
-    from pipeline.data import crop_bytes, multicrop_dataset, spec_from_config
-    from pipeline.shards import load_split
-    from pipeline.synthetic import make_synthetic_dataset
+    from pipeline.data.stage import crop_bytes, multicrop_dataset, spec_from_config
+    from pipeline.data.shards import load_split
+    from pipeline.data.synthetic import make_synthetic_dataset
 
     root = make_synthetic_dataset(tmp_path / "d", n_train=200, n_val=0, image_size=32, shard_size=100)  # 2 shards
     cfg = load_config("smoke", ["ray.augment_actors_max=1", "ray.augment_batch_size=16"])
@@ -119,10 +119,10 @@ def test_idle_priority_puts_every_actor_thread_under_sched_idle(tmp_path, ray_cl
 
     import ray
 
-    import pipeline.data as data
+    import pipeline.data.stage as data
     from pipeline.config import load_config
-    from pipeline.shards import load_split
-    from pipeline.synthetic import make_synthetic_dataset
+    from pipeline.data.shards import load_split
+    from pipeline.data.synthetic import make_synthetic_dataset
 
     names = {os.SCHED_IDLE: "SCHED_IDLE", os.SCHED_OTHER: "SCHED_OTHER", os.SCHED_BATCH: "SCHED_BATCH"}
 
@@ -170,7 +170,7 @@ def test_in_process_mapper_never_changes_the_callers_policy():
     from PIL import Image
 
     from pipeline.config import load_config
-    from pipeline.data import MultiCropMapper, spec_from_config
+    from pipeline.data.stage import MultiCropMapper, spec_from_config
 
     jpeg = io.BytesIO()
     Image.new("RGB", (48, 48), (200, 40, 10)).save(jpeg, format="JPEG")
@@ -187,9 +187,9 @@ def test_read_blocks_are_split_before_the_pool(tmp_path, ray_cluster):
     read tasks' CPU share, and the stage's plan has the split (ray.read_block_rows) between the reads and the
     pool, or none with read_block_rows=0."""
     from pipeline.config import load_config
-    from pipeline.data import crop_bytes, multicrop_dataset, one_block_per_batch, read_shards, spec_from_config, split_read_blocks
-    from pipeline.shards import load_split
-    from pipeline.synthetic import make_synthetic_dataset
+    from pipeline.data.stage import crop_bytes, multicrop_dataset, one_block_per_batch, read_shards, spec_from_config, split_read_blocks
+    from pipeline.data.shards import load_split
+    from pipeline.data.synthetic import make_synthetic_dataset
 
     root = make_synthetic_dataset(tmp_path / "d", n_train=300, n_val=0, image_size=32, shard_size=100)  # 3 shards
     paths = load_split(str(root), "train").paths

@@ -21,9 +21,9 @@ def test_stage_survives_bad_shards_and_counts_reasons(tmp_path, ray_cluster):
     import ray
 
     from pipeline.config import load_config
-    from pipeline.data import multicrop_dataset
-    from pipeline.sample_stats import SampleCounter
-    from pipeline.synthetic import make_synthetic_dataset
+    from pipeline.data.stage import multicrop_dataset
+    from pipeline.data.sample_stats import SampleCounter
+    from pipeline.data.synthetic import make_synthetic_dataset
 
     root = make_synthetic_dataset(tmp_path / "ds", n_train=40, n_val=4, image_size=32, shard_size=20)
     good = (root / "train-000000.tar").read_bytes()

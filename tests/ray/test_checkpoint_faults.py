@@ -3,7 +3,7 @@ MLflow server): the checkpoint being written is never registered nor loaded, the
 previous registered one and finishes, and the half-written folder is removed.
 
 The window is made deterministic by the test hook ``DINO_TEST_CHECKPOINT_PAUSE`` of
-``pipeline/train_loop.py``: rank 0 copies the step-6 (final) checkpoint to storage, logs its path, and pauses
+``pipeline/train/loop.py``: rank 0 copies the step-6 (final) checkpoint to storage, logs its path, and pauses
 before reporting it. The test then cuts that folder's ``state.pt`` in half (what a kill in the middle of
 the copy leaves) and kills rank 0."""
 
@@ -57,7 +57,7 @@ def _submit_no_wait(head, tmp: Path, uri: str) -> str:
 def test_worker_killed_while_writing_a_checkpoint_resumes_from_the_previous_one(ray_head, mlflow_server, tmp_path):  # noqa: F811
     from mlflow.tracking import MlflowClient
 
-    from pipeline.checkpoint import load_state
+    from pipeline.weights.checkpoint import load_state
 
     job_id = _submit_no_wait(ray_head, tmp_path, mlflow_server)
     hook = re.compile(r"RayTrainWorker pid=(\d+)\).*DINO_TEST_CHECKPOINT_PAUSE: checkpoint of step 6 written to (\S+),")

@@ -1,6 +1,6 @@
 """Loss of a Ray Data worker mid-pass through the real multi-crop stage: an augmentation actor or a shard
 read task is SIGKILLed while it holds a batch. The pass goes on, and every sample is delivered exactly
-once: nothing lost, nothing twice (the stage's retry options are in ``pipeline/data.py``)."""
+once: nothing lost, nothing twice (the stage's retry options are in ``pipeline/data/stage.py``)."""
 
 from __future__ import annotations
 
@@ -55,8 +55,8 @@ def test_augmentation_actor_killed_mid_batch_loses_and_duplicates_nothing(tmp_pa
     from ray.util.state import list_actors
 
     from pipeline.config import load_config
-    from pipeline.data import multicrop_dataset
-    from pipeline.synthetic import make_synthetic_dataset
+    from pipeline.data.stage import multicrop_dataset
+    from pipeline.data.synthetic import make_synthetic_dataset
 
     # 480 samples (~3-5 s of one core): the actor still has work in flight when the first batch arrives.
     root = make_synthetic_dataset(tmp_path / "ds", n_train=480, n_val=0, image_size=32, shard_size=80)
@@ -105,8 +105,8 @@ def test_read_task_killed_mid_shard_loses_and_duplicates_nothing(tmp_path, small
     tasks take several shards each): the samples the dead attempt already delivered are read, augmented
     and emitted a second time."""
     from pipeline.config import load_config
-    from pipeline.data import multicrop_dataset
-    from pipeline.synthetic import make_synthetic_dataset
+    from pipeline.data.stage import multicrop_dataset
+    from pipeline.data.synthetic import make_synthetic_dataset
 
     root = make_synthetic_dataset(tmp_path / "ds", n_train=480, n_val=0, image_size=32, shard_size=160)
     files = [root / f"train-00000{i}.tar" for i in range(3)]

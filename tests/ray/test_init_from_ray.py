@@ -14,7 +14,7 @@ def test_a_run_from_an_exported_teacher_measures_its_start_and_keeps_a_frozen_ba
     from mlflow.tracking import MlflowClient
 
     from jobs.pretrain import main
-    from pipeline.checkpoint import load_teacher
+    from pipeline.weights.checkpoint import load_teacher
 
     folder, start_model = tiny_teacher(tmp_path / "start", seed=11)  # the smoke preset's ViT
     code = main(["--config", "smoke", f"model.init_from={folder}", f"data.synthetic_dir={tmp_path / 'data'}",

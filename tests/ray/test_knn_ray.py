@@ -14,12 +14,12 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(600)]
 
 
 def test_ray_embedding_equals_in_process_and_saves_an_hnsw_index(tmp_path, ray_cluster):
-    from pipeline.checkpoint import export_teacher
+    from pipeline.weights.checkpoint import export_teacher
     from pipeline.config import load_config
-    from pipeline.embed import embed_in_process
-    from pipeline.features import read_features
-    from pipeline.knn_index import KnnRequest, evaluate_teacher
-    from pipeline.synthetic import make_synthetic_dataset
+    from pipeline.eval.embed import embed_in_process
+    from pipeline.eval.features import read_features
+    from pipeline.eval.knn import KnnRequest, evaluate_teacher
+    from pipeline.data.synthetic import make_synthetic_dataset
 
     root = str(make_synthetic_dataset(tmp_path / "data", n_train=48, n_val=16, image_size=32, shard_size=16))
     kw = {"img_size": 32, "patch_size": 8, "depth": 2, "embed_dim": 48, "num_heads": 3, "dynamic_img_size": True}

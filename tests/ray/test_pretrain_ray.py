@@ -37,8 +37,8 @@ def _smoke(tmp_path, uri, *extra):
 def test_two_worker_pretraining_tracks_exports_and_evaluates(tmp_path, ray_cluster, mlflow_server, caplog, capfd):
     from mlflow.tracking import MlflowClient
 
-    from pipeline.knn_index import KnnRequest, evaluate_teacher
-    from pipeline.pretrain import prepare, pretrain
+    from pipeline.eval.knn import KnnRequest, evaluate_teacher
+    from pipeline.driver.pretrain import prepare, pretrain
 
     caplog.set_level(logging.INFO, logger="pipeline")
     cfg = _smoke(tmp_path, mlflow_server, "tracking.run_name=ray-e2e")
@@ -47,7 +47,7 @@ def test_two_worker_pretraining_tracks_exports_and_evaluates(tmp_path, ray_clust
     result = pretrain(p)
 
     # What a person follows on the driver: one line per epoch (rank 0's records), then a summary.
-    shown = [r.getMessage() for r in caplog.records if r.name in ("pipeline.progress", "pipeline.pretrain")]
+    shown = [r.getMessage() for r in caplog.records if r.name in ("pipeline.progress", "pipeline.driver.pretrain")]
     epochs = [m for m in shown if m.startswith("epoch ")]
     assert [m.split(":")[0] for m in epochs] == ["epoch 1/2", "epoch 2/2"], shown
     for m in epochs:
@@ -106,7 +106,7 @@ def test_two_worker_pretraining_tracks_exports_and_evaluates(tmp_path, ray_clust
     import mlflow.pyfunc
     import pandas as pd
 
-    from pipeline.teacher_model import example_images, tracking_uri_set
+    from pipeline.eval.teacher_model import example_images, tracking_uri_set
 
     name, version = run.data.tags["registered_model"].split("/")
     mv = client.get_model_version(name, version)
@@ -119,7 +119,7 @@ def test_two_worker_pretraining_tracks_exports_and_evaluates(tmp_path, ray_clust
     assert json.loads(open(config_file).read()) == cfg.to_dict()
 
     # The checkpoint holds everything needed to resume, at the final step.
-    from pipeline.checkpoint import load_state, load_teacher
+    from pipeline.weights.checkpoint import load_state, load_teacher
 
     state = load_state(result.checkpoint_path)
     assert state["global_step"] == total and state["epoch"] == 2 and state["mlflow_run_id"] == result.run_id
@@ -146,7 +146,7 @@ def test_two_worker_pretraining_tracks_exports_and_evaluates(tmp_path, ray_clust
     assert client.get_run(result.run_id).data.metrics["knn/top1"] == pytest.approx(knn["teacher"]["top1"])
     manifest = json.loads((tmp_path / "knn" / "manifest.json").read_text())
     assert manifest["count"] == 96 and manifest["feature_dim"] == 48 and manifest["run_id"] == result.run_id
-    from pipeline.features import read_features
+    from pipeline.eval.features import read_features
 
     keys = read_features(tmp_path / "knn" / manifest["features_file"], with_features=False).keys  # the key order
     assert len(keys) == 96 and list(keys) == sorted(keys)
@@ -157,8 +157,8 @@ def test_a_spent_time_budget_ends_two_workers_alike_after_the_warm_up_epoch(tmp_
     there (a disagreement would hang DDP), and the run finishes normally with its checkpoint exported."""
     from mlflow.tracking import MlflowClient
 
-    from pipeline.checkpoint import load_state, load_teacher
-    from pipeline.pretrain import prepare, pretrain
+    from pipeline.weights.checkpoint import load_state, load_teacher
+    from pipeline.driver.pretrain import prepare, pretrain
 
     cfg = _smoke(tmp_path, mlflow_server, "tracking.run_name=ray-budget", "optim.epochs=3", "optim.time_budget_minutes=0.01",
                  "optim.teacher_snapshot_minutes=[0.005,0.002]")
@@ -175,7 +175,7 @@ def test_a_spent_time_budget_ends_two_workers_alike_after_the_warm_up_epoch(tmp_
     final, meta = load_teacher(result.teacher_dir)
     assert meta["global_step"] == p.steps_per_epoch
     # Both snapshot marks were past at the one epoch end: rank 0 logged that teacher under each, as exports.
-    from pipeline.snapshots import download_snapshots
+    from pipeline.train.snapshots import download_snapshots
 
     snaps = download_snapshots(mlflow_server, result.run_id, tmp_path / "snaps")
     assert [(m["snapshot_min"], m["epoch"], m["global_step"]) for m, _ in snaps] == [
@@ -196,8 +196,9 @@ def test_a_run_stopped_for_bad_data_fails_with_the_reason_not_as_finished(tmp_pa
 
     from mlflow.tracking import MlflowClient
 
-    from pipeline.pretrain import DataError, find_run, prepare, pretrain
-    from pipeline.synthetic import make_synthetic_dataset
+    from pipeline.driver.pretrain import find_run, prepare, pretrain
+    from pipeline.errors import DataError
+    from pipeline.data.synthetic import make_synthetic_dataset
 
     root = make_synthetic_dataset(tmp_path / "ds", n_train=256, n_val=16, image_size=32, shard_size=64)
     for shard in sorted(root.glob("train-*.tar")):

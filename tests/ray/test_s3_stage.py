@@ -10,9 +10,9 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(600)]
 
 def test_multicrop_stage_reads_shards_from_s3(tmp_path, ray_cluster, moto_s3):
     from pipeline.config import load_config
-    from pipeline.data import multicrop_dataset
-    from pipeline.storage import resolve_split
-    from pipeline.synthetic import make_synthetic_dataset
+    from pipeline.data.stage import multicrop_dataset
+    from pipeline.data.storage import resolve_split
+    from pipeline.data.synthetic import make_synthetic_dataset
 
     local = make_synthetic_dataset(tmp_path / "ds", n_train=40, n_val=10, image_size=32, shard_size=16)
     moto_s3.create_bucket(Bucket="bkt")

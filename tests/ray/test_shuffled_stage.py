@@ -46,8 +46,8 @@ def class_sorted(tmp_path_factory) -> Path:
 
 def _batches(root: Path, *overrides: str) -> list[np.ndarray]:
     from pipeline.config import load_config
-    from pipeline.data import multicrop_dataset
-    from pipeline.sources import resolve_source
+    from pipeline.data.stage import multicrop_dataset
+    from pipeline.data.sources import resolve_source
 
     cfg = load_config("smoke", ["ray.augment_actors_max=1", "ray.augment_batch_size=32", *overrides])
     train = resolve_source(str(root), "train", cfg.data)
@@ -60,7 +60,7 @@ def _batches(root: Path, *overrides: str) -> list[np.ndarray]:
 
 def test_batches_from_class_sorted_shards_hold_every_class(class_sorted):
     per_shard = []
-    from pipeline.tar_reader import read_shard
+    from pipeline.data.tar_reader import read_shard
 
     for p in sorted(class_sorted.glob("train-*.tar")):
         per_shard.append({int(r["cls"]) for r in read_shard({"path": str(p)})})

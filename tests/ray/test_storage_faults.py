@@ -49,8 +49,8 @@ class ReadOnly:
 def test_checkpoint_storage_turning_read_only_stops_the_run_with_a_one_line_error(tmp_path, ray_cluster, mlflow_server):
     from mlflow.tracking import MlflowClient
 
-    from pipeline.checkpoint import load_state
-    from pipeline.pretrain import prepare, pretrain
+    from pipeline.weights.checkpoint import load_state
+    from pipeline.driver.pretrain import prepare, pretrain
 
     # One epoch of 6 steps, a checkpoint every 2; no retry of the failed worker group (with retries each
     # attempt resumes from the last good checkpoint and fails at the same write again).

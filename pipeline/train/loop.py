@@ -1,0 +1,647 @@
+"""The per-worker training loop run by Ray Train's ``TorchTrainer`` (DDP; gloo on CPU, NCCL on GPU).
+
+``train_loop_per_worker`` hands off to :class:`DinoRunner`, which owns the models and the step; the
+data source is any iterable of ``{"global_crops", "local_crops"}`` uint8 batches, so the runner is
+testable without Ray Data. Only rank 0 has side effects (MLflow metrics, checkpoint files).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from dino.crops import crops_to_input
+from dino.loss import DINOLoss
+from dino.optim import build_optimizer
+from dino.schedules import build_schedules
+from dino.health import CollapseMonitor
+from dino.train_step import build_student_teacher, dino_step, maybe_compile, precision_settings
+from pipeline.weights.checkpoint import load_state, save_state
+from pipeline.errors import CheckpointError, CheckpointStorageError
+from pipeline.config import Config, config_from_dict
+from pipeline.train.start_weights import apply_start
+from pipeline.progress import epoch_record
+from pipeline.data.sample_stats import bad_fraction_error
+from pipeline.data.sample_stats import metrics as data_metrics
+from pipeline.tracking import MetricsTracker, NullTracker, last_logged_step
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LoopPlan:
+    """What the driver computed before starting the workers (from the shard index, not from data)."""
+
+    steps_per_epoch: int
+    global_batch_size: int
+    tracking_uri: str
+    run_id: str
+    counter_name: str | None = None  # the run's SampleCounter actor (bad samples by reason)
+    attention_paths: tuple[str, ...] = ()  # val shards whose first images get attention maps (rank 0)
+    deadline: float | None = None  # time.time() by which training must end (optim.time_budget_minutes), or None
+    started: float | None = None  # time.time() when the pretraining call started (optim.teacher_snapshot_minutes)
+    init_weights: Any = None  # model.init_from mapped (pipeline.train.start_weights.StartWeights), or a Ray ObjectRef to one
+
+
+def model_signature(tree: dict[str, Any]) -> dict[str, Any]:
+    """What fixes the shapes of the saved weights: architecture, head sizes and the global crop size."""
+    m = tree["model"]
+    keys = ("arch", "model_kwargs", "out_dim", "hidden_dim", "bottleneck_dim", "norm_last_layer")
+    return {**{k: m.get(k) for k in keys}, "global_size": tree["augment"]["global_size"]}
+
+
+def _start_weights(value):
+    """The plan's ``init_weights``: a StartWeights, None, or a Ray ObjectRef to one (fetched here)."""
+    if value is None or hasattr(value, "student"):
+        return value
+    import ray
+
+    return ray.get(value)
+
+
+def freeze_backbone_epochs(optim, start) -> int:
+    """``optim.freeze_backbone_epochs``; ``auto``: a start without head weights keeps the backbone frozen until the
+    whole head (last layer included, which ``freeze_last_layer_epochs`` holds) has trained one epoch; else 0."""
+    if optim.freeze_backbone_epochs != "auto":
+        return int(optim.freeze_backbone_epochs)
+    return optim.freeze_last_layer_epochs + 1 if start is not None and not start.has_head else 0
+
+
+def _has_batchnorm(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _from_rank0(value):
+    """Rank 0's ``value`` on every rank (itself without ``torch.distributed``)."""
+    if not _distributed():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+class DinoRunner:
+    """Student, teacher, loss, optimizer and schedules of one worker, plus state (de)serialisation."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        plan: LoopPlan,
+        device: torch.device,
+        wrap_ddp=None,
+        data_stats: Callable[[], dict[str, Any]] | None = None,
+    ):
+        self.cfg, self.plan, self.device = cfg, plan, device
+        self.data_stats = data_stats  # rank 0: returns the run's bad-sample counts
+        m, o, lc = cfg.model, cfg.optim, cfg.loss
+        torch.manual_seed(cfg.seed)  # identical initialisation on every rank (DDP also broadcasts)
+        student, teacher = build_student_teacher(
+            m.arch,
+            out_dim=m.out_dim,
+            drop_path_rate=m.drop_path_rate,
+            img_size=cfg.augment.global_size,
+            model_kwargs=m.model_kwargs,
+            norm_last_layer=m.norm_last_layer,
+            hidden_dim=m.hidden_dim,
+            bottleneck_dim=m.bottleneck_dim,
+        )
+        start = _start_weights(plan.init_weights)  # model.init_from (not kept: the models hold it now)
+        if start is not None:  # before DDP (which broadcasts rank 0's weights anyway)
+            apply_start(start, student, teacher)
+        if _distributed() and device.type == "cuda" and _has_batchnorm(student):
+            # ConvNets: batch statistics over the global batch, as the reference code does (GPU only in torch).
+            student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
+            teacher = nn.SyncBatchNorm.convert_sync_batchnorm(teacher)
+        self.student_module = student.to(device)
+        self.teacher = teacher.to(device)
+        self.student = wrap_ddp(self.student_module) if wrap_ddp else self.student_module
+        if o.compile:  # after DDP wrapping: compile the backbones (two static crop shapes -> two graphs)
+            maybe_compile(self.student_module.backbone, True)
+            maybe_compile(self.teacher.backbone, True)
+        self.loss_fn = DINOLoss(m.out_dim, student_temp=lc.student_temp, center_momentum=lc.center_momentum).to(device)
+        if start is not None and start.center is not None:
+            self.loss_fn.center.copy_(start.center.to(device))
+        self.optimizer = build_optimizer(self.student_module)  # fused AdamW on CUDA
+        self.autocast_dtype, self.scaler = precision_settings(device, o.precision)
+        self.channels_last = o.channels_last and device.type == "cuda"
+        self.monitor = CollapseMonitor(m.out_dim, patience=cfg.health.collapse_patience)
+        self.skipped_steps = 0  # non-finite steps skipped (health.nonfinite = skip), this run
+        self.steps_in_epoch = 0  # steps of the current epoch done (checkpointed: mid-epoch resume)
+        self.data_exhausted = False  # the run's batch stream ended (fewer good samples than planned)
+        self.collapse: str | None = None  # the collapse episode under way (its reason), None when there is none
+        self.collapse_since, self.clear_windows = 0, 0  # where that episode began; clear windows since
+        self.last_entropy = (float("nan"), float("nan"))  # h(Pt) of the latest window (nats), and h / log K
+        spe = plan.steps_per_epoch
+        self.planned_epochs = o.epochs  # optim.epochs, or what fits optim.time_budget_minutes
+        self.budget_fits: list[tuple[int, int]] = []  # (global step, epochs) of each change the budget made
+        self.paces: list[float] = []  # seconds per step of each epoch's second half since warm-up (this process)
+        self.total_steps = spe * o.epochs
+        self.schedules = build_schedules(
+            base_lr=o.base_lr,
+            min_lr=o.min_lr,
+            global_batch_size=plan.global_batch_size,
+            warmup_steps=spe * o.warmup_epochs,
+            total_steps=self.total_steps,
+            weight_decay=o.weight_decay,
+            weight_decay_end=o.weight_decay_end,
+            momentum_teacher=lc.momentum_teacher,
+            teacher_temp=lc.teacher_temp,
+            warmup_teacher_temp=lc.warmup_teacher_temp,
+            warmup_teacher_temp_steps=spe * lc.warmup_teacher_temp_epochs,
+        )
+        self.freeze_steps = spe * o.freeze_last_layer_epochs
+        self.freeze_backbone_epochs = freeze_backbone_epochs(o, start)
+        self.freeze_backbone_steps = spe * self.freeze_backbone_epochs
+        self.global_step = 0
+        self.epoch = 0
+        torch.manual_seed(cfg.seed + 1 + (dist.get_rank() if _distributed() else 0))  # per-rank drop-path
+
+    def fit_schedules(self, epochs: int, from_step: int | None = None) -> None:
+        """Make the run ``epochs`` long from ``from_step`` (default: the current step) on: every schedule's
+        remaining part is resampled onto the new length (:meth:`Schedules.stretch`: no jump, same end values);
+        ``epochs`` = the epochs done stops."""
+        step = self.global_step if from_step is None else int(from_step)
+        self.schedules = self.schedules.stretch(step, self.plan.steps_per_epoch * int(epochs))
+        self.total_steps = self.schedules.total_steps
+        self.planned_epochs = int(epochs)
+        self.budget_fits.append((step, int(epochs)))
+
+    # -- state -----------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "student": self.student_module.state_dict(),
+            "teacher": self.teacher.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "center": self.loss_fn.center.detach().cpu(),
+            "epoch": self.epoch,
+            "global_step": self.global_step,
+            "skipped_steps": self.skipped_steps,
+            "steps_in_epoch": self.steps_in_epoch,
+            "budget_fits": list(self.budget_fits),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "config": self.cfg.to_dict(),
+            "mlflow_run_id": self.plan.run_id,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a checkpoint; one-line :class:`CheckpointError` when it was written for another model
+        (e.g. a re-submitted ``tracking.run_name`` with another ``model.arch``)."""
+        if state.get("config"):
+            have, want = model_signature(state["config"]), model_signature(self.cfg.to_dict())
+            diff = [f"{k} {have[k]!r} in the checkpoint, {want[k]!r} configured" for k in want if have[k] != want[k]]
+            if diff:
+                raise CheckpointError(
+                    f"checkpoint of MLflow run {state.get('mlflow_run_id')} was written for another model "
+                    f"({'; '.join(diff)}): resume it with its own model config, or start a new run "
+                    f"(another tracking.run_name or ray.storage_path)"
+                )
+        try:
+            self.student_module.load_state_dict(state["student"])
+            self.teacher.load_state_dict(state["teacher"])
+        except RuntimeError as e:  # shapes/keys differ and the checkpoint holds no config to say why
+            raise CheckpointError(f"checkpoint does not fit the configured model: {' '.join(str(e).split())[:300]}") from None
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.loss_fn.center.copy_(state["center"].to(self.device))
+        self.epoch = int(state["epoch"])
+        self.global_step = int(state["global_step"])
+        self.skipped_steps = int(state.get("skipped_steps", 0))
+        self.steps_in_epoch = int(state.get("steps_in_epoch", 0))
+        for step, epochs in state.get("budget_fits") or ():  # the time budget's changes, replayed in order
+            self.fit_schedules(epochs, from_step=step)
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+
+    # -- training --------------------------------------------------------------------------------
+    def step(self, batch: dict[str, torch.Tensor], health: bool = False) -> dict[str, torch.Tensor]:
+        values = self.schedules.at(self.global_step)
+        g = crops_to_input(batch["global_crops"], self.device)  # (2B, 3, G, G)
+        local = batch["local_crops"]
+        loc = crops_to_input(local, self.device) if local.shape[1] > 0 else None  # (NB, 3, L, L)
+        if self.channels_last:
+            g = g.contiguous(memory_format=torch.channels_last)
+            loc = loc.contiguous(memory_format=torch.channels_last) if loc is not None else None
+        out = dino_step(
+            self.student,
+            self.teacher,
+            self.loss_fn,
+            self.optimizer,
+            g,
+            loc,
+            values,
+            clip_grad=self.cfg.optim.clip_grad,
+            freeze_last_layer=self.global_step < self.freeze_steps,
+            clip_mode=self.cfg.optim.clip_mode,
+            freeze_backbone=self.global_step < self.freeze_backbone_steps,
+            autocast_dtype=self.autocast_dtype,
+            scaler=self.scaler,
+            health=health,
+            skip_nonfinite=self.cfg.health.nonfinite == "skip",
+        )
+        self.global_step += 1
+        return out
+
+    def train_epoch(
+        self,
+        batches: Iterable[dict[str, torch.Tensor]],
+        tracker,
+        save_checkpoint: Callable[[dict[str, Any]], None] | None = None,
+    ) -> dict[str, float]:
+        """Run the epoch's remaining steps; log every ``log_every_steps``; returns the epoch summary.
+
+        ``save_checkpoint(metrics)`` is called (on every rank) every ``ray.checkpoint_every_steps``
+        global steps inside the epoch; the epoch-end checkpoint is the caller's.
+        """
+        every = self.cfg.tracking.log_every_steps
+        ckpt_every = self.cfg.ray.checkpoint_every_steps
+        spe = self.plan.steps_per_epoch
+        skip_policy = self.cfg.health.nonfinite == "skip"
+        t_epoch = t_window = time.perf_counter()
+        wait = window_wait = 0.0
+        steps = self.steps_in_epoch  # non-zero after a resume from a mid-epoch checkpoint
+        window_steps = 0
+        losses: list[torch.Tensor] = []
+        it = iter(batches)
+        stopped = None
+        t_half, steps_at_half = None, 0  # the pace of the epoch's second half (warm caches), for the time budget
+        while steps < spe and stopped is None:
+            t0 = time.perf_counter()
+            if t_half is None and steps >= spe // 2:
+                t_half, steps_at_half = t0, steps
+            try:
+                batch = next(it)
+            except StopIteration:
+                self.data_exhausted = True
+                break
+            waited = time.perf_counter() - t0
+            wait += waited
+            window_wait += waited
+            log_now = (self.global_step + 1) % every == 0 or steps + 1 == spe
+            out = self.step(batch, health=log_now)
+            steps += 1
+            self.steps_in_epoch = steps
+            window_steps += 1
+            if skip_policy and bool(out["skipped"]):  # the step already synchronised to decide
+                self.skipped_steps += 1
+                log.warning("non-finite loss at global step %d: step skipped (%d so far)", self.global_step, self.skipped_steps)
+            else:
+                losses.append(out["loss"])
+            if log_now:
+                stopped = self._log_window(out, tracker, window_steps, time.perf_counter() - t_window, window_wait, wait,
+                                           time.perf_counter() - t_epoch, steps)
+                t_window, window_steps, window_wait = time.perf_counter(), 0, 0.0
+            if stopped is None and save_checkpoint and ckpt_every and self.global_step % ckpt_every == 0 and steps < spe:
+                tracker.flush_before_checkpoint()
+                save_checkpoint({"epoch": self.epoch + steps / spe, "global_step": self.global_step})
+        if stopped is None:  # the epoch is over (all its steps, or the data ran out early)
+            self.epoch += 1
+            self.steps_in_epoch = 0
+        elapsed = time.perf_counter() - t_epoch
+        mean_loss = torch.stack(losses).float().mean().item() if losses else float("nan")
+        summary = {"epoch": self.epoch, "steps": steps, "mean_loss": mean_loss, "epoch_time_s": elapsed, "data_wait_s": wait}
+        if t_half is not None and steps > steps_at_half:
+            summary["late_step_s"] = (time.perf_counter() - t_half) / (steps - steps_at_half)
+        return {**summary, "stopped": stopped} if stopped else summary
+
+    def apply_budget(
+        self, deadline: float | None, summary: dict[str, Any], epoch_end_s: float, now: float
+    ) -> tuple[str, str] | None:
+        """At an epoch end, the time budget (:mod:`pipeline.train.budget`): from the end of warm-up on, fit the
+        run's epochs to the recent pace (:func:`pipeline.train.budget.recent_pace`; schedules resampled, no jump); during warm-up,
+        only stop if the next epoch would overrun the deadline. Rank 0 decides for every rank. Returns
+        ``("budget_fit" | "budget_stop", note)`` when the number of epochs changed, else None. The changes are
+        kept in checkpoints (``budget_fits``) and replayed on resume.
+
+        Args:
+            deadline: ``time.time()`` by which training must end, or None (no budget).
+            summary: :meth:`train_epoch`'s summary of the epoch that just ended.
+            epoch_end_s: Seconds the previous epoch end took (report, checkpoint; 0 before the first).
+            now: ``time.time()``.
+        """
+        from pipeline.train import budget
+
+        if deadline is None or self.epoch >= self.planned_epochs:
+            return None
+        spe, cap = self.plan.steps_per_epoch, self.cfg.optim.epochs
+        if self.epoch < budget.fit_epoch(self.cfg.optim.warmup_epochs) or "late_step_s" not in summary:
+            epoch_s = summary["epoch_time_s"] + epoch_end_s
+            if not _from_rank0(budget.next_epoch_overruns(deadline=deadline, now=now, epoch_s=epoch_s)):
+                return None
+            planned = self.planned_epochs
+            self.fit_schedules(self.epoch)
+            return "budget_stop", (f"stopped after epoch {self.epoch} of {planned}: the next would take {epoch_s:.0f} s "
+                                   f"and end {now + epoch_s - deadline:.0f} s past the time budget")
+        self.paces.append(summary["late_step_s"])
+        pace = budget.Pace(step_s=budget.recent_pace(self.paces), epoch_end_s=epoch_end_s)
+        epochs = _from_rank0(budget.fit_epochs(deadline=deadline, now=now, done=self.epoch, pace=pace,
+                                               steps_per_epoch=spe, cap=cap))
+        if epochs == self.planned_epochs:
+            return None
+        self.fit_schedules(epochs)
+        timing = f"{pace.epoch_s(spe):.1f} s per epoch ({pace.step_s:.3f} s per step), {deadline - now:.0f} s left"
+        if epochs == self.epoch:
+            return "budget_stop", f"stopped after epoch {self.epoch}: no further epoch fits ({timing})"
+        return "budget_fit", f"{epochs} epochs (of at most {cap}) fitted at epoch {self.epoch}: {timing}"
+
+    def _log_window(self, out, tracker, window_steps, window_s, window_wait, epoch_wait, epoch_s, steps) -> str | None:
+        """One logging window: metrics + health to MLflow (rank 0), and the run-wide stop decision."""
+        B = self.plan.global_batch_size
+        loss = out["loss"].item()  # one host sync per logging window, not per step
+        problems = []
+        if not math.isfinite(loss) and self.cfg.health.nonfinite == "stop":
+            problems.append(
+                f"non-finite DINO loss ({loss}) at global step {self.global_step}: stopped with the last good "
+                f"checkpoint kept (set health.nonfinite=skip to skip such steps, or lower optim.base_lr)"
+            )
+        if self.skipped_steps > self.cfg.health.max_skipped_steps:
+            problems.append(f"{self.skipped_steps} non-finite steps skipped, more than health.max_skipped_steps")
+        v = self.schedules.at(self.global_step - 1)
+        entropy, kl = out["teacher_entropy"].item(), out["kl"].item()
+        self.last_entropy = (entropy, entropy / math.log(self.cfg.model.out_dim))
+        metrics = {
+            "loss": loss,
+            "lr": v.lr,
+            "weight_decay": v.weight_decay,
+            "teacher_momentum": v.teacher_momentum,
+            "teacher_temp": v.teacher_temp,
+            "grad_norm": out["grad_norm"].item(),
+            "center_norm": self.loss_fn.center.norm().item(),
+            "center_divergence": self.center_divergence(),
+            "teacher_entropy": entropy,
+            "teacher_entropy_ratio": self.last_entropy[1],
+            "kl_teacher_student": kl,
+            "images_per_s": window_steps * B / max(window_s, 1e-9),
+            "step_time_s": window_s / max(window_steps, 1),
+            "data_wait_s": window_wait / max(window_steps, 1),
+            "data_wait_fraction": epoch_wait / max(epoch_s, 1e-9),
+            "skipped_steps": self.skipped_steps,
+            "epoch": self.epoch + steps / self.plan.steps_per_epoch,
+        }
+        if self.scaler is not None:
+            metrics["grad_scale"] = self.scaler.get_scale()
+        tracker.log_metrics(metrics, step=self.global_step)
+        verdict = self.monitor.update(entropy, kl)
+        if verdict and verdict != self.collapse:  # warn and tag once per episode, not every window
+            log.warning("collapse suspected at step %d: %s (h(Pt)=%.4g, KL=%.4g)", self.global_step, verdict, entropy, kl)
+            tracker.set_tag("collapse", f"{verdict} at step {self.global_step}")
+            self.collapse_since, self.clear_windows = self.global_step, 0
+        clear = not any(self.monitor.counts.values())  # no condition held in this window
+        if verdict or not clear:
+            self.collapse, self.clear_windows = verdict or self.collapse, 0
+        elif self.collapse:  # over once no condition has held for as many windows as it took to report one
+            self.clear_windows += 1
+            if self.clear_windows >= self.monitor.patience:
+                log.warning("collapse over at step %d: %s held from step %d; now h(Pt)=%.4g (%.2f of log K), KL=%.4g",
+                            self.global_step, self.collapse, self.collapse_since, entropy, self.last_entropy[1], kl)
+                tracker.set_tag("collapse", f"{self.collapse} from step {self.collapse_since} to {self.global_step}, over")
+                self.collapse = None
+        if verdict and self.cfg.health.collapse_action == "stop":
+                problems.append(f"collapse ({verdict}) at global step {self.global_step}: h(Pt)={entropy:.4g}, KL={kl:.4g}")
+        return self.agree_stop(problems[0] if problems else None, tracker)
+
+    def agree_stop(self, local: str | None, tracker) -> str | None:
+        """Log bad-sample counts (rank 0) and decide, on every rank alike, whether to stop the run.
+
+        A reason from any rank (non-finite loss, collapse) or from rank 0's data counts stops all ranks.
+        """
+        message = local
+        if self.data_stats is not None:
+            stats = self.data_stats()
+            tracker.log_metrics(data_metrics(stats), step=self.global_step)
+            message = message or bad_fraction_error(stats, self.cfg.data.max_bad_fraction)
+        if _distributed():
+            box: list[str | None] = [None] * dist.get_world_size()
+            dist.all_gather_object(box, message)
+            message = next((m for m in box if m), None)
+        return message
+
+    def center_divergence(self) -> float:
+        """Max |centre_rank - centre_rank0| over ranks: 0 when distributed centering is in sync."""
+        if not _distributed():
+            return 0.0
+        c = self.loss_fn.center.detach().float()
+        gathered = [torch.empty_like(c) for _ in range(dist.get_world_size())]
+        dist.all_gather(gathered, c)
+        return max((g - gathered[0]).abs().max().item() for g in gathered)
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """Entry point of each Ray Train worker: build the runner, resume if a checkpoint exists, train."""
+    import ray.train
+    import ray.train.torch
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg = config_from_dict(loop_config["config"])
+    plan = LoopPlan(**loop_config["plan"])
+    if cfg.ray.torch_threads:  # e.g. 2 threads on a 2-core node whose augmentation needs only a fraction of a core
+        torch.set_num_threads(cfg.ray.torch_threads)
+    ctx = ray.train.get_context()
+    rank = ctx.get_world_rank()
+    device = ray.train.torch.get_device()
+    data_stats = record_stop = record_epoch = None
+    if rank == 0 and plan.counter_name:
+        import ray
+
+        counter = ray.get_actor(plan.counter_name)
+        data_stats = lambda: ray.get(counter.get.remote())  # noqa: E731
+        record_stop = lambda reason: ray.get(counter.stop.remote(reason))  # noqa: E731  (the driver reads it)
+        record_epoch = counter.epoch_done.remote  # the driver prints it (pipeline.progress.epoch_line)
+    runner = DinoRunner(
+        cfg,
+        plan,
+        device,
+        wrap_ddp=lambda m: ray.train.torch.prepare_model(m, move_to_device=False),
+        data_stats=data_stats,
+    )
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            runner.load_state_dict(load_state(d, map_location=device))
+        log.info("rank %d resumed from epoch %d, global step %d", rank, runner.epoch, runner.global_step)
+
+    tracker = NullTracker()
+    if rank == 0:
+        # After a restart the run already holds steps up to where the dead group got: never log a step twice.
+        skip = last_logged_step(plan.tracking_uri, plan.run_id) if checkpoint is not None else -1
+        tracker = MetricsTracker(plan.tracking_uri, plan.run_id, skip_through_step=skip)
+        if checkpoint is not None:
+            tracker.set_tag("resumed_from_step", str(runner.global_step))
+            log.info("resuming MLflow run %s: steps <= %d already logged are not re-sent", plan.run_id, skip)
+    attention = _attention_probe(cfg, plan, device) if rank == 0 else None
+    fresh = checkpoint is None
+    snapshots = _snapshot_schedule(cfg, plan, fresh) if rank == 0 else None
+    if attention is not None:
+        # The weights before the first step (random init, or model.init_from), and the centre prior: step 0.
+        start = (lambda: attention.measure_start(runner.teacher.backbone, tracker)) if fresh else attention.restore_start
+        _safely(start, "at the start")
+
+    def save_checkpoint(metrics: dict[str, Any]) -> None:
+        with tempfile.TemporaryDirectory() as d:
+            if rank == 0:
+                save_state(d, runner.state_dict())
+                upload = _paused_upload(runner.global_step) if fresh else None
+                try:
+                    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d), checkpoint_upload_fn=upload)
+                except OSError as e:  # storage unwritable, full, or gone: say where, in one line
+                    where = ray.train.get_context().get_storage().experiment_fs_path
+                    raise CheckpointStorageError(
+                        f"cannot write the checkpoint of step {runner.global_step} to {where}: {' '.join(str(e).split())}"
+                    ) from e
+            else:
+                ray.train.report(metrics, checkpoint=None)
+
+    # The dataset is one stream of several passes over the shards (see pretrain): a single iterator for
+    # the whole run keeps the augmentation pool and the prefetch warm across epoch boundaries. An epoch
+    # is ``steps_per_epoch`` steps of that stream.
+    shard = ray.train.get_dataset_shard("train")
+    B = cfg.optim.batch_size_per_worker
+    batches = iter(shard.iter_torch_batches(batch_size=B, drop_last=True, prefetch_batches=2))
+    walls: list[float] = []  # wall seconds of each epoch of this process, epoch ends included (for the ETA)
+    t_record = time.perf_counter()
+    try:
+        epoch_end_s = 0.0  # what the previous epoch end took (report, checkpoint, attention maps)
+        while runner.epoch < runner.planned_epochs and not runner.data_exhausted:
+            summary = runner.train_epoch(batches, tracker, save_checkpoint)
+            t_end = time.perf_counter()
+            if "stopped" in summary:  # every rank agrees: report without a checkpoint and end
+                log.error("rank %d: run stopped: %s", rank, summary["stopped"])
+                tracker.set_tag("stopped", summary["stopped"][:5000])
+                tracker.flush()
+                if record_stop is not None:
+                    record_stop(summary["stopped"])
+                ray.train.report({**summary, "global_step": runner.global_step})
+                return
+            tracker.log_metrics({"epoch_mean_loss": summary["mean_loss"]}, step=runner.global_step)
+            budget = runner.apply_budget(plan.deadline, summary, epoch_end_s, time.time())
+            if budget:
+                log.info("time budget: %s", budget[1])
+                tracker.set_tag(*budget)
+                tracker.log_metrics({"planned_epochs": runner.planned_epochs}, step=runner.global_step)
+            if record_epoch is not None:
+                wall, t_record = time.perf_counter() - t_record, time.perf_counter()
+                record_epoch(epoch_record(summary, planned_epochs=runner.planned_epochs, wall_s=wall,
+                                          global_batch_size=plan.global_batch_size, recent_walls=walls,
+                                          teacher_entropy=runner.last_entropy[0], entropy_ratio=runner.last_entropy[1]))
+                walls.append(wall)
+            last = runner.epoch >= runner.planned_epochs or runner.data_exhausted
+            if attention is not None and (runner.epoch % cfg.health.attention_every_epochs == 0 or last):
+                _safely(lambda: attention.at_epoch(runner.teacher.backbone, tracker, runner.epoch, runner.global_step),
+                        f"at epoch {runner.epoch}")
+            if snapshots is not None:
+                _snapshot_if_due(snapshots, runner, cfg, plan)
+            tracker.flush_before_checkpoint()
+            metrics = {**summary, "global_step": runner.global_step}
+            if last and attention is not None and attention.results() is not None:
+                metrics["attention_jaccard"] = attention.results()  # for the driver: PretrainResult.metrics
+            if last or runner.epoch % cfg.ray.checkpoint_every_epochs == 0:
+                save_checkpoint(metrics)
+            else:
+                ray.train.report(metrics)
+            epoch_end_s = time.perf_counter() - t_end
+    finally:
+        tracker.close()
+
+
+CHECKPOINT_PAUSE_ENV = "DINO_TEST_CHECKPOINT_PAUSE"
+
+
+def _paused_upload(step: int):
+    """Test hook, off unless ``DINO_TEST_CHECKPOINT_PAUSE=<global step>:<seconds>`` is set: an upload
+    function for ``ray.train.report`` that copies the checkpoint of that step to storage as Ray Train
+    does, logs where, and sleeps before returning, i.e. before the checkpoint is reported and registered.
+    Only a worker group that started without a checkpoint pauses (its restart goes straight on). It gives
+    a test a window to kill a worker while a checkpoint is written but not yet registered
+    (tests/ray/test_checkpoint_faults.py)."""
+    spec = os.environ.get(CHECKPOINT_PAUSE_ENV, "")
+    at, _, seconds = spec.partition(":")
+    if not spec or int(at) != step:
+        return None
+
+    def upload(checkpoint, dir_name: str):
+        import ray.train
+
+        persisted = ray.train.get_context().get_storage().persist_current_checkpoint(checkpoint, dir_name)
+        log.warning("%s: checkpoint of step %d written to %s, not reported; pausing %s s", CHECKPOINT_PAUSE_ENV,
+                    step, persisted.path, seconds)
+        time.sleep(float(seconds))
+        return persisted
+
+    return upload
+
+
+def _attention_probe(cfg: Config, plan: LoopPlan, device: torch.device):
+    """Rank 0: the attention figure and Jaccard of fixed val images (:class:`AttentionProbe`), or None."""
+    if not cfg.health.attention_every_epochs or not plan.attention_paths:
+        return None
+    from dino.backbone import is_vit
+
+    if not is_vit(cfg.model.arch):
+        log.info("attention maps off: %s has no [CLS] attention (not a ViT)", cfg.model.arch)
+        return None
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.train.attention import AttentionProbe
+    from pipeline.data.shards import members_from_config
+
+    try:
+        return AttentionProbe.load(
+            list(plan.attention_paths), cfg.health.attention_images, cfg.augment.global_size,
+            layout=members_from_config(cfg.data), client=MlflowClient(plan.tracking_uri), run_id=plan.run_id, device=device,
+            start_label="random_init" if plan.init_weights is None else "start",
+        )
+    except Exception as e:  # a diagnostic: never a reason to fail the run
+        log.warning("attention maps disabled: cannot read val images (%s)", e)
+        return None
+
+
+def _snapshot_schedule(cfg: Config, plan: LoopPlan, fresh: bool):
+    """Rank 0: the marks of ``optim.teacher_snapshot_minutes`` still to log (:mod:`pipeline.train.snapshots`), or None."""
+    if not cfg.optim.teacher_snapshot_minutes or plan.started is None:
+        return None
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.train.snapshots import SnapshotSchedule, logged_labels
+
+    done = set() if fresh else logged_labels(MlflowClient(plan.tracking_uri), plan.run_id)
+    return SnapshotSchedule(cfg.optim.teacher_snapshot_minutes, plan.started, done)
+
+
+def _snapshot_if_due(snapshots, runner: DinoRunner, cfg: Config, plan: LoopPlan) -> None:
+    """At an epoch end: log the teacher for every mark reached since the last one. A failure is a warning
+    (a learning-curve point is never worth the run)."""
+    now = time.time()
+    due = snapshots.due(now)
+    if not due:
+        return
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.train.snapshots import log_snapshot, teacher_meta
+
+    elapsed = snapshots.elapsed_min(now)
+    meta = {**teacher_meta(cfg.to_dict(), plan.run_id, runner.global_step, runner.epoch), "elapsed_min": round(elapsed, 3)}
+    try:
+        labels = log_snapshot(MlflowClient(plan.tracking_uri), plan.run_id, runner.teacher.state_dict(), meta, due)
+        log.info("teacher snapshot %s at %.1f min (epoch %d)", ", ".join(labels), elapsed, runner.epoch)
+    except Exception as e:
+        log.warning("teacher snapshot at %.1f min (marks %s) failed: %s", elapsed, due, e)
+
+
+def _safely(measure: Callable[[], None], when: str) -> None:
+    """Runs a measurement of the attention probe; a failure is a warning (a diagnostic must never stop training)."""
+    try:
+        measure()
+    except Exception as e:
+        log.warning("attention maps %s failed: %s", when, e)
