@@ -23,7 +23,7 @@ This is a fast re-implementation of that recipe on uint8 HWC arrays, one core pe
   crop is upsampled where the full image would not have been).
 
 Crops are returned as uint8 HWC arrays: normalisation happens on the training device. The
-torchvision recipe itself lives in ``benchmarks/reference_recipe.py``.
+torchvision recipe itself lives in ``benchmarks/training/reference_recipe.py``.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ timm interpolates the position embeddings per input resolution.
 ConvNets (the paper also trains a ResNet-50, Sec. 5.1 and Table 2) take any input size as they are:
 their output is the globally pooled last feature map, and they get no ``img_size`` argument. Their
 BatchNorm layers see each crop size as one batch (the multi-crop wrapper runs one forward per size);
-with several workers they are synchronised across workers (``pipeline.train.loop``), as in the
+with several workers they are synchronised across workers (:mod:`pipeline.train.runner`), as in the
 reference code.
 
 Weights are never downloaded (``pretrained=False``): DINO trains from scratch.

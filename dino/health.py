@@ -12,6 +12,7 @@ host-side values the loop reads back at its logging steps.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -192,3 +193,50 @@ class CollapseMonitor:
         for reason, holds in self.conditions(entropy, kl).items():
             self.counts[reason] = self.counts[reason] + 1 if holds else 0
         return next((r for r in self.REASONS if self.counts[r] >= self.patience), None)
+
+
+@dataclass(frozen=True)
+class EpisodeEvent:
+    """An episode of collapse that ``begins`` or is ``over`` at a logging window; it began at step ``since``."""
+
+    kind: str  # "begins" | "over"
+    reason: str  # one of CollapseMonitor.REASONS
+    since: int
+
+
+class CollapseEpisodes:
+    """Episodes of collapse over a run's logging windows: when one begins, and when it is over.
+
+    A :class:`CollapseMonitor` reports a reason while a condition lasts; a person wants one warning when an
+    episode begins and one when it ends. An episode begins at the first window whose reason differs from
+    the episode under way (none, or another reason). It is over once no condition has held for
+    ``monitor.patience`` consecutive windows, as many as it took to report one: a window where any condition
+    holds, even below patience, resets that count.
+
+    Args:
+        monitor: The run's :class:`CollapseMonitor` (its counts are read after each update).
+    """
+
+    def __init__(self, monitor: CollapseMonitor) -> None:
+        self.monitor = monitor
+        self.reason: str | None = None  # the episode under way, None when there is none
+        self.since = 0  # the step where it began
+        self.clear_windows = 0  # consecutive windows with no condition holding, since then
+
+    def update(self, entropy: float, kl: float, step: int) -> tuple[str | None, EpisodeEvent | None]:
+        """One logging window at global ``step``: ``(verdict, event)``.
+
+        ``verdict`` is :meth:`CollapseMonitor.update`'s (a reason while a condition has lasted ``patience``
+        windows, else None); ``event`` says that an episode begins or is over at this window, else None.
+        """
+        verdict = self.monitor.update(entropy, kl)
+        event = None
+        if verdict and verdict != self.reason:
+            event, self.since, self.clear_windows = EpisodeEvent("begins", verdict, step), step, 0
+        if verdict or any(self.monitor.counts.values()):
+            self.reason, self.clear_windows = verdict or self.reason, 0
+        elif self.reason:
+            self.clear_windows += 1
+            if self.clear_windows >= self.monitor.patience:
+                event, self.reason = EpisodeEvent("over", self.reason, self.since), None
+        return verdict, event

@@ -12,10 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
-
-
-def _distributed() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
+from dino.distributed import is_distributed
 
 
 class DINOLoss(nn.Module):
@@ -117,7 +114,7 @@ class DINOLoss(nn.Module):
         batch_center = _at_least_fp32(teacher_logits.detach()).sum(dim=0, keepdim=True)  # (1, K)
         rows = teacher_logits.shape[0]
         world_size = 1
-        if _distributed():
+        if is_distributed():
             torch.distributed.all_reduce(batch_center, op=torch.distributed.ReduceOp.SUM)
             world_size = torch.distributed.get_world_size()
         batch_center = batch_center / (rows * world_size)

@@ -9,6 +9,7 @@ EMA of the student. The loop around this step (data, schedules, logging, checkpo
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -27,6 +28,7 @@ from dino.optim import (
     set_hyperparams,
 )
 from dino.schedules import StepValues
+from dino.distributed import is_distributed
 
 
 def build_student_teacher(
@@ -142,40 +144,11 @@ def maybe_compile(module: nn.Module, enabled: bool, backend: Any = "inductor") -
     return module
 
 
-def dino_step(
-    student: nn.Module,
-    teacher: nn.Module,
-    loss_fn: DINOLoss,
-    optimizer: torch.optim.Optimizer,
-    global_crops: Tensor,
-    local_crops: Tensor | None,
-    values: StepValues,
-    *,
-    clip_grad: float,
-    freeze_last_layer: bool,
-    clip_mode: str = "global",
-    freeze_backbone: bool = False,
-    autocast_dtype: torch.dtype | None = None,
-    scaler: torch.amp.GradScaler | None = None,
-    health: bool = False,
-    skip_nonfinite: bool = False,
-) -> dict[str, Tensor]:
-    """Forward, loss, backward, clip, optimizer step and teacher EMA update.
+@dataclass(frozen=True)
+class StepOptions:
+    """How :func:`dino_step` runs, apart from its data and this step's schedule values.
 
-    The order is the reference code's (``main_dino.py``, ``train_one_epoch``): backward, unscale
-    (with a scaler), clip, drop the frozen last layer's gradients, optimizer step, teacher EMA. So
-    the last layer's gradients count in the reported norm (and, with ``clip_mode="global"``, in the
-    clip) even while it is frozen. A frozen backbone's gradients are dropped *before* the clip:
-    they count in neither.
-
-    Args:
-        student: Student :class:`MultiCropWrapper`, optionally DDP-wrapped.
-        teacher: Teacher :class:`MultiCropWrapper` (plain module, no gradients).
-        loss_fn: The :class:`DINOLoss` (its centre is updated in place).
-        optimizer: Optimizer over the student's parameter groups (see :mod:`dino.optim`).
-        global_crops: ``[2 * B, 3, H, W]`` float, crop-major.
-        local_crops: ``[N * B, 3, h, w]`` float, crop-major, or ``None`` for no local crops.
-        values: This step's lr, weight decay, teacher momentum and teacher temperature.
+    Attributes:
         clip_grad: Gradient-norm clip (``<= 0`` disables clipping), per tensor or joint as
             ``clip_mode`` says.
         freeze_last_layer: Drop the head's last-layer gradients this step.
@@ -195,6 +168,46 @@ def dino_step(
             overflow stays the scaler's business (it skips the optimizer step and lowers the scale;
             the EMA and centre are updated as without this option); a non-finite loss is skipped.
             When ``False`` nothing is checked and nothing synchronises.
+    """
+
+    clip_grad: float
+    freeze_last_layer: bool = False
+    clip_mode: str = "global"
+    freeze_backbone: bool = False
+    autocast_dtype: torch.dtype | None = None
+    scaler: torch.amp.GradScaler | None = None
+    health: bool = False
+    skip_nonfinite: bool = False
+
+
+def dino_step(
+    student: nn.Module,
+    teacher: nn.Module,
+    loss_fn: DINOLoss,
+    optimizer: torch.optim.Optimizer,
+    global_crops: Tensor,
+    local_crops: Tensor | None,
+    values: StepValues,
+    options: StepOptions,
+) -> dict[str, Tensor]:
+    """Forward, loss, backward, clip, optimizer step and teacher EMA update.
+
+    The order is the reference code's (``main_dino.py``, ``train_one_epoch``): backward, unscale
+    (with a scaler), clip, drop the frozen last layer's gradients, optimizer step, teacher EMA. So
+    the last layer's gradients count in the reported norm (and, with ``clip_mode="global"``, in the
+    clip) even while it is frozen. A frozen backbone's gradients are dropped *before* the clip:
+    they count in neither.
+
+    Args:
+        student: Student :class:`MultiCropWrapper`, optionally DDP-wrapped.
+        teacher: Teacher :class:`MultiCropWrapper` (plain module, no gradients).
+        loss_fn: The :class:`DINOLoss` (its centre is updated in place).
+        optimizer: Optimizer over the student's parameter groups (see :mod:`dino.optim`).
+        global_crops: ``[2 * B, 3, H, W]`` float, crop-major.
+        local_crops: ``[N * B, 3, h, w]`` float, crop-major, or ``None`` for no local crops.
+        values: This step's lr, weight decay, teacher momentum and teacher temperature.
+        options: Clipping, freezing, precision, diagnostics and the non-finite policy
+            (:class:`StepOptions`).
 
     Returns:
         ``{"loss": (), "grad_norm": ()}`` tensors on the device (no host synchronisation; the
@@ -203,6 +216,8 @@ def dino_step(
         ``"teacher_entropy"`` and ``"kl"`` (float32, nats) with ``health``, plus ``"skipped"``
         (int64, 1 if the step was skipped, else 0) with ``skip_nonfinite``.
     """
+    o = options
+    autocast_dtype, scaler, skip_nonfinite = o.autocast_dtype, o.scaler, o.skip_nonfinite
     set_hyperparams(optimizer, values.lr, values.weight_decay)
     student_crops = [global_crops] if local_crops is None else [global_crops, local_crops]
     autocast = (
@@ -217,7 +232,7 @@ def dino_step(
         with torch.no_grad():
             teacher_logits = teacher([global_crops])  # (2B, K)
         student_logits = student(student_crops)  # ((2 + N) B, K)
-        if health:  # before the loss, which moves the centre
+        if o.health:  # before the loss, which moves the centre
             out |= step_health(loss_fn, student_logits, teacher_logits, values.teacher_temp)
         loss = loss_fn(student_logits, teacher_logits, values.teacher_temp)  # ()
 
@@ -227,9 +242,9 @@ def dino_step(
         scaler.unscale_(optimizer)
     else:
         loss.backward()
-    if freeze_backbone:
+    if o.freeze_backbone:
         cancel_backbone_grads(student)
-    grad_norm = clip_gradients(student, clip_grad, clip_mode)
+    grad_norm = clip_gradients(student, o.clip_grad, o.clip_mode)
     out |= {"loss": loss.detach(), "grad_norm": grad_norm.detach()}
 
     if skip_nonfinite:
@@ -237,7 +252,7 @@ def dino_step(
         if scaler is None:
             finite = finite & torch.isfinite(out["grad_norm"])
         skipped = (~finite).to(torch.int64)  # ()
-        if _distributed():  # one rank's bad step is every rank's: the replicas must stay equal
+        if is_distributed():  # one rank's bad step is every rank's: the replicas must stay equal
             torch.distributed.all_reduce(skipped, op=torch.distributed.ReduceOp.MAX)
         out["skipped"] = skipped
         if skipped.item():  # the one host synchronisation of this policy
@@ -247,7 +262,7 @@ def dino_step(
             optimizer.zero_grad(set_to_none=True)
             return out
 
-    if freeze_last_layer:
+    if o.freeze_last_layer:
         cancel_last_layer_grads(student)
     if scaler is not None:
         scaler.step(optimizer)
@@ -257,7 +272,3 @@ def dino_step(
 
     update_teacher(student, teacher, values.teacher_momentum)
     return out
-
-
-def _distributed() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized()

@@ -33,7 +33,7 @@ except ImportError:
 def _load_config(args):
     """``--config`` (default ``local``), or with ``--run-id`` and no ``--config`` the run's logged config."""
     from pipeline.config import load_config
-    from pipeline.weights.teacher_source import run_config
+    from pipeline.weights import run_config
     from pipeline.tracking import resolve_tracking_uri
 
     cfg = load_config(args.config or "local", args.overrides)
@@ -66,14 +66,12 @@ def main(argv: list[str] | None = None) -> int:
     _cli.setup_logging()
     _cli.quiet_libraries()
 
-    from pipeline.weights.checkpoint import load_teacher
-    from pipeline.eval.faiss_index import MANIFEST_FILE
-    from pipeline.eval.knn import KnnRequest, evaluate_teacher, require_labels
-    from pipeline.driver.pretrain import check_ray_address, ensure_data, init_ray
+    from pipeline.cluster import check_ray_address, init_ray
+    from pipeline.data import ensure_counted, ensure_data, knn_protocol, resolve_source, validation_source
     from pipeline.errors import DataError
-    from pipeline.data.sources import ensure_counted, knn_protocol, resolve_source, validation_source
-    from pipeline.weights.teacher_source import require_teacher, teacher_from_run
+    from pipeline.eval import MANIFEST_FILE, KnnRequest, evaluate_teacher, require_labels
     from pipeline.tracking import resolve_tracking_uri
+    from pipeline.weights import load_teacher, require_teacher, teacher_from_run
 
     try:  # every input problem surfaces here, before Ray starts
         cfg, note = _load_config(args)

@@ -64,14 +64,19 @@ def main(argv: list[str] | None = None) -> int:
     _cli.setup_logging()
     _cli.quiet_libraries()
 
-    from pipeline.weights.checkpoint import load_teacher
-    from pipeline.eval.knn import require_labels
-    from pipeline.eval.linear_probe import PROBE_NEEDS, ProbeRequest, ProbeSettings, classifier_files, feature_layout, run_probe
-    from pipeline.driver.pretrain import ensure_data
-    from pipeline.data.shards import members_from_config
+    from pipeline.data import ensure_data, members_from_config
     from pipeline.errors import DataError
-    from pipeline.weights.teacher_source import require_teacher, teacher_from_run
+    from pipeline.eval import (
+        PROBE_NEEDS,
+        ProbeRequest,
+        ProbeSettings,
+        classifier_files,
+        feature_layout,
+        require_labels,
+        run_probe,
+    )
     from pipeline.tracking import resolve_tracking_uri
+    from pipeline.weights import load_teacher, require_teacher, teacher_from_run
 
     try:
         import build_knn_index as knn_job
@@ -120,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _report(req, settings, res: dict) -> None:
-    from pipeline.eval.linear_probe import scaled_lr
+    from pipeline.eval import scaled_lr
 
     print(f"linear probe ({settings.mode}) on {res['val']} ({res['n_val']} images), trained on {res['train']} "
           f"({res['n_train']} images), {res['num_classes']} classes, features {res['feature_dim']}-d, "

@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     _cli.quiet_libraries()
 
     from pipeline.config import load_config
-    from pipeline.driver.pretrain import prepare, pretrain
+    from pipeline.driver import prepare, pretrain
     from pipeline.errors import ClusterError, DataError
 
     try:  # every input problem surfaces here, before Ray starts
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _skipped_summary(stats: dict, max_crashes: int) -> str:
-    from pipeline.data.sample_stats import REASONS
+    from pipeline.data import REASONS
 
     reasons = ", ".join(f"{r}={n}" for r, n in sorted(stats.get("reasons", {}).items()) if r in REASONS and n)
     poison = [f"{key} of {shard} ({n} worker deaths)" for shard, key, n in stats.get("crashes", []) if n >= max_crashes]
@@ -89,8 +89,8 @@ def _describe_data(p) -> None:
 
 
 def _knn(cfg, prepared, result) -> None:
-    from pipeline.eval.knn import KnnRequest, evaluate_teacher
-    from pipeline.data.sources import knn_protocol
+    from pipeline.data import knn_protocol
+    from pipeline.eval import KnnRequest, evaluate_teacher
 
     protocol, note = knn_protocol(prepared.train, prepared.val)
     print(note)
@@ -109,14 +109,14 @@ def _knn(cfg, prepared, result) -> None:
         print(f"index of {knn['n_db']:,} images: {knn['index_dir']}; MLflow k-NN run {knn['mlflow_run_id']} "
               f"(child of {result.run_id})")
         return
-    from pipeline.driver.summary import comparison_lines
+    from pipeline.driver import comparison_lines
 
     rows = knn if result.start_knn is None else {**knn, "start": result.start_knn}  # its own row of the table
     for line in comparison_lines(rows, result.metrics.get("attention_jaccard"), k=cfg.knn.k,
                                  temperature=cfg.knn.temperature, split=prepared.val.split or prepared.val.describe()):
         print(line)
     if result.start_knn is not None:
-        from pipeline.driver.pretrain import compare_with_start
+        from pipeline.eval import compare_with_start
 
         start = result.start_knn
         print(f"  starting weights: {cfg.model.init_from}")

@@ -45,54 +45,64 @@ def main(argv: list[str] | None = None) -> int:
     if args.k < 1 or args.thumb < 16:
         parser.error("-k must be >= 1 and --thumb >= 16")
 
-    from pipeline.eval import contact_sheet as cs
-    from pipeline.eval import query as kq
-    from pipeline.eval.faiss_index import load_index_dir
+    from pipeline.eval import (
+        QueryResult,
+        Tile,
+        embed_files,
+        find_teacher,
+        load_index_dir,
+        load_query_model,
+        lookup_keys,
+        neighbours,
+        read_images,
+        render_sheet,
+        thumbnail,
+    )
 
     try:
         folder = load_index_dir(args.index)
         m = folder.manifest
         results, tiles_src, feats = [], [], []
         if args.key:  # stored features: no teacher needed
-            rows = kq.lookup_keys(folder, args.key)
+            rows = lookup_keys(folder, args.key)
             feats.append(rows.features)
             for key, label, shard in zip(rows.keys, rows.labels, rows.shards):
-                results.append(kq.QueryResult(str(key), "key", int(label)))
+                results.append(QueryResult(str(key), "key", int(label)))
                 tiles_src.append(("shard", (str(shard), str(key))))
         if args.images:
-            teacher = kq.find_teacher(folder, args.teacher)
-            model, _ = kq.load_query_model(folder, teacher)
-            f, views = kq.embed_files(args.images, model, m.image_size)
+            teacher = find_teacher(folder, args.teacher)
+            model, _ = load_query_model(folder, teacher)
+            f, views = embed_files(args.images, model, m.image_size)
             feats.append(f)
             for path, view in zip(args.images, views):
-                results.append(kq.QueryResult(str(path), "file", None))
+                results.append(QueryResult(str(path), "file", None))
                 tiles_src.append(("view", view))
         import numpy as np
 
-        hits = kq.neighbours(folder, np.concatenate(feats), args.k)
+        hits = neighbours(folder, np.concatenate(feats), args.k)
     except (ValueError, FileNotFoundError) as e:
         return _cli.fail(str(e))
 
     for r, h in zip(results, hits):
         r.neighbours = h
     wanted = [(n.shard, n.key) for h in hits for n in h] + [src for kind, src in tiles_src if kind == "shard"]
-    images = kq.read_images(wanted)
+    images = read_images(wanted)
     rows = []
     for r, (kind, src) in zip(results, tiles_src):
-        qimg = kq.thumbnail(images.get(src), args.thumb) if kind == "shard" else src
+        qimg = thumbnail(images.get(src), args.thumb) if kind == "shard" else src
         qname = f"{r.label} {m.classes[r.label]}" if r.label is not None and m.classes and 0 <= r.label < len(m.classes) else ("" if r.label is None else str(r.label))
-        row = [cs.Tile(qimg, ["query " + qname, Path(r.query).name if kind == "view" else r.query], "query")]
+        row = [Tile(qimg, ["query " + qname, Path(r.query).name if kind == "view" else r.query], "query")]
         for n in r.neighbours:
             frame = "unknown" if r.label is None or r.label < 0 else ("same" if n.label == r.label else "other")
             label = n.label_name or str(n.label)
-            row.append(cs.Tile(kq.thumbnail(images.get((n.shard, n.key)), args.thumb), [f"#{n.rank} {n.score:.3f} {label}", n.key], frame))
+            row.append(Tile(thumbnail(images.get((n.shard, n.key)), args.thumb), [f"#{n.rank} {n.score:.3f} {label}", n.key], frame))
         rows.append(row)
 
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     doc = {"index": str(folder.path), "k": args.k, "arch": m.arch, "run_id": m.run_id, "results": [r.to_dict() for r in results]}
     (out / JSON_FILE).write_text(json.dumps(doc, indent=2))
-    cs.render(rows, args.thumb).save(out / SHEET_FILE)
+    render_sheet(rows, args.thumb).save(out / SHEET_FILE)
 
     for r in results:
         print(f"{r.query}:")

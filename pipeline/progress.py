@@ -162,7 +162,7 @@ def epoch_record(summary: dict[str, Any], *, planned_epochs: int, global_batch_s
     """What rank 0 sends the driver at an epoch end (plain numbers; it crosses Ray).
 
     Args:
-        summary: :meth:`pipeline.train.loop.DinoRunner.train_epoch`'s summary (epoch, steps, mean_loss,
+        summary: :meth:`pipeline.train.runner.DinoRunner.train_epoch`'s summary (epoch, steps, mean_loss,
             epoch_time_s, data_wait_s).
         planned_epochs: the run's length now (``optim.epochs``, or what the time budget fitted).
         global_batch_size: images per step over all workers.

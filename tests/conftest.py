@@ -28,16 +28,23 @@ def free_port() -> int:
 
 @pytest.fixture(scope="session")
 def load_benchmark():
-    """A function ``name -> module`` loading ``benchmarks/<name>.py`` once per session (the benchmarks are
-    scripts, not a package), registered in ``sys.modules`` as ``benchmark_<name>`` while the session lasts
-    (dataclasses and pickling by value look their module up there)."""
+    """A function ``"<group>/<name>" -> module`` loading ``benchmarks/<group>/<name>.py`` once per session (e.g.
+    ``load_benchmark("data/augment")``; the benchmarks are scripts, not a package), registered in ``sys.modules``
+    as ``benchmark_<group>_<name>`` while the session lasts (dataclasses and pickling by value look their module
+    up there)."""
     import importlib.util
 
     loaded: dict[str, object] = {}
 
+    def module_name(name: str) -> str:
+        return "benchmark_" + name.replace("/", "_")
+
     def load(name: str):
         if name not in loaded:
-            spec = importlib.util.spec_from_file_location(f"benchmark_{name}", REPO / "benchmarks" / f"{name}.py")
+            path = REPO / "benchmarks" / f"{name}.py"
+            if not path.is_file():
+                raise FileNotFoundError(f"no benchmark {path} (name it as '<group>/<name>', e.g. 'data/augment')")
+            spec = importlib.util.spec_from_file_location(module_name(name), path)
             mod = importlib.util.module_from_spec(spec)
             sys.modules[spec.name] = mod
             spec.loader.exec_module(mod)
@@ -46,7 +53,7 @@ def load_benchmark():
 
     yield load
     for name in loaded:
-        sys.modules.pop(f"benchmark_{name}", None)
+        sys.modules.pop(module_name(name), None)
 
 
 @pytest.fixture(scope="session")

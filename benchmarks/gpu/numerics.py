@@ -1,6 +1,6 @@
 """One short DINO run from the same weights and the same crops in fp32, TF32, bf16 and fp16 + GradScaler.
 
-    python benchmarks/gpu/numerics.py --json out/numerics.json          # ViT-S/16, 2x224 + 10x96, batch 64, 50 steps
+    python benchmarks/gpu/numerics.py --json out/numerics.json      # ViT-S/16, 2x224 + 10x96, batch 64, 50 steps
     python benchmarks/gpu/numerics.py --device cpu --arch vit_tiny_patch16_224 \\
         --model-kwargs '{"depth": 2, "patch_size": 8, "embed_dim": 48, "num_heads": 3}' \\
         --global-size 32 --local-size 16 --n-local 2 --batch 4 --out-dim 64 --steps 5
@@ -50,13 +50,13 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from benchmarks.train_step import (  # noqa: E402
+from benchmarks.training.train_step import (  # noqa: E402
     BenchConfig, build_models, publish, resolve_device, schedules_for, set_fused_attn,
 )
 from dino.crops import crops_to_input  # noqa: E402
 from dino.loss import DINOLoss  # noqa: E402
 from dino.optim import build_optimizer  # noqa: E402
-from dino.train_step import dino_step, precision_settings  # noqa: E402
+from dino.train_step import StepOptions, dino_step, precision_settings  # noqa: E402
 
 PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
 STEP0_RTOL, STEP_RTOL, CENTRE_COS, FEATURE_COS = 0.002, 0.01, 0.999, 0.99
@@ -105,8 +105,16 @@ def run_precision(name: str, cfg: BenchConfig, device: torch.device, eval_input:
         g_u8, l_u8 = step_crops(cfg, i, device)
         g = crops_to_input(g_u8, device, channels_last=channels_last)
         loc = crops_to_input(l_u8, device, channels_last=channels_last) if l_u8 is not None else None
-        out = dino_step(student, teacher, loss_fn, optimizer, g, loc, schedules.at(i), clip_grad=CLIP_GRAD,
-                        freeze_last_layer=False, autocast_dtype=autocast_dtype, scaler=scaler)
+        out = dino_step(
+                        student,
+                        teacher,
+                        loss_fn,
+                        optimizer,
+                        g,
+                        loc,
+                        schedules.at(i),
+                        StepOptions(clip_grad=CLIP_GRAD, freeze_last_layer=False, autocast_dtype=autocast_dtype, scaler=scaler),
+                    )
         losses.append(out["loss"].float())
         norms.append(out["grad_norm"].float())
         if scaler is not None:

@@ -11,7 +11,7 @@
 # from an earlier call's unpack on the same machine). LIMIT: seconds per probe.
 set -u
 cd "$(dirname "$0")/../.."
-OUT=${OUT:-outputs/gpu_probes}
+OUT=${OUT:-outputs/gpu/probes}
 DATA=${DATA:?DATA must name a webdataset root with train and val splits}
 LIMIT=${LIMIT:-420}
 PY=${PY:-python3}

@@ -3,21 +3,21 @@
 # cores x the single-core rate, then the real pretraining job (jobs/pretrain.py) with its training worker on
 # the GPU, checkpoints, export and the k-NN evaluation embedding on the GPU. Logs and JSON under $OUT.
 #
-#   OUT=/tmp/gpu_ray bash benchmarks/gpu/ray.sh             # python3 holds torch + timm; Ray etc. staged
+#   OUT=/tmp/gpu-ray bash benchmarks/gpu/ray.sh             # python3 holds torch + timm; Ray etc. staged
 #
 # Ray, pydantic, webdataset, braceexpand, MLflow and faiss come from .stage/ (tools/gpu-stage/stage.sh) when
 # python3 lacks them. Data: the synthetic shapes set at 224 px, generated here (GEN_TRAIN / GEN_VAL images).
 # Expected ~4-5 min on a 16-core H200 machine: staging ~20 s, data ~40 s, the stage ~1.5 min, the job ~2 min.
 set -u
 cd "$(dirname "$0")/../.."
-OUT=${OUT:-outputs/gpu_ray}
+OUT=${OUT:-outputs/gpu/ray}
 PY=${PY:-python3}
 GEN_TRAIN=${GEN_TRAIN:-2560}
 GEN_VAL=${GEN_VAL:-512}
-WORK=${WORK:-/tmp/gpu_ray}
+WORK=${WORK:-/tmp/gpu-ray}
 PIPELINE_ARGS=${PIPELINE_ARGS:---passes 8 --warmup 4000 --limit 12000 --single-limit 1500}
 JOB_ARGS=${JOB_ARGS:-}  # more key=value overrides of the job (the last one of a key wins)
-LOG="$OUT/gpu_ray.log"
+LOG="$OUT/ray.log"
 mkdir -p "$OUT" "$WORK"
 export PYTHONUNBUFFERED=1 RAY_DATA_DISABLE_PROGRESS_BARS=1
 CORES=$(nproc)

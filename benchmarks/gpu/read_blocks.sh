@@ -11,8 +11,8 @@
 # (ray.read_block_rows), `pipeline_throughput.py --set ray.read_block_rows=N` compares sizes without this patch.
 set -u
 cd "$(dirname "$0")/../.."
-OUT=${OUT:-outputs/read_blocks}
-WORK=${WORK:-/tmp/gpu_ray}
+OUT=${OUT:-outputs/gpu/read_blocks}
+WORK=${WORK:-/tmp/gpu-ray}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 RAY_DATA_DISABLE_PROGRESS_BARS=1
 if ! python3 -c "import ray, pydantic, webdataset, braceexpand" 2>/dev/null; then

@@ -1,6 +1,6 @@
 """Where one DINO training step's GPU time goes, and how MFU grows with the batch (eager, our step).
 
-    python benchmarks/gpu/step_profile.py --json out/profile.json               # ViT-S/16, batches 64,128,256
+    python benchmarks/gpu/step_profile.py --json out/profile.json      # ViT-S/16, batches 64,128,256
     python benchmarks/gpu/step_profile.py --device cpu --arch vit_tiny_patch16_224 \\
         --model-kwargs '{"depth": 2, "patch_size": 8, "embed_dim": 48, "num_heads": 3}' \\
         --global-size 32 --local-size 16 --n-local 2 --batches 4,8 --out-dim 64
@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from benchmarks.train_step import (  # noqa: E402
+from benchmarks.training.train_step import (  # noqa: E402
     BenchConfig, build_ours, count_step_flops, peak_tflops, publish, resolve_device, synchronize, synthetic_crops,
 )
 
@@ -57,7 +57,8 @@ def kind_of(name: str) -> str:
 
 
 def warmed_up(cfg: BenchConfig, device: torch.device):
-    """Our step (benchmarks/training/train_step.py's ``build_ours``) on synthetic crops, after ``cfg.warmup`` steps."""
+    """Our step (benchmarks/training/train_step.py's ``build_ours``) on synthetic crops, after ``cfg.warmup``
+    steps."""
     variant = build_ours(cfg, device, synthetic_crops(cfg, device))
     for i in range(cfg.warmup):
         variant.step(i)

@@ -17,7 +17,7 @@ set -u
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-outputs/train_step}
 PY=${PY:-python3}
-LOG="$OUT/gpu_train_step.log"
+LOG="$OUT/train_step.log"
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 

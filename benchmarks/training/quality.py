@@ -1,42 +1,43 @@
 """Feature quality after a fixed CPU budget: DINO's teacher against raw pixels and random initialisation.
 
-    python benchmarks/training/quality.py                                  # Imagenette shards, imagenette preset, 30 min
-    python benchmarks/training/quality.py --minutes 10 --data DIR          # any webdataset root with train/val splits
-    python benchmarks/training/quality.py --epochs 12 model.out_dim=2048   # fixed epochs; key=value overrides the preset
-    python benchmarks/training/quality.py --also-at 224                    # also evaluate all three at 224 px views
-    python benchmarks/training/quality.py --pixels-only --data DIR         # the raw-pixel baseline only (minutes at 100k images)
-    python benchmarks/training/quality.py --minutes 120 --curve 15,30,60   # + the teacher at 15/30/60 min of the same run
+    python benchmarks/training/quality.py                                 # Imagenette shards, imagenette preset, 30 min
+    python benchmarks/training/quality.py --minutes 10 --data DIR         # any webdataset root with train/val splits
+    python benchmarks/training/quality.py --epochs 12 model.out_dim=2048  # fixed epochs; key=value overrides the preset
+    python benchmarks/training/quality.py --also-at 224                   # also evaluate all three at 224 px views
+    python benchmarks/training/quality.py --pixels-only --data DIR        # raw pixels only (minutes at 100k images)
+    python benchmarks/training/quality.py --minutes 120 --curve 15,30,60  # + the teacher at 15/30/60 min of the run
 
 Weighted k-NN (the paper's protocol: k=20, T=0.07, exp(sim/T) votes; database = train split, queries =
 val split) of three features of the same evaluation view (resize + centre crop to the preset's global
 crop size, :mod:`dino.eval_view`):
 
 * (a) **raw pixels**: the view as the backbone receives it (ImageNet mean/std normalisation) area-averaged
-  to at most 32 px (``--pixel-side``; the k-NN job's own baseline, ``pipeline.eval.embed.RawPixels``: 3,072
-  values per image, which on Imagenette scores higher than the full view), flattened and L2-normalised
+  to at most 32 px (``--pixel-side``; the k-NN job's own raw-pixel baseline: 3,072 values per image,
+  which on Imagenette scores higher than the full view), flattened and L2-normalised
   (cosine similarity); the plain uint8 values, a weaker baseline, are printed too. Views are streamed
   (decoded a table at a time, averaged, dropped): memory ``(N + M) x 3,072`` float32 for N database and M
   query images (1.26 GiB at 100k + 10k), and each variant is one exact search of ``max(ks)`` neighbours
   that votes every k;
 * (b) **random init**: the preset's backbone at its initialisation (the seed the run starts from);
 * (c) **DINO teacher** after pretraining with the preset through the real pipeline
-  (:func:`pipeline.driver.pretrain.pretrain`: a local Ray cluster, Ray Data augmentation actors, a Ray Train
+  (:func:`pipeline.driver.run`: a local Ray cluster, Ray Data augmentation actors, a Ray Train
   worker, MLflow tracking, checkpoints, export), for as many epochs as fit the budget.
 
 The budget is wall-clock time of the whole pretraining call on this machine (Ray start, workers,
 training, checkpoints, export, model registration). Unless ``--epochs`` is given, the run gets it as
-``optim.time_budget_minutes`` (:mod:`pipeline.train.budget`): from the end of its warm-up epoch on, every epoch
-end measures its own pace in the pipeline and fits the number of epochs to the time left, the schedules
-resampled onto that length. A calibration first (not counted: a few DINO steps of the preset's model
-timed in this process with the worker's thread count) gives the estimate ``(budget - overhead) / (steps per epoch x step time x
-slowdown)``, printed, and the cap on epochs (twice the estimate). The epochs trained and the pretraining
-time actually spent are printed next to the budget.
+``optim.time_budget_minutes`` (the training loop's wall-clock budget): from the end of its warm-up epoch on,
+every epoch end measures its own pace in the pipeline and fits the number of epochs to the time left, the
+schedules resampled onto that length. A calibration first (not counted: a few DINO steps of the preset's
+model timed in this process with the worker's thread count) gives the estimate
+``(budget - overhead) / (steps per epoch x step time x slowdown)``, printed, and the cap on epochs (twice
+the estimate). The epochs trained and the pretraining time actually spent are printed next to the budget.
 
 With ``--curve 15,30,60`` the run also logs its teacher at the first epoch end past each of those minutes
-(``optim.teacher_snapshot_minutes``, :mod:`pipeline.train.snapshots`); after the run each snapshot is evaluated
-like (c), giving k-NN top-1 against wall-clock minutes from one run (``benchmarks/training/plot_curves.py`` draws it).
+(``optim.teacher_snapshot_minutes``; read back with :func:`pipeline.train.download_snapshots`); after the run
+each snapshot is evaluated like (c), giving k-NN top-1 against wall-clock minutes from one run
+(``benchmarks/training/plot_curves.py`` draws it).
 
-(b) and (c) are embedded by the k-NN job's own code (:func:`pipeline.eval.knn.evaluate_teacher`, in
+(b) and (c) are embedded by the k-NN job's own code (:func:`pipeline.eval.evaluate_teacher`, in
 this process), which also writes the index and logs a k-NN MLflow run linked to the pretraining run.
 The figures are logged as ``quality_*`` metrics of the pretraining run and written as JSON.
 """
@@ -58,7 +59,7 @@ DEFAULT_DATA = REPO.parent / "shared" / "data" / "imagenette2-224"
 
 log = logging.getLogger("quality")
 
-PIXEL_SIDE = 32  # raw pixels are area-averaged to at most this side (pipeline.eval.embed.RAW_PIXELS_SIDE: 3,072 values)
+PIXEL_SIDE = 32  # raw pixels are area-averaged to at most this side (the k-NN job's baseline: 3,072 values)
 SEARCH_ROWS = 4096  # database rows per similarity block of the pixel search
 QUERY_ROWS = 1024  # query rows per similarity block: a block is QUERY_ROWS x SEARCH_ROWS float32 (16 MiB)
 EVERY_S = 10.0  # seconds before the first progress line (pipeline.progress.Progress)
@@ -74,10 +75,9 @@ def decoded_views(paths: list[str], image_size: int, total: int | None = None, l
     (of ``total`` images) shown as ``label``."""
     import numpy as np
 
-    from pipeline.eval.embed import decode_views
+    from pipeline.data import filesystem_for, read_shard_tables
+    from pipeline.eval import decode_views
     from pipeline.progress import track
-    from pipeline.data.storage import filesystem_for
-    from pipeline.data.tar_reader import read_shard_tables
 
     views, labels, shards = [], [], []
     tables = read_shard_tables({"path": paths}, filesystem_for(paths), rows_per_table=256)
@@ -93,14 +93,14 @@ def pooled_pixels(tables, image_size: int, side: int, total: int | None = None, 
                   decode=None):
     """Raw-pixel features of every decodable image of an iterator of shard tables, streamed.
 
-    Each table (:func:`pipeline.data.tar_reader.read_shard_tables` rows) is decoded to its ``(B, S, S, 3)`` uint8
-    evaluation views (``decode``, default :func:`pipeline.eval.embed.decode_views`), area-averaged to
+    Each table (:func:`pipeline.data.read_shard_tables` rows) is decoded to its ``(B, S, S, 3)`` uint8
+    evaluation views (``decode``, default :func:`pipeline.eval.decode_views`), area-averaged to
     ``min(side, S)`` px (``side`` <= 0: the full view) and dropped: only the averages are kept, so memory is
     ``N x 3 s^2`` float32 however large the views (100k images at s = 32: 1.2 GB), plus one table's views.
 
     Returns ``(pixels, labels)``: ``(N, 3 s^2)`` float32 channel-first averages of the uint8 values (0-255),
     ``(N,)`` int64. Normalising after averaging equals averaging the normalised input (a per-channel affine
-    map), so :func:`pixel_features` of these is the k-NN job's baseline (``pipeline.eval.embed.RawPixels``).
+    map), so :func:`pixel_features` of these is the k-NN job's raw-pixel baseline.
     """
     import numpy as np
     import torch
@@ -108,7 +108,7 @@ def pooled_pixels(tables, image_size: int, side: int, total: int | None = None, 
     from pipeline.progress import track
 
     if decode is None:
-        from pipeline.eval.embed import decode_views as decode
+        from pipeline.eval import decode_views as decode
     s = image_size if side <= 0 else min(side, image_size)
     dim = 3 * s * s
     pixels = np.empty((total or 1024, dim), np.float32)  # grown (x1.5) only if ``total`` is short or unknown
@@ -199,8 +199,7 @@ def raw_pixels_accuracy(train, val, image_size: int, ks: list[int], temperature:
     import torch
 
     from dino.knn import knn_accuracy, vote_for_each_k
-    from pipeline.data.storage import filesystem_for
-    from pipeline.data.tar_reader import read_shard_tables
+    from pipeline.data import filesystem_for, read_shard_tables
 
     def stream(split):
         tables = read_shard_tables({"path": split.paths}, filesystem_for(split.paths), rows_per_table=256)
@@ -224,7 +223,7 @@ def calibrate_step_s(cfg, steps: int = 8, warmup: int = 3) -> float:
 
     import torch
 
-    from pipeline.train.loop import DinoRunner, LoopPlan
+    from pipeline.train import DinoRunner, LoopPlan
 
     threads = cfg.ray.torch_threads or max(1, int(cfg.ray.cpus_per_worker))
     before = torch.get_num_threads()
@@ -267,9 +266,8 @@ def three_way(raw_all: dict, knn: dict, k: int) -> dict:
 def learning_curve(cfg, prepared, result, knn: dict, k: int, out: Path, epochs: int, pretrain_s: float) -> list[dict]:
     """The run's teacher snapshots (``optim.teacher_snapshot_minutes``), each evaluated like the final teacher,
     then the final teacher itself: ``[{"mark_min", "elapsed_min", "epoch", "top1", "by_k"}, ...]`` by time."""
-    from pipeline.eval.embed import embed_in_process
-    from pipeline.eval.knn import KnnRequest, evaluate_teacher
-    from pipeline.train.snapshots import download_snapshots
+    from pipeline.eval import KnnRequest, embed_in_process, evaluate_teacher
+    from pipeline.train import download_snapshots
 
     points = []
     for meta, folder in download_snapshots(result.tracking_uri, result.run_id, out / prepared.run_name / "snapshots"):
@@ -320,10 +318,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     from pipeline.config import load_config
-    from pipeline.eval.embed import embed_in_process
-    from pipeline.eval.knn import KnnRequest, evaluate_teacher
-    from pipeline.driver.pretrain import prepare, pretrain
-    from pipeline.data.storage import resolve_split
+    from pipeline.data import resolve_split
+    from pipeline.eval import KnnRequest, embed_in_process, evaluate_teacher
     from pipeline.tracking import metric_name
 
     out = Path(args.out).absolute()
@@ -357,6 +353,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"raw pixels, {size} px views averaged to {side} px, {val.count} '{val.split}' queries against "
               f"{train.count} '{train.split}' images: top-1 by k {raw} (uint8 values: {raw_all['uint8']}); {raw_s:.0f} s")
         return 0
+
+    from pipeline.driver import prepare, pretrain  # the pretraining run: not needed by --pixels-only
 
     spe = train.count // (cfg.optim.batch_size_per_worker * cfg.ray.num_workers)
     budget_s = args.minutes * 60

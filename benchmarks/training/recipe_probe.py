@@ -6,7 +6,7 @@
 The question a recipe change must answer is "more k-NN accuracy after the same number of epochs?";
 ``quality.py`` answers a different one (after a wall-clock budget, through the whole pipeline) and takes
 ~40 minutes a run on 2 cores, all of them. This probe trains the preset's student/teacher with the
-production runner (:class:`pipeline.train.loop.DinoRunner`: same schedules, loss, optimizer, EMA) and the
+production runner (:class:`pipeline.train.DinoRunner`: same schedules, loss, optimizer, EMA) and the
 production multi-crop mapper, on one thread by default, so two probes run side by side on a 2-core machine
 (~2.4 min per Imagenette epoch each). It evaluates the teacher's backbone with the paper's weighted k-NN
 (T = 0.07) on the preset's evaluation views (``knn.image_size``) at the end and at ``--eval-at`` epochs
@@ -31,7 +31,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # quality.py, beside this file
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "imagenette2-224"
 
 
@@ -41,8 +41,7 @@ def say(text: str) -> None:
 
 def train_rows(paths: list[str]) -> list[dict[str, Any]]:
     """Every sample of ``paths`` as a raw row (``__key__``, ``image``, ``cls``; bytes as stored)."""
-    from pipeline.data.storage import filesystem_for
-    from pipeline.data.tar_reader import read_shard_tables
+    from pipeline.data import filesystem_for, read_shard_tables
 
     rows = []
     for table in read_shard_tables({"path": paths}, filesystem_for(paths), rows_per_table=256):
@@ -55,7 +54,7 @@ def eval_views(root: str, train_split: str, val_split: str, image_size: int, cac
     """``(train views, train labels, val views, val labels)`` as numpy arrays, from ``cache`` when there."""
     import numpy as np
 
-    from pipeline.data.shards import load_split
+    from pipeline.data import load_split
     from quality import decoded_views
 
     path = None
@@ -104,7 +103,7 @@ def _pool_init(spec, seed: int, counter) -> None:
     global _MAPPER
     import torch
 
-    from pipeline.data.stage import MultiCropMapper
+    from pipeline.data import MultiCropMapper
 
     torch.set_num_threads(1)
     with counter.get_lock():
@@ -154,9 +153,8 @@ def probe(
     import numpy as np
     import torch
 
-    from pipeline.data.stage import MultiCropMapper, spec_from_config
-    from pipeline.data.shards import load_split
-    from pipeline.train.loop import DinoRunner, LoopPlan
+    from pipeline.data import MultiCropMapper, load_split, spec_from_config
+    from pipeline.train import DinoRunner, LoopPlan
 
     global _ROWS
     torch.set_num_threads(threads)

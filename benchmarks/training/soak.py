@@ -1,6 +1,6 @@
 """Soak and memory benchmark: many streaming epochs on local Ray, memory sampled all along.
 
-Runs real pretraining (``pipeline.driver.pretrain.prepare`` + ``pretrain``: Ray Data shard reads, the
+Runs real pretraining (``pipeline.driver.plan`` + ``pretrain``: Ray Data shard reads, the
 multi-crop actor pool, a ``TorchTrainer`` worker, MLflow to a SQLite store) over a small synthetic
 dataset for many epochs on CPU, and every ``--every`` seconds samples, from ``/proc`` via psutil, among
 the processes of this driver's own local cluster (descendants of this process):
@@ -27,7 +27,7 @@ Modes (see :data:`MODES`): ``balanced`` (48 short epochs of the tiny smoke ViT: 
 crops larger than the whole object store: Ray Data's backpressure must hold the actor back, or the store
 fills and spills).
 
-    nice -n 10 .venv/bin/python benchmarks/training/soak.py                      # both modes, ~5 min on 2 cores
+    nice -n 10 .venv/bin/python benchmarks/training/soak.py             # both modes, ~5 min on 2 cores
     nice -n 10 .venv/bin/python benchmarks/training/soak.py --modes slow-trainer --epochs 8 --json out.json
 """
 
@@ -240,8 +240,8 @@ def verdict(rows: list[dict], warmup: int, bound_mib: float, capacity_mib: float
 
 def run_mode(mode: str, args, work: Path) -> dict:
     from pipeline.config import load_config
-    from pipeline.data.stage import crop_bytes, spec_from_config
-    from pipeline.driver.pretrain import prepare, pretrain
+    from pipeline.data import crop_bytes, spec_from_config
+    from pipeline.driver import prepare, pretrain
 
     m = MODES[mode]
     out = work / mode

@@ -30,13 +30,13 @@ device); the optimizer and EMA are element-wise and count zero. The peak is look
 card's name (H100 SXM / H200: 989.4 TFLOP/s dense bf16) or given with ``--peak-tflops``; on CPU
 MFU is n/a unless ``--peak-tflops`` is given.
 
-    python benchmarks/training/train_step.py                                  # ViT-S/16, 2x224 + 10x96, batch 64, both
+    python benchmarks/training/train_step.py                         # ViT-S/16, 2x224 + 10x96, batch 64, both
     python benchmarks/training/train_step.py --compile --json out/vit_s.json
     python benchmarks/training/train_step.py --arch vit_base_patch16_224 --which ours --compile
     python benchmarks/training/train_step.py --device cpu --arch vit_tiny_patch16_224 \\
         --model-kwargs '{"depth": 2, "patch_size": 8, "embed_dim": 48, "num_heads": 3}' \\
         --global-size 32 --local-size 16 --n-local 2 --batch 4 --out-dim 64 --steps 5 --warmup 2
-    OUT=outputs/train_step bash benchmarks/gpu/train_step.sh         # issue 7's GPU runs, one go
+    OUT=outputs/train_step bash benchmarks/gpu/train_step.sh         # the GPU runs, one go
 
 Peak memory: CUDA ``max_memory_allocated`` per variant; on CPU the process's peak RSS (which includes
 torch itself and whatever an earlier variant left to the allocator).
@@ -73,7 +73,7 @@ from dino.loss import DINOLoss
 from dino.multicrop import MultiCropWrapper
 from dino.optim import build_optimizer, param_groups, set_hyperparams
 from dino.schedules import Schedules, build_schedules
-from dino.train_step import build_student_teacher, dino_step, maybe_compile, precision_settings
+from dino.train_step import StepOptions, build_student_teacher, dino_step, maybe_compile, precision_settings
 
 # Dense (no sparsity) bf16 tensor-core peaks from the vendor's datasheets, TFLOP/s; the first key
 # contained in torch.cuda.get_device_name() wins (so the PCIe / NVL parts are listed first).
@@ -224,8 +224,14 @@ def build_ours(cfg: BenchConfig, device: torch.device, crops: tuple[Tensor, Tens
         g = crops_to_input(global_u8, device, channels_last=channels_last)  # (2B, 3, G, G)
         loc = crops_to_input(local_u8, device, channels_last=channels_last) if cfg.n_local else None  # (NB, 3, L, L)
         out = dino_step(
-            student, teacher, loss_fn, optimizer, g, loc, schedules.at(i),
-            clip_grad=CLIP_GRAD, freeze_last_layer=False, autocast_dtype=autocast_dtype, scaler=scaler,
+            student,
+            teacher,
+            loss_fn,
+            optimizer,
+            g,
+            loc,
+            schedules.at(i),
+            StepOptions(clip_grad=CLIP_GRAD, freeze_last_layer=False, autocast_dtype=autocast_dtype, scaler=scaler),
         )
         return out["loss"]
 
@@ -560,7 +566,7 @@ def report(result: dict[str, Any]) -> str:
         if r.get("mfu_vs_measured_matmul") is not None:
             lines.append(f"{name}: MFU {100 * r['mfu_vs_measured_matmul']:.1f}% of the measured bf16 matmul rate")
     ours = result["variants"].get("ours")
-    if ours is not None and ours["mfu"] is not None:  # the issue's targets, one line
+    if ours is not None and ours["mfu"] is not None:  # the targets (>= 2.0x the reference, MFU >= 40 %), one line
         ratio = f"{result['speedup']:.2f}x the reference (target >= 2.0x)" if result["speedup"] else "no reference run"
         lines.append(f"SUMMARY train_step {cfg['arch']} compile={cfg['compile']}: {ours['images_per_s']:.0f} img/s, "
                      f"{ratio}, MFU {100 * ours['mfu']:.1f}% of {result['peak_tflops']:.0f} TFLOP/s (target >= 40%)")
@@ -582,7 +588,7 @@ def report(result: dict[str, Any]) -> str:
 
 def publish(result: dict[str, Any], text: str, json_out: str | None) -> dict[str, Any]:
     """Print a benchmark's report and write its result as JSON to ``json_out`` (if given); returns ``result``.
-    Shared by the GPU benchmarks built on this module (gpu_numerics.py, gpu_step_profile.py)."""
+    Shared by the GPU benchmarks built on this module (benchmarks/gpu/numerics.py, step_profile.py)."""
     print(text, flush=True)
     if json_out:
         Path(json_out).parent.mkdir(parents=True, exist_ok=True)

@@ -29,7 +29,7 @@ descendants), never ``ray stop``, which would kill every Ray on the machine.
 from __future__ import annotations
 
 import argparse
-import copy
+
 import json
 import os
 import signal

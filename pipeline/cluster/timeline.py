@@ -21,6 +21,7 @@ actors: ``augment`` = the multi-crop pool, ``train`` = Ray Train workers, ``embe
 from __future__ import annotations
 
 import csv
+import tempfile
 import logging
 import threading
 import time
@@ -163,3 +164,25 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
         ax.grid(alpha=0.3)
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def log_timeline(tracking_uri: str, run_id: str, timeline) -> list[str]:
+    """Stop ``timeline`` and log its CSV and PNG under ``cluster/`` of the run; returns the artifact paths.
+    A diagnostic: failures warn and never change the run's outcome."""
+    if timeline is None:
+        return []
+    rows = timeline.stop()
+    try:
+        with tempfile.TemporaryDirectory() as d:
+            files = timeline.write(Path(d))
+            from pipeline.tracking import mlflow_client
+
+            client = mlflow_client(tracking_uri)
+            for f in files:
+                client.log_artifact(run_id, str(f), artifact_path="cluster")
+    except Exception as e:  # noqa: BLE001
+        log.warning("could not log the cluster timeline (%d samples): %s", len(rows), e)
+        return []
+    log.info("cluster timeline: %d samples over %.0f s logged to the run as cluster/timeline.csv and .png",
+             len(rows), rows[-1]["t_s"] if rows else 0.0)
+    return [f"cluster/{f.name}" for f in files]

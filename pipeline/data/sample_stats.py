@@ -136,3 +136,12 @@ def metrics(stats: dict[str, Any]) -> dict[str, float]:
     out = {"data/seen": float(stats["seen"]), "data/skipped": float(skipped_total(stats))}
     out.update({f"data/{r}": float(n) for r, n in stats["reasons"].items()})
     return out
+
+
+def start_counter(name: str):
+    """The run's :class:`SampleCounter` actor, named ``name``, on this (the driver's) node: it must outlive any
+    worker node the autoscaler removes. Joins the actor of that name if it exists (a resumed run)."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    return SampleCounter.options(name=name, get_if_exists=True, scheduling_strategy=here).remote()

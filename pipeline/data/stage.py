@@ -32,6 +32,7 @@ import numpy as np
 import ray
 
 from dino.augment import MultiCropAugment, MultiCropSpec
+from pipeline.faults import crash_on_key
 from pipeline.config import AugmentConfig, Config
 from pipeline.data.sample_stats import BatchTally
 from pipeline.data.shards import DEFAULT_MEMBERS, Members
@@ -161,7 +162,7 @@ class MultiCropMapper:
             try:
                 if self.ledger is not None:
                     self.ledger.begin(url, key)
-                _test_crash_hook(key)
+                crash_on_key(key)  # a test hook (pipeline.faults): off unless its variable is set
                 self.augment.from_bytes(bytes(data), out=(globals_[n], locals_[n]))
             except Exception:  # corrupt / truncated / not an image / unsupported mode
                 tally.skip(url, key, "undecodable")
@@ -302,24 +303,6 @@ class _CounterRegistry:
     def take_inflight(self, actor_id: str) -> tuple[tuple[str, str] | None, list[tuple[str, str]]]:
         sample, batch = self._call("take_inflight", actor_id, default=(None, []))
         return (tuple(sample) if sample else None), batch
-
-
-CRASH_KEYS_ENV = "DINO_TEST_CRASH_KEYS"
-
-
-def _test_crash_hook(key: str) -> None:
-    """Test hook, off unless ``DINO_TEST_CRASH_KEYS=key,key,...`` is set: decoding one of those keys kills
-    the process with SIGSEGV, as a crashing decoder would (tests/cluster: the poison sample)."""
-    keys = os.environ.get(CRASH_KEYS_ENV)
-    if keys and key in keys.split(","):
-        import signal
-        import time
-
-        # A real segfault is synchronous: delivered to this thread, nothing after it runs. (os.kill would
-        # let another thread take the signal while this one went on to the next sample.)
-        signal.pthread_kill(threading.get_ident(), signal.SIGSEGV)
-        while True:
-            time.sleep(1)
 
 
 def _set_idle_policy(tid: int) -> None:
@@ -484,7 +467,7 @@ def one_block_per_batch(context, batch_bytes: int, buffer_blocks: int) -> None:
     shard's crops (hundreds of MB at 224 px) in one object, which backpressure cannot split, so a slow trainer
     and a small object store meant spilling. The buffer: Ray's default of 2 finished blocks per task makes
     an actor wait on the scheduler's loop after every second batch; measured on 2 cores with a synthetic
-    UDF of fixed cost (benchmarks/ray_data_overhead.py), 72 % of the ideal at 16 MB blocks and 32 % at tiny
+    UDF of fixed cost (benchmarks/data/ray_data_overhead.py), 72 % of the ideal at 16 MB blocks and 32 % at tiny
     ones; 8 gave the multi-crop stage 455-462 images/s against 398-444. Memory stays bounded: buffer x one
     batch per running task. The buffer is a private attribute of Ray Data's context (set when present).
     """

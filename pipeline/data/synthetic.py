@@ -266,3 +266,18 @@ def _shape_mask(name: str, size: int, cx: float, cy: float, r: float, angle: flo
         disc = _polygon_mask(size, [_regular(cx, cy, [r] * 48, 0)])
         return ImageChops.multiply(disc, _polygon_mask(size, [_rotated(cx, cy, angle, c) for c in cells]))
     raise ValueError(f"unknown shape {name!r}")
+
+
+def ensure_data(cfg) -> str:
+    """The dataset root: ``data.root`` of ``cfg`` (a :class:`~pipeline.config.Config`), or the synthetic demo
+    dataset (generated once under ``data.synthetic_dir``) when it is null."""
+    if cfg.data.root is not None:
+        return cfg.data.root
+    d = cfg.data
+    out = Path(d.synthetic_dir) / f"shapes-v{VERSION}-{d.synthetic_image_size}px-{d.synthetic_train}-{d.synthetic_val}-s{cfg.seed}"
+    if not (out / "index.json").is_file():
+        log.info("no data.root given: generating the synthetic shapes dataset in %s", out)
+        make_synthetic_dataset(
+            out, n_train=d.synthetic_train, n_val=d.synthetic_val, image_size=d.synthetic_image_size, seed=cfg.seed
+        )
+    return str(out.resolve())

@@ -21,6 +21,7 @@ Every problem is a :class:`~pipeline.config.ConfigError` (one line); nothing is 
 from __future__ import annotations
 
 import difflib
+import logging
 import os
 import sys
 from pathlib import Path
@@ -28,7 +29,9 @@ from typing import Any
 from urllib.parse import urlparse
 
 from pipeline.config import Config
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
 
 # MLflow's own tracking stores (mlflow.tracking._tracking_service.utils); plugins add theirs as entry points.
 TRACKING_SCHEMES = {"", "file", "http", "https", "sqlite", "postgresql", "mysql", "mssql", "databricks",
@@ -163,3 +166,47 @@ def check_local_cpus(cfg: Config, cpus: Any = None) -> None:
             f"ray.cpus_per_worker {r.cpus_per_worker:g} = {need:g} CPUs, more than the {cpus} of this machine "
             f"(a local Ray cluster: ray.address is null); lower them, or join a cluster with ray.address"
         )
+
+
+def check_writable(path: str, key: str) -> None:
+    """A local output folder must be writable: it, or the nearest folder above it that exists (nothing is
+    created here; object stores are checked by their first write)."""
+    import os
+
+    if "://" in path:
+        return
+    folder = Path(path).resolve()
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        raise DataError(f"{key} '{path}' is not writable ({folder} is a file)")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise DataError(f"{key} '{path}' is not writable (no write permission on {folder})")
+
+
+def check_tracking_uri(uri: str, cfg: Config) -> str:
+    """An HTTP tracking server must answer ``/health`` before anything starts.
+
+    Unreachable: a one-line error (``tracking.if_unreachable=fail``), or a warning and a local SQLite
+    store under ``output_dir`` (``=local``) whose runs can be imported later.
+    """
+    import urllib.request
+
+    if not uri.startswith(("http://", "https://")):
+        return uri
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5) as r:
+            if r.status == 200:
+                return uri
+            problem = f"HTTP {r.status}"
+    except OSError as e:
+        problem = str(getattr(e, "reason", e))
+    if cfg.tracking.if_unreachable == "local":
+        local = "sqlite:///" + str((Path(cfg.output_dir) / "mlflow-offline.db").resolve())
+        Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+        log.warning("MLflow server %s unreachable (%s): tracking to %s instead", uri, problem, local)
+        return local
+    raise DataError(
+        f"MLflow tracking server {uri} is not reachable ({problem}); start it, fix tracking.tracking_uri / "
+        f"MLFLOW_TRACKING_URI, or pass tracking.if_unreachable=local to track to a local store"
+    )

@@ -18,7 +18,7 @@ import io
 import json
 import logging
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -319,11 +319,9 @@ def evaluate_teacher(cfg, req: KnnRequest, teacher_dir: Path, *, random_baseline
 def _log_knn_run(cfg, req: KnnRequest, results: dict[str, Any], manifest: IndexManifest) -> str:
     """A run (child of the pretraining run when known) with params, metrics, tables and the index folder."""
     from mlflow.entities import Metric, Param
-    from mlflow.tracking import MlflowClient
+    from pipeline.tracking import mark_model_training, metric_name, mlflow_client, model_training_experiment
 
-    from pipeline.tracking import mark_model_training, metric_name, model_training_experiment
-
-    client = MlflowClient(req.tracking_uri)
+    client = mlflow_client(req.tracking_uri)
     tags = {"dino.kind": "knn"}
     if req.pretrain_run_id:
         parent = client.get_run(req.pretrain_run_id)

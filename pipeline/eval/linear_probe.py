@@ -561,12 +561,10 @@ class _ProbeTracker:
         if not req.tracking_uri:
             return cls()
         from mlflow.entities import Param
-        from mlflow.tracking import MlflowClient
-
-        from pipeline.tracking import redact
+        from pipeline.tracking import mlflow_client, redact
 
         try:
-            client = MlflowClient(req.tracking_uri)
+            client = mlflow_client(req.tracking_uri)
             tags, exp_id, parent = {"dino.kind": "linear"}, None, req.pretrain_run_id
             run_name = "linear"
             if parent:

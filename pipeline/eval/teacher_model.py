@@ -23,6 +23,7 @@ pillow, opencv, mlflow), with or without this repository installed. A process th
 from __future__ import annotations
 
 import io
+import json
 import logging
 import os
 import re
@@ -207,3 +208,54 @@ def log_teacher_model(tracking_uri: str, run_id: str, teacher_dir: str | Path):
                       "feature_dim": int(model.num_features), "embedding": "L2-normalised CLS feature"},
             tags={"timm_arch": meta["arch"], "image_size": str(meta["image_size"])},
         )
+
+
+def register_teacher(tracking_uri: str, run_id: str, teacher_dir: Path, name: str | None, run_name: str) -> str | None:
+    """Log the exported teacher as an MLflow model of the run and register that model.
+
+    The model (:mod:`pipeline.eval.teacher_model`: images in, L2-normalised CLS embeddings out) is what
+    ``mlflow.pyfunc.load_model("models:/<name>/<version>")`` loads; the safetensors + ``teacher.json``
+    export stays the run's ``teacher/`` artifact beside it (for timm, and for the k-NN jobs). ``name``:
+    the registered model's (``tracking.register_model``, ``auto`` resolved by the driver to
+    ``dino-<dataset>-<preset>``; None logs the model without registering it); tags carry the timm arch and
+    image size so a user can rebuild the backbone; ``run_name`` goes into the version's description.
+    Model-logging and registry errors warn; they never fail the run. Returns ``"name/version"`` or None.
+    """
+    from pipeline.tracking import mlflow_client
+    from pipeline.weights.checkpoint import TEACHER_WEIGHTS
+
+    client = mlflow_client(tracking_uri)
+    try:
+        info = log_teacher_model(tracking_uri, run_id, teacher_dir)
+    except Exception as e:  # noqa: BLE001
+        log.warning("could not log the teacher as an MLflow model (the teacher/ artifact is there): %s: %s",
+                    type(e).__name__, " ".join(str(e).split())[:500])
+        return None
+    if not name:
+        return None
+    meta = json.loads((teacher_dir / "teacher.json").read_text())
+    try:
+        try:
+            client.create_registered_model(name, description="DINO teacher backbones: images in, L2-normalised CLS "
+                                                             "embeddings out (mlflow.pyfunc); weights for timm in "
+                                                             "the run's teacher/ artifact")
+        except Exception as e:
+            if "RESOURCE_ALREADY_EXISTS" not in str(e) and "already exists" not in str(e):
+                raise
+        with tracking_uri_set(tracking_uri):  # the registry resolves the models:/ source through the global URI
+            version = client.create_model_version(
+                name,
+                source=info.model_uri,
+                run_id=run_id,
+                model_id=info.model_id,
+                tags={"timm_arch": meta["arch"], "image_size": str(meta["image_size"]),
+                      "global_step": str(meta.get("global_step")), "format": "pyfunc",
+                      "timm_weights": f"runs:/{run_id}/teacher/{TEACHER_WEIGHTS}"},
+                description=f"{meta['arch']} teacher of run {run_name} at step {meta.get('global_step')}",
+            )
+    except Exception as e:
+        log.warning("could not register the teacher in the MLflow model registry as %s: %s", name, e)
+        return None
+    client.set_tag(run_id, "registered_model", f"{name}/{version.version}")
+    log.info("teacher registered as model %s version %s", name, version.version)
+    return f"{name}/{version.version}"

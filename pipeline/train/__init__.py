@@ -1,7 +1,20 @@
 """Training: the Ray Train worker entry point, the runner that owns one worker's model and optimizer, the
-wall-clock budget, teacher snapshots, start weights and the attention probe."""
+trainer's settings, the run's checkpoints on storage, the wall-clock budget, teacher snapshots and the
+attention probe."""
 
-from pipeline.train.loop import DinoRunner, LoopPlan, train_loop_per_worker
+from pipeline.train.checkpoints import (
+    checkpoint_storage_error,
+    export_from_checkpoint,
+    last_checkpoint_note,
+    prune_unregistered_checkpoints,
+)
+from pipeline.train.runner import DinoRunner, LoopPlan
 from pipeline.train.snapshots import download_snapshots
+from pipeline.train.trainer import ingest_config, make_trainer, storage_path, training_deadline
+from pipeline.train.worker import train_loop_per_worker
 
-__all__ = ["DinoRunner", "LoopPlan", "download_snapshots", "train_loop_per_worker"]
+__all__ = [
+    "DinoRunner", "LoopPlan", "checkpoint_storage_error", "download_snapshots", "export_from_checkpoint",
+    "ingest_config", "last_checkpoint_note", "make_trainer", "prune_unregistered_checkpoints", "storage_path",
+    "train_loop_per_worker", "training_deadline",
+]

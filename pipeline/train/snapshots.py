@@ -86,11 +86,10 @@ def download_snapshots(tracking_uri: str, run_id: str, out_dir: str | Path) -> l
     """Every snapshot of a run as ``(teacher.json, folder)``, downloaded under ``out_dir``, by mark."""
     import json
 
-    from mlflow.tracking import MlflowClient
-
+    from pipeline.tracking import mlflow_client
     from pipeline.weights.checkpoint import TEACHER_META
 
-    client = MlflowClient(tracking_uri)
+    client = mlflow_client(tracking_uri)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     found = []

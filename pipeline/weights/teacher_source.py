@@ -38,9 +38,9 @@ def require_teacher(folder: str | Path) -> Path:
 
 
 def _client_and_run(run_id: str, tracking_uri: str):
-    from mlflow.tracking import MlflowClient
+    from pipeline.tracking import mlflow_client
 
-    client = MlflowClient(tracking_uri)
+    client = mlflow_client(tracking_uri)
     try:
         run = client.get_run(run_id)
     except Exception as e:

@@ -1,4 +1,4 @@
-"""benchmarks/decode_cost.py on a tiny synthetic set: the reduction factors it reports are the ones the
+"""benchmarks/data/decode_cost.py on a tiny synthetic set: the reduction factors it reports are the ones the
 training and evaluation decoders use, and what a reduced decode changes is measured, not assumed."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ def shapes(tmp_path_factory):
 
 
 def test_reports_reduction_factors_times_and_fidelity_per_size(load_benchmark, shapes, capsys):
-    bench = load_benchmark("decode_cost")
+    bench = load_benchmark("data/decode_cost")
     rows = bench.main(["--data", str(shapes), "--limit", "4", "--sides", "64,256,600"])
     assert [r["side"] for r in rows] == [64, 256, 600] and all(r["images"] == 4 for r in rows)
     # imagenette preset: every crop box needs 6,827 source px (16 px locals at 5 % area, ratio 3/4);

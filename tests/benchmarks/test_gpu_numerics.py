@@ -1,4 +1,4 @@
-"""benchmarks/gpu_numerics.py on CPU at tiny sizes: every precision starts from the same weights and crops,
+"""benchmarks/gpu/numerics.py on CPU at tiny sizes: every precision starts from the same weights and crops,
 TF32 is a no-op on CPU (identical to fp32), bf16 differs but within the tolerances, and the comparison fails
 a run that drifts or goes non-finite."""
 
@@ -21,7 +21,7 @@ TINY = [
 
 @pytest.fixture(scope="module")
 def numerics(load_benchmark):
-    return load_benchmark("gpu_numerics")
+    return load_benchmark("gpu/numerics")
 
 
 @pytest.mark.slow

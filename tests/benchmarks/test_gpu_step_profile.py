@@ -1,4 +1,4 @@
-"""benchmarks/gpu_step_profile.py: kernel names fall in the right kind, and a CPU run at tiny sizes times every
+"""benchmarks/gpu/step_profile.py: kernel names fall in the right kind, and a CPU run at tiny sizes times every
 batch size with one FLOP count per image (no kernels to profile on a CPU)."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 
 @pytest.fixture(scope="module")
 def prof(load_benchmark):
-    return load_benchmark("gpu_step_profile")
+    return load_benchmark("gpu/step_profile")
 
 
 @pytest.mark.parametrize("name, kind", [

@@ -1,6 +1,6 @@
-"""Learning curves of benchmarks/quality.py --curve: what the command line accepts, and the table and figure
-benchmarks/plot_curves.py makes of the reports. (The snapshots themselves: tests/pipeline/test_snapshots.py
-and the Ray budget test.)"""
+"""Learning curves of benchmarks/training/quality.py --curve: what the command line accepts, and the table and
+figure benchmarks/training/plot_curves.py makes of the reports. (The snapshots themselves:
+tests/pipeline/test_snapshots.py and the Ray budget test.)"""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ def report(data: str, raw: float, rnd: float, points: list[tuple[float, int, flo
 @pytest.mark.parametrize("argv", [["--curve", "15,30", "--minutes", "30"], ["--curve", "0,10", "--minutes", "30"],
                                   ["--curve", "10", "--epochs", "3"]])
 def test_curve_marks_must_fall_inside_a_time_budgeted_run(load_benchmark, argv, capsys):
-    quality = load_benchmark("quality")
+    quality = load_benchmark("training/quality")
     with pytest.raises(SystemExit) as exc:
         quality.main(["--data", "/nonexistent", *argv])
     assert exc.value.code == 2
@@ -26,7 +26,7 @@ def test_curve_marks_must_fall_inside_a_time_budgeted_run(load_benchmark, argv, 
 
 
 def test_the_table_gives_each_point_its_margin_over_the_better_baseline(load_benchmark, tmp_path):
-    plot = load_benchmark("plot_curves")
+    plot = load_benchmark("training/plot_curves")
     a = report("/d/imagenette2-224/", 34.8, 33.5, [(14.6, 8, 41.2), (29.9, 17, 44.0), (58.7, 34, 45.5)])
     b = report("/d/imagewoof2-128", 23.77, 21.43, [(15.2, 8, 24.5), (59.1, 33, 25.0)])
     lines = plot.table([a, b]).splitlines()
@@ -39,7 +39,7 @@ def test_the_table_gives_each_point_its_margin_over_the_better_baseline(load_ben
 def test_the_figure_is_a_png_with_one_panel_per_report(load_benchmark, tmp_path):
     from PIL import Image
 
-    plot = load_benchmark("plot_curves")
+    plot = load_benchmark("training/plot_curves")
     paths = []
     for i, data in enumerate(["imagenette2-224", "imagewoof2-128"]):
         paths.append(tmp_path / f"q{i}.json")

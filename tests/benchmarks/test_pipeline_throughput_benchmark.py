@@ -1,5 +1,5 @@
-"""benchmarks/pipeline_throughput.py: where the CPU went is grouped by process title (surviving a title read
-that races Ray's rewrite), and the timed window starts after the warm-up, through the production stage."""
+"""benchmarks/data/pipeline_throughput.py: where the CPU went is grouped by process title (surviving a title
+read that races Ray's rewrite), and the timed window starts after the warm-up, through the production stage."""
 
 from __future__ import annotations
 
@@ -10,13 +10,13 @@ import pytest
 
 @pytest.fixture(scope="module")
 def bench(load_benchmark):
-    return load_benchmark("pipeline_throughput")
+    return load_benchmark("data/pipeline_throughput")
 
 
 def test_cpu_groups_by_title_with_an_empty_title_falling_back_to_the_earlier_read(bench):
     me = os.getpid()
     before = {
-        me: ("python benchmarks/pipeline_throughput.py", 10.0),
+        me: ("python benchmarks/data/pipeline_throughput.py", 10.0),
         11: ("ray::MapWorker(MapBatches(MultiCropM", 100.0),
         12: ("ray::MapWorker(MapBatches(MultiCropM", 50.0),
         13: ("ray::ReadWebdatasetShards", 1.0),

@@ -1,4 +1,4 @@
-"""benchmarks/quality.py's raw-pixel baseline at scale: one blocked search votes every k exactly as a
+"""benchmarks/training/quality.py's raw-pixel baseline at scale: one blocked search votes every k exactly as a
 search per k does, the views are streamed (only their area averages are kept), the features are the k-NN
 job's baseline (normalised view averaged to 32 px), and the long phases print progress lines."""
 
@@ -15,7 +15,7 @@ import torch
 
 @pytest.fixture(scope="module")
 def bench(load_benchmark):
-    return load_benchmark("quality")
+    return load_benchmark("training/quality")
 
 
 def integer_features(n: int, dim: int, seed: int) -> torch.Tensor:

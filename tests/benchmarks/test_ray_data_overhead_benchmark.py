@@ -1,5 +1,5 @@
-"""benchmarks/ray_data_overhead.py: its synthetic UDF takes the time and returns the bytes it is told to, and a
-measurement through a real actor pool can never beat the busy time (what is left is Ray Data's own gap)."""
+"""benchmarks/data/ray_data_overhead.py: its synthetic UDF takes the time and returns the bytes it is told to,
+and a measurement through a real actor pool can never beat the busy time (what is left is Ray Data's own gap)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 
 @pytest.fixture(scope="module")
 def bench(load_benchmark):
-    return load_benchmark("ray_data_overhead")
+    return load_benchmark("data/ray_data_overhead")
 
 
 def test_busy_udf_spends_its_time_and_returns_the_asked_bytes_from_one_buffer(bench):

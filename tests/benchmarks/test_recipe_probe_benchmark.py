@@ -1,4 +1,4 @@
-"""benchmarks/recipe_probe.py on a tiny synthetic set: it trains the production runner for exactly the
+"""benchmarks/training/recipe_probe.py on a tiny synthetic set: it trains the production runner for exactly the
 schedule asked, is reproducible from its seed, measures what the k-NN helpers measure, and shares a
 complete view cache between probes."""
 
@@ -16,7 +16,7 @@ TINY = ["optim.batch_size_per_worker=16", "knn.image_size=32", "augment.n_local=
 
 @pytest.fixture(scope="module")
 def bench(load_benchmark):
-    return load_benchmark("recipe_probe")
+    return load_benchmark("training/recipe_probe")
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,6 @@
-"""benchmarks/train_step.py on CPU at tiny sizes: both variants time real steps from the same weights,
-the FLOP count equals an analytic count, the reference attends by hand, compiled steps do not recompile."""
+"""benchmarks/training/train_step.py on CPU at tiny sizes: both variants time real steps from the same
+weights, the FLOP count equals an analytic count, the reference attends by hand, compiled steps do not
+recompile."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ TINY = [
 
 @pytest.fixture(scope="module")
 def bench(load_benchmark):
-    return load_benchmark("train_step")
+    return load_benchmark("training/train_step")
 
 
 def analytic_step_flops() -> int:

@@ -40,7 +40,7 @@ def runner(wrap_ddp=None):
     import torch
 
     from pipeline.config import load_config
-    from pipeline.train.loop import DinoRunner, LoopPlan
+    from pipeline.train.runner import DinoRunner, LoopPlan
 
     cfg = load_config("smoke", OVERRIDES)
     plan = LoopPlan(steps_per_epoch=1000, global_batch_size=GLOBAL_BATCH, tracking_uri="", run_id="ddp")

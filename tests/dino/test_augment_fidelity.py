@@ -212,7 +212,7 @@ def test_draft_decoding_reduces_large_jpegs_faithfully():
 
 
 def test_benchmark_smoke(tmp_path, capsys, load_benchmark):
-    """benchmarks/augment.py runs end to end on a tiny webdataset shard (figures, not timings, asserted)."""
+    """benchmarks/data/augment.py runs end to end on a tiny webdataset shard (figures, not timings, asserted)."""
     shard = tmp_path / "train-000000.tar"
     with tarfile.open(shard, "w") as tf:
         for i in range(5):
@@ -220,7 +220,7 @@ def test_benchmark_smoke(tmp_path, capsys, load_benchmark):
                 info = tarfile.TarInfo(f"sample{i:04d}.{ext}")
                 info.size = len(payload)
                 tf.addfile(info, io.BytesIO(payload))
-    bench = load_benchmark("augment")
+    bench = load_benchmark("data/augment")
     rows = bench.main([str(tmp_path), "--smoke"])
     assert [r["n_local"] for r in rows] == [8] and rows[0]["images"] == 4
     assert rows[0]["ref_ips"] > 0 and rows[0]["ours_ips"] > 0 and rows[0]["ratio"] > 0

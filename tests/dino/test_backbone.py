@@ -53,7 +53,7 @@ def test_convnet_dino_step_trains_the_student_and_keeps_teacher_batchnorm_statis
     from dino.loss import DINOLoss
     from dino.optim import build_optimizer
     from dino.schedules import StepValues
-    from dino.train_step import build_student_teacher, dino_step
+    from dino.train_step import StepOptions, build_student_teacher, dino_step
 
     torch.manual_seed(0)
     student, teacher = build_student_teacher(CONVNET, out_dim=32, drop_path_rate=0.0, img_size=32,
@@ -61,8 +61,16 @@ def test_convnet_dino_step_trains_the_student_and_keeps_teacher_batchnorm_statis
     before = {k: v.clone() for k, v in student.state_dict().items()}
     stats = teacher.backbone.bn1.running_mean.clone() if hasattr(teacher.backbone, "bn1") else None
     values = StepValues(lr=1e-3, weight_decay=0.04, teacher_momentum=0.99, teacher_temp=0.04)
-    out = dino_step(student, teacher, DINOLoss(32), build_optimizer(student),
-                    torch.randn(8, 3, 32, 32), torch.randn(8, 3, 16, 16), values, clip_grad=3.0, freeze_last_layer=False)
+    out = dino_step(
+                    student,
+                    teacher,
+                    DINOLoss(32),
+                    build_optimizer(student),
+                    torch.randn(8, 3, 32, 32),
+                    torch.randn(8, 3, 16, 16),
+                    values,
+                    StepOptions(clip_grad=3.0, freeze_last_layer=False),
+                )
     assert torch.isfinite(out["loss"])
     changed = [k for k, v in student.state_dict().items() if "weight" in k and not torch.equal(v, before[k])]
     assert any(k.startswith("backbone.") for k in changed)

@@ -14,7 +14,7 @@ from dino.optim import (
     set_hyperparams,
 )
 from dino.schedules import StepValues
-from dino.train_step import build_student_teacher, dino_step
+from dino.train_step import StepOptions, build_student_teacher, dino_step
 
 
 def test_bias_and_norm_params_are_not_decayed(tiny, tiny_kwargs):
@@ -73,17 +73,21 @@ def _with_grads():
 def test_clip_gradients_returns_pre_clip_norm_and_clips():
     model, grads, total = _with_grads()
     norm = clip_gradients(model, max_norm=1.0)
+    # float32, the norm of 26 squares (4 tensors) grouped differently: <= 26 * 2**-24 / 2 = 8e-7 relative
+    # (the sqrt halves it), within the default rtol 1.3e-6 (+ atol 1e-5 at a norm of ~50).
     torch.testing.assert_close(norm, total)
     clipped = torch.sqrt(sum((p.grad**2).sum() for p in model.parameters()))
+    # 1 up to the clip's 1e-6 epsilon (1e-6 / 50 = 2e-8) and float32 sums of 26 squares (8e-7): 1e-4 is ample
     assert clipped.item() == pytest.approx(1.0, rel=1e-4)
     for p, g in zip(model.parameters(), grads, strict=True):  # direction unchanged
+        # float32: the two norms above differ by <= 8e-7 relative, then one division and one product
         torch.testing.assert_close(p.grad, g * (1.0 / (total + 1e-6)), rtol=1e-5, atol=1e-6)
 
 
 def test_clip_gradients_disabled_still_returns_norm():
     model, grads, total = _with_grads()
     norm = clip_gradients(model, max_norm=0.0)
-    torch.testing.assert_close(norm, total)
+    torch.testing.assert_close(norm, total)  # as above: 26 squares grouped differently, <= 8e-7 relative
     assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads, strict=True))
 
 
@@ -119,6 +123,9 @@ def test_fused_true_is_passed_through(tiny, tiny_kwargs):
         o.step()
         results.append([p.detach().clone() for p in params])
     for a, b in zip(*results, strict=True):
+        # float32, element-wise only (no sums): ~10 ops per element rounded (or fused) differently, each within
+        # half an ulp of a value <= |p| ~ 1 or of the ~1e-2 step: a few 2**-24 relative (rtol 1e-6 = 17 of
+        # them) and atol 1e-7 for elements whose update crosses zero.
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
@@ -137,20 +144,27 @@ def _three_tensors():
 def test_per_param_clip_scales_each_tensor_on_its_own():
     model, grads = _three_tensors()
     norm = clip_gradients(model, max_norm=2.0, mode="per_param")
-    assert norm.item() == pytest.approx(30**0.5, rel=1e-6)  # the global norm before clipping
+    # the global norm before clipping; float32 norms of 5 values: a few roundings, <= ~3e-7 relative
+    assert norm.item() == pytest.approx(30**0.5, rel=1e-6)
     # Norm 5 > 2: scaled by 2 / (5 + 1e-6); norm 1 < 2: untouched; norm 2: by 2 / (2 + 1e-6) < 1.
+    # float32 (IEEE-rounded ops, no sums: the same on every machine): 5 + 1e-6, the division and the
+    # product each round once: <= 3 * 2**-24 = 1.8e-7 relative.
     torch.testing.assert_close(model[0].grad, torch.tensor([1.2, 1.6]) * (5 / (5 + 1e-6)), rtol=1e-6, atol=0)
     assert torch.equal(model[1].grad, grads[1])
+    # float32: ||g|| = 2 exactly, then 2 + 1e-6 (2.3e-8 relative), the division and the product by 2 (exact)
+    # round: <= 2.3e-8 + 2 * 3e-8 = 8e-8 relative, under 1e-7, which the clip (5e-7 relative) exceeds.
     torch.testing.assert_close(model[2].grad, grads[2] * (2 / (2 + 1e-6)), rtol=1e-7, atol=0)
     # The global clip with the same number scales all three by 2 / sqrt(30): a much stronger clip.
     model, grads = _three_tensors()
-    assert clip_gradients(model, 2.0, mode="global").item() == pytest.approx(30**0.5, rel=1e-6)
+    assert clip_gradients(model, 2.0, mode="global").item() == pytest.approx(30**0.5, rel=1e-6)  # as above
     for p, g in zip(model, grads, strict=True):
+        # float32: the norm (~3e-7), the division and the product: <= ~4e-7 relative
         torch.testing.assert_close(p.grad, g * (2 / (30**0.5 + 1e-6)), rtol=1e-6, atol=0)
 
 
 def test_per_param_clip_disabled_returns_global_norm_and_keeps_grads():
     model, grads = _three_tensors()
+    # float32 norms of 5 values: <= ~3e-7 relative
     assert clip_gradients(model, 0.0, mode="per_param").item() == pytest.approx(30**0.5, rel=1e-6)
     assert all(torch.equal(p.grad, g) for p, g in zip(model, grads, strict=True))
 
@@ -168,9 +182,14 @@ def test_per_param_clip_matches_the_reference_loop_on_a_vit(tiny, tiny_kwargs):
         coef = 0.5 / (g.norm(2) + 1e-6)  # utils.clip_gradients of the reference code
         expected = g * coef if coef < 1 else g
         clipped += bool(coef < 1)
-        torch.testing.assert_close(p.grad, expected, rtol=1e-6, atol=0, msg=name)
+        # float32: each tensor's norm (up to 9216 squares: qkv, mlp, patch_embed) is summed by two kernels in
+        # their own orders (_foreach_norm vs Tensor.norm; blocking and threads differ): torch's cascade sums keep
+        # each within ~log2(9216) * 2**-24 = 8e-7 (halved by the sqrt), then a division and a product round.
+        # Up to ~1e-6 relative: rtol 1e-5.
+        torch.testing.assert_close(p.grad, expected, rtol=1e-5, atol=0, msg=name)
     assert 0 < clipped < len(grads)  # the clip bit some tensors and not others
     total = torch.sqrt(sum(g.double().square().sum() for g in grads.values()))
+    # float32 (per-tensor norms as above, then a norm of ~40 norms) vs float64: ~1e-6 relative
     assert norm.item() == pytest.approx(total.item(), rel=1e-5)
 
 
@@ -221,8 +240,13 @@ def test_step_with_frozen_backbone_trains_only_the_head(tiny, tiny_kwargs, clip_
     )
 
     out = dino_step(
-        student, teacher, DINOLoss(tiny.out_dim), opt, *crops, values,
-        clip_grad=0.5, freeze_last_layer=False, clip_mode=clip_mode, freeze_backbone=True,
+        student,
+        teacher,
+        DINOLoss(tiny.out_dim),
+        opt,
+        *crops,
+        values,
+        StepOptions(clip_grad=0.5, freeze_last_layer=False, clip_mode=clip_mode, freeze_backbone=True),
     )
     in_optimizer = {id(p) for p in opt.state}
     for name, p in student.named_parameters():
@@ -232,9 +256,12 @@ def test_step_with_frozen_backbone_trains_only_the_head(tiny, tiny_kwargs, clip_
         elif p.requires_grad:
             assert p.grad is not None and not torch.equal(p, s_before[name]), name
     # The backbone's gradients are dropped before the clip: the norm and the clip are the head's.
+    # float32: the same gradients, normed by other kernels (foreach vs per tensor + stack; <= 1536 squares a
+    # tensor): ~log2(1536) * 2**-24 = 6e-7 relative each; rtol 1e-5.
     torch.testing.assert_close(out["grad_norm"], head_norm, rtol=1e-5, atol=0)
     assert head_norm > 0.5  # so the clip bit
     clipped = [p.grad.norm() for p in student.head.parameters() if p.grad is not None]
+    # 0.5 up to the clip's 1e-6 epsilon (< 2e-6 relative) and float32 norm roundings (~1e-6): 1e-4 is ample
     if clip_mode == "global":
         assert torch.linalg.vector_norm(torch.stack(clipped)).item() == pytest.approx(0.5, rel=1e-4)
     else:
@@ -242,4 +269,8 @@ def test_step_with_frozen_backbone_trains_only_the_head(tiny, tiny_kwargs, clip_
     s_after = dict(student.named_parameters())
     for name, p in teacher.named_parameters():  # the EMA runs over every parameter, frozen or not
         expected = 0.9 * t_before[name] + 0.1 * s_after[name]
+        # float32, element-wise: 0.9 * t is the same op on both sides; _foreach_add_(alpha=0.1) may fuse
+        # 0.1 * s into an FMA (one rounding fewer): <= 2**-24 * (|0.1 s| + 2 |result|) ~ 2.1 * 2**-24 = 1.3e-7
+        # relative, as s ~ t (one 1e-3 step apart). rtol 2.4e-7 = 2 ulp; atol 1e-8 for elements near zero,
+        # where |0.1 s| ~ 1e-4 and the error is ~1e-11.
         torch.testing.assert_close(p, expected, rtol=2.4e-7, atol=1e-8, msg=name)

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from dino.loss import DINOLoss
 from dino.optim import build_optimizer
 from dino.schedules import StepValues, build_schedules
-from dino.train_step import build_student_teacher, dino_step
+from dino.train_step import StepOptions, build_student_teacher, dino_step
 
 STUDENT_TEMP, CENTER_M, CLIP = 0.1, 0.9, 3.0
 BATCH, N_LOCAL = 4, 2
@@ -116,8 +116,16 @@ def _run_ours(student, teacher, batches, schedules, clip_mode, freeze_steps):
     opt = build_optimizer(student)
     losses = []
     for step, (g, loc) in enumerate(batches):
-        out = dino_step(student, teacher, loss_fn, opt, g, loc, schedules.at(step), clip_grad=CLIP,
-                        freeze_last_layer=step < freeze_steps, clip_mode=clip_mode)
+        out = dino_step(
+                        student,
+                        teacher,
+                        loss_fn,
+                        opt,
+                        g,
+                        loc,
+                        schedules.at(step),
+                        StepOptions(clip_grad=CLIP, freeze_last_layer=step < freeze_steps, clip_mode=clip_mode),
+                    )
         losses.append(out["loss"])
     return losses, loss_fn.center
 

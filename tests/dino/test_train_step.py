@@ -7,6 +7,7 @@ from dino.loss import DINOLoss
 from dino.optim import build_optimizer
 from dino.schedules import StepValues
 from dino.train_step import (
+    StepOptions,
     build_student_teacher,
     dino_step,
     maybe_compile,
@@ -61,8 +62,7 @@ def test_step_with_frozen_last_layer(tiny, tiny_kwargs):
         global_crops,
         local_crops,
         VALUES,
-        clip_grad=3.0,
-        freeze_last_layer=True,
+        StepOptions(clip_grad=3.0, freeze_last_layer=True),
     )
 
     assert set(out) == {"loss", "grad_norm"}
@@ -97,8 +97,7 @@ def test_step_trains_last_layer_and_reports_grad_norm(tiny, tiny_kwargs):
         opt,
         *_crops(tiny),
         VALUES,
-        clip_grad=1e9,
-        freeze_last_layer=False,
+        StepOptions(clip_grad=1e9, freeze_last_layer=False),
     )
     assert not torch.equal(dict(student.named_parameters())[v_name], v_before)
     # Gradients survive the step; without clipping the reported norm is their global L2 norm.
@@ -118,9 +117,7 @@ def test_step_without_local_crops_and_under_bf16_autocast(tiny, tiny_kwargs):
         global_crops,
         None,
         VALUES,
-        clip_grad=3.0,
-        freeze_last_layer=False,
-        autocast_dtype=torch.bfloat16,
+        StepOptions(clip_grad=3.0, freeze_last_layer=False, autocast_dtype=torch.bfloat16),
     )
     assert out["loss"].dtype == torch.float32 and torch.isfinite(out["loss"])
     assert all(p.dtype == torch.float32 for p in student.parameters())
@@ -139,9 +136,7 @@ def test_grad_scaler_step_matches_unscaled_step(tiny, tiny_kwargs):
             build_optimizer(s),
             *crops,
             VALUES,
-            clip_grad=3.0,
-            freeze_last_layer=True,
-            scaler=scaler,
+            StepOptions(clip_grad=3.0, freeze_last_layer=True, scaler=scaler),
         )
         results.append((out, s))
     (plain, s_plain), (scaled, s_scaled) = results
@@ -169,8 +164,7 @@ def test_step_with_ddp_student(tiny, tiny_kwargs, tmp_path):
             opt,
             *_crops(tiny),
             VALUES,
-            clip_grad=3.0,
-            freeze_last_layer=True,
+            StepOptions(clip_grad=3.0, freeze_last_layer=True),
         )
     finally:
         torch.distributed.destroy_process_group()
@@ -199,9 +193,7 @@ def _three_steps(tiny, tiny_kwargs, **step_kwargs):
                 global_crops,
                 local_crops,
                 VALUES,
-                clip_grad=3.0,
-                freeze_last_layer=step == 0,
-                **step_kwargs,
+                StepOptions(clip_grad=3.0, freeze_last_layer=step == 0, **step_kwargs),
             )
         )
     return outs, student, teacher, loss_fn, opt
@@ -261,13 +253,13 @@ def test_health_matches_reference_with_the_center_before_its_update(tiny, tiny_k
     loss_fn = DINOLoss(tiny.out_dim, center_momentum=0.5)
     opt = build_optimizer(student)
     step = {"clip_grad": 3.0, "freeze_last_layer": False, "health": True}
-    dino_step(student, teacher, loss_fn, opt, *_crops(tiny), VALUES, **step)  # centre != 0 now
+    dino_step(student, teacher, loss_fn, opt, *_crops(tiny), VALUES, StepOptions(**step))  # centre != 0 now
     center_before = loss_fn.center.clone()
     global_crops, local_crops = _crops(tiny)
     with torch.no_grad():
         s = student([global_crops, local_crops])
         t = teacher([global_crops])
-    out = dino_step(student, teacher, loss_fn, opt, global_crops, local_crops, VALUES, **step)
+    out = dino_step(student, teacher, loss_fn, opt, global_crops, local_crops, VALUES, StepOptions(**step))
 
     temp = VALUES.teacher_temp
     p_t = torch.softmax((t.double() - center_before.double()) / temp, -1).split(B)  # 2 x (B, K)
@@ -344,7 +336,7 @@ def test_skip_nonfinite_leaves_every_state_bit_identical(tiny, tiny_kwargs, pois
     reference = copy.deepcopy((student, teacher, loss_fn, opt))  # will see batches 0 and 2 only
 
     # A good step first, so that the optimizer has state and the centre is not zero.
-    assert dino_step(student, teacher, loss_fn, opt, *batches[0], VALUES, **step)["skipped"] == 0
+    assert dino_step(student, teacher, loss_fn, opt, *batches[0], VALUES, StepOptions(**step))["skipped"] == 0
     before = _state(student, teacher, loss_fn, opt)
 
     bad, hook = batches[1], None
@@ -354,7 +346,7 @@ def test_skip_nonfinite_leaves_every_state_bit_identical(tiny, tiny_kwargs, pois
         loss_fn.poison = True
     else:  # a finite loss with a non-finite gradient: the grad-norm half of the check
         hook = student.head.mlp[0].weight.register_hook(lambda g: g * float("inf"))
-    out = dino_step(student, teacher, loss_fn, opt, *bad, VALUES, **step, health=True)
+    out = dino_step(student, teacher, loss_fn, opt, *bad, VALUES, StepOptions(**step, health=True))
     loss_fn.poison = False
     if hook is not None:
         hook.remove()
@@ -366,9 +358,9 @@ def test_skip_nonfinite_leaves_every_state_bit_identical(tiny, tiny_kwargs, pois
     _assert_bit_identical(_state(student, teacher, loss_fn, opt), before)
 
     # The skipped step was a no-op: the next step matches a run that never saw the bad batch.
-    dino_step(student, teacher, loss_fn, opt, *batches[2], VALUES, **step)
+    dino_step(student, teacher, loss_fn, opt, *batches[2], VALUES, StepOptions(**step))
     for b in (batches[0], batches[2]):
-        dino_step(*reference, *b, VALUES, **step)
+        dino_step(*reference, *b, VALUES, StepOptions(**step))
     _assert_bit_identical(_state(student, teacher, loss_fn, opt), _state(*reference))
 
 
@@ -382,8 +374,7 @@ def test_without_skip_a_nonfinite_step_is_taken(tiny, tiny_kwargs):
         build_optimizer(student),
         *_poison_images(*_crops(tiny)),
         VALUES,
-        clip_grad=3.0,
-        freeze_last_layer=False,
+        StepOptions(clip_grad=3.0, freeze_last_layer=False),
     )
     assert set(out) == {"loss", "grad_norm"} and not torch.isfinite(out["loss"])
     assert torch.isnan(loss_fn.center).any()  # nothing checked: the poison reached the centre
@@ -395,16 +386,16 @@ def test_skip_with_grad_scaler_restores_state_and_backs_off_the_scale(tiny, tiny
     opt = build_optimizer(student)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**4)
     step = {"clip_grad": 3.0, "freeze_last_layer": False, "scaler": scaler, "skip_nonfinite": True}
-    assert dino_step(student, teacher, loss_fn, opt, *_crops(tiny), VALUES, **step)["skipped"] == 0
+    assert dino_step(student, teacher, loss_fn, opt, *_crops(tiny), VALUES, StepOptions(**step))["skipped"] == 0
     before = _state(student, teacher, loss_fn, opt)
     scale = scaler.get_scale()
 
-    out = dino_step(student, teacher, loss_fn, opt, *_poison_images(*_crops(tiny)), VALUES, **step)
+    out = dino_step(student, teacher, loss_fn, opt, *_poison_images(*_crops(tiny)), VALUES, StepOptions(**step))
     assert out["skipped"].item() == 1
     _assert_bit_identical(_state(student, teacher, loss_fn, opt), before)
     assert scaler.get_scale() == scale * 0.5  # the scaler saw the inf gradients and backed off
     # The scaler's step bookkeeping was closed: the next step unscales and steps normally.
-    out = dino_step(student, teacher, loss_fn, opt, *_crops(tiny), VALUES, **step)
+    out = dino_step(student, teacher, loss_fn, opt, *_crops(tiny), VALUES, StepOptions(**step))
     assert out["skipped"].item() == 0 and torch.isfinite(out["grad_norm"])
     assert not torch.equal(
         student.state_dict()["head.mlp.0.weight"], before["student"]["head.mlp.0.weight"]
@@ -430,10 +421,10 @@ def test_skip_under_ddp_agrees_through_all_reduce(tiny, tiny_kwargs, tmp_path, m
         loss_fn = DINOLoss(tiny.out_dim)
         opt = build_optimizer(ddp)
         step = {"clip_grad": 3.0, "freeze_last_layer": False, "skip_nonfinite": True}
-        assert dino_step(ddp, teacher, loss_fn, opt, *_crops(tiny), VALUES, **step)["skipped"] == 0
+        assert dino_step(ddp, teacher, loss_fn, opt, *_crops(tiny), VALUES, StepOptions(**step))["skipped"] == 0
         before = _state(student, teacher, loss_fn, opt)
         bad = _poison_images(*_crops(tiny))
-        out = dino_step(ddp, teacher, loss_fn, opt, *bad, VALUES, **step)
+        out = dino_step(ddp, teacher, loss_fn, opt, *bad, VALUES, StepOptions(**step))
     finally:
         torch.distributed.destroy_process_group()
     assert out["skipped"].item() == 1
@@ -491,11 +482,7 @@ def _loss_under(student, teacher, crops, autocast_dtype, scaler=None):
         build_optimizer(s),
         *crops,
         VALUES,
-        clip_grad=3.0,
-        freeze_last_layer=False,
-        autocast_dtype=autocast_dtype,
-        scaler=scaler,
-        health=True,
+        StepOptions(clip_grad=3.0, freeze_last_layer=False, autocast_dtype=autocast_dtype, scaler=scaler, health=True),
     )
     return out, s
 
@@ -539,7 +526,7 @@ def test_fp16_scaler_path_backs_off_then_matches_fp32(tiny, tiny_kwargs):
     for _ in range(17):  # 2^16 halves to 1 in 16 steps
         before = copy.deepcopy((student, teacher, loss_fn))
         scale, params = scaler.get_scale(), _snapshot(student)
-        out = dino_step(student, teacher, loss_fn, opt, *crops, VALUES, **step)
+        out = dino_step(student, teacher, loss_fn, opt, *crops, VALUES, StepOptions(**step))
         assert torch.isfinite(out["loss"])  # the loss itself runs in float32
         if torch.isfinite(out["grad_norm"]):
             break
@@ -554,7 +541,13 @@ def test_fp16_scaler_path_backs_off_then_matches_fp32(tiny, tiny_kwargs):
     # The same step from the same state in float32 (the optimizer has taken no step yet).
     s, t, lf = before
     ref = dino_step(
-        s, t, lf, build_optimizer(s), *crops, VALUES, clip_grad=3.0, freeze_last_layer=False
+        s,
+        t,
+        lf,
+        build_optimizer(s),
+        *crops,
+        VALUES,
+        StepOptions(clip_grad=3.0, freeze_last_layer=False),
     )
     # fp16: 11 significant bits, u = 2^-11 = 4.9e-4; over 4 seeds the loss moved by <= 0.1 % and the
     # unscaled gradient norm by <= 0.44 %. 10u for the loss and 2 % for the norm (a sum over
@@ -583,7 +576,7 @@ def test_compiled_backbones_trace_once_per_crop_shape(tiny, tiny_kwargs):
         for i in range(3):
             crops = _crops(tiny)  # 2 x 32 px for both, 3 x 16 px for the student
             outs = [
-                dino_step(*run, opt, *crops, VALUES, clip_grad=3.0, freeze_last_layer=i == 0)
+                dino_step(*run, opt, *crops, VALUES, StepOptions(clip_grad=3.0, freeze_last_layer=i == 0))
                 for run, opt in zip(runs, opts, strict=True)
             ]
             graphs.append(counter.frame_count)

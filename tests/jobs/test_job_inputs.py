@@ -10,12 +10,15 @@ from tar_members import write_tar as _tar
 def no_ray_started(monkeypatch):
     """Fail the test if the job gets as far as asking Ray for anything (works with a session Ray up too)."""
     ray = pytest.importorskip("ray")
-    import pipeline.driver.pretrain
+    import pipeline.cluster
+    import pipeline.driver
+    import pipeline.driver.run
 
     def forbidden(*args, **kwargs):
         raise AssertionError("a bad-input path requested Ray resources")
 
-    for target, name in ((ray, "init"), (pipeline.driver.pretrain, "init_ray"), (pipeline.driver.pretrain, "pretrain")):
+    for target, name in ((ray, "init"), (pipeline.cluster, "init_ray"), (pipeline.driver.run, "init_ray"),
+                         (pipeline.driver.run, "pretrain"), (pipeline.driver, "pretrain")):
         monkeypatch.setattr(target, name, forbidden)
 
 
@@ -78,7 +81,7 @@ def test_knn_job_rejects_a_folder_without_a_teacher(tmp_path, capsys, no_ray_sta
 
 def test_unreachable_mlflow_can_fall_back_to_a_local_store(tmp_path, caplog):
     from pipeline.config import load_config
-    from pipeline.driver.pretrain import prepare
+    from pipeline.driver import prepare
 
     cfg = load_config("smoke", [f"data.synthetic_dir={tmp_path / 'syn'}", f"output_dir={tmp_path / 'out'}",
                                 "tracking.tracking_uri=http://127.0.0.1:9", "tracking.if_unreachable=local"])

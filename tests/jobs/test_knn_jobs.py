@@ -124,13 +124,15 @@ def test_query_errors_name_the_problem(tmp_path, capsys, built, tiny_teacher):
 def no_ray_started(monkeypatch):
     """Fail the test if the job gets as far as asking Ray for anything."""
     ray = pytest.importorskip("ray")
-    import pipeline.driver.pretrain
+    import pipeline.cluster
+    import pipeline.driver.run
 
     def forbidden(*args, **kwargs):
         raise AssertionError("a bad-input path requested Ray resources")
 
     monkeypatch.setattr(ray, "init", forbidden)
-    monkeypatch.setattr(pipeline.driver.pretrain, "init_ray", forbidden)
+    monkeypatch.setattr(pipeline.cluster, "init_ray", forbidden)
+    monkeypatch.setattr(pipeline.driver.run, "init_ray", forbidden)
 
 
 def _jpeg():

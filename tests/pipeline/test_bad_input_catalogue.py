@@ -27,7 +27,7 @@ from pipeline.config import load_config
 from pipeline.errors import ConfigError
 from pipeline.data.shards import Sample, load_split, write_shards
 from pipeline.errors import DataError
-from pipeline.train.loop import DinoRunner, LoopPlan
+from pipeline.train.runner import DinoRunner, LoopPlan
 
 
 def _one_line(err: pytest.ExceptionInfo, *needles: str) -> str:
@@ -153,14 +153,16 @@ def test_corrupt_teacher_files_are_named(tmp_path, file, content, needle):
 
 def test_build_job_refuses_a_corrupt_teacher_before_ray(tmp_path, capsys, monkeypatch):
     ray = pytest.importorskip("ray")
-    import pipeline.driver.pretrain
+    import pipeline.cluster
+    import pipeline.driver.run
     from jobs.build_knn_index import main
 
     def forbidden(*a, **k):
         raise AssertionError("a bad-input path requested Ray resources")
 
     monkeypatch.setattr(ray, "init", forbidden)
-    monkeypatch.setattr(pipeline.driver.pretrain, "init_ray", forbidden)
+    monkeypatch.setattr(pipeline.cluster, "init_ray", forbidden)
+    monkeypatch.setattr(pipeline.driver.run, "init_ray", forbidden)
     d = _export(tmp_path / "t")
     (d / TEACHER_WEIGHTS).write_bytes(b"\x00" * 16)
     code = main(["--teacher", str(d), "--config", "smoke", f"data.synthetic_dir={tmp_path / 'syn'}"])
@@ -217,7 +219,7 @@ def test_dataset_root_that_is_a_file_is_named(tmp_path):
 def test_unwritable_output_folders_are_named(tmp_path, monkeypatch):
     import os
 
-    from pipeline.driver.pretrain import check_writable
+    from pipeline.driver.preflight import check_writable
 
     (tmp_path / "file").write_text("x")
     with pytest.raises(DataError) as err:

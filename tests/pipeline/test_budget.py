@@ -12,8 +12,8 @@ from dino.schedules import build_schedules
 from pipeline.train.budget import Pace, fit_epoch, fit_epochs, next_epoch_overruns, recent_pace
 from pipeline.config import load_config
 from pipeline.errors import ConfigError
-from pipeline.driver.pretrain import training_deadline
-from pipeline.train.loop import DinoRunner, LoopPlan
+from pipeline.train import training_deadline
+from pipeline.train.runner import DinoRunner, LoopPlan
 
 
 def test_fit_epochs_counts_whole_epochs_left_within_the_cap():

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from pipeline.driver.pretrain import prune_unregistered_checkpoints
+from pipeline.train import prune_unregistered_checkpoints
 
 
 def test_only_folders_missing_from_the_snapshot_are_removed(tmp_path):

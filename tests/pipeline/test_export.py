@@ -68,7 +68,7 @@ def test_export_from_a_checkpoint_records_the_evaluation_view(tmp_path, knn_size
 
     import ray.train
 
-    from pipeline.driver.pretrain import export_from_checkpoint
+    from pipeline.train import export_from_checkpoint
 
     teacher = _teacher()
     cfg = {"model": {"arch": ARCH, "model_kwargs": KW}, "augment": {"global_size": 32}, "knn": {"image_size": knn_size}}

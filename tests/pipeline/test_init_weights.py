@@ -16,8 +16,8 @@ import torch
 from pipeline.weights.checkpoint import save_state
 from pipeline.errors import CheckpointError
 from pipeline.config import load_config
-from pipeline.train.start_weights import build_models, load_start
-from pipeline.train.loop import DinoRunner, LoopPlan, freeze_backbone_epochs
+from pipeline.weights.start_weights import build_models, load_start
+from pipeline.train.runner import DinoRunner, LoopPlan, freeze_backbone_epochs
 
 SMOKE_VIT = {"img_size": 32, "patch_size": 8, "depth": 2, "embed_dim": 48, "num_heads": 3}
 G, V = "head.last_layer.parametrizations.weight.original0", "head.last_layer.parametrizations.weight.original1"

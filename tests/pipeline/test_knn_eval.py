@@ -174,7 +174,7 @@ def test_gpu_layout_decode_stage_then_embed_equals_the_fused_actor(data, teacher
 
 
 def test_knn_accuracies_of_backbones_equal_the_index_jobs_evaluation(tmp_path, data, teacher):
-    """The starting point's k-NN (pipeline.driver.pretrain.measure_start) is the index job's protocol, figure for figure."""
+    """The starting point's k-NN (pipeline.eval.start.measure_start) is the index job's protocol, figure for figure."""
     from pipeline.weights.checkpoint import load_teacher
     from pipeline.eval.embed import BackboneSpec
     from pipeline.eval.knn import knn_accuracies

@@ -5,6 +5,8 @@ Tiny inputs in tmp_path. Tests that start Ray use the session ``ray_cluster`` fi
 
 from __future__ import annotations
 
+import sys
+
 import io
 import json
 import logging
@@ -18,6 +20,8 @@ import webdataset as wds
 from PIL import Image
 
 from jobs import make_shards
+from pipeline.data import packing
+from pipeline.progress import Progress
 from pipeline.data.shards import load_split, read_index, verify_split
 from pipeline.errors import ShardVerificationError
 
@@ -309,7 +313,7 @@ def test_job_reports_a_shard_failing_verification_exit_1(written, tmp_path, caps
 
 
 def test_progress_log_lines_and_summary_off_a_terminal(written, tmp_path, capsys, caplog, monkeypatch):
-    monkeypatch.setattr(make_shards, "_LOG_EVERY_S", 0.0)  # a line per image
+    monkeypatch.setattr(packing, "_LOG_EVERY_S", 0.0)  # a line per image
     caplog.set_level(logging.INFO, logger="make_shards")
     assert make_shards.main([str(tmp_path / "src"), str(tmp_path / "o2"), "--no-ray"]) == 0
     progress = [r.getMessage() for r in caplog.records if r.name == "make_shards"]
@@ -328,8 +332,8 @@ def test_progress_is_a_tqdm_bar_on_a_terminal(monkeypatch):
             return True
 
     tty = Tty()
-    monkeypatch.setattr(make_shards.sys, "stderr", tty)
-    p = make_shards.Progress("train", 4, count_skipped=True)
+    monkeypatch.setattr(sys, "stderr", tty)
+    p = Progress("train", 4, count_skipped=True)
     for skipped in (0, 1, 0, 0):
         p.update(1, skipped=skipped)
     p.close()

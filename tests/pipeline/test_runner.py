@@ -8,7 +8,7 @@ import copy
 import torch
 
 from pipeline.config import load_config
-from pipeline.train.loop import DinoRunner, LoopPlan
+from pipeline.train.runner import DinoRunner, LoopPlan
 
 
 class _Tracker:
@@ -152,7 +152,7 @@ def test_skip_policy_counts_skipped_steps_and_goes_on():
 def test_collapse_is_tagged_and_can_stop_the_run():
     for action, stops in (("warn", False), ("stop", True)):
         runner = _runner(f"health.collapse_action={action}", "health.collapse_patience=2")
-        runner.monitor.update = lambda entropy, kl: "kl_to_zero"  # as after `patience` windows with KL ~ 0
+        runner.collapse.monitor.update = lambda entropy, kl: "kl_to_zero"  # as after `patience` windows with KL ~ 0
         tracker = _Tracker()
         summary = runner.train_epoch(iter(_batches(6)), tracker)
         assert tracker.tags["collapse"] == "kl_to_zero at step 2"
@@ -171,15 +171,15 @@ def test_a_collapse_episode_that_ends_is_said_to_be_over(caplog):
 
     def update(entropy, kl):
         verdict, held = next(windows)
-        runner.monitor.counts = dict.fromkeys(runner.monitor.REASONS, 0) | {"entropy_uniform": held}
+        runner.collapse.monitor.counts = dict.fromkeys(runner.collapse.monitor.REASONS, 0) | {"entropy_uniform": held}
         return verdict
 
-    runner.monitor.update = update
+    runner.collapse.monitor.update = update
     tracker = _Tracker()
-    with caplog.at_level("WARNING", logger="pipeline.train.loop"):
+    with caplog.at_level("WARNING", logger="pipeline.train.runner"):
         summary = runner.train_epoch(iter(_batches(12)), tracker)
     assert "stopped" not in summary and summary["steps"] == 12
     lines = [r.getMessage() for r in caplog.records if "collapse" in r.getMessage()]
     assert len(lines) == 2 and lines[0].startswith("collapse suspected at step 2: entropy_uniform")
     assert lines[1].startswith("collapse over at step 12: entropy_uniform held from step 2; now h(Pt)=")
-    assert tracker.tags["collapse"] == "entropy_uniform from step 2 to 12, over" and runner.collapse is None
+    assert tracker.tags["collapse"] == "entropy_uniform from step 2 to 12, over" and runner.collapse.reason is None

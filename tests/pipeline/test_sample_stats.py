@@ -6,7 +6,7 @@ import torch
 
 from pipeline.config import load_config
 from pipeline.data.sample_stats import bad_fraction_error, metrics
-from pipeline.train.loop import DinoRunner, LoopPlan
+from pipeline.train.runner import DinoRunner, LoopPlan
 
 
 def _stats(seen, reasons, shards=None, examples=None):

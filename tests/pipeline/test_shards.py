@@ -18,6 +18,7 @@ from PIL import Image
 from tar_members import write_tar as _tar
 
 from jobs import make_shards
+from pipeline.data import packing
 from pipeline.data.shards import (
     INDEX_FORMAT,
     Sample,
@@ -489,8 +490,8 @@ def test_make_shards_bad_input_is_one_line_exit_2(tmp_path, capsys, case):
 def test_make_shards_worker_pool_gives_same_result_as_serial(image_folder):
     paths = sorted(str(p) for p in image_folder.rglob("*") if p.is_file())
     assert len(paths) == 7
-    serial = list(make_shards._loaded(paths * 50, workers=1))
-    pooled = list(make_shards._loaded(paths * 50, workers=2))  # 350 paths >= 100 per worker: uses the pool
+    serial = list(packing._loaded(paths * 50, workers=1))
+    pooled = list(packing._loaded(paths * 50, workers=2))  # 350 paths >= 100 per worker: uses the pool
     assert pooled == serial
     reasons = sorted(r for d, r, _ in serial[:7] if d is None)
     # .hidden.jpg ("junk") and broken.jpg are damaged JPEGs; notes.txt is not an image format at all

@@ -80,15 +80,13 @@ json.dump(result, open(out, "w"))
 def test_registered_teacher_loads_in_a_fresh_process_and_embeds_like_the_knn_index(tmp_path, mlflow_server, tiny_teacher):
     from mlflow.tracking import MlflowClient
 
-    from pipeline.driver.pretrain import register_teacher
+    from pipeline.eval import register_teacher
     from pipeline.tracking import create_run
 
     folder, _ = tiny_teacher(tmp_path / "teacher")
     run_id = create_run(mlflow_server, "teacher-model", "tiny", params={"model.arch": tiny_teacher.arch}, tags={})
-    p = SimpleNamespace(cfg=SimpleNamespace(tracking=SimpleNamespace(register_model="tiny-teacher"), preset="smoke"),
-                        data_root="/d", run_name="tiny", tracking_uri=mlflow_server)
     client = MlflowClient(mlflow_server)
-    registered = register_teacher(client, run_id, p, folder)
+    registered = register_teacher(mlflow_server, run_id, folder, "tiny-teacher", "tiny")
     assert registered == "tiny-teacher/1" and client.get_run(run_id).data.tags["registered_model"] == registered
     mv = client.get_model_version("tiny-teacher", "1")
     assert mv.source.startswith("models:/m-") and mv.run_id == run_id  # the logged pyfunc model, not teacher/
@@ -148,7 +146,7 @@ def test_registering_in_a_local_store_uses_that_store_not_the_working_directory(
     MLflow's global URI, which the job never sets: unset, it would open ./mlflow.db and not find the model)."""
     from mlflow.tracking import MlflowClient
 
-    from pipeline.driver.pretrain import register_teacher
+    from pipeline.eval import register_teacher
     from pipeline.tracking import create_run
 
     store = f"sqlite:///{tmp_path}/store/mlflow.db"
@@ -159,9 +157,7 @@ def test_registering_in_a_local_store_uses_that_store_not_the_working_directory(
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     folder, _ = tiny_teacher(tmp_path / "teacher")
     run_id = create_run(store, "teacher-model-local", "tiny", params={}, tags={})
-    p = SimpleNamespace(cfg=SimpleNamespace(tracking=SimpleNamespace(register_model="tiny-local"), preset="smoke"),
-                        data_root="/d", run_name="tiny", tracking_uri=store)
-    assert register_teacher(MlflowClient(store), run_id, p, folder) == "tiny-local/1"
+    assert register_teacher(store, run_id, folder, "tiny-local", "tiny") == "tiny-local/1"
     assert MlflowClient(store).get_model_version("tiny-local", "1").run_id == run_id
     assert not (elsewhere / "mlflow.db").exists()  # no stray default store where the job was started (the sqlite
     # store's artifacts do go to ./mlruns: MLflow's default artifact root for a database store without one)

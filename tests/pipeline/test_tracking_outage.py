@@ -129,7 +129,7 @@ def test_a_training_run_never_pauses_for_a_60s_outage_and_keeps_every_step(tmp_p
 
     from pipeline.config import load_config
     from pipeline.tracking import MetricsTracker
-    from pipeline.train.loop import DinoRunner, LoopPlan
+    from pipeline.train.runner import DinoRunner, LoopPlan
 
     # Few retries so the sender notices the outage (and the return) quickly; training must not care either way.
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")

@@ -3,7 +3,7 @@ MLflow server): the checkpoint being written is never registered nor loaded, the
 previous registered one and finishes, and the half-written folder is removed.
 
 The window is made deterministic by the test hook ``DINO_TEST_CHECKPOINT_PAUSE`` of
-``pipeline/train/loop.py``: rank 0 copies the step-6 (final) checkpoint to storage, logs its path, and pauses
+``pipeline/faults.py``: rank 0 copies the step-6 (final) checkpoint to storage, logs its path, and pauses
 before reporting it. The test then cuts that folder's ``state.pt`` in half (what a kill in the middle of
 the copy leaves) and kills rank 0."""
 

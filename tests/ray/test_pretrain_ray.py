@@ -38,7 +38,7 @@ def test_two_worker_pretraining_tracks_exports_and_evaluates(tmp_path, ray_clust
     from mlflow.tracking import MlflowClient
 
     from pipeline.eval.knn import KnnRequest, evaluate_teacher
-    from pipeline.driver.pretrain import prepare, pretrain
+    from pipeline.driver import prepare, pretrain
 
     caplog.set_level(logging.INFO, logger="pipeline")
     cfg = _smoke(tmp_path, mlflow_server, "tracking.run_name=ray-e2e")
@@ -47,7 +47,7 @@ def test_two_worker_pretraining_tracks_exports_and_evaluates(tmp_path, ray_clust
     result = pretrain(p)
 
     # What a person follows on the driver: one line per epoch (rank 0's records), then a summary.
-    shown = [r.getMessage() for r in caplog.records if r.name in ("pipeline.progress", "pipeline.driver.pretrain")]
+    shown = [r.getMessage() for r in caplog.records if r.name in ("pipeline.progress", "pipeline.driver.run")]
     epochs = [m for m in shown if m.startswith("epoch ")]
     assert [m.split(":")[0] for m in epochs] == ["epoch 1/2", "epoch 2/2"], shown
     for m in epochs:
@@ -158,7 +158,7 @@ def test_a_spent_time_budget_ends_two_workers_alike_after_the_warm_up_epoch(tmp_
     from mlflow.tracking import MlflowClient
 
     from pipeline.weights.checkpoint import load_state, load_teacher
-    from pipeline.driver.pretrain import prepare, pretrain
+    from pipeline.driver import prepare, pretrain
 
     cfg = _smoke(tmp_path, mlflow_server, "tracking.run_name=ray-budget", "optim.epochs=3", "optim.time_budget_minutes=0.01",
                  "optim.teacher_snapshot_minutes=[0.005,0.002]")
@@ -196,7 +196,8 @@ def test_a_run_stopped_for_bad_data_fails_with_the_reason_not_as_finished(tmp_pa
 
     from mlflow.tracking import MlflowClient
 
-    from pipeline.driver.pretrain import find_run, prepare, pretrain
+    from pipeline.driver import prepare, pretrain
+    from pipeline.tracking import find_run
     from pipeline.errors import DataError
     from pipeline.data.synthetic import make_synthetic_dataset
 

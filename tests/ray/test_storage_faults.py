@@ -50,7 +50,7 @@ def test_checkpoint_storage_turning_read_only_stops_the_run_with_a_one_line_erro
     from mlflow.tracking import MlflowClient
 
     from pipeline.weights.checkpoint import load_state
-    from pipeline.driver.pretrain import prepare, pretrain
+    from pipeline.driver import prepare, pretrain
 
     # One epoch of 6 steps, a checkpoint every 2; no retry of the failed worker group (with retries each
     # attempt resumes from the last good checkpoint and fails at the same write again).

@@ -26,7 +26,8 @@ else
     mkdir -p "$STAGE_SITE"
     rm -f "$STAGE_SITE/.complete"
     for _a in $_stage_archives; do
-        xz -dc -T0 "$_a" | tar -x -C "$STAGE_SITE" || { echo "gpu-stage: could not unpack $_a" >&2; return 1 2>/dev/null || exit 1; }
+        xz -dc -T0 "$_a" | tar -x -C "$STAGE_SITE" \
+            || { echo "gpu-stage: could not unpack $_a" >&2; return 1 2>/dev/null || exit 1; }
     done
     touch "$STAGE_SITE/.complete"
     echo "gpu-stage: unpacked into $STAGE_SITE in $((SECONDS - _stage_t0)) s"
@@ -34,5 +35,6 @@ fi
 export PYTHONPATH="$STAGE_SITE${PYTHONPATH:+:$PYTHONPATH}"
 export PATH="$STAGE_SITE/bin:$PATH"
 python3 -c 'import ray, ray.data, ray.train.torch, pydantic, webdataset, braceexpand, mlflow, faiss, sqlalchemy
-print("gpu-stage: ray", ray.__version__, "pydantic", pydantic.__version__, "mlflow", mlflow.__version__, "faiss", faiss.__version__)' \
+print("gpu-stage: ray", ray.__version__, "pydantic", pydantic.__version__, "mlflow", mlflow.__version__,
+      "faiss", faiss.__version__)' \
     || { echo "gpu-stage: the staged packages do not import" >&2; return 1 2>/dev/null || exit 1; }

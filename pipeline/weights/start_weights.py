@@ -84,10 +84,10 @@ def resolve_path(source: str, tracking_uri: str | None, output_dir: str | Path) 
         parts = source[len("models:/"):].strip("/").split("/")
         if len(parts) != 2 or not parts[1].isdigit():
             raise CheckpointError(f"model.init_from {source!r}: expected models:/<name>/<version number>")
-        from mlflow.tracking import MlflowClient
+        from pipeline.tracking import mlflow_client
 
         try:
-            version = MlflowClient(tracking_uri).get_model_version(parts[0], parts[1])
+            version = mlflow_client(tracking_uri).get_model_version(parts[0], parts[1])
         except Exception as e:  # noqa: BLE001  (not found, registry unreachable)
             raise CheckpointError(f"model.init_from {source!r}: no such model version at {tracking_uri} ({type(e).__name__})") from None
         if not version.run_id:

@@ -1,16 +1,15 @@
-"""The per-worker training loop run by Ray Train's ``TorchTrainer`` (DDP; gloo on CPU, NCCL on GPU).
+"""One worker's training: the models, the optimizer, the schedules and the step, epoch by epoch.
 
-``train_loop_per_worker`` hands off to :class:`DinoRunner`, which owns the models and the step; the
-data source is any iterable of ``{"global_crops", "local_crops"}`` uint8 batches, so the runner is
-testable without Ray Data. Only rank 0 has side effects (MLflow metrics, checkpoint files).
+:class:`DinoRunner` owns the student, the EMA teacher, the loss and its centre, the optimizer and the
+schedules; :meth:`DinoRunner.train_epoch` runs an epoch's steps over any iterable of
+``{"global_crops", "local_crops"}`` uint8 batches, so the runner is testable without Ray Data or Ray Train
+(:mod:`pipeline.train.worker` connects it to them). DDP: gloo on CPU, NCCL on GPU.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import os
-import tempfile
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
@@ -23,16 +22,14 @@ from dino.crops import crops_to_input
 from dino.loss import DINOLoss
 from dino.optim import build_optimizer
 from dino.schedules import build_schedules
-from dino.health import CollapseMonitor
-from dino.train_step import build_student_teacher, dino_step, maybe_compile, precision_settings
-from pipeline.weights.checkpoint import load_state, save_state
-from pipeline.errors import CheckpointError, CheckpointStorageError
-from pipeline.config import Config, config_from_dict
-from pipeline.train.start_weights import apply_start
-from pipeline.progress import epoch_record
+from dino.health import CollapseEpisodes, CollapseMonitor
+from dino.train_step import StepOptions, build_student_teacher, dino_step, maybe_compile, precision_settings
+from dino.distributed import is_distributed
+from pipeline.errors import CheckpointError
+from pipeline.config import Config
+from pipeline.weights.start_weights import apply_start
 from pipeline.data.sample_stats import bad_fraction_error
 from pipeline.data.sample_stats import metrics as data_metrics
-from pipeline.tracking import MetricsTracker, NullTracker, last_logged_step
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +46,7 @@ class LoopPlan:
     attention_paths: tuple[str, ...] = ()  # val shards whose first images get attention maps (rank 0)
     deadline: float | None = None  # time.time() by which training must end (optim.time_budget_minutes), or None
     started: float | None = None  # time.time() when the pretraining call started (optim.teacher_snapshot_minutes)
-    init_weights: Any = None  # model.init_from mapped (pipeline.train.start_weights.StartWeights), or a Ray ObjectRef to one
+    init_weights: Any = None  # model.init_from mapped (pipeline.weights.start_weights.StartWeights), or a Ray ObjectRef to one
 
 
 def model_signature(tree: dict[str, Any]) -> dict[str, Any]:
@@ -80,13 +77,9 @@ def _has_batchnorm(model: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
 def _from_rank0(value):
     """Rank 0's ``value`` on every rank (itself without ``torch.distributed``)."""
-    if not _distributed():
+    if not is_distributed():
         return value
     box = [value]
     dist.broadcast_object_list(box, src=0)
@@ -121,7 +114,7 @@ class DinoRunner:
         start = _start_weights(plan.init_weights)  # model.init_from (not kept: the models hold it now)
         if start is not None:  # before DDP (which broadcasts rank 0's weights anyway)
             apply_start(start, student, teacher)
-        if _distributed() and device.type == "cuda" and _has_batchnorm(student):
+        if is_distributed() and device.type == "cuda" and _has_batchnorm(student):
             # ConvNets: batch statistics over the global batch, as the reference code does (GPU only in torch).
             student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
             teacher = nn.SyncBatchNorm.convert_sync_batchnorm(teacher)
@@ -137,12 +130,10 @@ class DinoRunner:
         self.optimizer = build_optimizer(self.student_module)  # fused AdamW on CUDA
         self.autocast_dtype, self.scaler = precision_settings(device, o.precision)
         self.channels_last = o.channels_last and device.type == "cuda"
-        self.monitor = CollapseMonitor(m.out_dim, patience=cfg.health.collapse_patience)
+        self.collapse = CollapseEpisodes(CollapseMonitor(m.out_dim, patience=cfg.health.collapse_patience))
         self.skipped_steps = 0  # non-finite steps skipped (health.nonfinite = skip), this run
         self.steps_in_epoch = 0  # steps of the current epoch done (checkpointed: mid-epoch resume)
         self.data_exhausted = False  # the run's batch stream ended (fewer good samples than planned)
-        self.collapse: str | None = None  # the collapse episode under way (its reason), None when there is none
-        self.collapse_since, self.clear_windows = 0, 0  # where that episode began; clear windows since
         self.last_entropy = (float("nan"), float("nan"))  # h(Pt) of the latest window (nats), and h / log K
         spe = plan.steps_per_epoch
         self.planned_epochs = o.epochs  # optim.epochs, or what fits optim.time_budget_minutes
@@ -167,7 +158,7 @@ class DinoRunner:
         self.freeze_backbone_steps = spe * self.freeze_backbone_epochs
         self.global_step = 0
         self.epoch = 0
-        torch.manual_seed(cfg.seed + 1 + (dist.get_rank() if _distributed() else 0))  # per-rank drop-path
+        torch.manual_seed(cfg.seed + 1 + (dist.get_rank() if is_distributed() else 0))  # per-rank drop-path
 
     def fit_schedules(self, epochs: int, from_step: int | None = None) -> None:
         """Make the run ``epochs`` long from ``from_step`` (default: the current step) on: every schedule's
@@ -241,14 +232,7 @@ class DinoRunner:
             g,
             loc,
             values,
-            clip_grad=self.cfg.optim.clip_grad,
-            freeze_last_layer=self.global_step < self.freeze_steps,
-            clip_mode=self.cfg.optim.clip_mode,
-            freeze_backbone=self.global_step < self.freeze_backbone_steps,
-            autocast_dtype=self.autocast_dtype,
-            scaler=self.scaler,
-            health=health,
-            skip_nonfinite=self.cfg.health.nonfinite == "skip",
+            StepOptions(clip_grad=self.cfg.optim.clip_grad, freeze_last_layer=self.global_step < self.freeze_steps, clip_mode=self.cfg.optim.clip_mode, freeze_backbone=self.global_step < self.freeze_backbone_steps, autocast_dtype=self.autocast_dtype, scaler=self.scaler, health=health, skip_nonfinite=self.cfg.health.nonfinite == "skip"),
         )
         self.global_step += 1
         return out
@@ -392,23 +376,16 @@ class DinoRunner:
         if self.scaler is not None:
             metrics["grad_scale"] = self.scaler.get_scale()
         tracker.log_metrics(metrics, step=self.global_step)
-        verdict = self.monitor.update(entropy, kl)
-        if verdict and verdict != self.collapse:  # warn and tag once per episode, not every window
+        verdict, event = self.collapse.update(entropy, kl, self.global_step)
+        if event is not None and event.kind == "begins":  # warn and tag once per episode, not every window
             log.warning("collapse suspected at step %d: %s (h(Pt)=%.4g, KL=%.4g)", self.global_step, verdict, entropy, kl)
             tracker.set_tag("collapse", f"{verdict} at step {self.global_step}")
-            self.collapse_since, self.clear_windows = self.global_step, 0
-        clear = not any(self.monitor.counts.values())  # no condition held in this window
-        if verdict or not clear:
-            self.collapse, self.clear_windows = verdict or self.collapse, 0
-        elif self.collapse:  # over once no condition has held for as many windows as it took to report one
-            self.clear_windows += 1
-            if self.clear_windows >= self.monitor.patience:
-                log.warning("collapse over at step %d: %s held from step %d; now h(Pt)=%.4g (%.2f of log K), KL=%.4g",
-                            self.global_step, self.collapse, self.collapse_since, entropy, self.last_entropy[1], kl)
-                tracker.set_tag("collapse", f"{self.collapse} from step {self.collapse_since} to {self.global_step}, over")
-                self.collapse = None
+        elif event is not None:
+            log.warning("collapse over at step %d: %s held from step %d; now h(Pt)=%.4g (%.2f of log K), KL=%.4g",
+                        self.global_step, event.reason, event.since, entropy, self.last_entropy[1], kl)
+            tracker.set_tag("collapse", f"{event.reason} from step {event.since} to {self.global_step}, over")
         if verdict and self.cfg.health.collapse_action == "stop":
-                problems.append(f"collapse ({verdict}) at global step {self.global_step}: h(Pt)={entropy:.4g}, KL={kl:.4g}")
+            problems.append(f"collapse ({verdict}) at global step {self.global_step}: h(Pt)={entropy:.4g}, KL={kl:.4g}")
         return self.agree_stop(problems[0] if problems else None, tracker)
 
     def agree_stop(self, local: str | None, tracker) -> str | None:
@@ -421,7 +398,7 @@ class DinoRunner:
             stats = self.data_stats()
             tracker.log_metrics(data_metrics(stats), step=self.global_step)
             message = message or bad_fraction_error(stats, self.cfg.data.max_bad_fraction)
-        if _distributed():
+        if is_distributed():
             box: list[str | None] = [None] * dist.get_world_size()
             dist.all_gather_object(box, message)
             message = next((m for m in box if m), None)
@@ -429,219 +406,9 @@ class DinoRunner:
 
     def center_divergence(self) -> float:
         """Max |centre_rank - centre_rank0| over ranks: 0 when distributed centering is in sync."""
-        if not _distributed():
+        if not is_distributed():
             return 0.0
         c = self.loss_fn.center.detach().float()
         gathered = [torch.empty_like(c) for _ in range(dist.get_world_size())]
         dist.all_gather(gathered, c)
         return max((g - gathered[0]).abs().max().item() for g in gathered)
-
-
-def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
-    """Entry point of each Ray Train worker: build the runner, resume if a checkpoint exists, train."""
-    import ray.train
-    import ray.train.torch
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    cfg = config_from_dict(loop_config["config"])
-    plan = LoopPlan(**loop_config["plan"])
-    if cfg.ray.torch_threads:  # e.g. 2 threads on a 2-core node whose augmentation needs only a fraction of a core
-        torch.set_num_threads(cfg.ray.torch_threads)
-    ctx = ray.train.get_context()
-    rank = ctx.get_world_rank()
-    device = ray.train.torch.get_device()
-    data_stats = record_stop = record_epoch = None
-    if rank == 0 and plan.counter_name:
-        import ray
-
-        counter = ray.get_actor(plan.counter_name)
-        data_stats = lambda: ray.get(counter.get.remote())  # noqa: E731
-        record_stop = lambda reason: ray.get(counter.stop.remote(reason))  # noqa: E731  (the driver reads it)
-        record_epoch = counter.epoch_done.remote  # the driver prints it (pipeline.progress.epoch_line)
-    runner = DinoRunner(
-        cfg,
-        plan,
-        device,
-        wrap_ddp=lambda m: ray.train.torch.prepare_model(m, move_to_device=False),
-        data_stats=data_stats,
-    )
-
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            runner.load_state_dict(load_state(d, map_location=device))
-        log.info("rank %d resumed from epoch %d, global step %d", rank, runner.epoch, runner.global_step)
-
-    tracker = NullTracker()
-    if rank == 0:
-        # After a restart the run already holds steps up to where the dead group got: never log a step twice.
-        skip = last_logged_step(plan.tracking_uri, plan.run_id) if checkpoint is not None else -1
-        tracker = MetricsTracker(plan.tracking_uri, plan.run_id, skip_through_step=skip)
-        if checkpoint is not None:
-            tracker.set_tag("resumed_from_step", str(runner.global_step))
-            log.info("resuming MLflow run %s: steps <= %d already logged are not re-sent", plan.run_id, skip)
-    attention = _attention_probe(cfg, plan, device) if rank == 0 else None
-    fresh = checkpoint is None
-    snapshots = _snapshot_schedule(cfg, plan, fresh) if rank == 0 else None
-    if attention is not None:
-        # The weights before the first step (random init, or model.init_from), and the centre prior: step 0.
-        start = (lambda: attention.measure_start(runner.teacher.backbone, tracker)) if fresh else attention.restore_start
-        _safely(start, "at the start")
-
-    def save_checkpoint(metrics: dict[str, Any]) -> None:
-        with tempfile.TemporaryDirectory() as d:
-            if rank == 0:
-                save_state(d, runner.state_dict())
-                upload = _paused_upload(runner.global_step) if fresh else None
-                try:
-                    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d), checkpoint_upload_fn=upload)
-                except OSError as e:  # storage unwritable, full, or gone: say where, in one line
-                    where = ray.train.get_context().get_storage().experiment_fs_path
-                    raise CheckpointStorageError(
-                        f"cannot write the checkpoint of step {runner.global_step} to {where}: {' '.join(str(e).split())}"
-                    ) from e
-            else:
-                ray.train.report(metrics, checkpoint=None)
-
-    # The dataset is one stream of several passes over the shards (see pretrain): a single iterator for
-    # the whole run keeps the augmentation pool and the prefetch warm across epoch boundaries. An epoch
-    # is ``steps_per_epoch`` steps of that stream.
-    shard = ray.train.get_dataset_shard("train")
-    B = cfg.optim.batch_size_per_worker
-    batches = iter(shard.iter_torch_batches(batch_size=B, drop_last=True, prefetch_batches=2))
-    walls: list[float] = []  # wall seconds of each epoch of this process, epoch ends included (for the ETA)
-    t_record = time.perf_counter()
-    try:
-        epoch_end_s = 0.0  # what the previous epoch end took (report, checkpoint, attention maps)
-        while runner.epoch < runner.planned_epochs and not runner.data_exhausted:
-            summary = runner.train_epoch(batches, tracker, save_checkpoint)
-            t_end = time.perf_counter()
-            if "stopped" in summary:  # every rank agrees: report without a checkpoint and end
-                log.error("rank %d: run stopped: %s", rank, summary["stopped"])
-                tracker.set_tag("stopped", summary["stopped"][:5000])
-                tracker.flush()
-                if record_stop is not None:
-                    record_stop(summary["stopped"])
-                ray.train.report({**summary, "global_step": runner.global_step})
-                return
-            tracker.log_metrics({"epoch_mean_loss": summary["mean_loss"]}, step=runner.global_step)
-            budget = runner.apply_budget(plan.deadline, summary, epoch_end_s, time.time())
-            if budget:
-                log.info("time budget: %s", budget[1])
-                tracker.set_tag(*budget)
-                tracker.log_metrics({"planned_epochs": runner.planned_epochs}, step=runner.global_step)
-            if record_epoch is not None:
-                wall, t_record = time.perf_counter() - t_record, time.perf_counter()
-                record_epoch(epoch_record(summary, planned_epochs=runner.planned_epochs, wall_s=wall,
-                                          global_batch_size=plan.global_batch_size, recent_walls=walls,
-                                          teacher_entropy=runner.last_entropy[0], entropy_ratio=runner.last_entropy[1]))
-                walls.append(wall)
-            last = runner.epoch >= runner.planned_epochs or runner.data_exhausted
-            if attention is not None and (runner.epoch % cfg.health.attention_every_epochs == 0 or last):
-                _safely(lambda: attention.at_epoch(runner.teacher.backbone, tracker, runner.epoch, runner.global_step),
-                        f"at epoch {runner.epoch}")
-            if snapshots is not None:
-                _snapshot_if_due(snapshots, runner, cfg, plan)
-            tracker.flush_before_checkpoint()
-            metrics = {**summary, "global_step": runner.global_step}
-            if last and attention is not None and attention.results() is not None:
-                metrics["attention_jaccard"] = attention.results()  # for the driver: PretrainResult.metrics
-            if last or runner.epoch % cfg.ray.checkpoint_every_epochs == 0:
-                save_checkpoint(metrics)
-            else:
-                ray.train.report(metrics)
-            epoch_end_s = time.perf_counter() - t_end
-    finally:
-        tracker.close()
-
-
-CHECKPOINT_PAUSE_ENV = "DINO_TEST_CHECKPOINT_PAUSE"
-
-
-def _paused_upload(step: int):
-    """Test hook, off unless ``DINO_TEST_CHECKPOINT_PAUSE=<global step>:<seconds>`` is set: an upload
-    function for ``ray.train.report`` that copies the checkpoint of that step to storage as Ray Train
-    does, logs where, and sleeps before returning, i.e. before the checkpoint is reported and registered.
-    Only a worker group that started without a checkpoint pauses (its restart goes straight on). It gives
-    a test a window to kill a worker while a checkpoint is written but not yet registered
-    (tests/ray/test_checkpoint_faults.py)."""
-    spec = os.environ.get(CHECKPOINT_PAUSE_ENV, "")
-    at, _, seconds = spec.partition(":")
-    if not spec or int(at) != step:
-        return None
-
-    def upload(checkpoint, dir_name: str):
-        import ray.train
-
-        persisted = ray.train.get_context().get_storage().persist_current_checkpoint(checkpoint, dir_name)
-        log.warning("%s: checkpoint of step %d written to %s, not reported; pausing %s s", CHECKPOINT_PAUSE_ENV,
-                    step, persisted.path, seconds)
-        time.sleep(float(seconds))
-        return persisted
-
-    return upload
-
-
-def _attention_probe(cfg: Config, plan: LoopPlan, device: torch.device):
-    """Rank 0: the attention figure and Jaccard of fixed val images (:class:`AttentionProbe`), or None."""
-    if not cfg.health.attention_every_epochs or not plan.attention_paths:
-        return None
-    from dino.backbone import is_vit
-
-    if not is_vit(cfg.model.arch):
-        log.info("attention maps off: %s has no [CLS] attention (not a ViT)", cfg.model.arch)
-        return None
-    from mlflow.tracking import MlflowClient
-
-    from pipeline.train.attention import AttentionProbe
-    from pipeline.data.shards import members_from_config
-
-    try:
-        return AttentionProbe.load(
-            list(plan.attention_paths), cfg.health.attention_images, cfg.augment.global_size,
-            layout=members_from_config(cfg.data), client=MlflowClient(plan.tracking_uri), run_id=plan.run_id, device=device,
-            start_label="random_init" if plan.init_weights is None else "start",
-        )
-    except Exception as e:  # a diagnostic: never a reason to fail the run
-        log.warning("attention maps disabled: cannot read val images (%s)", e)
-        return None
-
-
-def _snapshot_schedule(cfg: Config, plan: LoopPlan, fresh: bool):
-    """Rank 0: the marks of ``optim.teacher_snapshot_minutes`` still to log (:mod:`pipeline.train.snapshots`), or None."""
-    if not cfg.optim.teacher_snapshot_minutes or plan.started is None:
-        return None
-    from mlflow.tracking import MlflowClient
-
-    from pipeline.train.snapshots import SnapshotSchedule, logged_labels
-
-    done = set() if fresh else logged_labels(MlflowClient(plan.tracking_uri), plan.run_id)
-    return SnapshotSchedule(cfg.optim.teacher_snapshot_minutes, plan.started, done)
-
-
-def _snapshot_if_due(snapshots, runner: DinoRunner, cfg: Config, plan: LoopPlan) -> None:
-    """At an epoch end: log the teacher for every mark reached since the last one. A failure is a warning
-    (a learning-curve point is never worth the run)."""
-    now = time.time()
-    due = snapshots.due(now)
-    if not due:
-        return
-    from mlflow.tracking import MlflowClient
-
-    from pipeline.train.snapshots import log_snapshot, teacher_meta
-
-    elapsed = snapshots.elapsed_min(now)
-    meta = {**teacher_meta(cfg.to_dict(), plan.run_id, runner.global_step, runner.epoch), "elapsed_min": round(elapsed, 3)}
-    try:
-        labels = log_snapshot(MlflowClient(plan.tracking_uri), plan.run_id, runner.teacher.state_dict(), meta, due)
-        log.info("teacher snapshot %s at %.1f min (epoch %d)", ", ".join(labels), elapsed, runner.epoch)
-    except Exception as e:
-        log.warning("teacher snapshot at %.1f min (marks %s) failed: %s", elapsed, due, e)
-
-
-def _safely(measure: Callable[[], None], when: str) -> None:
-    """Runs a measurement of the attention probe; a failure is a warning (a diagnostic must never stop training)."""
-    try:
-        measure()
-    except Exception as e:
-        log.warning("attention maps %s failed: %s", when, e)
