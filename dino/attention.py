@@ -37,9 +37,11 @@ _VIRIDIS_ANCHORS = np.array(
     dtype=np.float64,
 )
 _ANCHOR_AT = np.linspace(0.0, 1.0, len(_VIRIDIS_ANCHORS))
-COLORMAP = np.stack(
-    [np.interp(np.linspace(0.0, 1.0, 256), _ANCHOR_AT, c) for c in _VIRIDIS_ANCHORS.T], axis=-1
-).round().astype(np.uint8)  # (256, 3)
+COLORMAP = (
+    np.stack([np.interp(np.linspace(0.0, 1.0, 256), _ANCHOR_AT, c) for c in _VIRIDIS_ANCHORS.T], axis=-1)
+    .round()
+    .astype(np.uint8)
+)  # (256, 3)
 
 OVERLAY_RGB = (255, 48, 48)  # colour blended into the image where the thresholded mean map is set
 OVERLAY_ALPHA = 0.5
@@ -355,8 +357,11 @@ def attention_figure(
     if gt is not None:
         header[-1] += " | GT outline"
         header.append("ground truth")
-    out = np.full((LABEL_HEIGHT + SEPARATOR + b * (th + LABEL_HEIGHT) + (b - 1) * SEPARATOR, total_w, 3),
-                  SEPARATOR_VALUE, np.uint8)
+    out = np.full(
+        (LABEL_HEIGHT + SEPARATOR + b * (th + LABEL_HEIGHT) + (b - 1) * SEPARATOR, total_w, 3),
+        SEPARATOR_VALUE,
+        np.uint8,
+    )
     out[:LABEL_HEIGHT] = _text_strip(header, tw, total_w)
     for i in range(b):
         image, overlay = big[i], overlay_mask(big[i], mask[i])

@@ -258,9 +258,13 @@ def pil_blur_kernel(sigma: float, passes: int = 3) -> np.ndarray:
     """
     sigma2 = sigma * sigma / passes
     big_l = math.sqrt(12.0 * sigma2 + 1.0)
-    l = math.floor((big_l - 1.0) / 2.0)
-    a = (2 * l + 1) * (l * (l + 1) - 3 * sigma2) / (6 * (sigma2 - (l + 1) * (l + 1)))
-    radius = l + a
+    box_radius = math.floor((big_l - 1.0) / 2.0)  # the paper's integer radius l
+    a = (
+        (2 * box_radius + 1)
+        * (box_radius * (box_radius + 1) - 3 * sigma2)
+        / (6 * (sigma2 - (box_radius + 1) * (box_radius + 1)))
+    )
+    radius = box_radius + a
     r = int(radius)
     ww = 1.0 / (2 * radius + 1)
     fw = (1.0 - (2 * r + 1) * ww) / 2

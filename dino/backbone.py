@@ -85,6 +85,4 @@ def create_backbone(
         ValueError: If timm does not know ``arch``.
     """
     kwargs = backbone_kwargs(arch, img_size, model_kwargs)
-    return timm.create_model(
-        arch, pretrained=False, num_classes=0, drop_path_rate=drop_path_rate, **kwargs
-    )
+    return timm.create_model(arch, pretrained=False, num_classes=0, drop_path_rate=drop_path_rate, **kwargs)

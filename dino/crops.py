@@ -36,9 +36,7 @@ def crops_to_input(
         ``[N * B, 3, H, W]`` tensor of ``(x / 255 - mean) / std``.
     """
     if crops_u8.ndim != 5 or crops_u8.shape[-1] != 3:
-        raise ValueError(
-            f"expected uint8 crops of shape [B, N, H, W, 3], got {tuple(crops_u8.shape)}"
-        )
+        raise ValueError(f"expected uint8 crops of shape [B, N, H, W, 3], got {tuple(crops_u8.shape)}")
     b, n, h, w, _ = crops_u8.shape
     x = crops_u8.to(device, non_blocking=True)  # (B, N, H, W, 3) uint8
     x = x.transpose(0, 1).reshape(n * b, h, w, 3)  # (N*B, H, W, 3) uint8, crop-major

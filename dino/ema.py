@@ -25,8 +25,6 @@ def update_teacher(student: nn.Module, teacher: nn.Module, momentum: float) -> N
     student = getattr(student, "module", student)
     s_params = [p.detach() for _, p in student.named_parameters()]
     t_params = [p.detach() for _, p in teacher.named_parameters()]
-    assert len(s_params) == len(t_params), (
-        f"student has {len(s_params)} parameters, teacher {len(t_params)}"
-    )
+    assert len(s_params) == len(t_params), f"student has {len(s_params)} parameters, teacher {len(t_params)}"
     torch._foreach_mul_(t_params, momentum)
     torch._foreach_add_(t_params, s_params, alpha=1.0 - momentum)

@@ -51,9 +51,7 @@ def _pairwise_kl(p_t: Tensor, student_logits: Tensor, student_temp: float) -> Te
 def _batch(teacher_rows: int, student_rows: int, n_global_crops: int) -> int:
     """Per-view batch size ``B``; shape checks only (no synchronisation)."""
     if n_global_crops < 1 or teacher_rows % n_global_crops != 0:
-        raise ValueError(
-            f"teacher rows {teacher_rows} not divisible by n_global_crops={n_global_crops}"
-        )
+        raise ValueError(f"teacher rows {teacher_rows} not divisible by n_global_crops={n_global_crops}")
     batch = teacher_rows // n_global_crops
     if student_rows % batch != 0:
         raise ValueError(f"student rows {student_rows} not divisible by batch {batch}")
@@ -160,9 +158,7 @@ class CollapseMonitor:
 
     REASONS = ("entropy_zero", "entropy_uniform", "kl_to_zero", "nonfinite")
 
-    def __init__(
-        self, out_dim: int, kl_floor: float = 1e-3, entropy_margin: float = 0.01, patience: int = 5
-    ) -> None:
+    def __init__(self, out_dim: int, kl_floor: float = 1e-3, entropy_margin: float = 0.01, patience: int = 5) -> None:
         if out_dim < 2:
             raise ValueError(f"out_dim must be >= 2 (log K > 0), got {out_dim}")
         if not kl_floor > 0:

@@ -107,7 +107,10 @@ def vote_for_each_k(
         ``{k: [M, C] scores}`` equal to :func:`weighted_vote` on the first ``k`` columns.
     """
     kmax = similarities.shape[1]
-    return {k: weighted_vote(similarities[:, : min(k, kmax)], neighbour_labels[:, : min(k, kmax)], num_classes, temperature) for k in ks}
+    return {
+        k: weighted_vote(similarities[:, : min(k, kmax)], neighbour_labels[:, : min(k, kmax)], num_classes, temperature)
+        for k in ks
+    }
 
 
 def per_class_accuracy(scores: Tensor, labels: Tensor, num_classes: int, topk: int = 5) -> dict[str, Tensor]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
+
 from dino.distributed import is_distributed
 
 
@@ -56,9 +57,7 @@ class DINOLoss(nn.Module):
         t = (_at_least_fp32(teacher_logits.detach()) - self.center) / teacher_temp  # (n, K)
         return F.softmax(t, dim=-1)
 
-    def forward(
-        self, student_logits: Tensor, teacher_logits: Tensor, teacher_temp: float
-    ) -> Tensor:
+    def forward(self, student_logits: Tensor, teacher_logits: Tensor, teacher_temp: float) -> Tensor:
         """Compute the loss with the current centre, then update the centre.
 
         Args:
@@ -72,14 +71,10 @@ class DINOLoss(nn.Module):
         """
         n_t = self.n_global_crops
         if teacher_logits.shape[0] % n_t != 0:
-            raise ValueError(
-                f"teacher rows {teacher_logits.shape[0]} not divisible by n_global_crops={n_t}"
-            )
+            raise ValueError(f"teacher rows {teacher_logits.shape[0]} not divisible by n_global_crops={n_t}")
         batch = teacher_logits.shape[0] // n_t
         if student_logits.shape[0] % batch != 0:
-            raise ValueError(
-                f"student rows {student_logits.shape[0]} not divisible by batch {batch}"
-            )
+            raise ValueError(f"student rows {student_logits.shape[0]} not divisible by batch {batch}")
         n_s = student_logits.shape[0] // batch
         n_pairs = n_t * n_s - min(n_t, n_s)
         if n_pairs == 0:

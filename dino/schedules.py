@@ -41,9 +41,7 @@ def cosine_schedule(
     if total_steps <= 0:
         raise ValueError(f"total_steps must be > 0, got {total_steps}")
     if not 0 <= warmup_steps <= total_steps:
-        raise ValueError(
-            f"warmup_steps must be in [0, total_steps={total_steps}], got {warmup_steps}"
-        )
+        raise ValueError(f"warmup_steps must be in [0, total_steps={total_steps}], got {warmup_steps}")
     warmup = np.linspace(warmup_start, base, warmup_steps)  # (warmup_steps,)
     n = total_steps - warmup_steps
     i = np.arange(n)
@@ -51,9 +49,7 @@ def cosine_schedule(
     return np.concatenate([warmup, cosine])
 
 
-def teacher_temp_schedule(
-    warmup_start: float, final: float, total_steps: int, warmup_steps: int
-) -> np.ndarray:
+def teacher_temp_schedule(warmup_start: float, final: float, total_steps: int, warmup_steps: int) -> np.ndarray:
     """Teacher temperature: linear warm-up from ``warmup_start`` to ``final``, then constant.
 
     A warm-up longer than the run (e.g. the paper's 30 epochs in a short smoke run) is truncated:
@@ -100,20 +96,16 @@ class Schedules:
     teacher_temp: np.ndarray
 
     def __post_init__(self) -> None:
-        lengths = {
-            len(a) for a in (self.lr, self.weight_decay, self.teacher_momentum, self.teacher_temp)
-        }
+        lengths = {len(a) for a in (self.lr, self.weight_decay, self.teacher_momentum, self.teacher_temp)}
         if len(lengths) != 1:
-            raise ValueError(
-                f"all schedules must have the same length, got lengths {sorted(lengths)}"
-            )
+            raise ValueError(f"all schedules must have the same length, got lengths {sorted(lengths)}")
 
     @property
     def total_steps(self) -> int:
         """Number of steps covered by the schedules."""
         return len(self.lr)
 
-    def stretch(self, from_step: int, total_steps: int) -> "Schedules":
+    def stretch(self, from_step: int, total_steps: int) -> Schedules:
         """The same schedules up to ``from_step``, their remaining part resampled onto ``total_steps``.
 
         Step ``k >= from_step`` of the result takes this schedule's value at ``from_step + (k - from_step)
@@ -193,12 +185,8 @@ def build_schedules(
     """
     peak_lr = base_lr * global_batch_size / 256.0
     return Schedules(
-        lr=cosine_schedule(
-            peak_lr, min_lr, total_steps, warmup_steps=warmup_steps, warmup_start=0.0
-        ),
+        lr=cosine_schedule(peak_lr, min_lr, total_steps, warmup_steps=warmup_steps, warmup_start=0.0),
         weight_decay=cosine_schedule(weight_decay, weight_decay_end, total_steps),
         teacher_momentum=cosine_schedule(momentum_teacher, 1.0, total_steps),
-        teacher_temp=teacher_temp_schedule(
-            warmup_teacher_temp, teacher_temp, total_steps, warmup_teacher_temp_steps
-        ),
+        teacher_temp=teacher_temp_schedule(warmup_teacher_temp, teacher_temp, total_steps, warmup_teacher_temp_steps),
     )

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from dino.backbone import create_backbone
+from dino.distributed import is_distributed
 from dino.ema import update_teacher
 from dino.head import DINOHead
 from dino.health import step_health
@@ -28,7 +29,6 @@ from dino.optim import (
     set_hyperparams,
 )
 from dino.schedules import StepValues
-from dino.distributed import is_distributed
 
 
 def build_student_teacher(

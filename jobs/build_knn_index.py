@@ -33,8 +33,8 @@ except ImportError:
 def _load_config(args):
     """``--config`` (default ``local``), or with ``--run-id`` and no ``--config`` the run's logged config."""
     from pipeline.config import load_config
-    from pipeline.weights import run_config
     from pipeline.tracking import resolve_tracking_uri
+    from pipeline.weights import run_config
 
     cfg = load_config(args.config or "local", args.overrides)
     if not args.run_id or args.config:
@@ -58,9 +58,13 @@ def main(argv: list[str] | None = None) -> int:
     src = parser.add_mutually_exclusive_group(required=True)
     src.add_argument("--teacher", help="folder with teacher_backbone.safetensors + teacher.json")
     src.add_argument("--run-id", help="MLflow pretraining run whose exported teacher (and, by default, config) to use")
-    parser.add_argument("--config", help="preset for data/knn/ray settings (default: the run's config with --run-id, else local)")
+    parser.add_argument(
+        "--config", help="preset for data/knn/ray settings (default: the run's config with --run-id, else local)"
+    )
     parser.add_argument("--out", help="index output folder (default: <teacher>/../knn)")
-    parser.add_argument("--random-baseline", action="store_true", help="also evaluate the arch at random init (same pass)")
+    parser.add_argument(
+        "--random-baseline", action="store_true", help="also evaluate the arch at random init (same pass)"
+    )
     parser.add_argument("overrides", nargs="*", help="config overrides as key=value")
     args = parser.parse_args(argv)
     _cli.setup_logging()
@@ -115,8 +119,12 @@ def _report(cfg, res: dict, val=None) -> None:
     kn = cfg.knn
     print(f"index: {res['index_dir']} ({res['index_type']}, {res['n_db']} vectors, {res['index_params'] or 'exact'})")
     if res.get("recall_at_k"):
-        print("recall vs exact search (" + str(res["recall_queries"]) + " queries): "
-              + "  ".join(f"@{k} {r:.4f}" for k, r in res["recall_at_k"].items()))
+        print(
+            "recall vs exact search ("
+            + str(res["recall_queries"])
+            + " queries): "
+            + "  ".join(f"@{k} {r:.4f}" for k, r in res["recall_at_k"].items())
+        )
     if "teacher" in res:
         how = ", leave-one-out" if res.get("protocol") == "leave_one_out" else ""
         print(f"weighted k-NN on {val.describe()} ({res['n_queries']} queries{how}), T={kn.temperature}, exact search:")

@@ -79,25 +79,38 @@ def _parser() -> argparse.ArgumentParser:
         prog="make_shards.py",
         usage="%(prog)s SRC OUT_DIR [options]\n       %(prog)s --synthetic OUT_DIR [options]",
         description="Write webdataset shards + index.json from an ImageNet-style folder or a .csv/.jsonl "
-                    "manifest of path,label (loaded on Ray when large), or a synthetic set.",
+        "manifest of path,label (loaded on Ray when large), or a synthetic set.",
     )
     p.add_argument("paths", nargs="+", metavar="PATH", help="SRC OUT_DIR, or OUT_DIR with --synthetic")
     p.add_argument("--split", default="train", help="split name of the shards (default: train)")
-    p.add_argument("--shard-size", type=int, default=1000,
-                   help="max samples per shard; 0: no limit, needs --max-bytes (default: 1000)")
+    p.add_argument(
+        "--shard-size",
+        type=int,
+        default=1000,
+        help="max samples per shard; 0: no limit, needs --max-bytes (default: 1000)",
+    )
     p.add_argument("--max-bytes", type=_size, default=None, help="max bytes per shard, e.g. 512M (default: none)")
     p.add_argument("--overwrite", action="store_true", help="replace the split if OUT_DIR already has it")
-    p.add_argument("--order", choices=("random", "sorted"), default="random",
-                   help="order of the images in the shards: random (drawn from --seed; default) or sorted (as listed: "
-                        "a folder's shards then hold one class each)")
+    p.add_argument(
+        "--order",
+        choices=("random", "sorted"),
+        default="random",
+        help="order of the images in the shards: random (drawn from --seed; default) or sorted (as listed: "
+        "a folder's shards then hold one class each)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the random order (and of --synthetic; default: 0)")
     r = p.add_argument_group("where images are loaded")
-    r.add_argument("--ray", action=argparse.BooleanOptionalAction, default=None,
-                   help="load on Ray Data (default: when joining a cluster: --ray-address or RAY_ADDRESS)")
+    r.add_argument(
+        "--ray",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="load on Ray Data (default: when joining a cluster: --ray-address or RAY_ADDRESS)",
+    )
     r.add_argument("--ray-address", default=None, help="join this Ray cluster (e.g. auto) instead of a local one")
     r.add_argument("--num-cpus", type=int, default=os.cpu_count() or 1, help="CPUs of a local Ray started here")
-    r.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
-                   help="image-checking processes without Ray")
+    r.add_argument(
+        "--workers", type=int, default=min(8, os.cpu_count() or 1), help="image-checking processes without Ray"
+    )
     g = p.add_argument_group("synthetic shapes dataset (pipeline/data/synthetic.py)")
     g.add_argument("--synthetic", action="store_true", help="generate the synthetic dataset into OUT_DIR")
     g.add_argument("--n-train", type=int, default=2000)
@@ -122,8 +135,14 @@ def _start_ray(address: str | None, num_cpus: int) -> bool:
 def _synthetic(args, out: Path) -> None:
     for split in ("train", "val") if args.n_val > 0 else ("train",):
         check_output(out, split, args.overwrite)
-    make_synthetic_dataset(out, n_train=args.n_train, n_val=args.n_val, image_size=args.image_size,
-                           seed=args.seed, shard_size=args.shard_size)
+    make_synthetic_dataset(
+        out,
+        n_train=args.n_train,
+        n_val=args.n_val,
+        image_size=args.image_size,
+        seed=args.seed,
+        shard_size=args.shard_size,
+    )
     splits = read_index(out)["splits"]
     counts = ", ".join(f"{s}: {v['count']} images in {len(v['shards'])} shards" for s, v in splits.items())
     print(f"synthetic shapes dataset in {out} ({counts})")
@@ -133,8 +152,10 @@ def _synthetic(args, out: Path) -> None:
 
 def _report(out: Path, split: str, res: PackResult) -> None:
     rate = res.written / max(res.seconds, 1e-9)
-    print(f"split {split}: wrote {res.written} images to {len(res.shards)} shards in {out}, "
-          f"skipped {len(res.skipped)} ({res.engine}, {res.seconds:.1f} s, {rate:.1f} images/s)")
+    print(
+        f"split {split}: wrote {res.written} images to {len(res.shards)} shards in {out}, "
+        f"skipped {len(res.skipped)} ({res.engine}, {res.seconds:.1f} s, {rate:.1f} images/s)"
+    )
     if res.skipped:
         by = Counter(s["reason"] for s in res.skipped)
         counts = ", ".join(f"{r} {by[r]}" for r in SKIP_REASONS if by[r])
@@ -167,10 +188,19 @@ def main(argv: list[str] | None = None) -> int:
         check_classes(listing, existing, out)
         # Default: Ray when joining a cluster. On one machine the in-process pool is faster (measured on
         # 2 cores: 2,000 Imagenette JPEGs in 1.5 s in-process vs ~13 s with a local Ray's start-up).
-        use_ray = args.ray if args.ray is not None else (
-            args.ray_address is not None or bool(os.environ.get("RAY_ADDRESS")))
-        opts = PackOptions(args.split, args.shard_size or sys.maxsize, args.max_bytes, args.overwrite,
-                       args.workers, use_ray, args.order, args.seed)
+        use_ray = (
+            args.ray if args.ray is not None else (args.ray_address is not None or bool(os.environ.get("RAY_ADDRESS")))
+        )
+        opts = PackOptions(
+            args.split,
+            args.shard_size or sys.maxsize,
+            args.max_bytes,
+            args.overwrite,
+            args.workers,
+            use_ray,
+            args.order,
+            args.seed,
+        )
         if use_ray:
             started_ray = _start_ray(args.ray_address, args.num_cpus)
         res = convert(listing, out, opts)
@@ -183,8 +213,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"make_shards: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # disk full, permissions: write_shards already removed its temporary files
-        print(f"make_shards: failed writing {args.paths[-1]}: {' '.join(str(e).split())}; no partial shard was left "
-              f"under a final name", file=sys.stderr)
+        print(
+            f"make_shards: failed writing {args.paths[-1]}: {' '.join(str(e).split())}; no partial shard was left "
+            f"under a final name",
+            file=sys.stderr,
+        )
         return 1
     finally:
         if started_ray:

@@ -53,14 +53,19 @@ def main(argv: list[str] | None = None) -> int:
     print(f"pretraining finished: MLflow run {result.run_id} ({prepared.run_name}) at {result.tracking_uri}")
     print(f"teacher exported to {result.teacher_dir}; final checkpoint {result.checkpoint_path}")
     if result.metrics.get("skipped_samples"):
-        print(f"skipped {result.metrics['skipped_samples']} bad sample(s): {_skipped_summary(result.metrics['data'], cfg.data.max_sample_crashes)}")
+        print(
+            f"skipped {result.metrics['skipped_samples']} bad sample(s): "
+            f"{_skipped_summary(result.metrics['data'], cfg.data.max_sample_crashes)}"
+        )
     try:
         if not args.no_knn:
             _knn(cfg, prepared, result)
     finally:
         logged = result.close_timeline()
         if logged:
-            print(f"cluster timeline (nodes by role, actors by kind): {', '.join(logged)} in MLflow run {result.run_id}")
+            print(
+                f"cluster timeline (nodes by role, actors by kind): {', '.join(logged)} in MLflow run {result.run_id}"
+            )
     return 0
 
 
@@ -69,8 +74,11 @@ def _skipped_summary(stats: dict, max_crashes: int) -> str:
 
     reasons = ", ".join(f"{r}={n}" for r, n in sorted(stats.get("reasons", {}).items()) if r in REASONS and n)
     poison = [f"{key} of {shard} ({n} worker deaths)" for shard, key, n in stats.get("crashes", []) if n >= max_crashes]
-    return reasons + (f"; skipped for killing workers (data.max_sample_crashes={max_crashes}): {', '.join(poison[:5])}"
-                      if poison else "")
+    return reasons + (
+        f"; skipped for killing workers (data.max_sample_crashes={max_crashes}): {', '.join(poison[:5])}"
+        if poison
+        else ""
+    )
 
 
 def _describe_data(p) -> None:
@@ -78,12 +86,16 @@ def _describe_data(p) -> None:
     t = p.train
     labels = {True: "labelled", False: "unlabelled", None: "labels not checked"}[t.labelled]
     counted = f"{t.count:,} samples" if t.counted else "samples counted on Ray once it starts"
-    print(f"training data: {t.describe()}: {len(t.paths):,} shards, {counted} ({t.counted_by or 'tar headers'}), {labels}")
+    print(
+        f"training data: {t.describe()}: {len(t.paths):,} shards, {counted} ({t.counted_by or 'tar headers'}), {labels}"
+    )
     if p.val is not None:
         v = p.val
         n = f"{v.count:,} samples" if v.counted else "samples counted on Ray"
-        print(f"validation data: {v.describe()}: {len(v.paths):,} shards, {n}, "
-              f"{'labelled' if v.labelled else 'unlabelled'}")
+        print(
+            f"validation data: {v.describe()}: {len(v.paths):,} shards, {n}, "
+            f"{'labelled' if v.labelled else 'unlabelled'}"
+        )
     else:
         print(f"validation data: none ({p.val_note})")
 
@@ -103,17 +115,29 @@ def _knn(cfg, prepared, result) -> None:
         protocol=protocol or "paper",
     )
     baselines = cfg.knn.baselines
-    knn = evaluate_teacher(cfg, req, result.teacher_dir, random_baseline="random_init" in baselines,
-                           pixel_baseline="raw_pixels" in baselines)
+    knn = evaluate_teacher(
+        cfg,
+        req,
+        result.teacher_dir,
+        random_baseline="random_init" in baselines,
+        pixel_baseline="raw_pixels" in baselines,
+    )
     if protocol is None:
-        print(f"index of {knn['n_db']:,} images: {knn['index_dir']}; MLflow k-NN run {knn['mlflow_run_id']} "
-              f"(child of {result.run_id})")
+        print(
+            f"index of {knn['n_db']:,} images: {knn['index_dir']}; MLflow k-NN run {knn['mlflow_run_id']} "
+            f"(child of {result.run_id})"
+        )
         return
     from pipeline.driver import comparison_lines
 
     rows = knn if result.start_knn is None else {**knn, "start": result.start_knn}  # its own row of the table
-    for line in comparison_lines(rows, result.metrics.get("attention_jaccard"), k=cfg.knn.k,
-                                 temperature=cfg.knn.temperature, split=prepared.val.split or prepared.val.describe()):
+    for line in comparison_lines(
+        rows,
+        result.metrics.get("attention_jaccard"),
+        k=cfg.knn.k,
+        temperature=cfg.knn.temperature,
+        split=prepared.val.split or prepared.val.describe(),
+    ):
         print(line)
     if result.start_knn is not None:
         from pipeline.eval import compare_with_start

@@ -31,8 +31,12 @@ SHEET_FILE = "contact_sheet.png"
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("images", nargs="*", help="query image files (jpg/png/webp/...)")
-    parser.add_argument("--index", required=True, help="index folder (holds manifest.json, index.faiss, features.parquet)")
-    parser.add_argument("--key", action="append", default=[], help="query by a sample key stored in the index folder (repeatable)")
+    parser.add_argument(
+        "--index", required=True, help="index folder (holds manifest.json, index.faiss, features.parquet)"
+    )
+    parser.add_argument(
+        "--key", action="append", default=[], help="query by a sample key stored in the index folder (repeatable)"
+    )
     parser.add_argument("-k", type=int, default=10, help="neighbours per query (default 10)")
     parser.add_argument("--teacher", help="teacher folder (default: from the manifest)")
     parser.add_argument("--out-dir", default="outputs/knn-query", help=f"where {JSON_FILE} and {SHEET_FILE} go")
@@ -90,17 +94,33 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for r, (kind, src) in zip(results, tiles_src):
         qimg = thumbnail(images.get(src), args.thumb) if kind == "shard" else src
-        qname = f"{r.label} {m.classes[r.label]}" if r.label is not None and m.classes and 0 <= r.label < len(m.classes) else ("" if r.label is None else str(r.label))
+        qname = (
+            f"{r.label} {m.classes[r.label]}"
+            if r.label is not None and m.classes and 0 <= r.label < len(m.classes)
+            else ("" if r.label is None else str(r.label))
+        )
         row = [Tile(qimg, ["query " + qname, Path(r.query).name if kind == "view" else r.query], "query")]
         for n in r.neighbours:
             frame = "unknown" if r.label is None or r.label < 0 else ("same" if n.label == r.label else "other")
             label = n.label_name or str(n.label)
-            row.append(Tile(thumbnail(images.get((n.shard, n.key)), args.thumb), [f"#{n.rank} {n.score:.3f} {label}", n.key], frame))
+            row.append(
+                Tile(
+                    thumbnail(images.get((n.shard, n.key)), args.thumb),
+                    [f"#{n.rank} {n.score:.3f} {label}", n.key],
+                    frame,
+                )
+            )
         rows.append(row)
 
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    doc = {"index": str(folder.path), "k": args.k, "arch": m.arch, "run_id": m.run_id, "results": [r.to_dict() for r in results]}
+    doc = {
+        "index": str(folder.path),
+        "k": args.k,
+        "arch": m.arch,
+        "run_id": m.run_id,
+        "results": [r.to_dict() for r in results],
+    }
     (out / JSON_FILE).write_text(json.dumps(doc, indent=2))
     render_sheet(rows, args.thumb).save(out / SHEET_FILE)
 

@@ -13,9 +13,8 @@ Validation runs on the driver before any Ray resources are requested.
 
 from __future__ import annotations
 
-import math
-
 import copy
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -87,14 +86,19 @@ class DataConfig(_Section):
     @classmethod
     def _label(cls, v, info):
         if v is not None and (not v.strip() or (info.field_name == "label_key" and not _MEMBER_EXT.match(v))):
-            raise ValueError("must be a member extension such as cls or json (null: unlabelled)"
-                             if info.field_name == "label_key" else "must be a JSON field name such as label, or null")
+            raise ValueError(
+                "must be a member extension such as cls or json (null: unlabelled)"
+                if info.field_name == "label_key"
+                else "must be a JSON field name such as label, or null"
+            )
         return v
 
     @model_validator(mode="after")
     def _label_field_needs_key(self):
         if self.label_field is not None and self.label_key is None:
-            raise ValueError(f"label_field {self.label_field!r} needs label_key: the JSON member that holds it (e.g. json)")
+            raise ValueError(
+                f"label_field {self.label_field!r} needs label_key: the JSON member that holds it (e.g. json)"
+            )
         if self.label_key is not None and self.label_key in self.image_keys:
             raise ValueError(f"label_key {self.label_key!r} is also one of image_keys {list(self.image_keys)}")
         return self
@@ -198,7 +202,10 @@ class ModelConfig(_Section):
     @classmethod
     def _init_required(cls, v):
         if v == "???":
-            raise ValueError("required by this preset: pass model.init_from=<weights file or folder, MLflow run id or models:/name/version>")
+            raise ValueError(
+                "required by this preset: pass model.init_from="
+                "<weights file or folder, MLflow run id or models:/name/version>"
+            )
         return v
 
 
@@ -242,8 +249,10 @@ class OptimConfig(_Section):
         budget = self.time_budget_minutes
         late = [m for m in self.teacher_snapshot_minutes if budget is not None and m >= budget]
         if late:
-            raise ValueError(f"teacher_snapshot_minutes {late[0]:g} is not under time_budget_minutes {budget:g} "
-                             "(the run ends before it; the final export is the last point)")
+            raise ValueError(
+                f"teacher_snapshot_minutes {late[0]:g} is not under time_budget_minutes {budget:g} "
+                "(the run ends before it; the final export is the last point)"
+            )
         return self
 
 
@@ -284,6 +293,7 @@ class RayConfig(_Section):
         if self.read_concurrency is not None:
             return self.read_concurrency
         return max(1, math.ceil(self.augment_actors_max * self.augment_cpus_per_actor / 8))
+
     storage_path: str
     checkpoint_every_epochs: int = Field(gt=0)
     checkpoint_every_steps: int = Field(ge=0)
@@ -312,8 +322,10 @@ class TrackingConfig(_Section):
     def _run_name(cls, v):
         # Also a folder name: <ray.storage_path>/<run_name> (checkpoints), <output_dir>/<run_name> (teacher).
         if v is not None and v != "" and (not v.strip() or any(c in v for c in "/\\\0") or v in (".", "..")):
-            raise ValueError("must be a single folder name (no '/' or '\\', not '.' or '..', not blank): it names "
-                             "the run's checkpoint and teacher folders")
+            raise ValueError(
+                "must be a single folder name (no '/' or '\\', not '.' or '..', not blank): it names "
+                "the run's checkpoint and teacher folders"
+            )
         return v
 
     @field_validator("register_model")
@@ -321,8 +333,10 @@ class TrackingConfig(_Section):
     def _registered_name(cls, v):
         # MLflow's rule for registered model names (mlflow.utils.validation._validate_model_name).
         if v is not None and v != "" and (not v.strip() or "/" in v or ":" in v or v in (".", "..")):
-            raise ValueError("MLflow refuses it as a registered model name (no '/' or ':', not blank): the teacher "
-                             "would train but not be registered; null skips registration")
+            raise ValueError(
+                "MLflow refuses it as a registered model name (no '/' or ':', not blank): the teacher "
+                "would train but not be registered; null skips registration"
+            )
         return v
 
 

@@ -51,8 +51,13 @@ def paused_checkpoint_upload(step: int):
         import ray.train
 
         persisted = ray.train.get_context().get_storage().persist_current_checkpoint(checkpoint, dir_name)
-        log.warning("%s: checkpoint of step %d written to %s, not reported; pausing %s s", CHECKPOINT_PAUSE_ENV,
-                    step, persisted.path, seconds)
+        log.warning(
+            "%s: checkpoint of step %d written to %s, not reported; pausing %s s",
+            CHECKPOINT_PAUSE_ENV,
+            step,
+            persisted.path,
+            seconds,
+        )
         time.sleep(float(seconds))
         return persisted
 

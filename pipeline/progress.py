@@ -44,16 +44,27 @@ def format_duration(seconds: float) -> str:
     return f"{s // 3600} h {s % 3600 // 60:02d} min"
 
 
-def progress_line(label: str, done: int, total: int | None, elapsed_s: float, unit: str = "images",
-                  rate_unit: str = "img/s", finished: bool = False, skipped: int | None = None) -> str:
+def progress_line(
+    label: str,
+    done: int,
+    total: int | None,
+    elapsed_s: float,
+    unit: str = "images",
+    rate_unit: str = "img/s",
+    finished: bool = False,
+    skipped: int | None = None,
+) -> str:
     """One plain progress line: count of total (percent), rate, and the ETA (or the time taken when finished).
 
     ``progress_line("embedding", 4096, 13394, 5.0)`` ->
     ``'embedding: 4,096/13,394 images (30 %), 819 img/s, ETA 11 s'`` (the percentage rounds down: 100 % is done).
     """
     rate = done / elapsed_s if elapsed_s > 0 else 0.0
-    count = f"{format_count(done)}/{format_count(total)} {unit} ({100 * done // total if total else 100} %)" \
-        if total is not None else f"{format_count(done)} {unit}"
+    count = (
+        f"{format_count(done)}/{format_count(total)} {unit} ({100 * done // total if total else 100} %)"
+        if total is not None
+        else f"{format_count(done)} {unit}"
+    )
     line = f"{label}: {count}, {format_rate(rate)} {rate_unit}"
     if skipped is not None:
         line += f", {format_count(skipped)} skipped"
@@ -77,10 +88,21 @@ class Progress:
                 bar.update(len(batch))
     """
 
-    def __init__(self, label: str, total: int | None, *, unit: str = "images", rate_unit: str = "img/s",
-                 every_s: float = 10.0, every_fraction: float = 0.1, max_gap_s: float = 60.0, tty: bool | None = None,
-                 count_skipped: bool = False, emit: Callable[[str], None] | None = None,
-                 clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        label: str,
+        total: int | None,
+        *,
+        unit: str = "images",
+        rate_unit: str = "img/s",
+        every_s: float = 10.0,
+        every_fraction: float = 0.1,
+        max_gap_s: float = 60.0,
+        tty: bool | None = None,
+        count_skipped: bool = False,
+        emit: Callable[[str], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self.label, self.total, self.unit, self.rate_unit = label, total, unit, rate_unit
         self.every_s, self.every_fraction, self.max_gap_s = every_s, every_fraction, max_gap_s
         self.shown = 0  # plain lines emitted
@@ -97,8 +119,13 @@ class Progress:
                 from tqdm import tqdm
             except ImportError:  # plain lines, as off a terminal
                 return
-            self.bar = tqdm(total=total, desc=label, unit=unit[:-1] if unit.endswith("s") else unit,
-                            file=sys.stderr, dynamic_ncols=True)
+            self.bar = tqdm(
+                total=total,
+                desc=label,
+                unit=unit[:-1] if unit.endswith("s") else unit,
+                file=sys.stderr,
+                dynamic_ncols=True,
+            )
 
     def update(self, n: int = 1, skipped: int = 0) -> None:
         """``n`` more items done, ``skipped`` of them skipped (counted with ``count_skipped``)."""
@@ -114,8 +141,11 @@ class Progress:
         since = now - self.last_emit
         further = not self.shown or self.next_mark is None or self.done >= self.next_mark or since >= self.max_gap_s
         if since >= self.every_s and further and (self.total is None or self.done < self.total):
-            self.emit(progress_line(self.label, self.done, self.total, now - self.start, self.unit, self.rate_unit,
-                                    skipped=self.skipped))
+            self.emit(
+                progress_line(
+                    self.label, self.done, self.total, now - self.start, self.unit, self.rate_unit, skipped=self.skipped
+                )
+            )
             self.last_emit = now
             self.shown += 1
             if self.next_mark is not None:
@@ -132,10 +162,20 @@ class Progress:
             return
         if not self.shown:
             return
-        self.emit(progress_line(self.label, self.done, self.total, self.clock() - self.start, self.unit,
-                                self.rate_unit, finished=True, skipped=self.skipped))
+        self.emit(
+            progress_line(
+                self.label,
+                self.done,
+                self.total,
+                self.clock() - self.start,
+                self.unit,
+                self.rate_unit,
+                finished=True,
+                skipped=self.skipped,
+            )
+        )
 
-    def __enter__(self) -> "Progress":
+    def __enter__(self) -> Progress:
         return self
 
     def __exit__(self, exc_type, *_) -> None:
@@ -145,8 +185,9 @@ class Progress:
             self.bar.close()
 
 
-def track(items: Iterable[T], label: str, total: int | None, size: Callable[[T], int] = lambda _: 1,
-          **kwargs: Any) -> Iterator[T]:
+def track(
+    items: Iterable[T], label: str, total: int | None, size: Callable[[T], int] = lambda _: 1, **kwargs: Any
+) -> Iterator[T]:
     """Yield ``items`` unchanged while counting ``size(item)`` of ``total`` in a :class:`Progress`."""
     with Progress(label, total, **kwargs) as bar:
         for item in items:
@@ -157,8 +198,16 @@ def track(items: Iterable[T], label: str, total: int | None, size: Callable[[T],
 # -- training epochs ---------------------------------------------------------------------------------
 
 
-def epoch_record(summary: dict[str, Any], *, planned_epochs: int, global_batch_size: int, wall_s: float,
-                 recent_walls: list[float], teacher_entropy: float, entropy_ratio: float) -> dict[str, Any]:
+def epoch_record(
+    summary: dict[str, Any],
+    *,
+    planned_epochs: int,
+    global_batch_size: int,
+    wall_s: float,
+    recent_walls: list[float],
+    teacher_entropy: float,
+    entropy_ratio: float,
+) -> dict[str, Any]:
     """What rank 0 sends the driver at an epoch end (plain numbers; it crosses Ray).
 
     Args:
@@ -197,12 +246,16 @@ def eta_seconds(walls: list[float], done: int, planned: int, window: int = 3) ->
 
 
 def epoch_line(r: dict[str, Any]) -> str:
-    """``epoch 3/10: loss 6.4972, 412 img/s, data wait 12 %, teacher entropy 6.931 (0.63 of log K), 40 s, ETA 4 min 40 s``."""
+    """One epoch's summary line, e.g.
+    ``epoch 3/10: loss 6.4972, 412 img/s, data wait 12 %, teacher entropy 6.931 (0.63 of log K), 40 s, ETA 4 min 40 s``.
+    """
     ips = r["images"] / r["train_s"] if r["train_s"] > 0 else 0.0
     wait = r["data_wait_s"] / r["train_s"] if r["train_s"] > 0 else 0.0
-    return (f"epoch {r['epoch']}/{r['planned_epochs']}: loss {r['mean_loss']:.4f}, {format_rate(ips)} img/s, "
-            f"data wait {100 * wait:.0f} %, teacher entropy {r['teacher_entropy']:.3f} ({r['entropy_ratio']:.2f} of "
-            f"log K), {format_duration(r['wall_s'])}, ETA {format_duration(r['eta_s'])}")
+    return (
+        f"epoch {r['epoch']}/{r['planned_epochs']}: loss {r['mean_loss']:.4f}, {format_rate(ips)} img/s, "
+        f"data wait {100 * wait:.0f} %, teacher entropy {r['teacher_entropy']:.3f} ({r['entropy_ratio']:.2f} of "
+        f"log K), {format_duration(r['wall_s'])}, ETA {format_duration(r['eta_s'])}"
+    )
 
 
 def summary_line(records: list[dict[str, Any]], wall_s: float) -> str:
@@ -215,10 +268,15 @@ def summary_line(records: list[dict[str, Any]], wall_s: float) -> str:
     images = sum(r["images"] for r in records)
     train_s = sum(r["train_s"] for r in records)
     last = records[-1]
-    epochs = f"{len(records)} epochs" if len(records) == last["epoch"] else \
-        f"{len(records)} epochs (to epoch {last['epoch']})"
-    return (f"training finished: {epochs}, {format_count(steps)} steps in {format_duration(wall_s)}, "
-            f"{format_rate(images / train_s if train_s > 0 else 0.0)} img/s, final loss {last['mean_loss']:.4f}")
+    epochs = (
+        f"{len(records)} epochs"
+        if len(records) == last["epoch"]
+        else f"{len(records)} epochs (to epoch {last['epoch']})"
+    )
+    return (
+        f"training finished: {epochs}, {format_count(steps)} steps in {format_duration(wall_s)}, "
+        f"{format_rate(images / train_s if train_s > 0 else 0.0)} img/s, final loss {last['mean_loss']:.4f}"
+    )
 
 
 class EpochPrinter:
@@ -229,8 +287,12 @@ class EpochPrinter:
     :func:`epoch_line` per new record; :meth:`stop` fetches the last ones and returns them all.
     """
 
-    def __init__(self, fetch: Callable[[int], list[dict[str, Any]]], every_s: float = 1.0,
-                 emit: Callable[[str], None] | None = None):
+    def __init__(
+        self,
+        fetch: Callable[[int], list[dict[str, Any]]],
+        every_s: float = 1.0,
+        emit: Callable[[str], None] | None = None,
+    ):
         import threading
 
         self.fetch, self.every_s, self.emit = fetch, every_s, emit or log.info
@@ -239,7 +301,7 @@ class EpochPrinter:
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="dino-epoch-lines", daemon=True)
 
-    def start(self) -> "EpochPrinter":
+    def start(self) -> EpochPrinter:
         self._thread.start()
         return self
 

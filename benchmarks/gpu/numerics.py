@@ -51,7 +51,12 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from benchmarks.training.train_step import (  # noqa: E402
-    BenchConfig, build_models, publish, resolve_device, schedules_for, set_fused_attn,
+    BenchConfig,
+    build_models,
+    publish,
+    resolve_device,
+    schedules_for,
+    set_fused_attn,
 )
 from dino.crops import crops_to_input  # noqa: E402
 from dino.loss import DINOLoss  # noqa: E402
@@ -77,8 +82,11 @@ def image_like(n_images: int, n_crops: int, size: int, seed: int, device: torch.
 def step_crops(cfg: BenchConfig, step: int, device: torch.device) -> tuple[Tensor, Tensor | None]:
     """The same crops for every precision: seeded by the step."""
     g = image_like(cfg.batch, 2, cfg.global_size, cfg.seed * 1_000_003 + 2 * step, device)
-    loc = image_like(cfg.batch, cfg.n_local, cfg.local_size, cfg.seed * 1_000_003 + 2 * step + 1, device) \
-        if cfg.n_local else None
+    loc = (
+        image_like(cfg.batch, cfg.n_local, cfg.local_size, cfg.seed * 1_000_003 + 2 * step + 1, device)
+        if cfg.n_local
+        else None
+    )
     return g, loc
 
 
@@ -106,15 +114,15 @@ def run_precision(name: str, cfg: BenchConfig, device: torch.device, eval_input:
         g = crops_to_input(g_u8, device, channels_last=channels_last)
         loc = crops_to_input(l_u8, device, channels_last=channels_last) if l_u8 is not None else None
         out = dino_step(
-                        student,
-                        teacher,
-                        loss_fn,
-                        optimizer,
-                        g,
-                        loc,
-                        schedules.at(i),
-                        StepOptions(clip_grad=CLIP_GRAD, freeze_last_layer=False, autocast_dtype=autocast_dtype, scaler=scaler),
-                    )
+            student,
+            teacher,
+            loss_fn,
+            optimizer,
+            g,
+            loc,
+            schedules.at(i),
+            StepOptions(clip_grad=CLIP_GRAD, freeze_last_layer=False, autocast_dtype=autocast_dtype, scaler=scaler),
+        )
         losses.append(out["loss"].float())
         norms.append(out["grad_norm"].float())
         if scaler is not None:
@@ -201,9 +209,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     names = [n.strip() for n in a.precisions.split(",") if n.strip()]
     if not names or names[0] != "fp32" or any(n not in PRECISIONS for n in names):
         p.error(f"--precisions must start with fp32 and name only {', '.join(PRECISIONS)}: {a.precisions!r}")
-    cfg = dataclasses.replace(d, arch=a.arch, model_kwargs=json.loads(a.model_kwargs), batch=a.batch,
-                              global_size=a.global_size, local_size=a.local_size, n_local=a.n_local,
-                              out_dim=a.out_dim, steps=a.steps, device=a.device, seed=a.seed)
+    cfg = dataclasses.replace(
+        d,
+        arch=a.arch,
+        model_kwargs=json.loads(a.model_kwargs),
+        batch=a.batch,
+        global_size=a.global_size,
+        local_size=a.local_size,
+        n_local=a.n_local,
+        out_dim=a.out_dim,
+        steps=a.steps,
+        device=a.device,
+        seed=a.seed,
+    )
     device = resolve_device(cfg.device)
     eval_u8 = image_like(N_EVAL, 1, cfg.global_size, 999_999, device)
     eval_input = crops_to_input(eval_u8, device, channels_last=device.type == "cuda")
@@ -216,8 +234,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "device": device.type,
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "torch": torch.__version__,
-        "tolerances": {"step0_rtol": STEP0_RTOL, "step_rtol": STEP_RTOL, "centre_cosine": CENTRE_COS,
-                       "feature_cosine_mean": FEATURE_COS},
+        "tolerances": {
+            "step0_rtol": STEP0_RTOL,
+            "step_rtol": STEP_RTOL,
+            "centre_cosine": CENTRE_COS,
+            "feature_cosine_mean": FEATURE_COS,
+        },
         "runs": {n: {k: v for k, v in r.items() if not k.startswith("_")} for n, r in runs.items()},
         "vs_fp32": comparisons,
     }
@@ -227,7 +249,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 def report(result: dict[str, Any]) -> str:
     cfg = result["config"]
     lines = [
-        f"numerics: {cfg['arch']}, batch {cfg['batch']}, 2x{cfg['global_size']} + {cfg['n_local']}x{cfg['local_size']}, "
+        f"numerics: {cfg['arch']}, batch {cfg['batch']}, "
+        f"2x{cfg['global_size']} + {cfg['n_local']}x{cfg['local_size']}, "
         f"out_dim {cfg['out_dim']}, {cfg['steps']} steps, same weights and crops; {result['device']} "
         f"{result['device_name'] or ''}, torch {result['torch']}",
         f"{'precision':<9} {'s':>6} {'loss0':>9} {'loss end':>9} {'gap0 %':>7} {'max gap %':>9} {'@':>3} "
@@ -248,12 +271,16 @@ def report(result: dict[str, Any]) -> str:
             + ("PASS" if c["pass"] else f"FAIL ({', '.join(failed)})")
         )
     t = result["tolerances"]
-    lines.append(f"tolerances: finite; step 0 gap <= {100 * t['step0_rtol']:g} %; every step <= {100 * t['step_rtol']:g} %; "
-                 f"centre cos >= {t['centre_cosine']}; teacher feature cos mean >= {t['feature_cosine_mean']}")
+    lines.append(
+        f"tolerances: finite; step 0 gap <= {100 * t['step0_rtol']:g} %; every step <= {100 * t['step_rtol']:g} %; "
+        f"centre cos >= {t['centre_cosine']}; teacher feature cos mean >= {t['feature_cosine_mean']}"
+    )
     for name, c in result["vs_fp32"].items():
-        lines.append(f"SUMMARY numerics {name} vs fp32: max loss gap {100 * c['loss_rel_gap_max']:.3f} % (<= "
-                     f"{100 * t['step_rtol']:g} %), centre cos {c['centre_cosine']:.5f}, feature cos "
-                     f"{c['teacher_feature_cosine_mean']:.4f}: {'PASS' if c['pass'] else 'FAIL'}")
+        lines.append(
+            f"SUMMARY numerics {name} vs fp32: max loss gap {100 * c['loss_rel_gap_max']:.3f} % (<= "
+            f"{100 * t['step_rtol']:g} %), centre cos {c['centre_cosine']:.5f}, feature cos "
+            f"{c['teacher_feature_cosine_mean']:.4f}: {'PASS' if c['pass'] else 'FAIL'}"
+        )
     return "\n".join(lines)
 
 

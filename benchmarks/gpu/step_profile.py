@@ -33,7 +33,14 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from benchmarks.training.train_step import (  # noqa: E402
-    BenchConfig, build_ours, count_step_flops, peak_tflops, publish, resolve_device, synchronize, synthetic_crops,
+    BenchConfig,
+    build_ours,
+    count_step_flops,
+    peak_tflops,
+    publish,
+    resolve_device,
+    synchronize,
+    synthetic_crops,
 )
 
 # First match wins; kernel names are matched lower-cased.
@@ -95,7 +102,9 @@ def profile_step(cfg: BenchConfig, device: torch.device, steps: int) -> dict[str
         "wall_ms_per_step": wall_us / steps / 1e3,
         "kernel_ms_per_step": kernels_us / steps / 1e3,
         "by_kind_ms_per_step": {k: v / steps / 1e3 for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])},
-        "top_kernels_ms_per_step": {k[:120]: v / steps / 1e3 for k, v in sorted(top.items(), key=lambda kv: -kv[1])[:15]},
+        "top_kernels_ms_per_step": {
+            k[:120]: v / steps / 1e3 for k, v in sorted(top.items(), key=lambda kv: -kv[1])[:15]
+        },
     }
 
 
@@ -111,8 +120,13 @@ def batch_rate(cfg: BenchConfig, device: torch.device, flops_per_image: float, p
         torch.cuda.empty_cache()
     images_per_s = cfg.batch * cfg.steps / seconds
     achieved = flops_per_image * images_per_s
-    return {"batch": cfg.batch, "images_per_s": images_per_s, "step_ms": 1e3 * seconds / cfg.steps,
-            "tflops": achieved / 1e12, "mfu": achieved / (peak * 1e12) if peak else None}
+    return {
+        "batch": cfg.batch,
+        "images_per_s": images_per_s,
+        "step_ms": 1e3 * seconds / cfg.steps,
+        "tflops": achieved / 1e12,
+        "mfu": achieved / (peak * 1e12) if peak else None,
+    }
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -131,9 +145,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--json", dest="json_out", default=None)
     a = p.parse_args(argv)
     batches = [int(b) for b in a.batches.split(",") if b.strip()]
-    cfg = dataclasses.replace(d, arch=a.arch, model_kwargs=json.loads(a.model_kwargs), batch=batches[0],
-                              global_size=a.global_size, local_size=a.local_size, n_local=a.n_local,
-                              out_dim=a.out_dim, steps=a.steps, device=a.device)
+    cfg = dataclasses.replace(
+        d,
+        arch=a.arch,
+        model_kwargs=json.loads(a.model_kwargs),
+        batch=batches[0],
+        global_size=a.global_size,
+        local_size=a.local_size,
+        n_local=a.n_local,
+        out_dim=a.out_dim,
+        steps=a.steps,
+        device=a.device,
+    )
     device = resolve_device(cfg.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -141,18 +164,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     peak, _ = peak_tflops(cfg, device)
     prof = profile_step(cfg, device, a.profile_steps)
     rates = [batch_rate(dataclasses.replace(cfg, batch=b), device, flops_per_image, peak) for b in batches]
-    result = {"config": dataclasses.asdict(cfg), "device_name": torch.cuda.get_device_name(device)
-              if device.type == "cuda" else None, "torch": torch.__version__, "flops_per_image": flops_per_image,
-              "peak_tflops": peak, "profile": prof, "batches": rates}
+    result = {
+        "config": dataclasses.asdict(cfg),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "torch": torch.__version__,
+        "flops_per_image": flops_per_image,
+        "peak_tflops": peak,
+        "profile": prof,
+        "batches": rates,
+    }
     return publish(result, report(result), a.json_out)
 
 
 def report(r: dict[str, Any]) -> str:
     cfg, prof = r["config"], r["profile"]
-    lines = [f"profile: {cfg['arch']}, batch {cfg['batch']}, 2x{cfg['global_size']} + {cfg['n_local']}x"
-             f"{cfg['local_size']}, out_dim {cfg['out_dim']}, eager; {r['device_name'] or 'cpu'}, torch {r['torch']}",
-             f"step wall {prof['wall_ms_per_step']:.1f} ms, GPU kernels {prof['kernel_ms_per_step']:.1f} ms "
-             f"(idle between kernels {max(0.0, prof['wall_ms_per_step'] - prof['kernel_ms_per_step']):.1f} ms)"]
+    lines = [
+        f"profile: {cfg['arch']}, batch {cfg['batch']}, 2x{cfg['global_size']} + {cfg['n_local']}x"
+        f"{cfg['local_size']}, out_dim {cfg['out_dim']}, eager; {r['device_name'] or 'cpu'}, torch {r['torch']}",
+        f"step wall {prof['wall_ms_per_step']:.1f} ms, GPU kernels {prof['kernel_ms_per_step']:.1f} ms "
+        f"(idle between kernels {max(0.0, prof['wall_ms_per_step'] - prof['kernel_ms_per_step']):.1f} ms)",
+    ]
     total = prof["kernel_ms_per_step"] or 1.0
     for kind, ms in prof["by_kind_ms_per_step"].items():
         lines.append(f"  {kind:<20} {ms:7.2f} ms/step  {100 * ms / total:5.1f} % of kernel time")
@@ -164,8 +195,10 @@ def report(r: dict[str, Any]) -> str:
         lines.append(f"{b['batch']:>6} {b['images_per_s']:>9.1f} {b['step_ms']:>8.1f} {b['tflops']:>8.1f} {mfu:>6}")
     best = max(r["batches"], key=lambda b: b["images_per_s"])
     if best["mfu"] is not None:
-        lines.append(f"SUMMARY profile {cfg['arch']} eager: MFU {100 * r['batches'][0]['mfu']:.1f}% at batch "
-                     f"{r['batches'][0]['batch']}, {100 * best['mfu']:.1f}% at batch {best['batch']}")
+        lines.append(
+            f"SUMMARY profile {cfg['arch']} eager: MFU {100 * r['batches'][0]['mfu']:.1f}% at batch "
+            f"{r['batches'][0]['batch']}, {100 * best['mfu']:.1f}% at batch {best['batch']}"
+        )
     return "\n".join(lines)
 
 

@@ -29,13 +29,17 @@ def dataset_name(report: dict) -> str:
 
 def table(reports: list[dict]) -> str:
     """Markdown: one row per point of every report, with the baselines and the margin over the better one."""
-    rows = ["| data | minutes | epoch | DINO top-1 | raw pixels | random init | DINO - max(baselines) |",
-            "|---|---|---|---|---|---|---|"]
+    rows = [
+        "| data | minutes | epoch | DINO top-1 | raw pixels | random init | DINO - max(baselines) |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in reports:
         raw, rnd = r["top1"]["raw_pixels"], r["top1"]["random_init"]
         for c in r["curve"]:
-            rows.append(f"| {dataset_name(r)} | {c['elapsed_min']:.1f} | {c['epoch']} | {c['top1']:.2f} | {raw:.2f} | "
-                        f"{rnd:.2f} | {c['top1'] - max(raw, rnd):+.2f} |")
+            rows.append(
+                f"| {dataset_name(r)} | {c['elapsed_min']:.1f} | {c['epoch']} | {c['top1']:.2f} | {raw:.2f} | "
+                f"{rnd:.2f} | {c['top1'] - max(raw, rnd):+.2f} |"
+            )
     return "\n".join(rows)
 
 
@@ -51,7 +55,9 @@ def plot(reports: list[dict], png: str | Path) -> Path:
         ys = [c["top1"] for c in r["curve"]]
         ax.plot(xs, ys, "o-", color="tab:blue", label=f"DINO teacher ({r['preset']})")
         for x, y, c in zip(xs, ys, r["curve"]):
-            ax.annotate(f"ep {c['epoch']}", (x, y), textcoords="offset points", xytext=(0, -13), ha="center", fontsize=7)
+            ax.annotate(
+                f"ep {c['epoch']}", (x, y), textcoords="offset points", xytext=(0, -13), ha="center", fontsize=7
+            )
         ax.axhline(r["top1"]["raw_pixels"], color="tab:gray", ls="--", label="raw pixels")
         ax.axhline(r["top1"]["random_init"], color="tab:orange", ls=":", label="random init")
         ax.set_xlim(0, max(xs) * 1.05)

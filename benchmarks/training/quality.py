@@ -82,15 +82,16 @@ def decoded_views(paths: list[str], image_size: int, total: int | None = None, l
     views, labels, shards = [], [], []
     tables = read_shard_tables({"path": paths}, filesystem_for(paths), rows_per_table=256)
     for table in track(tables, label, total, size=lambda t: t.num_rows, emit=say):
-        out = decode_views({c: np.array(table.column(c).to_pylist(), dtype=object) for c in table.column_names}, image_size)
+        out = decode_views(
+            {c: np.array(table.column(c).to_pylist(), dtype=object) for c in table.column_names}, image_size
+        )
         views.append(out["view"])
         labels.append(out["label"])
         shards.append(out["shard"])
     return np.concatenate(views), np.concatenate(labels), np.concatenate(shards)
 
 
-def pooled_pixels(tables, image_size: int, side: int, total: int | None = None, label: str = "raw pixels",
-                  decode=None):
+def pooled_pixels(tables, image_size: int, side: int, total: int | None = None, label: str = "raw pixels", decode=None):
     """Raw-pixel features of every decodable image of an iterator of shard tables, streamed.
 
     Each table (:func:`pipeline.data.read_shard_tables` rows) is decoded to its ``(B, S, S, 3)`` uint8
@@ -172,8 +173,14 @@ def top_neighbours(queries, database, k: int, features=lambda rows: rows, label:
     k = min(k, n_db)
     best_sim = torch.full((m, k), -torch.inf)  # (M, k), best first
     best_id = torch.full((m, k), -1, dtype=torch.long)
-    with Progress(label or "search", n_db, unit="database images", emit=say if label else lambda _: None,
-                  every_s=EVERY_S, tty=None if label else False) as bar:
+    with Progress(
+        label or "search",
+        n_db,
+        unit="database images",
+        emit=say if label else lambda _: None,
+        every_s=EVERY_S,
+        tty=None if label else False,
+    ) as bar:
         for start in range(0, n_db, SEARCH_ROWS):
             db = features(database[start : start + SEARCH_ROWS])  # (n, D)
             for q0 in range(0, m, QUERY_ROWS):
@@ -187,8 +194,9 @@ def top_neighbours(queries, database, k: int, features=lambda rows: rows, label:
     return best_sim, best_id
 
 
-def raw_pixels_accuracy(train, val, image_size: int, ks: list[int], temperature: float,
-                        side: int = PIXEL_SIDE) -> dict[str, dict[int, float]]:
+def raw_pixels_accuracy(
+    train, val, image_size: int, ks: list[int], temperature: float, side: int = PIXEL_SIDE
+) -> dict[str, dict[int, float]]:
     """Weighted k-NN top-1 (percent) of raw-pixel features for each k: ``{"normalised": ..., "uint8": ...}``.
 
     Both splits are streamed through :func:`pooled_pixels` (views area-averaged to ``side`` px, ``<= 0``: the
@@ -210,8 +218,13 @@ def raw_pixels_accuracy(train, val, image_size: int, ks: list[int], temperature:
     num_classes = len(train.classes) if train.classes else int(max(yt.max(), yv.max())) + 1
     out: dict[str, dict[int, float]] = {}
     for name, normalise in (("normalised", True), ("uint8", False)):
-        sims, ids = top_neighbours(pixel_features(xv, normalise), xt, max(ks), lambda rows: pixel_features(rows, normalise),
-                                   label=f"raw pixels: k-NN search ({name})")
+        sims, ids = top_neighbours(
+            pixel_features(xv, normalise),
+            xt,
+            max(ks),
+            lambda rows, normalise=normalise: pixel_features(rows, normalise),
+            label=f"raw pixels: k-NN search ({name})",
+        )
         scores = vote_for_each_k(sims, torch.from_numpy(yt)[ids], num_classes, ks, temperature)
         out[name] = {k: knn_accuracy(s, torch.from_numpy(yv), topk=(1,))[1] for k, s in scores.items()}
     return out
@@ -229,13 +242,25 @@ def calibrate_step_s(cfg, steps: int = 8, warmup: int = 3) -> float:
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        runner = DinoRunner(cfg, LoopPlan(steps_per_epoch=10**6, global_batch_size=cfg.optim.batch_size_per_worker,
-                                          tracking_uri="", run_id="calibration"), torch.device("cpu"))
+        runner = DinoRunner(
+            cfg,
+            LoopPlan(
+                steps_per_epoch=10**6,
+                global_batch_size=cfg.optim.batch_size_per_worker,
+                tracking_uri="",
+                run_id="calibration",
+            ),
+            torch.device("cpu"),
+        )
         a, B = cfg.augment, cfg.optim.batch_size_per_worker
         gen = torch.Generator().manual_seed(0)
         batch = {
-            "global_crops": torch.randint(0, 256, (B, 2, a.global_size, a.global_size, 3), dtype=torch.uint8, generator=gen),
-            "local_crops": torch.randint(0, 256, (B, a.n_local, a.local_size, a.local_size, 3), dtype=torch.uint8, generator=gen),
+            "global_crops": torch.randint(
+                0, 256, (B, 2, a.global_size, a.global_size, 3), dtype=torch.uint8, generator=gen
+            ),
+            "local_crops": torch.randint(
+                0, 256, (B, a.n_local, a.local_size, a.local_size, 3), dtype=torch.uint8, generator=gen
+            ),
         }
         times = []
         for i in range(warmup + steps):
@@ -256,9 +281,11 @@ def plan_epochs(budget_s: float, overhead_s: float, steps_per_epoch: int, step_s
 def three_way(raw_all: dict, knn: dict, k: int) -> dict:
     """(a) raw pixels, (b) random init, (c) DINO: top-1 at ``k``, the margin of (c) over the better of (a)
     and (b), and top-1 by k, from :func:`raw_pixels_accuracy` and :func:`evaluate_teacher`'s results."""
-    by_k = {"raw_pixels": raw_all["normalised"],
-            "random_init": {kk: v["top1"] for kk, v in knn["random_init"]["by_k"].items()},
-            "dino": {kk: v["top1"] for kk, v in knn["teacher"]["by_k"].items()}}
+    by_k = {
+        "raw_pixels": raw_all["normalised"],
+        "random_init": {kk: v["top1"] for kk, v in knn["random_init"]["by_k"].items()},
+        "dino": {kk: v["top1"] for kk, v in knn["teacher"]["by_k"].items()},
+    }
     top1 = {name: values[k] for name, values in by_k.items()}
     return {"top1": top1, "margin_pts": top1["dino"] - max(top1["raw_pixels"], top1["random_init"]), "by_k": by_k}
 
@@ -272,44 +299,93 @@ def learning_curve(cfg, prepared, result, knn: dict, k: int, out: Path, epochs: 
     points = []
     for meta, folder in download_snapshots(result.tracking_uri, result.run_id, out / prepared.run_name / "snapshots"):
         t0 = time.perf_counter()
-        req = KnnRequest.of(data_root=prepared.data_root, train_split=cfg.data.train_split, val_split=cfg.data.val_split,
-                         out_dir=out / prepared.run_name / f"knn-{folder.name}", tracking_uri=result.tracking_uri,
-                         pretrain_run_id=result.run_id)
+        req = KnnRequest.of(
+            data_root=prepared.data_root,
+            train_split=cfg.data.train_split,
+            val_split=cfg.data.val_split,
+            out_dir=out / prepared.run_name / f"knn-{folder.name}",
+            tracking_uri=result.tracking_uri,
+            pretrain_run_id=result.run_id,
+        )
         got = evaluate_teacher(cfg, req, folder, random_baseline=False, embed_fn=embed_in_process)
         by_k = {kk: v["top1"] for kk, v in got["teacher"]["by_k"].items()}
-        points.append({"mark_min": meta["snapshot_min"], "elapsed_min": meta["elapsed_min"], "epoch": meta["epoch"],
-                       "top1": by_k[k], "by_k": by_k, "knn_run_id": got.get("mlflow_run_id")})
-        say(f"snapshot {folder.name}: {meta['elapsed_min']:.1f} min, epoch {meta['epoch']}: top-1 k={k} {by_k[k]:.2f}% "
-            f"({time.perf_counter() - t0:.0f} s)")
+        points.append(
+            {
+                "mark_min": meta["snapshot_min"],
+                "elapsed_min": meta["elapsed_min"],
+                "epoch": meta["epoch"],
+                "top1": by_k[k],
+                "by_k": by_k,
+                "knn_run_id": got.get("mlflow_run_id"),
+            }
+        )
+        say(
+            f"snapshot {folder.name}: {meta['elapsed_min']:.1f} min, epoch {meta['epoch']}: top-1 k={k} {by_k[k]:.2f}% "
+            f"({time.perf_counter() - t0:.0f} s)"
+        )
     by_k = {kk: v["top1"] for kk, v in knn["teacher"]["by_k"].items()}
-    points.append({"mark_min": None, "elapsed_min": pretrain_s / 60, "epoch": epochs, "top1": by_k[k], "by_k": by_k,
-                   "knn_run_id": knn.get("mlflow_run_id")})
+    points.append(
+        {
+            "mark_min": None,
+            "elapsed_min": pretrain_s / 60,
+            "epoch": epochs,
+            "top1": by_k[k],
+            "by_k": by_k,
+            "knn_run_id": knn.get("mlflow_run_id"),
+        }
+    )
     return points
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data", default=str(DEFAULT_DATA), help="webdataset root (folder or s3://) with train and val splits")
+    p.add_argument(
+        "--data", default=str(DEFAULT_DATA), help="webdataset root (folder or s3://) with train and val splits"
+    )
     p.add_argument("--preset", default="imagenette", help="config preset or YAML path (default: imagenette)")
     p.add_argument("--minutes", type=float, default=30.0, help="pretraining budget, wall-clock minutes (default: 30)")
     p.add_argument("--epochs", type=int, default=None, help="train this many epochs instead of fitting the budget")
-    p.add_argument("--overhead-s", type=float, default=75.0,
-                   help="fixed cost of a run outside its steps: Ray start, workers, checkpoints, export (measured here: ~60-75 s)")
-    p.add_argument("--slowdown", type=float, default=1.33,
-                   help="step time in the pipeline / calibrated step time (augmentation and Ray share the cores)")
-    p.add_argument("--out", default="outputs/quality", help="output folder (MLflow store, checkpoints, teacher, index, JSON)")
+    p.add_argument(
+        "--overhead-s",
+        type=float,
+        default=75.0,
+        help="fixed cost of a run outside its steps: Ray start, workers, checkpoints, export (measured here: ~60-75 s)",
+    )
+    p.add_argument(
+        "--slowdown",
+        type=float,
+        default=1.33,
+        help="step time in the pipeline / calibrated step time (augmentation and Ray share the cores)",
+    )
+    p.add_argument(
+        "--out", default="outputs/quality", help="output folder (MLflow store, checkpoints, teacher, index, JSON)"
+    )
     p.add_argument("--k", type=int, default=20, help="headline k of the weighted k-NN (default: 20)")
-    p.add_argument("--also-at", default="",
-                   help="comma-separated extra evaluation view sizes in px (e.g. 224): (a), (b) and (c) again at each, reported beside the headline")
-    p.add_argument("--pixel-side", type=int, default=PIXEL_SIDE,
-                   help=f"raw pixels: views area-averaged to at most this side in px (default {PIXEL_SIDE}, as the k-NN job's "
-                        "baseline; 0: the full view, N x 3 x size^2 float32 in memory)")
-    p.add_argument("--pixels-only", action="store_true",
-                   help="only the raw-pixel baseline (what runs before pretraining): print it, write its JSON, exit")
-    p.add_argument("--curve", default="",
-                   help="comma-separated minutes under --minutes (e.g. 15,30,60 with --minutes 120): the run logs its teacher "
-                        "at the first epoch end past each (optim.teacher_snapshot_minutes), each is evaluated afterwards: "
-                        "k-NN top-1 against wall-clock minutes from one run")
+    p.add_argument(
+        "--also-at",
+        default="",
+        help="comma-separated extra evaluation view sizes in px (e.g. 224): (a), (b) and (c) again at each, "
+        "reported beside the headline",
+    )
+    p.add_argument(
+        "--pixel-side",
+        type=int,
+        default=PIXEL_SIDE,
+        help=f"raw pixels: views area-averaged to at most this side in px (default {PIXEL_SIDE}, as the k-NN job's "
+        "baseline; 0: the full view, N x 3 x size^2 float32 in memory)",
+    )
+    p.add_argument(
+        "--pixels-only",
+        action="store_true",
+        help="only the raw-pixel baseline (what runs before pretraining): print it, write its JSON, exit",
+    )
+    p.add_argument(
+        "--curve",
+        default="",
+        help="comma-separated minutes under --minutes (e.g. 15,30,60 with --minutes 120): the run logs its teacher "
+        "at the first epoch end past each (optim.teacher_snapshot_minutes), each is evaluated afterwards: "
+        "k-NN top-1 against wall-clock minutes from one run",
+    )
     p.add_argument("overrides", nargs="*", help="config overrides key=value, applied after the preset")
     args = p.parse_args(argv)
     marks = sorted({float(v) for v in args.curve.split(",") if v.strip()})
@@ -343,15 +419,28 @@ def main(argv: list[str] | None = None) -> int:
     raw_all = raw_pixels_accuracy(train, val, size, ks, cfg.knn.temperature, args.pixel_side)
     raw, raw_s = raw_all["normalised"], time.perf_counter() - t0
     side = size if args.pixel_side <= 0 else min(args.pixel_side, size)
-    say(f"raw pixels ({size} px views averaged to {side} px): top-1 k={args.k} {raw[args.k]:.2f}% "
-        f"(uint8 values: {raw_all['uint8'][args.k]:.2f}%; {raw_s:.0f} s)")
+    say(
+        f"raw pixels ({size} px views averaged to {side} px): top-1 k={args.k} {raw[args.k]:.2f}% "
+        f"(uint8 values: {raw_all['uint8'][args.k]:.2f}%; {raw_s:.0f} s)"
+    )
     if args.pixels_only:
-        report = {"data": str(cfg.data.root), "n_db": train.count, "n_queries": val.count, "view_px": size,
-                  "pixel_side": side, "k": args.k, "temperature": cfg.knn.temperature, "seconds": raw_s,
-                  "by_k": {"raw_pixels": raw, "raw_pixels_uint8": raw_all["uint8"]}, "cpu_count": os.cpu_count()}
+        report = {
+            "data": str(cfg.data.root),
+            "n_db": train.count,
+            "n_queries": val.count,
+            "view_px": size,
+            "pixel_side": side,
+            "k": args.k,
+            "temperature": cfg.knn.temperature,
+            "seconds": raw_s,
+            "by_k": {"raw_pixels": raw, "raw_pixels_uint8": raw_all["uint8"]},
+            "cpu_count": os.cpu_count(),
+        }
         (out / f"quality-pixels-{stamp}.json").write_text(json.dumps(report, indent=2))
-        print(f"raw pixels, {size} px views averaged to {side} px, {val.count} '{val.split}' queries against "
-              f"{train.count} '{train.split}' images: top-1 by k {raw} (uint8 values: {raw_all['uint8']}); {raw_s:.0f} s")
+        print(
+            f"raw pixels, {size} px views averaged to {side} px, {val.count} '{val.split}' queries against "
+            f"{train.count} '{train.split}' images: top-1 by k {raw} (uint8 values: {raw_all['uint8']}); {raw_s:.0f} s"
+        )
         return 0
 
     from pipeline.driver import prepare, pretrain  # the pretraining run: not needed by --pixels-only
@@ -363,8 +452,10 @@ def main(argv: list[str] | None = None) -> int:
         step_s = calibrate_step_s(cfg)
         estimate = plan_epochs(budget_s, args.overhead_s, spe, step_s, args.slowdown)
         cap = 2 * estimate
-        say(f"calibration: {step_s:.3f} s/step x {spe} steps/epoch x {args.slowdown:.2f} slowdown "
-            f"-> ~{estimate} epoch(s) in {args.minutes:.0f} min; the run fits its own, at most {cap}")
+        say(
+            f"calibration: {step_s:.3f} s/step x {spe} steps/epoch x {args.slowdown:.2f} slowdown "
+            f"-> ~{estimate} epoch(s) in {args.minutes:.0f} min; the run fits its own, at most {cap}"
+        )
         run_overrides = [f"optim.epochs={cap}", f"optim.time_budget_minutes={args.minutes}"]
         if marks:
             run_overrides.append(f"optim.teacher_snapshot_minutes=[{','.join(f'{m:g}' for m in marks)}]")
@@ -372,8 +463,11 @@ def main(argv: list[str] | None = None) -> int:
         run_overrides = [f"optim.epochs={args.epochs}"]
     cfg = load_config(args.preset, [*base, *args.overrides, *run_overrides])
 
-    say(f"pretraining {cfg.preset}: " + (f"{args.epochs} epoch(s)" if args.epochs else f"{args.minutes:g} min budget")
-        + f" of {spe} steps")
+    say(
+        f"pretraining {cfg.preset}: "
+        + (f"{args.epochs} epoch(s)" if args.epochs else f"{args.minutes:g} min budget")
+        + f" of {spe} steps"
+    )
     t0 = time.perf_counter()
     prepared = prepare(cfg)
     result = pretrain(prepared)
@@ -381,32 +475,56 @@ def main(argv: list[str] | None = None) -> int:
     import ray
 
     ray.shutdown()  # the evaluation below runs in this process: give the cores back
-    from mlflow.tracking import MlflowClient
+    from pipeline.tracking import mlflow_client
 
-    client = MlflowClient(result.tracking_uri)
+    client = mlflow_client(result.tracking_uri)
     epochs = int(round(float(result.metrics["epoch"])))
     tags = client.get_run(result.run_id).data.tags
     fit = "; ".join(f"{k}: {tags[k]}" for k in ("budget_fit", "budget_stop") if k in tags)
     history = [int(m.value) for m in client.get_metric_history(result.run_id, metric_name("planned_epochs"))]
-    say(f"pretraining: {epochs} epoch(s) in {pretrain_s / 60:.1f} min (budget {args.minutes:.1f} min)"
-        + (f"; planned epochs {history}; last {fit}" if fit else ""))
+    say(
+        f"pretraining: {epochs} epoch(s) in {pretrain_s / 60:.1f} min (budget {args.minutes:.1f} min)"
+        + (f"; planned epochs {history}; last {fit}" if fit else "")
+    )
 
-    req = KnnRequest.of(data_root=prepared.data_root, train_split=cfg.data.train_split, val_split=cfg.data.val_split,
-                     out_dir=out / prepared.run_name / "knn", tracking_uri=result.tracking_uri,
-                     pretrain_run_id=result.run_id)
+    req = KnnRequest.of(
+        data_root=prepared.data_root,
+        train_split=cfg.data.train_split,
+        val_split=cfg.data.val_split,
+        out_dir=out / prepared.run_name / "knn",
+        tracking_uri=result.tracking_uri,
+        pretrain_run_id=result.run_id,
+    )
     knn = evaluate_teacher(cfg, req, result.teacher_dir, random_baseline=True, embed_fn=embed_in_process)
     three = three_way(raw_all, knn, args.k)
     figures, margin = three["top1"], three["margin_pts"]
     report = {
-        "data": str(cfg.data.root), "preset": cfg.preset, "overrides": args.overrides, "k": args.k,
-        "temperature": cfg.knn.temperature, "n_db": knn["n_db"], "n_queries": knn["n_queries"],
-        "budget_min": args.minutes, "epochs": epochs, "budget_fit": fit, "planned_epochs": history,
-        "steps_per_epoch": spe, "calibrated_step_s": step_s,
-        "pretrain_min": pretrain_s / 60, "top1": figures, "margin_pts": margin,
-        "raw_pixels_uint8": raw_all["uint8"][args.k], "pixel_side": side, "pixels_s": raw_s,
+        "data": str(cfg.data.root),
+        "preset": cfg.preset,
+        "overrides": args.overrides,
+        "k": args.k,
+        "temperature": cfg.knn.temperature,
+        "n_db": knn["n_db"],
+        "n_queries": knn["n_queries"],
+        "budget_min": args.minutes,
+        "epochs": epochs,
+        "budget_fit": fit,
+        "planned_epochs": history,
+        "steps_per_epoch": spe,
+        "calibrated_step_s": step_s,
+        "pretrain_min": pretrain_s / 60,
+        "top1": figures,
+        "margin_pts": margin,
+        "raw_pixels_uint8": raw_all["uint8"][args.k],
+        "pixel_side": side,
+        "pixels_s": raw_s,
         "by_k": {**three["by_k"], "raw_pixels_uint8": raw_all["uint8"]},
-        "mlflow": {"tracking_uri": result.tracking_uri, "pretrain_run_id": result.run_id,
-                   "knn_run_id": knn.get("mlflow_run_id"), "run_name": prepared.run_name},
+        "mlflow": {
+            "tracking_uri": result.tracking_uri,
+            "pretrain_run_id": result.run_id,
+            "knn_run_id": knn.get("mlflow_run_id"),
+            "run_name": prepared.run_name,
+        },
         "cpu_count": os.cpu_count(),
     }
     extra = {}
@@ -414,45 +532,76 @@ def main(argv: list[str] | None = None) -> int:
         t1 = time.perf_counter()
         cfg_s = load_config(args.preset, [*base, *args.overrides, *run_overrides, f"knn.image_size={s}"])
         raw_at = raw_pixels_accuracy(train, val, s, ks, cfg.knn.temperature, args.pixel_side)
-        req_s = KnnRequest.of(data_root=prepared.data_root, train_split=cfg.data.train_split, val_split=cfg.data.val_split,
-                           out_dir=out / prepared.run_name / f"knn-{s}px", tracking_uri=result.tracking_uri,
-                           pretrain_run_id=result.run_id)
+        req_s = KnnRequest.of(
+            data_root=prepared.data_root,
+            train_split=cfg.data.train_split,
+            val_split=cfg.data.val_split,
+            out_dir=out / prepared.run_name / f"knn-{s}px",
+            tracking_uri=result.tracking_uri,
+            pretrain_run_id=result.run_id,
+        )
         knn_s = evaluate_teacher(cfg_s, req_s, result.teacher_dir, random_baseline=True, embed_fn=embed_in_process)
-        extra[s] = {**three_way(raw_at, knn_s, args.k), "raw_pixels_uint8": raw_at["uint8"][args.k],
-                    "knn_run_id": knn_s.get("mlflow_run_id")}
+        extra[s] = {
+            **three_way(raw_at, knn_s, args.k),
+            "raw_pixels_uint8": raw_at["uint8"][args.k],
+            "knn_run_id": knn_s.get("mlflow_run_id"),
+        }
         top = extra[s]["top1"]
-        say(f"{s} px views: raw {top['raw_pixels']:.2f} / random {top['random_init']:.2f} / DINO {top['dino']:.2f} "
-            f"({extra[s]['margin_pts']:+.2f}; {time.perf_counter() - t1:.0f} s)")
+        say(
+            f"{s} px views: raw {top['raw_pixels']:.2f} / random {top['random_init']:.2f} / DINO {top['dino']:.2f} "
+            f"({extra[s]['margin_pts']:+.2f}; {time.perf_counter() - t1:.0f} s)"
+        )
     report["also_at"] = extra
     if marks:
         report["curve"] = learning_curve(cfg, prepared, result, knn, args.k, out, epochs, pretrain_s)
         for point in report["curve"]:
-            client.log_metric(result.run_id, f"quality_curve_dino_top1_k{args.k}", point["top1"],
-                              step=int(round(point["elapsed_min"] * 60)))
+            client.log_metric(
+                result.run_id,
+                f"quality_curve_dino_top1_k{args.k}",
+                point["top1"],
+                step=int(round(point["elapsed_min"] * 60)),
+            )
 
-    for name, value in {**{f"quality_{k}_top1_k{args.k}": v for k, v in figures.items()},
-                        "quality_margin_pts": margin, "quality_pretrain_min": pretrain_s / 60,
-                        "quality_budget_min": args.minutes}.items():
+    for name, value in {
+        **{f"quality_{k}_top1_k{args.k}": v for k, v in figures.items()},
+        "quality_margin_pts": margin,
+        "quality_pretrain_min": pretrain_s / 60,
+        "quality_budget_min": args.minutes,
+    }.items():
         client.log_metric(result.run_id, name, value)
     (out / f"quality-{stamp}.json").write_text(json.dumps(report, indent=2, default=str))
 
-    print(f"\nweighted k-NN top-1, k={args.k}, T={cfg.knn.temperature}: {knn['n_queries']} '{cfg.data.val_split}' queries "
-          f"against {knn['n_db']} '{cfg.data.train_split}' images, {size} px views")
-    print(f"  (a) raw pixels ({side} px, normalised) {figures['raw_pixels']:6.2f}%   "
-          f"(uint8 values: {raw_all['uint8'][args.k]:.2f}%)")
+    print(
+        f"\nweighted k-NN top-1, k={args.k}, T={cfg.knn.temperature}: "
+        f"{knn['n_queries']} '{cfg.data.val_split}' queries "
+        f"against {knn['n_db']} '{cfg.data.train_split}' images, {size} px views"
+    )
+    print(
+        f"  (a) raw pixels ({side} px, normalised) {figures['raw_pixels']:6.2f}%   "
+        f"(uint8 values: {raw_all['uint8'][args.k]:.2f}%)"
+    )
     print(f"  (b) {cfg.model.arch} random init    {figures['random_init']:6.2f}%")
     print(f"  (c) DINO teacher, {epochs} epochs        {figures['dino']:6.2f}%")
     print(f"  (c) - max(a, b) = {margin:+.2f} points (target >= +10)")
     for s, e in extra.items():
         t = e["top1"]
-        print(f"  at {s} px views: (a) {t['raw_pixels']:.2f}%  (b) {t['random_init']:.2f}%  (c) {t['dino']:.2f}%  "
-              f"-> {e['margin_pts']:+.2f} points")
+        print(
+            f"  at {s} px views: (a) {t['raw_pixels']:.2f}%  (b) {t['random_init']:.2f}%  (c) {t['dino']:.2f}%  "
+            f"-> {e['margin_pts']:+.2f} points"
+        )
     if marks:
-        print(f"  learning curve, one run (k={args.k}): "
-              + "; ".join(f"{c['elapsed_min']:.1f} min (epoch {c['epoch']}) {c['top1']:.2f}%" for c in report["curve"]))
-    print(f"pretraining {pretrain_s / 60:.1f} min of a {args.minutes:.0f} min budget ({os.cpu_count()} CPUs); "
-          f"preset {cfg.preset} {' '.join(args.overrides)}")
-    print(f"MLflow: run {result.run_id} ({prepared.run_name}) at {result.tracking_uri}; k-NN run {knn.get('mlflow_run_id')}")
+        print(
+            f"  learning curve, one run (k={args.k}): "
+            + "; ".join(f"{c['elapsed_min']:.1f} min (epoch {c['epoch']}) {c['top1']:.2f}%" for c in report["curve"])
+        )
+    print(
+        f"pretraining {pretrain_s / 60:.1f} min of a {args.minutes:.0f} min budget ({os.cpu_count()} CPUs); "
+        f"preset {cfg.preset} {' '.join(args.overrides)}"
+    )
+    print(
+        f"MLflow: run {result.run_id} ({prepared.run_name}) at {result.tracking_uri}; "
+        f"k-NN run {knn.get('mlflow_run_id')}"
+    )
     print(f"report: {out / f'quality-{stamp}.json'}")
     return 0
 

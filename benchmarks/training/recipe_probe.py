@@ -53,13 +53,15 @@ def train_rows(paths: list[str]) -> list[dict[str, Any]]:
 def eval_views(root: str, train_split: str, val_split: str, image_size: int, cache: Path | None):
     """``(train views, train labels, val views, val labels)`` as numpy arrays, from ``cache`` when there."""
     import numpy as np
+    from quality import decoded_views
 
     from pipeline.data import load_split
-    from quality import decoded_views
 
     path = None
     if cache is not None:
-        tag = hashlib.sha1(f"{Path(root).resolve() if '://' not in root else root}|{train_split}|{val_split}".encode()).hexdigest()[:12]
+        tag = hashlib.sha1(
+            f"{Path(root).resolve() if '://' not in root else root}|{train_split}|{val_split}".encode()
+        ).hexdigest()[:12]
         path = cache / f"views-{tag}-{image_size}.npz"
         if path.exists():
             with np.load(path) as z:
@@ -68,7 +70,9 @@ def eval_views(root: str, train_split: str, val_split: str, image_size: int, cac
     xv, yv, _ = decoded_views(load_split(root, val_split).paths, image_size)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.stem}.{os.getpid()}.partial.npz")  # one per process: two probes may build it at once
+        tmp = path.with_name(
+            f"{path.stem}.{os.getpid()}.partial.npz"
+        )  # one per process: two probes may build it at once
         np.savez(tmp, xt=xt, yt=yt, xv=xv, yv=yv)
         tmp.replace(path)  # complete or absent: a concurrent probe never reads half a cache
     return xt, yt, xv, yv
@@ -85,8 +89,12 @@ def knn_top1(backbone, views, k: int, temperature: float, batch: int = 256, devi
     was_training = backbone.training
     backbone.eval()
     try:
-        ft = torch.cat([embed_views(backbone, torch.from_numpy(xt[i : i + batch]), device) for i in range(0, len(xt), batch)])
-        fv = torch.cat([embed_views(backbone, torch.from_numpy(xv[i : i + batch]), device) for i in range(0, len(xv), batch)])
+        ft = torch.cat(
+            [embed_views(backbone, torch.from_numpy(xt[i : i + batch]), device) for i in range(0, len(xt), batch)]
+        )
+        fv = torch.cat(
+            [embed_views(backbone, torch.from_numpy(xv[i : i + batch]), device) for i in range(0, len(xv), batch)]
+        )
     finally:
         backbone.train(was_training)
     num_classes = int(max(yt.max(), yv.max())) + 1
@@ -143,7 +151,8 @@ def probe(
 
     Every ``tracking.log_every_steps`` steps of an epoch (as the pipeline does) the step also computes the
     teacher's entropy and the teacher-student KL (:mod:`dino.health`, nats); each epoch reports their means
-    beside the loss (``log out_dim`` is the uniform teacher). ``view_sizes``: the final teacher is also evaluated on views of these sizes.
+    beside the loss (``log out_dim`` is the uniform teacher). ``view_sizes``: the final teacher is also evaluated
+    on views of these sizes.
 
     Returns ``{"epochs": [{"epoch", "loss", "teacher_entropy", "kl", "seconds"}...], "knn_top1": {epoch: %},
     "knn_top1_by_view": {size: %}, "steps": n, ...}``.
@@ -164,7 +173,9 @@ def probe(
     spe = len(rows) // batch
     if spe < 1:
         raise ValueError(f"{root}: {len(rows)} training samples, fewer than one batch of {batch}")
-    views = eval_views(root, cfg.data.train_split, cfg.data.val_split, cfg.knn.image_size or cfg.augment.global_size, cache)
+    views = eval_views(
+        root, cfg.data.train_split, cfg.data.val_split, cfg.knn.image_size or cfg.augment.global_size, cache
+    )
     k = k or cfg.knn.k
     plan = LoopPlan(steps_per_epoch=spe, global_batch_size=batch, tracking_uri="", run_id="recipe-probe")
     spec = spec_from_config(cfg.augment)
@@ -206,7 +217,12 @@ def probe(
             if health:
                 entropy.append(float(out["teacher_entropy"]))
                 kl.append(float(out["kl"]))
-        row = {"epoch": epoch, "loss": float(np.mean(losses)), "teacher_entropy": float(np.mean(entropy)), "kl": float(np.mean(kl))}
+        row = {
+            "epoch": epoch,
+            "loss": float(np.mean(losses)),
+            "teacher_entropy": float(np.mean(entropy)),
+            "kl": float(np.mean(kl)),
+        }
         report["epochs"].append(row | {"seconds": time.perf_counter() - t})
         say(
             f"epoch {epoch}/{epochs}: loss {row['loss']:.4f}, teacher entropy {row['teacher_entropy']:.3f} "
@@ -219,8 +235,12 @@ def probe(
     for size in view_sizes or ():
         t = time.perf_counter()
         other = eval_views(root, cfg.data.train_split, cfg.data.val_split, size, cache)
-        acc = report["knn_top1_by_view"][size] = knn_top1(runner.teacher.backbone, other, k, cfg.knn.temperature, device=device)
-        say(f"epoch {epochs}: teacher k-NN top-1 (k={k}) on {size} px views {acc:.2f} ({time.perf_counter() - t:.0f} s)")
+        acc = report["knn_top1_by_view"][size] = knn_top1(
+            runner.teacher.backbone, other, k, cfg.knn.temperature, device=device
+        )
+        say(
+            f"epoch {epochs}: teacher k-NN top-1 (k={k}) on {size} px views {acc:.2f} ({time.perf_counter() - t:.0f} s)"
+        )
     report["steps"] = runner.global_step
     if pool is not None:
         pool.close()
@@ -230,17 +250,29 @@ def probe(
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--data", default=str(DEFAULT_DATA), help="webdataset root with train and val splits")
     p.add_argument("--preset", default="imagenette", help="config preset or YAML path (default: imagenette)")
     p.add_argument("--epochs", type=int, default=15, help="length of the whole schedule (default: 15)")
-    p.add_argument("--eval-at", default="", help="comma-separated epochs to evaluate besides the last (0 = random init)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: two probes side by side on 2 cores)")
+    p.add_argument(
+        "--eval-at", default="", help="comma-separated epochs to evaluate besides the last (0 = random init)"
+    )
+    p.add_argument(
+        "--threads", type=int, default=1, help="torch threads (default 1: two probes side by side on 2 cores)"
+    )
     p.add_argument("--name", default="probe", help="name of this recipe in the printout and the report")
     p.add_argument("--out", default="outputs/recipe_probe", help="folder of the JSON reports")
-    p.add_argument("--cache", default="outputs/recipe_probe/cache", help="folder of cached evaluation views ('' = none)")
-    p.add_argument("--view-sizes", default="", help="comma-separated view sizes to evaluate the final teacher on as well")
-    p.add_argument("--device", default="cpu", help="torch device to train and embed on (default: cpu; cuda on a GPU machine)")
+    p.add_argument(
+        "--cache", default="outputs/recipe_probe/cache", help="folder of cached evaluation views ('' = none)"
+    )
+    p.add_argument(
+        "--view-sizes", default="", help="comma-separated view sizes to evaluate the final teacher on as well"
+    )
+    p.add_argument(
+        "--device", default="cpu", help="torch device to train and embed on (default: cpu; cuda on a GPU machine)"
+    )
     p.add_argument("--workers", type=int, default=0, help="augmentation processes (default 0: in this process)")
     p.add_argument("overrides", nargs="*", help="config overrides key=value, applied after the preset")
     args = p.parse_args(argv)
@@ -264,7 +296,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if any(v < 8 for v in view_sizes):
         p.error(f"--view-sizes must be >= 8 px, got {args.view_sizes!r}")
     cfg = load_config(args.preset, [f"data.root={args.data}", f"optim.epochs={args.epochs}", *args.overrides])
-    say(f"{args.name}: preset {args.preset} {' '.join(args.overrides) or '(as is)'}, {args.epochs} epochs, {args.threads} thread(s), {args.device}, {args.workers} augmentation process(es)")
+    say(
+        f"{args.name}: preset {args.preset} {' '.join(args.overrides) or '(as is)'}, {args.epochs} epochs, "
+        f"{args.threads} thread(s), {args.device}, {args.workers} augmentation process(es)"
+    )
     t0 = time.perf_counter()
     report = probe(
         cfg,
@@ -276,7 +311,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         device=args.device,
         workers=args.workers,
     )
-    report.update(name=args.name, preset=args.preset, overrides=args.overrides, data=args.data, minutes=(time.perf_counter() - t0) / 60)
+    report.update(
+        name=args.name,
+        preset=args.preset,
+        overrides=args.overrides,
+        data=args.data,
+        minutes=(time.perf_counter() - t0) / 60,
+    )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{args.name}-{time.strftime('%Y%m%d-%H%M%S')}.json"

@@ -71,21 +71,33 @@ class Mode:
 
 
 MODES = {
-    # Many short epochs (48 x 16 steps, ~2 min: one stream makes an epoch ~3 s): the smoke ViT (2 blocks, embed 48, patch 8) on 2x64 + 4x32 crops (36,864 B per
-    # sample, 18 MiB per epoch); a step takes tens of ms, augmentation is the bottleneck.
+    # Many short epochs (48 x 16 steps, ~2 min: one stream makes an epoch ~3 s): the smoke ViT (2 blocks, embed 48,
+    # patch 8) on 2x64 + 4x32 crops (36,864 B per sample, 18 MiB per epoch); a step takes tens of ms, augmentation
+    # is the bottleneck.
     "balanced": Mode(
         ("data.synthetic_image_size=64", "augment.global_size=64", "augment.local_size=32", "augment.n_local=4"),
-        images=512, epochs=48, store_mib=512,
+        images=512,
+        epochs=48,
+        store_mib=512,
     ),
     # The trainer several times slower than the augmentation (4 blocks, embed 96, patch 16, out_dim 4096
     # on 2x96 + 4x48 crops: ~0.3-0.5 s per step of 32 on 2 cores, against ~0.05-0.1 s to augment 32), and an
     # epoch of crops (2048 x 82,944 B = 162 MiB) larger than the whole object store (128 MiB): without
     # backpressure the actor would run ahead and the store would fill and spill.
     "slow-trainer": Mode(
-        ("data.synthetic_image_size=96", "augment.global_size=96", "augment.local_size=48", "augment.n_local=4",
-         "model.model_kwargs={depth: 4, patch_size: 16, embed_dim: 96, num_heads: 3}",
-         "model.out_dim=4096", "model.hidden_dim=512", "model.bottleneck_dim=128"),
-        images=2048, epochs=5, store_mib=128,
+        (
+            "data.synthetic_image_size=96",
+            "augment.global_size=96",
+            "augment.local_size=48",
+            "augment.n_local=4",
+            "model.model_kwargs={depth: 4, patch_size: 16, embed_dim: 96, num_heads: 3}",
+            "model.out_dim=4096",
+            "model.hidden_dim=512",
+            "model.bottleneck_dim=128",
+        ),
+        images=2048,
+        epochs=5,
+        store_mib=128,
     ),
 }
 
@@ -159,8 +171,15 @@ class Sampler:
                 if not title.startswith("ray::"):
                     continue
                 self.titles.add(title.split(" ")[0][:80])
-                kind = ("worker" if "RayTrainWorker" in title else "actor" if "MultiCropMapper" in title
-                        else "coordinator" if "SplitCoordinator" in title else None)
+                kind = (
+                    "worker"
+                    if "RayTrainWorker" in title
+                    else "actor"
+                    if "MultiCropMapper" in title
+                    else "coordinator"
+                    if "SplitCoordinator" in title
+                    else None
+                )
                 if kind:
                     out[kind].append(private_mib(p.pid))
                     self.pids[kind].add(p.pid)
@@ -173,11 +192,19 @@ class Sampler:
             try:
                 procs = self._processes()
                 store, spilled = self._store()
-                self.samples.append(Sample(
-                    time.time(), sum(procs["worker"]), sum(procs["actor"]), max(procs["actor"], default=0.0),
-                    sum(procs["coordinator"]),
-                    len(procs["worker"]), len(procs["actor"]), store, spilled,
-                ))
+                self.samples.append(
+                    Sample(
+                        time.time(),
+                        sum(procs["worker"]),
+                        sum(procs["actor"]),
+                        max(procs["actor"], default=0.0),
+                        sum(procs["coordinator"]),
+                        len(procs["worker"]),
+                        len(procs["actor"]),
+                        store,
+                        spilled,
+                    )
+                )
             except Exception as e:  # noqa: BLE001  (a sampling hiccup must not end the benchmark)
                 logging.getLogger("soak").warning("sample failed: %s", e)
             self._stop.wait(self.every)
@@ -185,11 +212,9 @@ class Sampler:
 
 def epoch_ends(tracking_uri: str, run_id: str, steps_per_epoch: int) -> list[tuple[int, float]]:
     """``[(epoch, end time in s)]`` from the ``epoch_mean_loss`` points logged at each epoch end."""
-    from mlflow.tracking import MlflowClient
+    from pipeline.tracking import metric_name, mlflow_client
 
-    from pipeline.tracking import metric_name
-
-    hist = MlflowClient(tracking_uri).get_metric_history(run_id, metric_name("epoch_mean_loss"))
+    hist = mlflow_client(tracking_uri).get_metric_history(run_id, metric_name("epoch_mean_loss"))
     return sorted((m.step // steps_per_epoch, m.timestamp / 1000.0) for m in hist)
 
 
@@ -201,17 +226,19 @@ def per_epoch(samples: list[Sample], ends: list[tuple[int, float]]) -> list[dict
         start = end
         if not window:
             continue
-        rows.append({
-            "epoch": epoch,
-            "samples": len(window),
-            "worker_mib": max(s.worker_mib for s in window),
-            "actors_mib": max(s.actor_mib for s in window),
-            "actor_max_mib": max(s.actor_max_mib for s in window),
-            "actors": max(s.n_actors for s in window),
-            "coordinator_mib": max(s.coordinator_mib for s in window),
-            "store_mib": max(s.store_mib for s in window),
-            "spilled_mib": max(s.spilled_mib for s in window),
-        })
+        rows.append(
+            {
+                "epoch": epoch,
+                "samples": len(window),
+                "worker_mib": max(s.worker_mib for s in window),
+                "actors_mib": max(s.actor_mib for s in window),
+                "actor_max_mib": max(s.actor_max_mib for s in window),
+                "actors": max(s.n_actors for s in window),
+                "coordinator_mib": max(s.coordinator_mib for s in window),
+                "store_mib": max(s.store_mib for s in window),
+                "spilled_mib": max(s.spilled_mib for s in window),
+            }
+        )
     return rows
 
 
@@ -225,17 +252,27 @@ def verdict(rows: list[dict], warmup: int, bound_mib: float, capacity_mib: float
     store_peak = max(r["store_mib"] for r in rows)
     spilled = last["spilled_mib"]
     checks = {
-        f"worker private memory growth epoch {base['epoch']}->{last['epoch']} <= {bound_mib} MiB": growth["worker_mib"] <= bound_mib,
-        f"largest actor private memory growth epoch {base['epoch']}->{last['epoch']} <= {bound_mib} MiB":
-            growth["actor_max_mib"] <= bound_mib,
-        f"split coordinator private memory growth epoch {base['epoch']}->{last['epoch']} <= {bound_mib} MiB":
-            growth["coordinator_mib"] <= bound_mib,
-        f"object store peak {store_peak:.1f} MiB <= {store_fraction:.0%} of {capacity_mib:.0f} MiB":
-            store_peak <= store_fraction * capacity_mib,
+        f"worker private memory growth epoch {base['epoch']}->{last['epoch']} <= {bound_mib} MiB": growth["worker_mib"]
+        <= bound_mib,
+        f"largest actor private memory growth epoch {base['epoch']}->{last['epoch']} <= {bound_mib} MiB": growth[
+            "actor_max_mib"
+        ]
+        <= bound_mib,
+        f"split coordinator private memory growth epoch {base['epoch']}->{last['epoch']} <= {bound_mib} MiB": growth[
+            "coordinator_mib"
+        ]
+        <= bound_mib,
+        f"object store peak {store_peak:.1f} MiB <= {store_fraction:.0%} of {capacity_mib:.0f} MiB": store_peak
+        <= store_fraction * capacity_mib,
         f"spilled {spilled:.1f} MiB == 0": spilled == 0,
     }
-    return {"growth_mib": growth, "store_peak_mib": store_peak, "spilled_mib": spilled, "checks": checks,
-            "pass": all(checks.values())}
+    return {
+        "growth_mib": growth,
+        "store_peak_mib": store_peak,
+        "spilled_mib": spilled,
+        "checks": checks,
+        "pass": all(checks.values()),
+    }
 
 
 def run_mode(mode: str, args, work: Path) -> dict:
@@ -246,7 +283,8 @@ def run_mode(mode: str, args, work: Path) -> dict:
     m = MODES[mode]
     out = work / mode
     overrides = [
-        *COMMON, *m.overrides,
+        *COMMON,
+        *m.overrides,
         f"optim.epochs={args.epochs or m.epochs}",
         f"data.synthetic_train={m.images}",
         "data.synthetic_val=32",
@@ -270,26 +308,38 @@ def run_mode(mode: str, args, work: Path) -> dict:
     rows = per_epoch(sampler.samples, epoch_ends(p.tracking_uri, result.run_id, p.steps_per_epoch))
     v = verdict(rows, args.warmup, args.bound_mib, sampler.store_capacity_mib, args.store_bound_fraction)
     return {
-        "mode": mode, "overrides": overrides, "wall_s": wall, "steps_per_epoch": p.steps_per_epoch,
-        "images_per_epoch": p.steps_per_epoch * p.global_batch_size, "store_capacity_mib": sampler.store_capacity_mib,
+        "mode": mode,
+        "overrides": overrides,
+        "wall_s": wall,
+        "steps_per_epoch": p.steps_per_epoch,
+        "images_per_epoch": p.steps_per_epoch * p.global_batch_size,
+        "store_capacity_mib": sampler.store_capacity_mib,
         "epoch_crops_mib": p.steps_per_epoch * p.global_batch_size * crop_bytes(spec_from_config(cfg.augment)) / MIB,
-        "rows": rows, "verdict": v, "titles": sorted(sampler.titles),
+        "rows": rows,
+        "verdict": v,
+        "titles": sorted(sampler.titles),
         "distinct_pids": {k: len(v) for k, v in sampler.pids.items()},
         "skipped_samples": result.metrics.get("skipped_samples"),
     }
 
 
 def print_mode(r: dict) -> None:
-    print(f"\n== {r['mode']}: {len(r['rows'])} epochs x {r['images_per_epoch']} images "
-          f"({r['steps_per_epoch']} steps, {r['epoch_crops_mib']:.0f} MiB of crops per epoch), {r['wall_s']:.0f} s, "
-          f"object store {r['store_capacity_mib']:.0f} MiB")
-    print("| epoch | worker private MiB | largest actor private MiB | all actors MiB (live) | split coordinator private MiB "
-          "| object store MiB | spilled MiB |")
+    print(
+        f"\n== {r['mode']}: {len(r['rows'])} epochs x {r['images_per_epoch']} images "
+        f"({r['steps_per_epoch']} steps, {r['epoch_crops_mib']:.0f} MiB of crops per epoch), {r['wall_s']:.0f} s, "
+        f"object store {r['store_capacity_mib']:.0f} MiB"
+    )
+    print(
+        "| epoch | worker private MiB | largest actor private MiB | all actors MiB (live) "
+        "| split coordinator private MiB | object store MiB | spilled MiB |"
+    )
     print("|---|---|---|---|---|---|---|")
     for row in r["rows"]:
-        print(f"| {row['epoch']} | {row['worker_mib']:.0f} | {row['actor_max_mib']:.0f} | "
-              f"{row['actors_mib']:.0f} ({row['actors']}) | "
-              f"{row['coordinator_mib']:.0f} | {row['store_mib']:.1f} | {row['spilled_mib']:.1f} |")
+        print(
+            f"| {row['epoch']} | {row['worker_mib']:.0f} | {row['actor_max_mib']:.0f} | "
+            f"{row['actors_mib']:.0f} ({row['actors']}) | "
+            f"{row['coordinator_mib']:.0f} | {row['store_mib']:.1f} | {row['spilled_mib']:.1f} |"
+        )
     print("distinct processes over the run: " + ", ".join(f"{k} {n}" for k, n in r["distinct_pids"].items()))
     v = r["verdict"]
     print("growth after warm-up (MiB): " + ", ".join(f"{k} {x:+.1f}" for k, x in v["growth_mib"].items()))
@@ -305,8 +355,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--every", type=float, default=1.0, help="seconds between samples")
     ap.add_argument("--warmup", type=int, default=2, help="growth is measured from the end of this epoch")
     ap.add_argument("--bound-mib", type=float, default=64.0, help="allowed private-memory growth after the warm-up")
-    ap.add_argument("--store-bound-fraction", type=float, default=0.75,
-                    help="allowed object store peak (Ray Data budgets about half the store for a dataset)")
+    ap.add_argument(
+        "--store-bound-fraction",
+        type=float,
+        default=0.75,
+        help="allowed object store peak (Ray Data budgets about half the store for a dataset)",
+    )
     ap.add_argument("--cpus", type=int, default=2)
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     ap.add_argument("overrides", nargs="*", help="config overrides key=value, applied after the mode's")
@@ -325,8 +379,13 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     with tempfile.TemporaryDirectory(prefix="soak-") as d:
         for mode in args.modes:  # a fresh local cluster per mode: its own object store size, no leftovers
-            ray.init(num_cpus=args.cpus, object_store_memory=MODES[mode].store_mib * MIB, include_dashboard=False,
-                     log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": repo}})
+            ray.init(
+                num_cpus=args.cpus,
+                object_store_memory=MODES[mode].store_mib * MIB,
+                include_dashboard=False,
+                log_to_driver=False,
+                runtime_env={"env_vars": {"PYTHONPATH": repo}},
+            )
             try:
                 r = run_mode(mode, args, Path(d))
             finally:

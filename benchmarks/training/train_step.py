@@ -66,14 +66,16 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:  # run as a script: make `dino` importable
     sys.path.insert(0, str(REPO))
 
-import timm
+# E402 is suppressed below: the sys.path insert above, which makes the repo importable when this file runs as a
+# script, must come before these imports.
+import timm  # noqa: E402
 
-from dino.crops import crops_to_input
-from dino.loss import DINOLoss
-from dino.multicrop import MultiCropWrapper
-from dino.optim import build_optimizer, param_groups, set_hyperparams
-from dino.schedules import Schedules, build_schedules
-from dino.train_step import StepOptions, build_student_teacher, dino_step, maybe_compile, precision_settings
+from dino.crops import crops_to_input  # noqa: E402
+from dino.loss import DINOLoss  # noqa: E402
+from dino.multicrop import MultiCropWrapper  # noqa: E402
+from dino.optim import build_optimizer, param_groups, set_hyperparams  # noqa: E402
+from dino.schedules import Schedules, build_schedules  # noqa: E402
+from dino.train_step import StepOptions, build_student_teacher, dino_step, maybe_compile, precision_settings  # noqa: E402
 
 # Dense (no sparsity) bf16 tensor-core peaks from the vendor's datasheets, TFLOP/s; the first key
 # contained in torch.cuda.get_device_name() wins (so the PCIe / NVL parts are listed first).
@@ -534,27 +536,43 @@ def run_variant(name: str, cfg: BenchConfig, device: torch.device, crops: tuple[
 def report(result: dict[str, Any]) -> str:
     cfg = result["config"]
     lines = [
-        f"device: {result['device']}" + (f" ({result['device_name']})" if result["device_name"] else "")
+        f"device: {result['device']}"
+        + (f" ({result['device_name']})" if result["device_name"] else "")
         + f"; torch {result['torch']}, timm {result['timm']}, {result['threads']} CPU threads",
-        (f"{cfg['arch']} {cfg['model_kwargs'] or ''}, batch {cfg['batch']} images/step, 2x{cfg['global_size']} + "
-         f"{cfg['n_local']}x{cfg['local_size']} crops, out_dim {cfg['out_dim']}; {cfg['warmup']} warm-up + "
-         f"{cfg['steps']} timed steps per variant"),
-        (f"FLOPs per step: {result['flops_per_step'] / 1e12:.4g} TFLOP (FlopCounterMode: student fwd+bwd, "
-         "teacher fwd, loss)"),
-        "MFU peak: " + (f"{result['peak_tflops']:.1f} TFLOP/s ({result['peak_source']})"
-                        if result["peak_tflops"] else f"n/a ({result['peak_source']})")
-        + (f"; bf16 matmul measured on this card (8192^3): {result['measured_bf16_matmul_tflops']:.0f} TFLOP/s"
-           if result.get("measured_bf16_matmul_tflops") else ""),
+        (
+            f"{cfg['arch']} {cfg['model_kwargs'] or ''}, batch {cfg['batch']} images/step, 2x{cfg['global_size']} + "
+            f"{cfg['n_local']}x{cfg['local_size']} crops, out_dim {cfg['out_dim']}; {cfg['warmup']} warm-up + "
+            f"{cfg['steps']} timed steps per variant"
+        ),
+        (
+            f"FLOPs per step: {result['flops_per_step'] / 1e12:.4g} TFLOP (FlopCounterMode: student fwd+bwd, "
+            "teacher fwd, loss)"
+        ),
+        "MFU peak: "
+        + (
+            f"{result['peak_tflops']:.1f} TFLOP/s ({result['peak_source']})"
+            if result["peak_tflops"]
+            else f"n/a ({result['peak_source']})"
+        )
+        + (
+            f"; bf16 matmul measured on this card (8192^3): {result['measured_bf16_matmul_tflops']:.0f} TFLOP/s"
+            if result.get("measured_bf16_matmul_tflops")
+            else ""
+        ),
     ]
-    header = (f"{'variant':<10} {'images/s':>9} {'step ms med':>11} {'p90':>8} {'peak mem GiB':>12} "
-              f"{'TFLOP/s':>8} {'MFU':>7} {'aug cores':>9}  settings")
+    header = (
+        f"{'variant':<10} {'images/s':>9} {'step ms med':>11} {'p90':>8} {'peak mem GiB':>12} "
+        f"{'TFLOP/s':>8} {'MFU':>7} {'aug cores':>9}  settings"
+    )
     lines += [header, "-" * len(header)]
     for name, r in result["variants"].items():
         s = r["settings"]
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
         attention = s["attention"].split(" (")[0].split(":")[0]
-        desc = (f"{s['precision']}, {attention} attention, {s['optimizer'].split(' (')[0]}, compile={s['compile']}, "
-                f"channels_last={s['channels_last']}, host syncs/step {s['host_syncs_per_step']}")
+        desc = (
+            f"{s['precision']}, {attention} attention, {s['optimizer'].split(' (')[0]}, compile={s['compile']}, "
+            f"channels_last={s['channels_last']}, host syncs/step {s['host_syncs_per_step']}"
+        )
         lines.append(
             f"{name:<10} {r['images_per_s']:>9.1f} {r['step_ms_median']:>11.1f} {r['step_ms_p90']:>8.1f} "
             f"{r['peak_memory_bytes'] / 2**30:>12.2f} {r['achieved_tflops']:>8.3g} {mfu:>7} "
@@ -568,11 +586,15 @@ def report(result: dict[str, Any]) -> str:
     ours = result["variants"].get("ours")
     if ours is not None and ours["mfu"] is not None:  # the targets (>= 2.0x the reference, MFU >= 40 %), one line
         ratio = f"{result['speedup']:.2f}x the reference (target >= 2.0x)" if result["speedup"] else "no reference run"
-        lines.append(f"SUMMARY train_step {cfg['arch']} compile={cfg['compile']}: {ours['images_per_s']:.0f} img/s, "
-                     f"{ratio}, MFU {100 * ours['mfu']:.1f}% of {result['peak_tflops']:.0f} TFLOP/s (target >= 40%)")
+        lines.append(
+            f"SUMMARY train_step {cfg['arch']} compile={cfg['compile']}: {ours['images_per_s']:.0f} img/s, "
+            f"{ratio}, MFU {100 * ours['mfu']:.1f}% of {result['peak_tflops']:.0f} TFLOP/s (target >= 40%)"
+        )
     for name, r in result["variants"].items():
-        lines.append(f"{name} peak memory: {r['memory_kind']}; {r['memory_at_start_bytes'] / 2**30:.2f} GiB "
-                     f"before its models were built")
+        lines.append(
+            f"{name} peak memory: {r['memory_kind']}; {r['memory_at_start_bytes'] / 2**30:.2f} GiB "
+            f"before its models were built"
+        )
     cores = ", ".join(f"{name} {r['aug_cores']:.1f}" for name, r in result["variants"].items())
     lines.append(
         f"CPU cores of multi-crop augmentation one {result['device']} device needs at {cfg['aug_rate_per_core']:g} "
@@ -580,9 +602,11 @@ def report(result: dict[str, Any]) -> str:
     )
     for name, r in result["variants"].items():
         if r["settings"]["compile"]:
-            lines.append(f"{name}: first step + warm-up {r['warmup_s']:.1f} s (compilation); graphs "
-                         f"compiled in warm-up {r['graphs_compiled_in_warmup']}, while timed "
-                         f"{r['graphs_compiled_while_timed']}")
+            lines.append(
+                f"{name}: first step + warm-up {r['warmup_s']:.1f} s (compilation); graphs "
+                f"compiled in warm-up {r['graphs_compiled_in_warmup']}, while timed "
+                f"{r['graphs_compiled_while_timed']}"
+            )
     return "\n".join(lines)
 
 
@@ -614,15 +638,31 @@ def parse_args(argv: list[str] | None) -> BenchConfig:
     p.add_argument("--compile", action="store_true", help="torch.compile our backbones")
     p.add_argument("--compile-backend", default=d.compile_backend, help=argparse.SUPPRESS)  # tests: "eager"
     p.add_argument("--which", choices=("both", *VARIANTS), default=d.which)
-    p.add_argument("--precision", choices=("auto", "bf16", "fp16", "fp32"), default=d.precision,
-                   help="ours (auto: bf16 on CUDA, fp32 on CPU)")
-    p.add_argument("--reference-precision", choices=("auto", "bf16", "fp16", "fp32"), default=d.reference_precision,
-                   help="reference (auto: fp16 + GradScaler on CUDA, fp32 on CPU)")
-    p.add_argument("--reference-syncs", action=argparse.BooleanOptionalAction, default=d.reference_syncs,
-                   help="keep the reference's loss.item() and per-parameter clip syncs")
+    p.add_argument(
+        "--precision",
+        choices=("auto", "bf16", "fp16", "fp32"),
+        default=d.precision,
+        help="ours (auto: bf16 on CUDA, fp32 on CPU)",
+    )
+    p.add_argument(
+        "--reference-precision",
+        choices=("auto", "bf16", "fp16", "fp32"),
+        default=d.reference_precision,
+        help="reference (auto: fp16 + GradScaler on CUDA, fp32 on CPU)",
+    )
+    p.add_argument(
+        "--reference-syncs",
+        action=argparse.BooleanOptionalAction,
+        default=d.reference_syncs,
+        help="keep the reference's loss.item() and per-parameter clip syncs",
+    )
     p.add_argument("--peak-tflops", type=float, default=None, help="peak for MFU (default: from the card's name)")
-    p.add_argument("--aug-rate-per-core", type=float, default=d.aug_rate_per_core,
-                   help="multi-crop augmentation images/s per CPU core")
+    p.add_argument(
+        "--aug-rate-per-core",
+        type=float,
+        default=d.aug_rate_per_core,
+        help="multi-crop augmentation images/s per CPU core",
+    )
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--json", dest="json_out", default=None, help="write the result as JSON here")
     a = vars(p.parse_args(argv))
@@ -673,8 +713,9 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
         "peak_source": peak_source,
         "measured_bf16_matmul_tflops": measured,
         "variants": variants,
-        "speedup": (variants["ours"]["images_per_s"] / variants["reference"]["images_per_s"]
-                    if len(variants) == 2 else None),
+        "speedup": (
+            variants["ours"]["images_per_s"] / variants["reference"]["images_per_s"] if len(variants) == 2 else None
+        ),
     }
     return publish(result, report(result), cfg.json_out)
 

@@ -6,6 +6,12 @@ from pipeline.cluster.ray_start import check_ray_address, init_ray, resolve_plac
 from pipeline.cluster.timeline import log_timeline
 
 __all__ = [
-    "ClusterFacts", "Placement", "check_ray_address", "init_ray", "log_timeline", "placement_for",
-    "resolve_placement", "resolve_placement_or_fail",
+    "ClusterFacts",
+    "Placement",
+    "check_ray_address",
+    "init_ray",
+    "log_timeline",
+    "placement_for",
+    "resolve_placement",
+    "resolve_placement_or_fail",
 ]

@@ -29,7 +29,6 @@ descendants), never ``ray stop``, which would kill every Ray on the machine.
 from __future__ import annotations
 
 import argparse
-
 import json
 import os
 import signal
@@ -97,8 +96,9 @@ def local_config(
     head_name = source["head_node_type"]
     unknown = sorted(set(sizes or {}) - set(types))
     if unknown:
-        raise ValueError(f"--size names node type(s) {unknown} that {cluster_yaml.name} does not define "
-                         f"(it has {sorted(types)})")
+        raise ValueError(
+            f"--size names node type(s) {unknown} that {cluster_yaml.name} does not define (it has {sorted(types)})"
+        )
     node_types: dict[str, Any] = {}
     for name, spec in types.items():
         want = {**({} if name == head_name else LOCAL_SIZES), **(sizes or {}).get(name, {})}
@@ -123,10 +123,19 @@ def local_config(
         "cluster_name": f"{source.get('cluster_name', 'dino-ray')}-local",
         "max_workers": sum(t["max_workers"] for n, t in node_types.items() if n != HEAD_TYPE),
         "upscaling_speed": source.get("upscaling_speed", 1.0),
-        "idle_timeout_minutes": source.get("idle_timeout_minutes", 5) if idle_timeout_minutes is None else idle_timeout_minutes,
-        "provider": {"type": "external", "module": PROVIDER, "gcs_address": gcs_address, "head_node_id": FAKE_HEAD_ID,
-                     "launch_multiple": True, "use_node_id_as_ip": True, "disable_node_updaters": True,
-                     "disable_launch_config_check": True},
+        "idle_timeout_minutes": source.get("idle_timeout_minutes", 5)
+        if idle_timeout_minutes is None
+        else idle_timeout_minutes,
+        "provider": {
+            "type": "external",
+            "module": PROVIDER,
+            "gcs_address": gcs_address,
+            "head_node_id": FAKE_HEAD_ID,
+            "launch_multiple": True,
+            "use_node_id_as_ip": True,
+            "disable_node_updaters": True,
+            "disable_launch_config_check": True,
+        },
         "available_node_types": node_types,
         "head_node_type": HEAD_TYPE,
         "auth": {"ssh_user": "ubuntu"},
@@ -153,17 +162,23 @@ def _provider_base():
 
 class LocalNodeProvider(_provider_base()):
     """Ray's fake multi-node provider, with one change: every node gets a temp folder of its own
-    (``<head temp>/nodes/<id>``, and ``tmp/`` in it as the node's ``TMPDIR``), as separate machines have. With the provider's default all nodes share the
-    head's session folder, and a node's runtime-env agent, when its node is removed, deletes the job's
-    working directory that the workers of every other node run in (seen: k-NN actors starting on a CPU node
-    while an idle training node went away died with ``FileNotFoundError`` from ``os.getcwd``); every node's
-    log monitor also re-sent the others' logs, so each driver line came 2-4 times."""
+    (``<head temp>/nodes/<id>``, and ``tmp/`` in it as the node's ``TMPDIR``), as separate machines have. With the
+    provider's default all nodes share the head's session folder, and a node's runtime-env agent, when its node is
+    removed, deletes the job's working directory that the workers of every other node run in (seen: k-NN actors
+    starting on a CPU node while an idle training node went away died with ``FileNotFoundError`` from
+    ``os.getcwd``); every node's log monitor also re-sent the others' logs, so each driver line came 2-4 times."""
 
     def _create_node_with_resources_and_labels(self, node_config, tags, count, resources, labels):
         import ray
         import ray._private.ray_constants as ray_constants
-        from ray.autoscaler.tags import (NODE_KIND_WORKER, STATUS_UP_TO_DATE, TAG_RAY_NODE_KIND, TAG_RAY_NODE_NAME,
-                                         TAG_RAY_NODE_STATUS, TAG_RAY_USER_NODE_TYPE)
+        from ray.autoscaler.tags import (
+            NODE_KIND_WORKER,
+            STATUS_UP_TO_DATE,
+            TAG_RAY_NODE_KIND,
+            TAG_RAY_NODE_NAME,
+            TAG_RAY_NODE_STATUS,
+            TAG_RAY_USER_NODE_TYPE,
+        )
 
         resources = dict(resources)
         with self.lock:
@@ -173,19 +188,36 @@ class LocalNodeProvider(_provider_base()):
             tmp = os.path.join(temp_dir, "tmp")  # the node's own TMPDIR: nothing in /tmp is shared between nodes
             os.makedirs(tmp, exist_ok=True)
             params = ray._private.parameter.RayParams(
-                min_worker_port=0, max_worker_port=0, dashboard_port=None, dashboard_agent_listen_port=0,
-                num_cpus=resources.pop("CPU", 0), num_gpus=resources.pop("GPU", 0),
-                object_store_memory=resources.pop("object_store_memory", None), resources=resources, labels=labels,
-                gcs_address=self._gcs_address, redis_address=self._gcs_address, temp_dir=temp_dir,
-                env_vars={NODE_ID_ENV: node_id, "RAY_CLOUD_INSTANCE_ID": node_id, "RAY_NODE_TYPE_NAME": node_type,
-                          "TMPDIR": tmp,
-                          ray_constants.RESOURCES_ENVIRONMENT_VARIABLE: json.dumps(resources),
-                          ray_constants.LABELS_ENVIRONMENT_VARIABLE: json.dumps(labels)},
+                min_worker_port=0,
+                max_worker_port=0,
+                dashboard_port=None,
+                dashboard_agent_listen_port=0,
+                num_cpus=resources.pop("CPU", 0),
+                num_gpus=resources.pop("GPU", 0),
+                object_store_memory=resources.pop("object_store_memory", None),
+                resources=resources,
+                labels=labels,
+                gcs_address=self._gcs_address,
+                redis_address=self._gcs_address,
+                temp_dir=temp_dir,
+                env_vars={
+                    NODE_ID_ENV: node_id,
+                    "RAY_CLOUD_INSTANCE_ID": node_id,
+                    "RAY_NODE_TYPE_NAME": node_type,
+                    "TMPDIR": tmp,
+                    ray_constants.RESOURCES_ENVIRONMENT_VARIABLE: json.dumps(resources),
+                    ray_constants.LABELS_ENVIRONMENT_VARIABLE: json.dumps(labels),
+                },
             )
             node = ray._private.node.Node(params, head=False, shutdown_at_exit=False, spawn_reaper=False)
             self._nodes[node_id] = {
-                "tags": {TAG_RAY_NODE_KIND: NODE_KIND_WORKER, TAG_RAY_USER_NODE_TYPE: node_type,
-                         TAG_RAY_NODE_NAME: node_id, TAG_RAY_NODE_STATUS: STATUS_UP_TO_DATE, **tags},
+                "tags": {
+                    TAG_RAY_NODE_KIND: NODE_KIND_WORKER,
+                    TAG_RAY_USER_NODE_TYPE: node_type,
+                    TAG_RAY_NODE_NAME: node_id,
+                    TAG_RAY_NODE_STATUS: STATUS_UP_TO_DATE,
+                    **tags,
+                },
                 "node": node,
             }
 
@@ -262,7 +294,7 @@ class LocalCluster:
         return env
 
     # -- lifecycle -------------------------------------------------------------------------------
-    def start(self, timeout_s: float = 180.0) -> "LocalCluster":
+    def start(self, timeout_s: float = 180.0) -> LocalCluster:
         import ray._private.services
 
         self.folder = Path(self.folder).resolve()
@@ -281,21 +313,47 @@ class LocalCluster:
         store = int(resources.pop("object_store_memory", OBJECT_STORE_BYTES))
         labels = ",".join(f"{k}={v}" for k, v in head["labels"].items())
         env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-        env.update({"RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1", "RAY_enable_autoscaler_v2": "1",
-                    "RAY_CLOUD_INSTANCE_ID": FAKE_HEAD_ID, NODE_ID_ENV: FAKE_HEAD_ID, "RAY_AUTH_MODE": "disabled",
-                    "RAY_USAGE_STATS_ENABLED": "0", "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
-                    "DINO_LOCAL_CLUSTER_TEMP": self.temp_dir,  # LocalNodeProvider puts each node's folder under it
-                    "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"})
-        ports = {"--ray-client-server-port": free_port(), "--dashboard-agent-listen-port": free_port(),
-                 "--dashboard-agent-grpc-port": free_port(), "--runtime-env-agent-port": free_port(),
-                 "--metrics-export-port": free_port(), "--node-manager-port": free_port(),
-                 "--object-manager-port": free_port()}
-        cmd = [_ray_cli(), "start", "--head", f"--node-ip-address={self.node_ip}", f"--port={self.gcs_port}",
-               f"--dashboard-port={self.dashboard_port}", "--dashboard-host=127.0.0.1", "--include-dashboard=true",
-               f"--num-cpus={cpus}", f"--object-store-memory={store}", f"--temp-dir={self.temp_dir}",
-               "--disable-usage-stats", f"--autoscaling-config={config_path}",
-               f"--system-config={json.dumps(SYSTEM_CONFIG, separators=(',', ':'))}",
-               *(["--labels", labels] if labels else []), *(f"{k}={v}" for k, v in ports.items())]
+        env.update(
+            {
+                "RAY_FAKE_CLUSTER": "1",
+                "AUTOSCALER_UPDATE_INTERVAL_S": "1",
+                "RAY_enable_autoscaler_v2": "1",
+                "RAY_CLOUD_INSTANCE_ID": FAKE_HEAD_ID,
+                NODE_ID_ENV: FAKE_HEAD_ID,
+                "RAY_AUTH_MODE": "disabled",
+                "RAY_USAGE_STATS_ENABLED": "0",
+                "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
+                "DINO_LOCAL_CLUSTER_TEMP": self.temp_dir,  # LocalNodeProvider puts each node's folder under it
+                "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}",
+            }
+        )
+        ports = {
+            "--ray-client-server-port": free_port(),
+            "--dashboard-agent-listen-port": free_port(),
+            "--dashboard-agent-grpc-port": free_port(),
+            "--runtime-env-agent-port": free_port(),
+            "--metrics-export-port": free_port(),
+            "--node-manager-port": free_port(),
+            "--object-manager-port": free_port(),
+        }
+        cmd = [
+            _ray_cli(),
+            "start",
+            "--head",
+            f"--node-ip-address={self.node_ip}",
+            f"--port={self.gcs_port}",
+            f"--dashboard-port={self.dashboard_port}",
+            "--dashboard-host=127.0.0.1",
+            "--include-dashboard=true",
+            f"--num-cpus={cpus}",
+            f"--object-store-memory={store}",
+            f"--temp-dir={self.temp_dir}",
+            "--disable-usage-stats",
+            f"--autoscaling-config={config_path}",
+            f"--system-config={json.dumps(SYSTEM_CONFIG, separators=(',', ':'))}",
+            *(["--labels", labels] if labels else []),
+            *(f"{k}={v}" for k, v in ports.items()),
+        ]
         if resources:
             cmd.append(f"--resources={json.dumps(resources)}")
         out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s)
@@ -317,13 +375,22 @@ class LocalCluster:
         groups = []
         for name, spec in self.config["available_node_types"].items():
             resources = {k: int(v) for k, v in spec["resources"].items() if k != "object_store_memory" and v}
-            groups.append(autoscaler_pb2.NodeGroupConfig(name=name, resources=resources,
-                                                         min_count=int(spec.get("min_workers", 0)),
-                                                         max_count=int(spec["max_workers"]) if name != HEAD_TYPE else 1))
+            groups.append(
+                autoscaler_pb2.NodeGroupConfig(
+                    name=name,
+                    resources=resources,
+                    min_count=int(spec.get("min_workers", 0)),
+                    max_count=int(spec["max_workers"]) if name != HEAD_TYPE else 1,
+                )
+            )
         config = autoscaler_pb2.ClusterConfig(node_group_configs=groups)
         client = ray._raylet.GcsClient(address=self.gcs_address)
-        client.internal_kv_put(ray._raylet.GCS_AUTOSCALER_CLUSTER_CONFIG_KEY.encode(), config.SerializeToString(),
-                               True, ray._raylet.GCS_AUTOSCALER_STATE_NAMESPACE.encode())
+        client.internal_kv_put(
+            ray._raylet.GCS_AUTOSCALER_CLUSTER_CONFIG_KEY.encode(),
+            config.SerializeToString(),
+            True,
+            ray._raylet.GCS_AUTOSCALER_STATE_NAMESPACE.encode(),
+        )
 
     def _wait_for_api(self, timeout_s: float) -> None:
         import urllib.request
@@ -340,20 +407,32 @@ class LocalCluster:
         raise RuntimeError(f"the local cluster's job API at {self.address} did not answer within {timeout_s:.0f} s")
 
     def _write_state(self) -> None:
-        state = {"gcs_port": self.gcs_port, "dashboard_port": self.dashboard_port, "temp_dir": self.temp_dir,
-                 "node_ip": self.node_ip,
-                 "address": self.address, "gcs_address": self.gcs_address, "config": self.config}
+        state = {
+            "gcs_port": self.gcs_port,
+            "dashboard_port": self.dashboard_port,
+            "temp_dir": self.temp_dir,
+            "node_ip": self.node_ip,
+            "address": self.address,
+            "gcs_address": self.gcs_address,
+            "config": self.config,
+        }
         (self.folder / self.STATE).write_text(json.dumps(state, indent=2))
 
     @classmethod
-    def attach(cls, folder: Path) -> "LocalCluster":
+    def attach(cls, folder: Path) -> LocalCluster:
         """The cluster started in ``folder`` (by another process)."""
         path = Path(folder) / cls.STATE
         if not path.is_file():
             raise FileNotFoundError(f"no local cluster in {folder} ({cls.STATE} not found): start one first")
         state = json.loads(path.read_text())
-        return cls(Path(folder), gcs_port=state["gcs_port"], dashboard_port=state["dashboard_port"],
-                   temp_dir=state["temp_dir"], config=state["config"], node_ip=state["node_ip"])
+        return cls(
+            Path(folder),
+            gcs_port=state["gcs_port"],
+            dashboard_port=state["dashboard_port"],
+            temp_dir=state["temp_dir"],
+            config=state["config"],
+            node_ip=state["node_ip"],
+        )
 
     def processes(self) -> set[int]:
         """Every process of this cluster: those naming its temp folder or its GCS port, and their descendants."""
@@ -362,9 +441,15 @@ class LocalCluster:
         parent, cmdline = _proc_table()
         port = f":{self.gcs_port}".encode()
         me = os.getpid()
-        named = {pid for pid, cmd in cmdline.items() if pid != me and (
-            self.temp_dir.encode() in cmd or (b"--address=" in cmd and port + b"\x00" in cmd + b"\x00"
-                                              and b"ray" in cmd))}
+        named = {
+            pid
+            for pid, cmd in cmdline.items()
+            if pid != me
+            and (
+                self.temp_dir.encode() in cmd
+                or (b"--address=" in cmd and port + b"\x00" in cmd + b"\x00" and b"ray" in cmd)
+            )
+        }
         return _with_descendants(named, parent) - {me}
 
     def stop(self, keep_logs: bool = False) -> None:
@@ -385,8 +470,16 @@ class LocalCluster:
         from ray.util.state import list_nodes
 
         nodes = list_nodes(address=self.address, limit=10_000, raise_on_missing_output=False)
-        rows = [{"node_id": n.node_id, "role": (n.labels or {}).get(ROLE_LABEL, "?"), "state": n.state,
-                 "is_head": n.is_head_node, "resources": dict(n.resources_total or {})} for n in nodes]
+        rows = [
+            {
+                "node_id": n.node_id,
+                "role": (n.labels or {}).get(ROLE_LABEL, "?"),
+                "state": n.state,
+                "is_head": n.is_head_node,
+                "resources": dict(n.resources_total or {}),
+            }
+            for n in nodes
+        ]
         return [r for r in rows if r["state"] == "ALIVE"] if alive_only else rows
 
     def node_processes(self, node_id: str) -> set[int]:
@@ -417,8 +510,11 @@ class LocalCluster:
 def _status_lines(cluster: LocalCluster) -> list[str]:
     lines = [f"job API {cluster.address} (RAY_ADDRESS), GCS {cluster.gcs_address}"]
     for n in sorted(cluster.nodes(), key=lambda n: (not n["is_head"], n["role"], n["node_id"])):
-        res = ", ".join(f"{k}={v:g}" for k, v in sorted(n["resources"].items())
-                        if not k.startswith(("node:", "memory", "object_store")))
+        res = ", ".join(
+            f"{k}={v:g}"
+            for k, v in sorted(n["resources"].items())
+            if not k.startswith(("node:", "memory", "object_store"))
+        )
         lines.append(f"  {n['node_id'][-8:]}  {ROLE_LABEL}={n['role']:<8} {res}")
     return lines
 
@@ -427,20 +523,32 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline.cluster.local", description=__doc__.splitlines()[0])
     parser.add_argument("command", choices=["start", "status", "stop"])
     parser.add_argument("--dir", default="/tmp/dino-ray-local-cluster", help="folder for its config and state")
-    parser.add_argument("--size", action="append", default=[], metavar="TYPE.KEY=N",
-                        help=f"override a node type's size, e.g. cpu_worker.CPU=2, cpu_worker.max_workers=3 "
-                             f"(default {LOCAL_SIZES} per worker type)")
-    parser.add_argument("--idle-timeout-minutes", type=float, default=None,
-                        help="idle time before the autoscaler removes a node (default: cluster.yaml's)")
+    parser.add_argument(
+        "--size",
+        action="append",
+        default=[],
+        metavar="TYPE.KEY=N",
+        help=f"override a node type's size, e.g. cpu_worker.CPU=2, cpu_worker.max_workers=3 "
+        f"(default {LOCAL_SIZES} per worker type)",
+    )
+    parser.add_argument(
+        "--idle-timeout-minutes",
+        type=float,
+        default=None,
+        help="idle time before the autoscaler removes a node (default: cluster.yaml's)",
+    )
     parser.add_argument("--cluster-yaml", default=str(CLUSTER_YAML))
     args = parser.parse_args(argv)
     try:
         if args.command == "start":
-            cluster = LocalCluster(Path(args.dir), parse_sizes(args.size), args.idle_timeout_minutes,
-                                   Path(args.cluster_yaml)).start()
+            cluster = LocalCluster(
+                Path(args.dir), parse_sizes(args.size), args.idle_timeout_minutes, Path(args.cluster_yaml)
+            ).start()
             print("\n".join(_status_lines(cluster)))
-            types = {n: (t.get("min_workers", 0), t["max_workers"], t["resources"], t["labels"])
-                     for n, t in cluster.config["available_node_types"].items()}
+            types = {
+                n: (t.get("min_workers", 0), t["max_workers"], t["resources"], t["labels"])
+                for n, t in cluster.config["available_node_types"].items()
+            }
             for name, (lo, hi, res, labels) in types.items():
                 print(f"  node type {name}: {lo}..{hi} nodes, {res}, labels {labels}")
             print(f"submit:  RAY_ADDRESS={cluster.address} ray job submit --working-dir . -- python jobs/pretrain.py")

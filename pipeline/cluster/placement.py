@@ -19,8 +19,9 @@ in for it on a cluster without GPUs (:data:`LOCAL_GPU` on the local cluster, whe
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 ROLE_LABEL = "dino-ray/role"
 HEAD, TRAIN, AUGMENT = "head", "train", "augment"
@@ -55,8 +56,11 @@ class Placement:
         return {"CPU": cpus, **({self.accelerator: 1.0} if self.accelerator else {})}
 
     def describe(self) -> str:
-        where = (f"training on {ROLE_LABEL}={TRAIN} nodes, data on {ROLE_LABEL}={AUGMENT} nodes"
-                 if self.train_selector else "any node")
+        where = (
+            f"training on {ROLE_LABEL}={TRAIN} nodes, data on {ROLE_LABEL}={AUGMENT} nodes"
+            if self.train_selector
+            else "any node"
+        )
         kind = f"one {self.accelerator} per training worker" if self.accelerator else "CPU training workers"
         stand_in = " (a stand-in: workers train on the CPU)" if self.accelerator and not self.cuda else ""
         return f"{where}; {kind}{stand_in}"

@@ -38,27 +38,36 @@ import logging
 import os
 import re
 import warnings
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
-NOISE = tuple(re.compile(p) for p in (
-    r"Reporting training result \d+: TrainingReport\(",
-    r"Dataset \S+ execution finished in [\d.]+ seconds",
-    r"Progress bars disabled\. To enable, set `ray\.data\.DataContext",
-    r"core_worker\.cc:\d+: Actor with class name: .* has constructor arguments in the object store and max_restarts > 0",
-    r"Token authentication is enabled for this Ray cluster\. Set RAY_AUTH_MODE=disabled to opt out",
-    r"Passing a Python object as `python_model` causes it to be serialized using CloudPickle",
-    r"Validating input example against model signature",
-    r"^(Creating initial MLflow database tables|Updating database tables)",
-))
+NOISE = tuple(
+    re.compile(p)
+    for p in (
+        r"Reporting training result \d+: TrainingReport\(",
+        r"Dataset \S+ execution finished in [\d.]+ seconds",
+        r"Progress bars disabled\. To enable, set `ray\.data\.DataContext",
+        r"core_worker\.cc:\d+: Actor with class name: .* "
+        r"has constructor arguments in the object store and max_restarts > 0",
+        r"Token authentication is enabled for this Ray cluster\. Set RAY_AUTH_MODE=disabled to opt out",
+        r"Passing a Python object as `python_model` causes it to be serialized using CloudPickle",
+        r"Validating input example against model signature",
+        r"^(Creating initial MLflow database tables|Updating database tables)",
+    )
+)
 
 WARNINGS = (  # (message regex, category): Python warnings known to be harmless here
     (r"`ExecutionOptions\.exclude_resources` is deprecated", "RayDeprecationWarning"),
 )
 
 # Loggers of this (the driver's) process whose records may be noise.
-DRIVER_LOGGERS = ("ray.data._internal.execution.streaming_executor", "ray.data._internal.progress",
-                  "ray._private.authentication.authentication_token_setup", "mlflow.pyfunc",
-                  "mlflow.store.db.utils")
+DRIVER_LOGGERS = (
+    "ray.data._internal.execution.streaming_executor",
+    "ray.data._internal.progress",
+    "ray._private.authentication.authentication_token_setup",
+    "mlflow.pyfunc",
+    "mlflow.store.db.utils",
+)
 
 
 def is_noise(line: str) -> bool:
@@ -126,6 +135,7 @@ def quiet_forwarded(verbose: bool) -> bool:
     with dispatcher._lock:
         for i, (name, handler) in enumerate(dispatcher.handlers):
             if name == "ray_print_logs" and not getattr(handler, "dino_filtered", False):
+
                 def filtered(data, _print=handler):
                     filter_forwarded(data, _print)
 

@@ -29,7 +29,9 @@ def check_ray_address(address: str | None) -> None:
         with socket.create_connection((host, int(port)), timeout=5):
             return
     except OSError as e:
-        raise ClusterError(f"Ray cluster at ray.address '{address}' is not reachable ({e}); is the head running?") from None
+        raise ClusterError(
+            f"Ray cluster at ray.address '{address}' is not reachable ({e}); is the head running?"
+        ) from None
 
 
 def init_ray(address: str | None, verbose: bool = False) -> None:
@@ -68,7 +70,10 @@ def resolve_placement_or_fail(cfg: Config):
         raise ClusterError(str(e)) from None
     storage = cfg.ray.storage_path
     if placement.labelled and "://" not in storage:
-        log.warning("ray.storage_path %s is a local path on a multi-node cluster: every node must see it (a shared "
-                    "file system), or pass ray.storage_path=s3://bucket/prefix", storage)
+        log.warning(
+            "ray.storage_path %s is a local path on a multi-node cluster: every node must see it (a shared "
+            "file system), or pass ray.storage_path=s3://bucket/prefix",
+            storage,
+        )
     log.info("placement: %s", placement.describe())
     return placement

@@ -21,8 +21,8 @@ actors: ``augment`` = the multi-crop pool, ``train`` = Ray Train workers, ``embe
 from __future__ import annotations
 
 import csv
-import tempfile
 import logging
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -60,9 +60,13 @@ def sample(address: str | None = None) -> dict[str, int]:
     from ray.util.state import list_actors, list_nodes
 
     row = {f"nodes_{r}": 0 for r in ROLES} | {f"actors_{k}": 0 for k in KINDS} | {f"pending_{k}": 0 for k in KINDS}
-    for node in list_nodes(address=address, filters=[("state", "=", "ALIVE")], limit=10_000, raise_on_missing_output=False):
+    for node in list_nodes(
+        address=address, filters=[("state", "=", "ALIVE")], limit=10_000, raise_on_missing_output=False
+    ):
         row[f"nodes_{node_role(node.labels, node.is_head_node)}"] += 1
-    actors = list_actors(address=address, filters=[("state", "!=", "DEAD")], limit=10_000, raise_on_missing_output=False)
+    actors = list_actors(
+        address=address, filters=[("state", "!=", "DEAD")], limit=10_000, raise_on_missing_output=False
+    )
     for actor in actors:
         kind = actor_kind(actor.class_name or "")
         if kind is not None:
@@ -81,7 +85,7 @@ class ClusterTimeline:
         self._t0 = time.time()
         self.errors = 0
 
-    def start(self) -> "ClusterTimeline":
+    def start(self) -> ClusterTimeline:
         self._t0 = time.time()
         self._thread = threading.Thread(target=self._run, name="cluster-timeline", daemon=True)
         self._thread.start()
@@ -142,7 +146,13 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
 
     t = [r["t_s"] for r in rows]
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(10, 6), sharex=True, constrained_layout=True)
-    colours = {"head": "grey", "augment": "tab:blue", "train": "tab:orange", "unlabelled": "tab:purple", "embed": "tab:green"}
+    colours = {
+        "head": "grey",
+        "augment": "tab:blue",
+        "train": "tab:orange",
+        "unlabelled": "tab:purple",
+        "embed": "tab:green",
+    }
     for role in ROLES:
         values = [r[f"nodes_{role}"] for r in rows]
         if any(values):
@@ -183,6 +193,9 @@ def log_timeline(tracking_uri: str, run_id: str, timeline) -> list[str]:
     except Exception as e:  # noqa: BLE001
         log.warning("could not log the cluster timeline (%d samples): %s", len(rows), e)
         return []
-    log.info("cluster timeline: %d samples over %.0f s logged to the run as cluster/timeline.csv and .png",
-             len(rows), rows[-1]["t_s"] if rows else 0.0)
+    log.info(
+        "cluster timeline: %d samples over %.0f s logged to the run as cluster/timeline.csv and .png",
+        len(rows),
+        rows[-1]["t_s"] if rows else 0.0,
+    )
     return [f"cluster/{f.name}" for f in files]

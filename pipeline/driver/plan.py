@@ -41,7 +41,9 @@ class Prepared:
     experiment: str
     run_name: str
     val: SplitInfo | None = None  # for attention maps and the k-NN evaluation; None when there is no validation source
-    start: Any = None  # model.init_from read and mapped onto the model (pipeline.weights.start_weights.StartWeights), or None
+    start: Any = (
+        None  # model.init_from read and mapped onto the model (pipeline.weights.start_weights.StartWeights), or None
+    )
     val_note: str | None = None  # why there is no validation source, for the user
     entry_point: str = ""  # the script the run was started from (the MLflow run's source)
 
@@ -166,6 +168,13 @@ def run_tags(p: Prepared, placement) -> dict[str, str]:
         "ray_version": ray.__version__,
         "torch_version": torch.__version__,
         "python": platform.python_version(),
-        **({"dino.init_from": p.start.source, "dino.init_kind": p.start.kind,
-            "dino.init_summary": p.start.summary()[:5000]} if p.start is not None else {}),
+        **(
+            {
+                "dino.init_from": p.start.source,
+                "dino.init_kind": p.start.kind,
+                "dino.init_summary": p.start.summary()[:5000],
+            }
+            if p.start is not None
+            else {}
+        ),
     }

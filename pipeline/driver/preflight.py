@@ -34,8 +34,19 @@ from pipeline.errors import ConfigError, DataError
 log = logging.getLogger(__name__)
 
 # MLflow's own tracking stores (mlflow.tracking._tracking_service.utils); plugins add theirs as entry points.
-TRACKING_SCHEMES = {"", "file", "http", "https", "sqlite", "postgresql", "mysql", "mssql", "databricks",
-                    "databricks-uc", "uc"}
+TRACKING_SCHEMES = {
+    "",
+    "file",
+    "http",
+    "https",
+    "sqlite",
+    "postgresql",
+    "mysql",
+    "mssql",
+    "databricks",
+    "databricks-uc",
+    "uc",
+}
 
 
 def check_before_ray(cfg: Config, tracking_uri: str) -> None:
@@ -88,7 +99,11 @@ def _probe(cfg: Config, device) -> None:
     from dino.head import DINOHead
 
     m = cfg.model
-    with_kwargs = f"model.arch {m.arch!r} with model.model_kwargs {m.model_kwargs}" if m.model_kwargs else f"model.arch {m.arch!r}"
+    with_kwargs = (
+        f"model.arch {m.arch!r} with model.model_kwargs {m.model_kwargs}"
+        if m.model_kwargs
+        else f"model.arch {m.arch!r}"
+    )
     try:
         with device:
             backbone = create_backbone(m.arch, m.drop_path_rate, cfg.augment.global_size, m.model_kwargs)
@@ -96,12 +111,14 @@ def _probe(cfg: Config, device) -> None:
         raise
     except Exception as e:  # noqa: BLE001  (timm raises TypeError, AssertionError, ValueError, RuntimeError ...)
         key, value = ("model.model_kwargs", m.model_kwargs) if m.model_kwargs else ("model.arch", m.arch)
-        raise ConfigError(f"invalid config value '{key}' (got {value!r}): timm cannot build {m.arch!r} "
-                          f"with it ({_first_line(e)})") from None
+        raise ConfigError(
+            f"invalid config value '{key}' (got {value!r}): timm cannot build {m.arch!r} with it ({_first_line(e)})"
+        ) from None
     dim = backbone.num_features
     with device:
-        head = DINOHead(dim, m.out_dim, hidden_dim=m.hidden_dim, bottleneck_dim=m.bottleneck_dim,
-                        norm_last_layer=m.norm_last_layer)
+        head = DINOHead(
+            dim, m.out_dim, hidden_dim=m.hidden_dim, bottleneck_dim=m.bottleneck_dim, norm_last_layer=m.norm_last_layer
+        )
     for key, size in _crop_sizes(cfg):
         x = torch.zeros(2, 3, size, size, device=device)  # (B, 3, H, W)
         try:
@@ -109,8 +126,10 @@ def _probe(cfg: Config, device) -> None:
         except NotImplementedError:
             raise
         except Exception as e:  # noqa: BLE001
-            raise ConfigError(f"invalid config value '{key}' (got {size}): {with_kwargs} cannot take {size} px "
-                              f"crops ({_first_line(e)})") from None
+            raise ConfigError(
+                f"invalid config value '{key}' (got {size}): {with_kwargs} cannot take {size} px "
+                f"crops ({_first_line(e)})"
+            ) from None
         if tuple(features.shape) != (2, dim):
             raise ConfigError(
                 f"invalid config value 'model.model_kwargs' (got {m.model_kwargs!r}): {m.arch!r} gives features of "
@@ -129,18 +148,23 @@ def check_tracking_store(uri: str) -> None:
         scheme = ""
     known = TRACKING_SCHEMES | {ep.name for ep in entry_points(group="mlflow.tracking_store")}
     if scheme not in known:
-        raise ConfigError(f"invalid config value 'tracking.tracking_uri' (got {uri!r}): MLflow has no tracking store "
-                          f"for the scheme '{scheme}' (known: {', '.join(sorted(k for k in known if k))})")
+        raise ConfigError(
+            f"invalid config value 'tracking.tracking_uri' (got {uri!r}): MLflow has no tracking store "
+            f"for the scheme '{scheme}' (known: {', '.join(sorted(k for k in known if k))})"
+        )
     if scheme == "sqlite":
         path = uri.split(":///", 1)[-1] if ":///" in uri else ""
         if path and path != ":memory:":
             folder = Path(path).parent
             if not folder.is_dir():
-                raise ConfigError(f"invalid config value 'tracking.tracking_uri' (got {uri!r}): the folder {folder} "
-                                  f"of the SQLite file does not exist (SQLite creates the file, not its folder)")
+                raise ConfigError(
+                    f"invalid config value 'tracking.tracking_uri' (got {uri!r}): the folder {folder} "
+                    f"of the SQLite file does not exist (SQLite creates the file, not its folder)"
+                )
             if not os.access(folder, os.W_OK | os.X_OK):
-                raise ConfigError(f"invalid config value 'tracking.tracking_uri' (got {uri!r}): no write permission "
-                                  f"on {folder}")
+                raise ConfigError(
+                    f"invalid config value 'tracking.tracking_uri' (got {uri!r}): no write permission on {folder}"
+                )
 
 
 def local_cpus() -> int:
@@ -160,7 +184,11 @@ def check_local_cpus(cfg: Config, cpus: Any = None) -> None:
     cpus = local_cpus() if cpus is None else cpus
     need = r.num_workers * r.cpus_per_worker
     if need > cpus:
-        key, value = ("ray.cpus_per_worker", r.cpus_per_worker) if r.cpus_per_worker > cpus else ("ray.num_workers", r.num_workers)
+        key, value = (
+            ("ray.cpus_per_worker", r.cpus_per_worker)
+            if r.cpus_per_worker > cpus
+            else ("ray.num_workers", r.num_workers)
+        )
         raise ConfigError(
             f"invalid config value '{key}' (got {value:g}): {r.num_workers} training workers x "
             f"ray.cpus_per_worker {r.cpus_per_worker:g} = {need:g} CPUs, more than the {cpus} of this machine "

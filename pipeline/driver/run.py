@@ -88,8 +88,14 @@ def pretrain(p: Prepared) -> PretrainResult:
     counter = start_counter(plan.counter_name)
     # All epochs as one stream (one Ray Data execution for the run), plus one spare pass: bad samples
     # make a pass shorter than the index says, and a resumed run needs fewer steps than a fresh one.
-    ds = multicrop_dataset(p.train, cfg, counter_name=plan.counter_name, passes=cfg.optim.epochs + 1,
-                           with_meta=False, label_selector=placement.data_selector)
+    ds = multicrop_dataset(
+        p.train,
+        cfg,
+        counter_name=plan.counter_name,
+        passes=cfg.optim.epochs + 1,
+        with_meta=False,
+        label_selector=placement.data_selector,
+    )
     trainer = make_trainer(cfg, plan, ds, placement, p.run_name)
     timeline = None
     if placement.multi_node:  # nodes by role and actors by kind over the run, for whoever tunes autoscaling

@@ -10,12 +10,18 @@ from __future__ import annotations
 
 from typing import Any
 
-ROWS = (("teacher", "DINO teacher"), ("random_init", "random init"), ("start", "starting weights"),
-        ("raw_pixels", "raw pixels"), ("centre_prior", "centre prior"))
+ROWS = (
+    ("teacher", "DINO teacher"),
+    ("random_init", "random init"),
+    ("start", "starting weights"),
+    ("raw_pixels", "raw pixels"),
+    ("centre_prior", "centre prior"),
+)
 
 
-def comparison_lines(knn: dict[str, Any], attention: dict[str, Any] | None, *, k: int, temperature: float,
-                     split: str) -> list[str]:
+def comparison_lines(
+    knn: dict[str, Any], attention: dict[str, Any] | None, *, k: int, temperature: float, split: str
+) -> list[str]:
     """Lines of the table.
 
     Args:
@@ -26,12 +32,15 @@ def comparison_lines(knn: dict[str, Any], attention: dict[str, Any] | None, *, k
         k, temperature, split: the k-NN settings and the evaluation split, for the header.
     """
     att = attention or {}
-    against = (f"the {knn['n_queries'] - 1} others (leave-one-out)" if knn.get("protocol") == "leave_one_out"
-               else knn["n_db"])
-    head = (f"on '{split}': k-NN (k={k}, T={temperature}) of {knn['n_queries']} images against {against}")
+    against = (
+        f"the {knn['n_queries'] - 1} others (leave-one-out)" if knn.get("protocol") == "leave_one_out" else knn["n_db"]
+    )
+    head = f"on '{split}': k-NN (k={k}, T={temperature}) of {knn['n_queries']} images against {against}"
     if att:
-        head += (f"; attention Jaccard of {att['n_images']} images with object masks ({att['mass']:.0%} of the "
-                 f"[CLS] attention's mass, mean of heads / best head)")
+        head += (
+            f"; attention Jaccard of {att['n_images']} images with object masks ({att['mass']:.0%} of the "
+            f"[CLS] attention's mass, mean of heads / best head)"
+        )
     lines = [head + ":", f"  {'':18s} {'k-NN top-1':>10s} {'top-5':>8s}   {'attention Jaccard':>17s}"]
     for name, label in ROWS:
         acc, jac = knn.get(name), att.get(name)

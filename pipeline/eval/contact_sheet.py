@@ -64,8 +64,15 @@ def render(rows: list[list[Tile]], thumb: int) -> Image.Image:
                 sheet.paste(img, (x, y))
             else:
                 draw.rectangle([x, y, x + thumb - 1, y + thumb - 1], fill=(200, 200, 200))
-                draw.text((x + 4, y + thumb // 2 - 6), _fit(draw, "image unavailable", font, thumb - 8), fill=(60, 60, 60), font=font)
-            draw.rectangle([x, y, x + thumb - 1, y + thumb - 1], outline=FRAME.get(tile.frame, FRAME["unknown"]), width=_FRAME_W)
+                draw.text(
+                    (x + 4, y + thumb // 2 - 6),
+                    _fit(draw, "image unavailable", font, thumb - 8),
+                    fill=(60, 60, 60),
+                    font=font,
+                )
+            draw.rectangle(
+                [x, y, x + thumb - 1, y + thumb - 1], outline=FRAME.get(tile.frame, FRAME["unknown"]), width=_FRAME_W
+            )
             for li, line in enumerate(tile.lines[:2]):
                 draw.text((x, y + thumb + 2 + 13 * li), _fit(draw, line, font, thumb), fill=(0, 0, 0), font=font)
     return sheet

@@ -26,9 +26,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.eval.features import Embeddings
 from pipeline.data.shards import SplitInfo
 from pipeline.errors import DataError
+from pipeline.eval.features import Embeddings
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +161,9 @@ class Embedder:
         return out
 
 
-def collect(batches: Iterable[dict[str, np.ndarray]], splits: dict[str, SplitInfo], models: list[str]) -> dict[str, dict[str, Embeddings]]:
+def collect(
+    batches: Iterable[dict[str, np.ndarray]], splits: dict[str, SplitInfo], models: list[str]
+) -> dict[str, dict[str, Embeddings]]:
     """Embedder output batches -> ``{model: {split: Embeddings}}``, rows of each split sorted by key.
 
     A row belongs to every split that lists its shard. Raises :class:`DataError` naming the split when
@@ -186,7 +188,13 @@ def collect(batches: Iterable[dict[str, np.ndarray]], splits: dict[str, SplitInf
             )
         rows = rows[np.argsort(keys[rows].astype(str), kind="stable")]
         if len(rows) < info.count:
-            log.warning("%s: embedded %d of %d samples (%d skipped)", info.describe(), len(rows), info.count, info.count - len(rows))
+            log.warning(
+                "%s: embedded %d of %d samples (%d skipped)",
+                info.describe(),
+                len(rows),
+                info.count,
+                info.count - len(rows),
+            )
         dupes = len(rows) - len(np.unique(keys[rows].astype(str)))
         if dupes:
             log.warning("%s: %d duplicate key(s); a query by key returns the first", info.describe(), dupes)
@@ -216,8 +224,8 @@ def embed_splits(
     (reads, decoding and CPU embedding on augmentation nodes, GPU embedding on training nodes)."""
     import ray
 
-    from pipeline.data.stage import read_shards
     from pipeline.cluster.placement import placement_for
+    from pipeline.data.stage import read_shards
 
     place = placement_for(ray_config) if ray_config is not None else None
     cpu_side = {"label_selector": dict(place.data_selector)} if place and place.data_selector else {}
@@ -231,21 +239,35 @@ def embed_splits(
     paths = sorted({p for info in splits.values() for p in info.paths})  # a shard in two splits is read once
     gpus = int(ray.cluster_resources().get("GPU", 0))
     layout = next(iter(splits.values())).members  # one run's sources share data.image_keys / label_key
-    ds = read_shards(paths, shuffle=False, num_cpus=read_cpus, label_selector=cpu_side.get("label_selector"), layout=layout)
+    ds = read_shards(
+        paths, shuffle=False, num_cpus=read_cpus, label_selector=cpu_side.get("label_selector"), layout=layout
+    )
     if cpu_side:  # the dataset's default (its resource requests to the autoscaler too); GPU actors override it
         ds.context.execution_options.label_selector = dict(cpu_side["label_selector"])
-    embedder = {"fn_constructor_kwargs": {"models": shipped, "image_size": image_size, "decode": not gpus},
-                "batch_size": batch_size, "num_cpus": 1, "zero_copy_batch": True}
+    embedder = {
+        "fn_constructor_kwargs": {"models": shipped, "image_size": image_size, "decode": not gpus},
+        "batch_size": batch_size,
+        "num_cpus": 1,
+        "zero_copy_batch": True,
+    }
     if gpus:
         if actors > gpus:
             log.warning("knn.actors=%d but the cluster has %d GPU(s): using %d GPU actors", actors, gpus, gpus)
-        ds = ds.map_batches(decode_views, fn_kwargs={"image_size": image_size}, batch_size=batch_size, num_cpus=1,
-                            **cpu_side)
-        ds = ds.map_batches(Embedder, compute=ray.data.ActorPoolStrategy(size=min(actors, gpus)), num_gpus=1,
-                            **embedder, **gpu_side)
+        ds = ds.map_batches(
+            decode_views, fn_kwargs={"image_size": image_size}, batch_size=batch_size, num_cpus=1, **cpu_side
+        )
+        ds = ds.map_batches(
+            Embedder, compute=ray.data.ActorPoolStrategy(size=min(actors, gpus)), num_gpus=1, **embedder, **gpu_side
+        )
     else:
         ds = ds.map_batches(Embedder, compute=ray.data.ActorPoolStrategy(size=actors), **embedder, **cpu_side)
-    log.info("embedding %d shard(s) of %s with %s on %s", len(paths), "+".join(splits), "+".join(models), f"{min(actors, gpus)} GPU(s)" if gpus else f"{actors} CPU actor(s)")
+    log.info(
+        "embedding %d shard(s) of %s with %s on %s",
+        len(paths),
+        "+".join(splits),
+        "+".join(models),
+        f"{min(actors, gpus)} GPU(s)" if gpus else f"{actors} CPU actor(s)",
+    )
     return collect(ds.iter_batches(batch_size=None, batch_format="numpy"), splits, list(models))
 
 

@@ -67,7 +67,10 @@ def _check_dim(index, x: np.ndarray, what: str) -> np.ndarray:
     x = np.asarray(x)
     if x.ndim != 2 or x.shape[1] != index.d:
         shape = "x".join(map(str, x.shape))
-        raise ValueError(f"{what} have shape {shape} but the index holds {index.d}-dimensional features: wrong dimension (another teacher?)")
+        raise ValueError(
+            f"{what} have shape {shape} but the index holds {index.d}-dimensional features: "
+            "wrong dimension (another teacher?)"
+        )
     return np.ascontiguousarray(x, dtype=np.float32)
 
 
@@ -77,7 +80,8 @@ def add_features(index, features: np.ndarray) -> None:
 
 
 def search(index, queries: np.ndarray, k: int, what: str = "query features") -> tuple[np.ndarray, np.ndarray]:
-    """``(similarities, ids)``, each ``(M, min(k, ntotal))``, best first; ids are -1 where an approximate index found fewer."""
+    """``(similarities, ids)``, each ``(M, min(k, ntotal))``, best first; ids are -1 where an approximate index found
+    fewer."""
     q = _check_dim(index, queries, what)
     return index.search(q, max(1, min(k, index.ntotal)))
 
@@ -107,7 +111,11 @@ def build_index(features: np.ndarray, spec: IndexSpec = IndexSpec()) -> tuple[An
         params = {"nlist": nlist, "nprobe": min(spec.nprobe, nlist)}
     else:
         index = faiss.index_factory(d, f"HNSW{spec.hnsw_m},Flat", faiss.METRIC_INNER_PRODUCT)
-        params = {"hnsw_m": spec.hnsw_m, "ef_construction": int(index.hnsw.efConstruction), "ef_search": spec.hnsw_ef_search}
+        params = {
+            "hnsw_m": spec.hnsw_m,
+            "ef_construction": int(index.hnsw.efConstruction),
+            "ef_search": spec.hnsw_ef_search,
+        }
     apply_params(index, params)
     index.add(x)
     return index, params
@@ -144,7 +152,9 @@ def recall_at_k(approx_ids: np.ndarray, exact_ids: np.ndarray, ks: Sequence[int]
     return out
 
 
-def measure_recall(index, exact, queries: np.ndarray, ks: Sequence[int], sample: int, seed: int = 0) -> tuple[dict[int, float], int]:
+def measure_recall(
+    index, exact, queries: np.ndarray, ks: Sequence[int], sample: int, seed: int = 0
+) -> tuple[dict[int, float], int]:
     """recall@k of ``index`` against ``exact`` on up to ``sample`` rows of ``queries`` drawn with ``seed``."""
     rng = np.random.default_rng(seed)
     rows = np.sort(rng.choice(len(queries), size=min(sample, len(queries)), replace=False))
@@ -193,9 +203,16 @@ class IndexManifest:
         except json.JSONDecodeError as e:
             raise ValueError(f"{where}: not valid JSON ({e})") from None
         if not isinstance(data, dict) or data.get("format") != FORMAT:
-            raise ValueError(f"{where}: not a k-NN index manifest (format {data.get('format') if isinstance(data, dict) else None!r}, expected {FORMAT!r})")
+            raise ValueError(
+                f"{where}: not a k-NN index manifest "
+                f"(format {data.get('format') if isinstance(data, dict) else None!r}, expected {FORMAT!r})"
+            )
         names = {f.name for f in dataclasses.fields(cls)}
-        required = {f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+        required = {
+            f.name
+            for f in dataclasses.fields(cls)
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        }
         if missing := sorted(required - set(data)):
             raise ValueError(f"{where}: missing field(s) {', '.join(missing)}")
         if unknown := sorted(set(data) - names):
@@ -234,7 +251,9 @@ def load_index_dir(path: str | Path) -> IndexFolder:
     if index.d != manifest.feature_dim:
         problems.append(f"index dimension {index.d} != manifest feature_dim {manifest.feature_dim}")
     if index.ntotal != manifest.count or len(rows) != manifest.count:
-        problems.append(f"index holds {index.ntotal}, {manifest.features_file} {len(rows)}, manifest says {manifest.count}")
+        problems.append(
+            f"index holds {index.ntotal}, {manifest.features_file} {len(rows)}, manifest says {manifest.count}"
+        )
     if problems:
         raise ValueError(f"k-NN index {d} is inconsistent: {'; '.join(problems)}")
     return IndexFolder(d, index, manifest, rows)
@@ -269,7 +288,10 @@ def save_index_dir(
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST_FILE).is_file())):
         raise ValueError(f"refusing to replace {out}: it exists and is not a k-NN index folder (no {MANIFEST_FILE})")
     if manifest.count != len(db) or manifest.feature_dim != db.dim or index.ntotal != len(db):
-        raise ValueError(f"manifest (count {manifest.count}, dim {manifest.feature_dim}) does not describe the index ({index.ntotal} x {index.d}) / rows ({len(db)} x {db.dim})")
+        raise ValueError(
+            f"manifest (count {manifest.count}, dim {manifest.feature_dim}) does not describe the index "
+            f"({index.ntotal} x {index.d}) / rows ({len(db)} x {db.dim})"
+        )
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
     tmp.mkdir()

@@ -25,8 +25,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline.data.shards import SplitInfo
+from pipeline.errors import DataError
 from pipeline.eval.embed import BackboneSpec, raw_pixels_spec
-from pipeline.tracking import redact, strip_credentials
 from pipeline.eval.faiss_index import (
     IndexManifest,
     IndexSpec,
@@ -37,12 +38,19 @@ from pipeline.eval.faiss_index import (
     search,
 )
 from pipeline.eval.features import Embeddings
-from pipeline.data.shards import SplitInfo
-from pipeline.errors import DataError
+from pipeline.tracking import redact, strip_credentials
 
 log = logging.getLogger(__name__)
 
-__all__ = ["BackboneSpec", "KnnRequest", "accuracy_rows", "check_labels", "evaluate_teacher", "knn_scores", "require_labels"]
+__all__ = [
+    "BackboneSpec",
+    "KnnRequest",
+    "accuracy_rows",
+    "check_labels",
+    "evaluate_teacher",
+    "knn_scores",
+    "require_labels",
+]
 
 ACCURACY_TABLE = "knn_accuracy"  # .csv and .json
 PER_CLASS_TABLE = "knn_per_class.csv"
@@ -66,8 +74,15 @@ class KnnRequest:
     protocol: str = "paper"
 
     @classmethod
-    def of(cls, data_root, train_split: str, val_split: str | None, out_dir: Path, tracking_uri: str,
-           pretrain_run_id: str | None) -> "KnnRequest":
+    def of(
+        cls,
+        data_root,
+        train_split: str,
+        val_split: str | None,
+        out_dir: Path,
+        tracking_uri: str,
+        pretrain_run_id: str | None,
+    ) -> KnnRequest:
         """Both from one labelled source with split names (counted here: local sources, or Ray running)."""
         from pipeline.data.storage import resolve_split
 
@@ -83,13 +98,18 @@ def check_labels(emb: Embeddings, info: SplitInfo, classes: list[str] | None, ne
     ending in ``needs`` (what the labels are for)."""
     missing = int((emb.labels < 0).sum())
     if missing:
-        raise DataError(f"{info.describe()}: {missing} of {len(emb)} samples have no label ({info.members.label_words()}); {needs}")
+        raise DataError(
+            f"{info.describe()}: {missing} of {len(emb)} samples have no label ({info.members.label_words()}); {needs}"
+        )
     if classes is not None and emb.labels.max() >= len(classes):
-        raise DataError(f"{info.describe()}: label {int(emb.labels.max())} outside the dataset's {len(classes)} classes")
+        raise DataError(
+            f"{info.describe()}: label {int(emb.labels.max())} outside the dataset's {len(classes)} classes"
+        )
 
 
-def require_labels(info: SplitInfo, needs: str = "k-NN evaluation needs labels; pass data.val_split=null to build "
-                                                  "the index only") -> None:
+def require_labels(
+    info: SplitInfo, needs: str = "k-NN evaluation needs labels; pass data.val_split=null to build the index only"
+) -> None:
     """Before Ray: the source's first sample must carry a label (a cheap guard; one shard member read).
 
     Raises:
@@ -101,12 +121,21 @@ def require_labels(info: SplitInfo, needs: str = "k-NN evaluation needs labels; 
         return
     key, members = first_sample(info.paths[0], info.members)
     if key is not None and info.members.label_bytes(members) is None:
-        raise DataError(f"{info.describe()} has no labels (sample {key} in {info.paths[0]} has no "
-                        f"{info.members.label_words()}): {needs}")
+        raise DataError(
+            f"{info.describe()} has no labels (sample {key} in {info.paths[0]} has no "
+            f"{info.members.label_words()}): {needs}"
+        )
 
 
-def knn_scores(index, db_labels: np.ndarray, queries: np.ndarray, num_classes: int, ks: list[int], temperature: float,
-               exclude_self: bool = False) -> dict[int, torch.Tensor]:
+def knn_scores(
+    index,
+    db_labels: np.ndarray,
+    queries: np.ndarray,
+    num_classes: int,
+    ks: list[int],
+    temperature: float,
+    exclude_self: bool = False,
+) -> dict[int, torch.Tensor]:
     """``{k: (M, C) class scores}`` of the weighted vote, from one search of ``max(ks)`` neighbours.
 
     ``exclude_self``: the queries are the database itself (row ``i`` is item ``i``): each query's own entry is
@@ -145,7 +174,9 @@ def _csv(header: list[str], rows: list[list[Any]]) -> str:
     return buf.getvalue()
 
 
-def _per_class_rows(scores: torch.Tensor, labels: np.ndarray, num_classes: int, classes: list[str] | None) -> list[list[Any]]:
+def _per_class_rows(
+    scores: torch.Tensor, labels: np.ndarray, num_classes: int, classes: list[str] | None
+) -> list[list[Any]]:
     from dino.knn import per_class_accuracy
 
     pc = per_class_accuracy(scores, torch.from_numpy(labels), num_classes, topk=5)
@@ -153,12 +184,28 @@ def _per_class_rows(scores: torch.Tensor, labels: np.ndarray, num_classes: int, 
     for c in range(num_classes):
         n = int(pc["count"][c])
         name = classes[c] if classes is not None else str(c)
-        rows.append([c, name, n, round(100.0 * int(pc["top1"][c]) / n, 4) if n else "", round(100.0 * int(pc["topk"][c]) / n, 4) if n else ""])
+        rows.append(
+            [
+                c,
+                name,
+                n,
+                round(100.0 * int(pc["top1"][c]) / n, 4) if n else "",
+                round(100.0 * int(pc["topk"][c]) / n, 4) if n else "",
+            ]
+        )
     return rows
 
 
-def _evaluate(pairs: dict[str, tuple[Embeddings, Embeddings]], teacher_exact, num_classes: int, classes: list[str] | None,
-              ks: list[int], kn, eval_split: str, protocol: str = "paper") -> tuple[dict[str, Any], dict[str, str]]:
+def _evaluate(
+    pairs: dict[str, tuple[Embeddings, Embeddings]],
+    teacher_exact,
+    num_classes: int,
+    classes: list[str] | None,
+    ks: list[int],
+    kn,
+    eval_split: str,
+    protocol: str = "paper",
+) -> tuple[dict[str, Any], dict[str, str]]:
     """Weighted k-NN of each model's ``(database, queries)`` by exact search: accuracies and the table files.
     ``leave_one_out``: the database is the queries, each query's own entry left out."""
     results, acc_rows, per_class = {}, [], []
@@ -175,15 +222,30 @@ def _evaluate(pairs: dict[str, tuple[Embeddings, Embeddings]], teacher_exact, nu
     tables = {
         f"{ACCURACY_TABLE}.csv": _csv(["model", "k", "top1", "top5"], acc_rows),
         f"{ACCURACY_TABLE}.json": json.dumps(
-            {"temperature": kn.temperature, "eval_split": eval_split, "protocol": protocol, "n_queries": len(q), "n_db": len(db),
-             "rows": [dict(zip(["model", "k", "top1", "top5"], r)) for r in acc_rows]}, indent=2),
+            {
+                "temperature": kn.temperature,
+                "eval_split": eval_split,
+                "protocol": protocol,
+                "n_queries": len(q),
+                "n_db": len(db),
+                "rows": [dict(zip(["model", "k", "top1", "top5"], r)) for r in acc_rows],
+            },
+            indent=2,
+        ),
         PER_CLASS_TABLE: _csv(["class_id", "class_name", "count", f"top1_k{kn.k}", f"top5_k{kn.k}"], per_class),
     }
     return results, tables
 
 
-def knn_accuracies(cfg, train: SplitInfo, val: SplitInfo, models: dict[str, tuple[BackboneSpec, dict[str, torch.Tensor] | None]], *,
-                   protocol: str = "paper", embed_fn=None) -> dict[str, dict[str, Any]]:
+def knn_accuracies(
+    cfg,
+    train: SplitInfo,
+    val: SplitInfo,
+    models: dict[str, tuple[BackboneSpec, dict[str, torch.Tensor] | None]],
+    *,
+    protocol: str = "paper",
+    embed_fn=None,
+) -> dict[str, dict[str, Any]]:
     """Weighted k-NN of backbones by the paper's protocol (exact search, ``knn.*`` settings), nothing saved.
 
     The database is ``train``, the queries ``val``, both embedded in one pass (``leave_one_out``: ``val`` alone,
@@ -196,8 +258,14 @@ def knn_accuracies(cfg, train: SplitInfo, val: SplitInfo, models: dict[str, tupl
     ks = sorted(set(kn.ks) | {kn.k})
     loo = protocol == "leave_one_out"
     splits = {"queries": val} if loo else {"database": train, "queries": val}
-    emb = (embed_fn or embed_splits)(splits, models, batch_size=kn.batch_size, actors=kn.actors,
-                                     read_cpus=cfg.ray.read_cpus_per_task, ray_config=cfg.ray)
+    emb = (embed_fn or embed_splits)(
+        splits,
+        models,
+        batch_size=kn.batch_size,
+        actors=kn.actors,
+        read_cpus=cfg.ray.read_cpus_per_task,
+        ray_config=cfg.ray,
+    )
     classes = val.classes if loo else train.classes
     out = {}
     for name in models:
@@ -207,26 +275,36 @@ def knn_accuracies(cfg, train: SplitInfo, val: SplitInfo, models: dict[str, tupl
             check_labels(db, train, classes)
         check_labels(q, val, classes)
         num_classes = len(classes) if classes is not None else int(max(db.labels.max(), q.labels.max())) + 1
-        scores = knn_scores(exact_index(db.features), db.labels, q.features, num_classes, ks, kn.temperature, exclude_self=loo)
+        scores = knn_scores(
+            exact_index(db.features), db.labels, q.features, num_classes, ks, kn.temperature, exclude_self=loo
+        )
         by_k = accuracy_rows(scores, q.labels)
         out[name] = {**by_k[kn.k], "by_k": by_k}
     return out
 
 
-def evaluate_teacher(cfg, req: KnnRequest, teacher_dir: Path, *, random_baseline: bool = True, pixel_baseline: bool = False,
-                     embed_fn=None) -> dict[str, Any]:
+def evaluate_teacher(
+    cfg,
+    req: KnnRequest,
+    teacher_dir: Path,
+    *,
+    random_baseline: bool = True,
+    pixel_baseline: bool = False,
+    embed_fn=None,
+) -> dict[str, Any]:
     """Embed (one pass), build + save the index, evaluate every k in ``knn.ks``, log a child MLflow run.
 
     With ``random_baseline`` (and an evaluation split) the same architecture at its random
     initialisation is embedded in the same pass and evaluated next to the teacher; with
-    ``pixel_baseline`` the views themselves too (:class:`pipeline.eval.embed.RawPixels`: no learning at all). ``embed_fn`` replaces
-    :func:`pipeline.eval.embed.embed_splits` (Ray Data), e.g. by :func:`pipeline.eval.embed.embed_in_process`.
+    ``pixel_baseline`` the views themselves too (:class:`pipeline.eval.embed.RawPixels`: no learning at all).
+    ``embed_fn`` replaces :func:`pipeline.eval.embed.embed_splits` (Ray Data), e.g. by
+    :func:`pipeline.eval.embed.embed_in_process`.
 
     Returns ``{"teacher": {"top1", "top5", "by_k"}, "random_init": ..., "index_dir", "n_db", "n_queries",
     "recall_at_k", "mlflow_run_id", ...}`` (accuracies in percent; ``top1``/``top5`` at ``knn.k``).
     """
-    from pipeline.weights.checkpoint import TEACHER_WEIGHTS, load_teacher
     from pipeline.eval.embed import embed_splits
+    from pipeline.weights.checkpoint import TEACHER_WEIGHTS, load_teacher
     from pipeline.weights.teacher_source import file_sha256
 
     kn = cfg.knn
@@ -236,7 +314,9 @@ def evaluate_teacher(cfg, req: KnnRequest, teacher_dir: Path, *, random_baseline
         raise ValueError(f"unknown k-NN protocol {protocol!r} (one of {', '.join(PROTOCOLS)})")
     loo = val is not None and protocol == "leave_one_out"
     if val is not None and not loo and val.paths == train.paths:
-        log.warning("the queries are the database (%s): every query finds itself, accuracies are optimistic", val.describe())
+        log.warning(
+            "the queries are the database (%s): every query finds itself, accuracies are optimistic", val.describe()
+        )
     model, meta = load_teacher(teacher_dir)
     image_size = kn.image_size or meta["image_size"]  # knn.image_size overrides the size the teacher was exported for
     spec = BackboneSpec(meta["arch"], meta["timm_kwargs"], image_size, seed=cfg.seed)
@@ -248,8 +328,14 @@ def evaluate_teacher(cfg, req: KnnRequest, teacher_dir: Path, *, random_baseline
     splits = {"database": train} | ({"queries": val} if val is not None else {})
 
     t0 = time.perf_counter()
-    emb = (embed_fn or embed_splits)(splits, models, batch_size=kn.batch_size, actors=kn.actors,
-                                     read_cpus=cfg.ray.read_cpus_per_task, ray_config=cfg.ray)
+    emb = (embed_fn or embed_splits)(
+        splits,
+        models,
+        batch_size=kn.batch_size,
+        actors=kn.actors,
+        read_cpus=cfg.ray.read_cpus_per_task,
+        ray_config=cfg.ray,
+    )
     embed_s = time.perf_counter() - t0
     db = emb["teacher"]["database"]
     queries = emb["teacher"]["queries"] if val is not None else None
@@ -257,8 +343,13 @@ def evaluate_teacher(cfg, req: KnnRequest, teacher_dir: Path, *, random_baseline
     log.info("embedded %d image(s) in %.1f s (%.1f images/s)", n_images, embed_s, n_images / max(embed_s, 1e-9))
 
     classes = (val.classes if loo else train.classes) if val is not None else train.classes
-    results: dict[str, Any] = {"n_db": len(db), "n_queries": len(queries) if queries is not None else 0, "ks": ks, "k": kn.k,
-                               "protocol": protocol if val is not None else None}
+    results: dict[str, Any] = {
+        "n_db": len(db),
+        "n_queries": len(queries) if queries is not None else 0,
+        "ks": ks,
+        "k": kn.k,
+        "protocol": protocol if val is not None else None,
+    }
     num_classes = 0
     if queries is not None:
         if not loo:
@@ -276,12 +367,21 @@ def evaluate_teacher(cfg, req: KnnRequest, teacher_dir: Path, *, random_baseline
     if kn.index != "flat":
         sample_from = queries.features if queries is not None else db.features
         recall, n_recall = measure_recall(index, exact, sample_from, ks, kn.recall_sample, seed=cfg.seed)
-        log.info("%s index recall@k vs exact on %d queries: %s", kn.index, n_recall, {k: round(v, 4) for k, v in recall.items()})
+        log.info(
+            "%s index recall@k vs exact on %d queries: %s",
+            kn.index,
+            n_recall,
+            {k: round(v, 4) for k, v in recall.items()},
+        )
 
     tables: dict[str, str] = {}
     if queries is not None:
-        pairs = {name: ((emb[name]["queries"] if loo else emb[name]["database"]), emb[name]["queries"]) for name in models}
-        accuracies, tables = _evaluate(pairs, exact, num_classes, classes, ks, kn, val.split or val.describe(), protocol)
+        pairs = {
+            name: ((emb[name]["queries"] if loo else emb[name]["database"]), emb[name]["queries"]) for name in models
+        }
+        accuracies, tables = _evaluate(
+            pairs, exact, num_classes, classes, ks, kn, val.split or val.describe(), protocol
+        )
         results.update(accuracies)
 
     manifest = IndexManifest(
@@ -306,8 +406,16 @@ def evaluate_teacher(cfg, req: KnnRequest, teacher_dir: Path, *, random_baseline
         tracking_uri=strip_credentials(req.tracking_uri),  # the manifest is shared: no credentials
     )
     out = save_index_dir(req.out_dir, index, db, manifest, eval_rows=queries, extra=tables)
-    results.update(index_dir=str(out), recall_at_k=recall, recall_queries=n_recall, index_type=kn.index,
-                   index_params=params, embed_s=embed_s, build_s=build_s, tables=sorted(tables))
+    results.update(
+        index_dir=str(out),
+        recall_at_k=recall,
+        recall_queries=n_recall,
+        index_type=kn.index,
+        index_params=params,
+        embed_s=embed_s,
+        build_s=build_s,
+        tables=sorted(tables),
+    )
     try:
         results["mlflow_run_id"] = _log_knn_run(cfg, req, results, manifest)
     except Exception as e:  # the index is on disk; a tracking outage must not lose it
@@ -319,6 +427,7 @@ def evaluate_teacher(cfg, req: KnnRequest, teacher_dir: Path, *, random_baseline
 def _log_knn_run(cfg, req: KnnRequest, results: dict[str, Any], manifest: IndexManifest) -> str:
     """A run (child of the pretraining run when known) with params, metrics, tables and the index folder."""
     from mlflow.entities import Metric, Param
+
     from pipeline.tracking import mark_model_training, metric_name, mlflow_client, model_training_experiment
 
     client = mlflow_client(req.tracking_uri)
@@ -335,11 +444,21 @@ def _log_knn_run(cfg, req: KnnRequest, results: dict[str, Any], manifest: IndexM
     rid = client.create_run(exp_id, run_name=run_name, tags=tags).info.run_id
     kn = cfg.knn
     params = {
-        "k": kn.k, "ks": ",".join(map(str, results["ks"])), "temperature": kn.temperature, "data_root": req.train.source,
-        "split": req.train.split or "", "eval_split": req.val.describe() if req.val is not None else "",
-        "protocol": results["protocol"] or "none", "arch": manifest.arch, "index": kn.index,
-        "faiss_index": manifest.faiss_index, "n_db": results["n_db"], "n_queries": results["n_queries"],
-        "batch_size": kn.batch_size, "actors": kn.actors, **{f"index.{k}": v for k, v in results["index_params"].items()},
+        "k": kn.k,
+        "ks": ",".join(map(str, results["ks"])),
+        "temperature": kn.temperature,
+        "data_root": req.train.source,
+        "split": req.train.split or "",
+        "eval_split": req.val.describe() if req.val is not None else "",
+        "protocol": results["protocol"] or "none",
+        "arch": manifest.arch,
+        "index": kn.index,
+        "faiss_index": manifest.faiss_index,
+        "n_db": results["n_db"],
+        "n_queries": results["n_queries"],
+        "batch_size": kn.batch_size,
+        "actors": kn.actors,
+        **{f"index.{k}": v for k, v in results["index_params"].items()},
     }
     now = int(time.time() * 1000)
     metrics = {"embed_s": results["embed_s"], "index_build_s": results["build_s"]}

@@ -48,10 +48,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from pipeline.eval.embed import META_COLUMNS, BackboneSpec, build_backbone, collect, decode_views
-from pipeline.eval.knn import check_labels
 from pipeline.data.shards import DEFAULT_MEMBERS, Members, SplitInfo
 from pipeline.errors import DataError
+from pipeline.eval.embed import META_COLUMNS, BackboneSpec, build_backbone, collect, decode_views
+from pipeline.eval.knn import check_labels
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +87,9 @@ def feature_layout(model: nn.Module, n_last_blocks: int = 4, avgpool: bool = Fal
     width = int(model.num_features)
     if not is_token_model(model):
         if avgpool:
-            raise ValueError(f"--avgpool applies to ViTs (patch tokens); {type(model).__name__} has a pooled output only")
+            raise ValueError(
+                f"--avgpool applies to ViTs (patch tokens); {type(model).__name__} has a pooled output only"
+            )
         return FeatureLayout("pooled", 0, False, width, width)
     depth = len(model.blocks)
     if not 1 <= n_last_blocks <= depth:
@@ -107,8 +109,13 @@ def extract_features(model: nn.Module, x: Tensor, layout: FeatureLayout) -> Tens
     if layout.kind == "pooled":
         return model(x).float()
     outs = model.forward_intermediates(
-        x, indices=layout.n_last_blocks, return_prefix_tokens=True, norm=True,
-        output_fmt="NLC", intermediates_only=True, stop_early=True,
+        x,
+        indices=layout.n_last_blocks,
+        return_prefix_tokens=True,
+        norm=True,
+        output_fmt="NLC",
+        intermediates_only=True,
+        stop_early=True,
     )  # n x (patch (B, L, D), prefix (B, P, D)), oldest block first
     parts = [prefix[:, 0] for _, prefix in outs]  # n x (B, D)
     if layout.avgpool:
@@ -168,7 +175,9 @@ def topk_accuracy(logits: Tensor, labels: Tensor) -> dict[str, float]:
 def evaluate(classifier: nn.Module, features: Tensor, labels: Tensor, batch_size: int = 4096) -> dict[str, float]:
     """Top-1/top-5 of ``classifier`` on ``(N, D)`` features."""
     device = next(classifier.parameters()).device
-    logits = torch.cat([classifier(features[i : i + batch_size].to(device)).cpu() for i in range(0, len(features), batch_size)])
+    logits = torch.cat(
+        [classifier(features[i : i + batch_size].to(device)).cpu() for i in range(0, len(features), batch_size)]
+    )
     return topk_accuracy(logits, labels)
 
 
@@ -190,7 +199,10 @@ class ProbeSettings:
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         if self.epochs < 1 or self.batch_size < 1 or self.n_last_blocks < 1:
-            raise ValueError(f"epochs, batch size and n_last_blocks must be >= 1, got {self.epochs}, {self.batch_size}, {self.n_last_blocks}")
+            raise ValueError(
+                f"epochs, batch size and n_last_blocks must be >= 1, "
+                f"got {self.epochs}, {self.batch_size}, {self.n_last_blocks}"
+            )
         if not (self.base_lr > 0 and math.isfinite(self.base_lr)):
             raise ValueError(f"the learning rate must be a positive number, got {self.base_lr}")
         if self.image_size is not None and self.image_size < 8:
@@ -265,12 +277,22 @@ def train_linear(
         for name, head in heads.items():
             head.eval()
             acc = evaluate(head, *val[name])
-            row = {"lr": float(lrs[epoch]), "train_loss": sums[name] / seen, "val_top1": acc["top1"], "val_top5": acc["top5"]}
+            row = {
+                "lr": float(lrs[epoch]),
+                "train_loss": sums[name] / seen,
+                "val_top1": acc["top1"],
+                "val_top5": acc["top5"],
+            }
             results[name].history.append(row)
             results[name].top1, results[name].top5 = acc["top1"], acc["top5"]
             report[name] = row
-        log.info("epoch %d/%d lr %.3g  %s", epoch + 1, settings.epochs, lrs[epoch],
-                 "  ".join(f"{n}: loss {r['train_loss']:.4f} top-1 {r['val_top1']:.2f}" for n, r in report.items()))
+        log.info(
+            "epoch %d/%d lr %.3g  %s",
+            epoch + 1,
+            settings.epochs,
+            lrs[epoch],
+            "  ".join(f"{n}: loss {r['train_loss']:.4f} top-1 {r['val_top1']:.2f}" for n, r in report.items()),
+        )
         if on_epoch is not None:
             on_epoch(epoch, report)
     for r in results.values():
@@ -355,8 +377,11 @@ def train_views(batch: dict[str, Any], image_size: int, rng: np.random.Generator
         view = resized_crop(img, box, image_size)
         views.append(hflip(view) if rng.random() < 0.5 else view)
         labels.append(y)
-    return {"view": np.stack(views) if views else np.zeros((0, image_size, image_size, 3), np.uint8),
-            "label": np.array(labels, dtype=np.int64), "unlabelled": unlabelled}
+    return {
+        "view": np.stack(views) if views else np.zeros((0, image_size, image_size, 3), np.uint8),
+        "label": np.array(labels, dtype=np.int64),
+        "unlabelled": unlabelled,
+    }
 
 
 def split_labels(info: SplitInfo) -> np.ndarray:
@@ -364,8 +389,9 @@ def split_labels(info: SplitInfo) -> np.ndarray:
     on a dataset without a class list, where the class count is otherwise unknown before training."""
     from pipeline.data.stage import _label
 
-    return np.array([_label(c) for raw in _raw_batches(info.paths, 256, info.members) for c in raw.get("cls", [])],
-                    dtype=np.int64)
+    return np.array(
+        [_label(c) for raw in _raw_batches(info.paths, 256, info.members) for c in raw.get("cls", [])], dtype=np.int64
+    )
 
 
 def augmented_batches(
@@ -395,8 +421,10 @@ def augmented_batches(
         for raw in _raw_batches(paths, 64, info.members):
             b = train_views(raw, image_size, rng)
             if b["unlabelled"]:
-                raise DataError(f"{info.describe()}: {b['unlabelled']} sample(s) without a label ({info.members.label_words()}) "
-                                f"in {raw['__url__'][0]}; {PROBE_NEEDS}")
+                raise DataError(
+                    f"{info.describe()}: {b['unlabelled']} sample(s) without a label ({info.members.label_words()}) "
+                    f"in {raw['__url__'][0]}; {PROBE_NEEDS}"
+                )
             pool.extend(zip(b["view"], b["label"].tolist()))
             while len(pool) >= max(settings.shuffle_buffer, settings.batch_size):
                 yield take(settings.batch_size)
@@ -437,8 +465,10 @@ class ProbeRequest:
         train = ensure_counted(resolve_source(self.data_root, self.train_split, members=self.layout))
         val = ensure_counted(resolve_source(self.val_root or self.data_root, self.val_split, members=self.layout))
         if self.val_root is None and val.split is None:
-            raise DataError(f"{train.describe()} has no split names: pass the evaluation source separately "
-                            f"(--val-data); a collection is never its own evaluation set")
+            raise DataError(
+                f"{train.describe()} has no split names: pass the evaluation source separately "
+                f"(--val-data); a collection is never its own evaluation set"
+            )
         return train, val
 
 
@@ -489,21 +519,45 @@ def run_probe(req: ProbeRequest, settings: ProbeSettings) -> dict[str, Any]:
         raise
     train_s = time.perf_counter() - t0
     layout = models["teacher"][1]
-    doc = {"arch": meta["arch"], "timm_kwargs": meta["timm_kwargs"], "image_size": image_size, "layout": asdict(layout),
-           "num_classes": num_classes, "classes": classes, "settings": asdict(settings), "data_root": train.source,
-           "train_split": train.split, "val_root": val.source, "val_split": val.split, "run_id": req.pretrain_run_id,
-           "teacher_dir": str(Path(req.teacher_dir).absolute()),
-           "teacher_sha256": file_sha256(Path(req.teacher_dir) / TEACHER_WEIGHTS)}
-    out: dict[str, Any] = {"out_dir": str(req.out_dir), "num_classes": num_classes, "n_train": n_train, "n_val": len(v),
-                           "train": train.describe(), "val": val.describe(),
-                           "settings": asdict(settings), "train_s": train_s, "feature_dim": layout.dim}
+    doc = {
+        "arch": meta["arch"],
+        "timm_kwargs": meta["timm_kwargs"],
+        "image_size": image_size,
+        "layout": asdict(layout),
+        "num_classes": num_classes,
+        "classes": classes,
+        "settings": asdict(settings),
+        "data_root": train.source,
+        "train_split": train.split,
+        "val_root": val.source,
+        "val_split": val.split,
+        "run_id": req.pretrain_run_id,
+        "teacher_dir": str(Path(req.teacher_dir).absolute()),
+        "teacher_sha256": file_sha256(Path(req.teacher_dir) / TEACHER_WEIGHTS),
+    }
+    out: dict[str, Any] = {
+        "out_dir": str(req.out_dir),
+        "num_classes": num_classes,
+        "n_train": n_train,
+        "n_val": len(v),
+        "train": train.describe(),
+        "val": val.describe(),
+        "settings": asdict(settings),
+        "train_s": train_s,
+        "feature_dim": layout.dim,
+    }
     for name in ("teacher", "random_init"):  # no stale baseline from an earlier run in the folder
         if name not in results:
             for f in classifier_files(req.out_dir, name):
                 f.unlink(missing_ok=True)
     for name, r in results.items():
         save_classifier(req.out_dir, name, r.classifier, {**doc, "model": name, "top1": r.top1, "top5": r.top5})
-        out[name] = {"top1": r.top1, "top5": r.top5, "best_top1": max(h["val_top1"] for h in r.history), "history": r.history}
+        out[name] = {
+            "top1": r.top1,
+            "top5": r.top5,
+            "best_top1": max(h["val_top1"] for h in r.history),
+            "history": r.history,
+        }
     out["mlflow_run_id"] = tracker.finish(out)
     return out
 
@@ -538,7 +592,9 @@ def load_classifier(out_dir: str | Path, name: str = "teacher") -> tuple[LinearC
 
     weights_path, meta_path = classifier_files(out_dir, name)
     if not weights_path.is_file() or not meta_path.is_file():
-        raise FileNotFoundError(f"no linear classifier {name!r} in {out_dir} (need {weights_path.name} and {meta_path.name})")
+        raise FileNotFoundError(
+            f"no linear classifier {name!r} in {out_dir} (need {weights_path.name} and {meta_path.name})"
+        )
     meta = json.loads(meta_path.read_text())
     weights = load_file(str(weights_path))
     clf = LinearClassifier(meta["layout"]["dim"], meta["num_classes"])
@@ -557,10 +613,13 @@ class _ProbeTracker:
         self.client, self.run_id, self.parent = client, run_id, parent
 
     @classmethod
-    def start(cls, req: ProbeRequest, settings: ProbeSettings, meta: dict[str, Any], dim: int, n_train: int, n_val: int) -> _ProbeTracker:
+    def start(
+        cls, req: ProbeRequest, settings: ProbeSettings, meta: dict[str, Any], dim: int, n_train: int, n_val: int
+    ) -> _ProbeTracker:
         if not req.tracking_uri:
             return cls()
         from mlflow.entities import Param
+
         from pipeline.tracking import mlflow_client, redact
 
         try:
@@ -573,19 +632,38 @@ class _ProbeTracker:
                     exp_id, run_name = p.info.experiment_id, f"{p.info.run_name}-linear"
                     tags.update({"mlflow.parentRunId": parent, "dino.pretrain_run_id": parent})
                 except Exception as e:
-                    log.warning("pretraining run %s not found at %s (%s): logging to experiment dino-linear", parent, req.tracking_uri, type(e).__name__)
+                    log.warning(
+                        "pretraining run %s not found at %s (%s): logging to experiment dino-linear",
+                        parent,
+                        req.tracking_uri,
+                        type(e).__name__,
+                    )
                     tags["dino.pretrain_run_id"], parent = req.pretrain_run_id, None
             if exp_id is None:
                 from pipeline.tracking import model_training_experiment
 
                 exp_id = model_training_experiment(client, "dino-linear")
             rid = client.create_run(exp_id, run_name=run_name, tags=tags).info.run_id
-            params = {"mode": settings.mode, "n_last_blocks": settings.n_last_blocks, "avgpool": settings.avgpool,
-                      "epochs": settings.epochs, "base_lr": settings.base_lr, "lr": scaled_lr(settings.base_lr, settings.batch_size),
-                      "batch_size": settings.batch_size, "seed": settings.seed, "image_size": settings.image_size or meta["image_size"],
-                      "arch": meta["arch"], "feature_dim": dim, "data_root": req.data_root, "train_split": req.train_split,
-                      "val_root": req.val_root or req.data_root, "val_split": req.val_split, "n_train": n_train,
-                      "n_val": n_val, "random_init": req.random_init}
+            params = {
+                "mode": settings.mode,
+                "n_last_blocks": settings.n_last_blocks,
+                "avgpool": settings.avgpool,
+                "epochs": settings.epochs,
+                "base_lr": settings.base_lr,
+                "lr": scaled_lr(settings.base_lr, settings.batch_size),
+                "batch_size": settings.batch_size,
+                "seed": settings.seed,
+                "image_size": settings.image_size or meta["image_size"],
+                "arch": meta["arch"],
+                "feature_dim": dim,
+                "data_root": req.data_root,
+                "train_split": req.train_split,
+                "val_root": req.val_root or req.data_root,
+                "val_split": req.val_split,
+                "n_train": n_train,
+                "n_val": n_val,
+                "random_init": req.random_init,
+            }
             client.log_batch(rid, params=[Param(k, str(v)) for k, v in redact(params).items()])
             return cls(client, rid, parent)
         except Exception as e:
@@ -621,7 +699,11 @@ class _ProbeTracker:
         for name in ("teacher", "random_init"):
             if name in out:
                 p = self._prefix(name)
-                values |= {f"{p}/top1": out[name]["top1"], f"{p}/top5": out[name]["top5"], f"{p}/best_top1": out[name]["best_top1"]}
+                values |= {
+                    f"{p}/top1": out[name]["top1"],
+                    f"{p}/top5": out[name]["top5"],
+                    f"{p}/best_top1": out[name]["best_top1"],
+                }
         self._metrics(values, len(out["teacher"]["history"]))
         try:
             self.client.log_artifacts(self.run_id, out["out_dir"], artifact_path="linear")
@@ -643,4 +725,6 @@ class _ProbeTracker:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        self.client.log_batch(self.parent, metrics=[Metric(f"linear/{k}", float(out["teacher"][k]), now, 0) for k in ("top1", "top5")])
+        self.client.log_batch(
+            self.parent, metrics=[Metric(f"linear/{k}", float(out["teacher"][k]), now, 0) for k in ("top1", "top5")]
+        )

@@ -112,7 +112,8 @@ def embed_files(paths: list[str | Path], model, image_size: int) -> tuple[np.nda
 
 
 def lookup_keys(folder: IndexFolder, keys: list[str]) -> Embeddings:
-    """Stored rows (features included) of ``keys``, from the database or the evaluation split's file, in ``keys`` order."""
+    """Stored rows (features included) of ``keys``, from the database or the evaluation split's file, in ``keys``
+    order."""
     m = folder.manifest
     found: dict[str, Embeddings] = {}
     for name in filter(None, (m.features_file, m.eval_features_file)):
@@ -125,9 +126,13 @@ def lookup_keys(folder: IndexFolder, keys: list[str]) -> Embeddings:
     missing = [k for k in keys if k not in found]
     if missing:
         where = m.features_file + (f" or {m.eval_features_file}" if m.eval_features_file else "")
-        raise ValueError(f"key {missing[0]!r} is not in the index {folder.path} ({where}); query its image file instead")
+        raise ValueError(
+            f"key {missing[0]!r} is not in the index {folder.path} ({where}); query its image file instead"
+        )
     parts = [found[k] for k in keys]
-    return Embeddings(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("features", "labels", "keys", "shards")))
+    return Embeddings(
+        *(np.concatenate([getattr(p, f) for p in parts]) for f in ("features", "labels", "keys", "shards"))
+    )
 
 
 def neighbours(folder: IndexFolder, features: np.ndarray, k: int) -> list[list[Neighbour]]:

@@ -36,11 +36,15 @@ def measure_start(p, run_id: str) -> dict[str, Any] | None:
         return {"top1": logged[START_METRICS[0]], "top5": logged[START_METRICS[1]], "by_k": {}}
     from dino.backbone import backbone_kwargs
     from pipeline.eval.embed import BackboneSpec
-    from pipeline.weights.start_weights import backbone_weights
     from pipeline.eval.knn import knn_accuracies
+    from pipeline.weights.start_weights import backbone_weights
 
-    spec = BackboneSpec(cfg.model.arch, backbone_kwargs(cfg.model.arch, cfg.augment.global_size, cfg.model.model_kwargs),
-                        cfg.knn.image_size or cfg.augment.global_size, seed=cfg.seed)
+    spec = BackboneSpec(
+        cfg.model.arch,
+        backbone_kwargs(cfg.model.arch, cfg.augment.global_size, cfg.model.model_kwargs),
+        cfg.knn.image_size or cfg.augment.global_size,
+        seed=cfg.seed,
+    )
     t0 = time.perf_counter()
     try:
         from pipeline.data.sources import knn_protocol
@@ -49,12 +53,21 @@ def measure_start(p, run_id: str) -> dict[str, Any] | None:
         if protocol is None:
             log.info("the starting point's k-NN is not measured: %s", note)
             return None
-        acc = knn_accuracies(cfg, p.train, p.val, {"start": (spec, backbone_weights(p.start))}, protocol=protocol)["start"]
+        acc = knn_accuracies(cfg, p.train, p.val, {"start": (spec, backbone_weights(p.start))}, protocol=protocol)[
+            "start"
+        ]
     except DataError as e:  # e.g. a val split without labels: the run goes on, unmeasured
         log.warning("the starting point's k-NN is not measured: %s", e)
         return None
-    log.info("starting weights (%s): k-NN top-1 %.2f%%, top-5 %.2f%% on %s (k=%d, %.0f s)", p.start.kind, acc["top1"],
-             acc["top5"], p.val.describe(), cfg.knn.k, time.perf_counter() - t0)
+    log.info(
+        "starting weights (%s): k-NN top-1 %.2f%%, top-5 %.2f%% on %s (k=%d, %.0f s)",
+        p.start.kind,
+        acc["top1"],
+        acc["top5"],
+        p.val.describe(),
+        cfg.knn.k,
+        time.perf_counter() - t0,
+    )
     log_metrics_at(p.tracking_uri, run_id, {START_METRICS[0]: acc["top1"], START_METRICS[1]: acc["top5"]})
     return acc
 
@@ -68,8 +81,10 @@ def compare_with_start(tracking_uri: str, run_id: str, end_top1: float, start_to
     client.set_tag(run_id, "dino.below_start", str(below).lower())
     client.set_tag(run_id, "dino.knn_vs_start", f"{margin:+.2f} points top-1")
     if below:
-        line = (f"WARNING: the run ended BELOW its starting point: k-NN top-1 {end_top1:.2f}% against {start_top1:.2f}% "
-                f"at the start ({margin:+.2f} points); see docs/weights.md for safer settings")
+        line = (
+            f"WARNING: the run ended BELOW its starting point: k-NN top-1 {end_top1:.2f}% against {start_top1:.2f}% "
+            f"at the start ({margin:+.2f} points); see docs/weights.md for safer settings"
+        )
         log.warning(line)
         return line
     return f"the run ended {margin:+.2f} points top-1 above its starting point"

@@ -1,10 +1,10 @@
 """The exported teacher as an MLflow model: encoded images in, L2-normalised CLS embeddings out.
 
 A ``python_function`` model (:class:`TeacherEmbedder`) whose one artifact is the exported teacher folder
-(``teacher_backbone.safetensors`` + ``teacher.json``, see :mod:`pipeline.weights.checkpoint`). It embeds exactly as the k-NN index does (:func:`pipeline.eval.embed.decode_views`
-then :func:`dino.eval_view.embed_views`): decode with PIL, shorter side to 256/224 of ``image_size``
-(bicubic), centre crop, ImageNet normalisation, CLS feature, L2 normalisation. ``image_size`` is the
-export's (``knn.image_size``, else the global crop size). No Ray::
+(``teacher_backbone.safetensors`` + ``teacher.json``, see :mod:`pipeline.weights.checkpoint`). It embeds exactly
+as the k-NN index does (:func:`pipeline.eval.embed.decode_views` then :func:`dino.eval_view.embed_views`):
+decode with PIL, shorter side to 256/224 of ``image_size`` (bicubic), centre crop, ImageNet normalisation, CLS
+feature, L2 normalisation. ``image_size`` is the export's (``knn.image_size``, else the global crop size). No Ray::
 
     import mlflow, pandas as pd
     model = mlflow.pyfunc.load_model("models:/dino-imagenette-imagenette/1")
@@ -40,7 +40,17 @@ INPUT_COLUMN = "image"  # encoded image bytes (JPEG, PNG, WebP, ... anything PIL
 MODEL_NAME = "teacher"  # the LoggedModel's name in the run ("Logged models" on the run page)
 ARTIFACT_KEY = "teacher"  # the teacher folder inside the model's artifacts
 # What the model's code imports (dino.augment, which holds the decoder, imports OpenCV).
-_REQUIREMENTS = ("mlflow", "torch", "torchvision", "timm", "safetensors", "pillow", "opencv-python-headless", "numpy", "pandas")
+_REQUIREMENTS = (
+    "mlflow",
+    "torch",
+    "torchvision",
+    "timm",
+    "safetensors",
+    "pillow",
+    "opencv-python-headless",
+    "numpy",
+    "pandas",
+)
 
 
 def _repo_packages() -> list[str]:
@@ -75,8 +85,10 @@ def embed_image_bytes(model, images: list, image_size: int, device, batch_size: 
                 views[i] = center_view(_as_image(data, decode_image), image_size)
             except Exception as e:  # corrupt, truncated, not an image, None, a float array
                 reason = _OBJECT_REPR.sub("", " ".join(str(e).split()))[:200]  # one line, no "<_io.BytesIO at 0x..>"
-                raise ValueError(f"row {start + i} of column {INPUT_COLUMN!r} is not a decodable image or uint8 array "
-                                 f"({type(e).__name__}: {reason})") from None
+                raise ValueError(
+                    f"row {start + i} of column {INPUT_COLUMN!r} is not a decodable image or uint8 array "
+                    f"({type(e).__name__}: {reason})"
+                ) from None
         out.append(embed_views(model, torch.from_numpy(views), device).numpy())
     return np.concatenate(out) if out else np.zeros((0, model.num_features), np.float32)
 
@@ -91,7 +103,9 @@ def _as_image(data, decode_image):
 
     if isinstance(data, np.ndarray) and data.dtype != object:
         if data.dtype != np.uint8 or data.ndim not in (2, 3) or (data.ndim == 3 and data.shape[2] not in (1, 3, 4)):
-            raise TypeError(f"an array must be uint8 (H, W), (H, W, 1), (H, W, 3) or (H, W, 4), got {data.dtype} {data.shape}")
+            raise TypeError(
+                f"an array must be uint8 (H, W), (H, W, 1), (H, W, 3) or (H, W, 4), got {data.dtype} {data.shape}"
+            )
         return Image.fromarray(np.ascontiguousarray(data[..., 0] if data.ndim == 3 and data.shape[2] == 1 else data))
     return decode_image(bytes(data))
 
@@ -124,7 +138,9 @@ def _image_column(model_input) -> list:
     """The ``image`` column of a DataFrame (or dict of columns, or a list) as a list of rows."""
     if hasattr(model_input, "columns"):  # pandas
         if INPUT_COLUMN not in model_input.columns:
-            raise ValueError(f"expected a column {INPUT_COLUMN!r} of encoded image bytes, got columns {list(model_input.columns)}")
+            raise ValueError(
+                f"expected a column {INPUT_COLUMN!r} of encoded image bytes, got columns {list(model_input.columns)}"
+            )
         return list(model_input[INPUT_COLUMN])
     if isinstance(model_input, dict):
         return list(model_input[INPUT_COLUMN])
@@ -184,9 +200,9 @@ def log_teacher_model(tracking_uri: str, run_id: str, teacher_dir: str | Path):
     also copies the run's params to the model and links the run's metrics at the teacher's
     ``global_step`` (it reads every metric's history once to find them).
     """
+    import mlflow.pyfunc
     import pandas as pd
     from mlflow.models import Model
-    import mlflow.pyfunc
 
     from pipeline.weights.checkpoint import load_teacher
 
@@ -204,8 +220,12 @@ def log_teacher_model(tracking_uri: str, run_id: str, teacher_dir: str | Path):
             pip_requirements=_pip_requirements(),
             signature=signature(int(model.num_features)),
             input_example=pd.DataFrame({INPUT_COLUMN: example_images()}),
-            metadata={"timm_arch": meta["arch"], "image_size": int(meta["image_size"]),
-                      "feature_dim": int(model.num_features), "embedding": "L2-normalised CLS feature"},
+            metadata={
+                "timm_arch": meta["arch"],
+                "image_size": int(meta["image_size"]),
+                "feature_dim": int(model.num_features),
+                "embedding": "L2-normalised CLS feature",
+            },
             tags={"timm_arch": meta["arch"], "image_size": str(meta["image_size"])},
         )
 
@@ -228,17 +248,23 @@ def register_teacher(tracking_uri: str, run_id: str, teacher_dir: Path, name: st
     try:
         info = log_teacher_model(tracking_uri, run_id, teacher_dir)
     except Exception as e:  # noqa: BLE001
-        log.warning("could not log the teacher as an MLflow model (the teacher/ artifact is there): %s: %s",
-                    type(e).__name__, " ".join(str(e).split())[:500])
+        log.warning(
+            "could not log the teacher as an MLflow model (the teacher/ artifact is there): %s: %s",
+            type(e).__name__,
+            " ".join(str(e).split())[:500],
+        )
         return None
     if not name:
         return None
     meta = json.loads((teacher_dir / "teacher.json").read_text())
     try:
         try:
-            client.create_registered_model(name, description="DINO teacher backbones: images in, L2-normalised CLS "
-                                                             "embeddings out (mlflow.pyfunc); weights for timm in "
-                                                             "the run's teacher/ artifact")
+            client.create_registered_model(
+                name,
+                description="DINO teacher backbones: images in, L2-normalised CLS "
+                "embeddings out (mlflow.pyfunc); weights for timm in "
+                "the run's teacher/ artifact",
+            )
         except Exception as e:
             if "RESOURCE_ALREADY_EXISTS" not in str(e) and "already exists" not in str(e):
                 raise
@@ -248,9 +274,13 @@ def register_teacher(tracking_uri: str, run_id: str, teacher_dir: Path, name: st
                 source=info.model_uri,
                 run_id=run_id,
                 model_id=info.model_id,
-                tags={"timm_arch": meta["arch"], "image_size": str(meta["image_size"]),
-                      "global_step": str(meta.get("global_step")), "format": "pyfunc",
-                      "timm_weights": f"runs:/{run_id}/teacher/{TEACHER_WEIGHTS}"},
+                tags={
+                    "timm_arch": meta["arch"],
+                    "image_size": str(meta["image_size"]),
+                    "global_step": str(meta.get("global_step")),
+                    "format": "pyfunc",
+                    "timm_weights": f"runs:/{run_id}/teacher/{TEACHER_WEIGHTS}",
+                },
                 description=f"{meta['arch']} teacher of run {run_name} at step {meta.get('global_step')}",
             )
     except Exception as e:

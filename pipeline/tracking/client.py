@@ -57,6 +57,7 @@ def last_logged_step(tracking_uri: str, run_id: str, key: str = "loss") -> int:
 def create_run(tracking_uri: str, experiment: str, run_name: str, params: dict[str, Any], tags: dict[str, str]) -> str:
     """Create (or reuse by name) the experiment, start a run, log the full resolved config; returns the run id."""
     from mlflow.entities import Param, RunTag
+
     client = mlflow_client(tracking_uri)
     exp_id = model_training_experiment(client, experiment)
     secrets = secret_values()
@@ -78,25 +79,42 @@ def dataset_entity(info, name: str):
     digest = hashlib.sha256("\n".join(f"{p}\t{c}" for p, c in zip(info.paths, info.counts or [])).encode()).hexdigest()
     first = info.paths[0]
     scheme = first.split("://", 1)[0] if "://" in first and not first.startswith("file://") else "local"
-    profile = {"num_samples": info.count if info.counted else None, "num_shards": len(info.paths),
-               "labelled": info.labelled, "split": info.split, "counted_by": info.counted_by,
-               "num_classes": len(info.classes) if info.classes else None,
-               "image_members": list(info.members.image), "label_member": info.members.label}
+    profile = {
+        "num_samples": info.count if info.counted else None,
+        "num_shards": len(info.paths),
+        "labelled": info.labelled,
+        "split": info.split,
+        "counted_by": info.counted_by,
+        "num_classes": len(info.classes) if info.classes else None,
+        "image_members": list(info.members.image),
+        "label_member": info.members.label,
+    }
     source = {"uri": strip_credentials(info.source), "shards": [strip_credentials(p) for p in info.paths[:3]]}
-    return Dataset(name=f"{name}/{info.split}" if info.split else name, digest=digest[:16], source_type=scheme,
-                   source=json.dumps(source), schema=None, profile=json.dumps(profile))
+    return Dataset(
+        name=f"{name}/{info.split}" if info.split else name,
+        digest=digest[:16],
+        source_type=scheme,
+        source=json.dumps(source),
+        schema=None,
+        profile=json.dumps(profile),
+    )
 
 
 def log_dataset_inputs(tracking_uri: str, run_id: str, name: str, sources: list) -> None:
     """Log ``[(SplitInfo, context)]`` as the run's dataset inputs (the run page's "Datasets"; context
     ``training`` / ``validation``). A tracking failure is a warning, never a failed run."""
     from mlflow.entities import DatasetInput, InputTag
+
     try:
-        inputs = [DatasetInput(dataset_entity(info, name), [InputTag("mlflow.data.context", context)])
-                  for info, context in sources]
+        inputs = [
+            DatasetInput(dataset_entity(info, name), [InputTag("mlflow.data.context", context)])
+            for info, context in sources
+        ]
         mlflow_client(tracking_uri).log_inputs(run_id, datasets=inputs)
     except Exception as e:  # noqa: BLE001
-        log.warning("could not log the run's datasets to MLflow: %s: %s", type(e).__name__, " ".join(str(e).split())[:300])
+        log.warning(
+            "could not log the run's datasets to MLflow: %s: %s", type(e).__name__, " ".join(str(e).split())[:300]
+        )
 
 
 # MLflow 3's UI opens an experiment without this tag in its GenAI view, and lists its runs under
@@ -129,8 +147,12 @@ def mark_model_training(client, experiment) -> None:
     try:
         client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
     except Exception as e:  # noqa: BLE001
-        log.warning("could not tag experiment %s as model training (%s: %s); MLflow's UI may show it as "
-                    "a GenAI experiment", experiment.name, type(e).__name__, str(e)[:200])
+        log.warning(
+            "could not tag experiment %s as model training (%s: %s); MLflow's UI may show it as a GenAI experiment",
+            experiment.name,
+            type(e).__name__,
+            str(e)[:200],
+        )
 
 
 def run_page_url(tracking_uri: str, run_id: str, ui: str = "http://127.0.0.1:5000") -> str:

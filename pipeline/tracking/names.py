@@ -32,8 +32,11 @@ METRIC_NAMES = {
     "data_wait_fraction": "speed/data_wait_fraction",
     # the teacher's [CLS] attention against object masks (DINO Sec. 4.2.1, pipeline/train/attention.py): each
     # score per attention epoch and for the starting weights ("_start", step 0), the centre prior's once
-    **{f"attention_{k}{s}": f"attention/{k}{s}" for k in (
-        "jaccard_head_mean", "jaccard_best_head", "jaccard_mean_heads", "best_head") for s in ("", "_start")},
+    **{
+        f"attention_{k}{s}": f"attention/{k}{s}"
+        for k in ("jaccard_head_mean", "jaccard_best_head", "jaccard_mean_heads", "best_head")
+        for s in ("", "_start")
+    },
     "attention_jaccard_centre_prior": "attention/jaccard_centre_prior",
     # the driver's final count and the k-NN run
     "data_skipped_samples": "data/skipped_samples",

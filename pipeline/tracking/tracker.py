@@ -20,6 +20,7 @@ log = logging.getLogger(__name__)
 MAX_BUFFERED = 100_000  # metric points kept while the server is unreachable
 BATCH = 1000  # MLflow's per-request limit for metrics
 
+
 class MetricsTracker:
     """Buffered metric logging to an existing MLflow run (used on rank 0 inside the training loop).
 
@@ -99,7 +100,9 @@ class MetricsTracker:
                 if not self._warned:
                     log.warning(
                         "MLflow unreachable (%s: %s); keeping %d metric points until it is back",
-                        type(e).__name__, str(e)[:200], self.pending(),
+                        type(e).__name__,
+                        str(e)[:200],
+                        self.pending(),
                     )
                     self._warned = True
                 return False

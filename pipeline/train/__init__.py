@@ -14,7 +14,16 @@ from pipeline.train.trainer import ingest_config, make_trainer, storage_path, tr
 from pipeline.train.worker import train_loop_per_worker
 
 __all__ = [
-    "DinoRunner", "LoopPlan", "checkpoint_storage_error", "download_snapshots", "export_from_checkpoint",
-    "ingest_config", "last_checkpoint_note", "make_trainer", "prune_unregistered_checkpoints", "storage_path",
-    "train_loop_per_worker", "training_deadline",
+    "DinoRunner",
+    "LoopPlan",
+    "checkpoint_storage_error",
+    "download_snapshots",
+    "export_from_checkpoint",
+    "ingest_config",
+    "last_checkpoint_note",
+    "make_trainer",
+    "prune_unregistered_checkpoints",
+    "storage_path",
+    "train_loop_per_worker",
+    "training_deadline",
 ]

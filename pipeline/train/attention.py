@@ -30,6 +30,7 @@ from pipeline.tracking import metric_name
 
 log = logging.getLogger(__name__)
 
+
 def resize_center_crop(img: Image.Image, size: int) -> np.ndarray:
     """Shorter side to ``size`` (bicubic), then the central ``size x size`` -> ``(size, size, 3)`` uint8.
 
@@ -46,7 +47,9 @@ def resize_center_crop(img: Image.Image, size: int) -> np.ndarray:
     return np.asarray(img.crop((left, top, left + size, top + size)), dtype=np.uint8)
 
 
-def fixed_val_images(paths: list[str], n: int, size: int, filesystem=None, layout: Members = DEFAULT_MEMBERS) -> np.ndarray:
+def fixed_val_images(
+    paths: list[str], n: int, size: int, filesystem=None, layout: Members = DEFAULT_MEMBERS
+) -> np.ndarray:
     """The first ``n`` decodable images of the shards, in path order, resized and centre-cropped.
 
     Shards are read with our safe reader (:func:`pipeline.data.tar_reader.read_shard`: raw bytes of
@@ -71,8 +74,9 @@ def fixed_val_images(paths: list[str], n: int, size: int, filesystem=None, layou
     return np.stack(out)
 
 
-def fixed_val_masked(paths: list[str], n: int, size: int, filesystem=None,
-                     layout: Members = DEFAULT_MEMBERS) -> tuple[np.ndarray, np.ndarray]:
+def fixed_val_masked(
+    paths: list[str], n: int, size: int, filesystem=None, layout: Members = DEFAULT_MEMBERS
+) -> tuple[np.ndarray, np.ndarray]:
     """The first ``n`` samples with a decodable image *and* object mask (``{key}.mask.png``), in path order.
 
     Read like :func:`fixed_val_images`; the mask (1-channel PNG, 0/255) is resized and cropped with the
@@ -141,8 +145,9 @@ def attention_scores(
     """The paper's Jaccard of ``backbone``'s thresholded attention with the masks
     (:func:`dino.attention.attention_jaccard`: ``head_mean``, ``best_head``, ``best_head_index``,
     ``mean_heads``, ``n_images``), the attention computed ``batch`` images at a time."""
-    attn = torch.cat([teacher_attention(backbone, images_uint8[i : i + batch], device)
-                      for i in range(0, len(images_uint8), batch)])
+    attn = torch.cat(
+        [teacher_attention(backbone, images_uint8[i : i + batch], device) for i in range(0, len(images_uint8), batch)]
+    )
     return attention_jaccard(attn, torch.from_numpy(masks))
 
 
@@ -223,13 +228,17 @@ class AttentionProbe:
     teacher_epoch: int | None = None
 
     @classmethod
-    def load(cls, paths: list[str], figure_images: int, size: int, layout: Members = DEFAULT_MEMBERS,
-             **fields) -> AttentionProbe | None:
+    def load(
+        cls, paths: list[str], figure_images: int, size: int, layout: Members = DEFAULT_MEMBERS, **fields
+    ) -> AttentionProbe | None:
         """The probe of the val shards, or None without a decodable image (``fields``: client, run_id, device, ...)."""
         images, masks = fixed_val_masked(paths, JACCARD_IMAGES, size, layout=layout)
         if len(images):
-            log.info("attention: Jaccard with the object masks of %d val images, figure of the first %d",
-                     len(images), min(figure_images, len(images)))
+            log.info(
+                "attention: Jaccard with the object masks of %d val images, figure of the first %d",
+                len(images),
+                min(figure_images, len(images)),
+            )
             return cls(images=images, masks=masks, figure_images=figure_images, **fields)
         log.info("attention: the val shards have no object masks (%s): figure only, no Jaccard", MASK_EXT)
         images = fixed_val_images(paths, figure_images, size, layout=layout)
@@ -241,11 +250,22 @@ class AttentionProbe:
             return
         self.start = attention_scores(backbone, self.images, self.masks, self.device)
         self._measure_centre(backbone)
-        tracker.log_metrics({**score_metrics(self.start, "_start"), **score_metrics(self.start),
-                             CENTRE_PRIOR_METRIC: self.centre["mean_heads"]}, step=step)
-        log.info("attention Jaccard at step 0 (%s): mean-of-heads %.3f, head mean %.3f, best head %.3f; "
-                 "centre prior %.3f", self.start_label, self.start["mean_heads"], self.start["head_mean"],
-                 self.start["best_head"], self.centre["mean_heads"])
+        tracker.log_metrics(
+            {
+                **score_metrics(self.start, "_start"),
+                **score_metrics(self.start),
+                CENTRE_PRIOR_METRIC: self.centre["mean_heads"],
+            },
+            step=step,
+        )
+        log.info(
+            "attention Jaccard at step 0 (%s): mean-of-heads %.3f, head mean %.3f, best head %.3f; centre prior %.3f",
+            self.start_label,
+            self.start["mean_heads"],
+            self.start["head_mean"],
+            self.start["best_head"],
+            self.centre["mean_heads"],
+        )
 
     def restore_start(self) -> None:
         """After a resume: the starting weights' scores as logged at step 0 of the run (if they were)."""
@@ -273,9 +293,14 @@ class AttentionProbe:
             self._measure_centre(backbone)
         self.teacher, self.teacher_epoch = attention_scores(backbone, self.images, self.masks, self.device), epoch
         tracker.log_metrics(score_metrics(self.teacher), step=step)
-        log.info("attention Jaccard at epoch %d: mean-of-heads %.3f, head mean %.3f, best head %.3f (head %d)",
-                 epoch, self.teacher["mean_heads"], self.teacher["head_mean"], self.teacher["best_head"],
-                 self.teacher["best_head_index"])
+        log.info(
+            "attention Jaccard at epoch %d: mean-of-heads %.3f, head mean %.3f, best head %.3f (head %d)",
+            epoch,
+            self.teacher["mean_heads"],
+            self.teacher["head_mean"],
+            self.teacher["best_head"],
+            self.teacher["best_head_index"],
+        )
 
     def results(self) -> dict[str, Any] | None:
         """For the driver (``PretrainResult.metrics["attention_jaccard"]``): the teacher's latest scores, the
@@ -283,5 +308,11 @@ class AttentionProbe:
         if self.masks is None or self.teacher is None:
             return None
         drop = lambda d: None if d is None else {k: v for k, v in d.items() if k != "n_images"}  # noqa: E731
-        return {"teacher": drop(self.teacher), self.start_label: drop(self.start), "centre_prior": drop(self.centre),
-                "n_images": len(self.images), "epoch": self.teacher_epoch, "mass": 0.6}
+        return {
+            "teacher": drop(self.teacher),
+            self.start_label: drop(self.start),
+            "centre_prior": drop(self.centre),
+            "n_images": len(self.images),
+            "epoch": self.teacher_epoch,
+            "mass": 0.6,
+        }

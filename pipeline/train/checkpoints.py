@@ -36,14 +36,18 @@ def last_checkpoint_note(storage: str, run_name: str) -> str:
 
         uri = f"{storage.rstrip('/')}/{run_name}"
         fs = filesystem_for([uri]) or pafs.LocalFileSystem()
-        snapshot = json.loads(fs.open_input_stream(f"{uri.split('://', 1)[-1]}/checkpoint_manager_snapshot.json").read())
+        snapshot = json.loads(
+            fs.open_input_stream(f"{uri.split('://', 1)[-1]}/checkpoint_manager_snapshot.json").read()
+        )
         last = (snapshot.get("latest_checkpoint_result") or {}).get("checkpoint_dir_name")
     except (OSError, ValueError):
         last = None
     if not last:
         return "no checkpoint of this run was registered"
-    return (f"last good checkpoint {storage.rstrip('/')}/{run_name}/{last} is intact; re-submit the run name "
-            f"once the storage is writable to resume from it")
+    return (
+        f"last good checkpoint {storage.rstrip('/')}/{run_name}/{last} is intact; re-submit the run name "
+        f"once the storage is writable to resume from it"
+    )
 
 
 def prune_unregistered_checkpoints(storage: str, run_name: str) -> list[str]:
@@ -83,8 +87,8 @@ def prune_unregistered_checkpoints(storage: str, run_name: str) -> list[str]:
 
 def export_from_checkpoint(checkpoint, out_dir: Path, run_id: str) -> Path:
     """Final Ray Train checkpoint -> exported teacher backbone (safetensors + teacher.json)."""
-    from pipeline.weights.checkpoint import export_teacher, load_state
     from pipeline.train.snapshots import teacher_meta
+    from pipeline.weights.checkpoint import export_teacher, load_state
 
     with checkpoint.as_directory() as d:
         state = load_state(d)

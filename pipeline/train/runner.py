@@ -11,25 +11,26 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from dino.crops import crops_to_input
+from dino.distributed import is_distributed
+from dino.health import CollapseEpisodes, CollapseMonitor
 from dino.loss import DINOLoss
 from dino.optim import build_optimizer
 from dino.schedules import build_schedules
-from dino.health import CollapseEpisodes, CollapseMonitor
 from dino.train_step import StepOptions, build_student_teacher, dino_step, maybe_compile, precision_settings
-from dino.distributed import is_distributed
-from pipeline.errors import CheckpointError
 from pipeline.config import Config
-from pipeline.weights.start_weights import apply_start
 from pipeline.data.sample_stats import bad_fraction_error
 from pipeline.data.sample_stats import metrics as data_metrics
+from pipeline.errors import CheckpointError
+from pipeline.weights.start_weights import apply_start
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,9 @@ class LoopPlan:
     attention_paths: tuple[str, ...] = ()  # val shards whose first images get attention maps (rank 0)
     deadline: float | None = None  # time.time() by which training must end (optim.time_budget_minutes), or None
     started: float | None = None  # time.time() when the pretraining call started (optim.teacher_snapshot_minutes)
-    init_weights: Any = None  # model.init_from mapped (pipeline.weights.start_weights.StartWeights), or a Ray ObjectRef to one
+    init_weights: Any = (
+        None  # model.init_from mapped (pipeline.weights.start_weights.StartWeights), or a Ray ObjectRef to one
+    )
 
 
 def model_signature(tree: dict[str, Any]) -> dict[str, Any]:
@@ -203,7 +206,9 @@ class DinoRunner:
             self.student_module.load_state_dict(state["student"])
             self.teacher.load_state_dict(state["teacher"])
         except RuntimeError as e:  # shapes/keys differ and the checkpoint holds no config to say why
-            raise CheckpointError(f"checkpoint does not fit the configured model: {' '.join(str(e).split())[:300]}") from None
+            raise CheckpointError(
+                f"checkpoint does not fit the configured model: {' '.join(str(e).split())[:300]}"
+            ) from None
         self.optimizer.load_state_dict(state["optimizer"])
         self.loss_fn.center.copy_(state["center"].to(self.device))
         self.epoch = int(state["epoch"])
@@ -232,7 +237,16 @@ class DinoRunner:
             g,
             loc,
             values,
-            StepOptions(clip_grad=self.cfg.optim.clip_grad, freeze_last_layer=self.global_step < self.freeze_steps, clip_mode=self.cfg.optim.clip_mode, freeze_backbone=self.global_step < self.freeze_backbone_steps, autocast_dtype=self.autocast_dtype, scaler=self.scaler, health=health, skip_nonfinite=self.cfg.health.nonfinite == "skip"),
+            StepOptions(
+                clip_grad=self.cfg.optim.clip_grad,
+                freeze_last_layer=self.global_step < self.freeze_steps,
+                clip_mode=self.cfg.optim.clip_mode,
+                freeze_backbone=self.global_step < self.freeze_backbone_steps,
+                autocast_dtype=self.autocast_dtype,
+                scaler=self.scaler,
+                health=health,
+                skip_nonfinite=self.cfg.health.nonfinite == "skip",
+            ),
         )
         self.global_step += 1
         return out
@@ -279,14 +293,30 @@ class DinoRunner:
             window_steps += 1
             if skip_policy and bool(out["skipped"]):  # the step already synchronised to decide
                 self.skipped_steps += 1
-                log.warning("non-finite loss at global step %d: step skipped (%d so far)", self.global_step, self.skipped_steps)
+                log.warning(
+                    "non-finite loss at global step %d: step skipped (%d so far)", self.global_step, self.skipped_steps
+                )
             else:
                 losses.append(out["loss"])
             if log_now:
-                stopped = self._log_window(out, tracker, window_steps, time.perf_counter() - t_window, window_wait, wait,
-                                           time.perf_counter() - t_epoch, steps)
+                stopped = self._log_window(
+                    out,
+                    tracker,
+                    window_steps,
+                    time.perf_counter() - t_window,
+                    window_wait,
+                    wait,
+                    time.perf_counter() - t_epoch,
+                    steps,
+                )
                 t_window, window_steps, window_wait = time.perf_counter(), 0, 0.0
-            if stopped is None and save_checkpoint and ckpt_every and self.global_step % ckpt_every == 0 and steps < spe:
+            if (
+                stopped is None
+                and save_checkpoint
+                and ckpt_every
+                and self.global_step % ckpt_every == 0
+                and steps < spe
+            ):
                 tracker.flush_before_checkpoint()
                 save_checkpoint({"epoch": self.epoch + steps / spe, "global_step": self.global_step})
         if stopped is None:  # the epoch is over (all its steps, or the data ran out early)
@@ -294,7 +324,13 @@ class DinoRunner:
             self.steps_in_epoch = 0
         elapsed = time.perf_counter() - t_epoch
         mean_loss = torch.stack(losses).float().mean().item() if losses else float("nan")
-        summary = {"epoch": self.epoch, "steps": steps, "mean_loss": mean_loss, "epoch_time_s": elapsed, "data_wait_s": wait}
+        summary = {
+            "epoch": self.epoch,
+            "steps": steps,
+            "mean_loss": mean_loss,
+            "epoch_time_s": elapsed,
+            "data_wait_s": wait,
+        }
         if t_half is not None and steps > steps_at_half:
             summary["late_step_s"] = (time.perf_counter() - t_half) / (steps - steps_at_half)
         return {**summary, "stopped": stopped} if stopped else summary
@@ -303,8 +339,8 @@ class DinoRunner:
         self, deadline: float | None, summary: dict[str, Any], epoch_end_s: float, now: float
     ) -> tuple[str, str] | None:
         """At an epoch end, the time budget (:mod:`pipeline.train.budget`): from the end of warm-up on, fit the
-        run's epochs to the recent pace (:func:`pipeline.train.budget.recent_pace`; schedules resampled, no jump); during warm-up,
-        only stop if the next epoch would overrun the deadline. Rank 0 decides for every rank. Returns
+        run's epochs to the recent pace (:func:`pipeline.train.budget.recent_pace`; schedules resampled, no jump);
+        during warm-up, only stop if the next epoch would overrun the deadline. Rank 0 decides for every rank. Returns
         ``("budget_fit" | "budget_stop", note)`` when the number of epochs changed, else None. The changes are
         kept in checkpoints (``budget_fits``) and replayed on resume.
 
@@ -325,12 +361,15 @@ class DinoRunner:
                 return None
             planned = self.planned_epochs
             self.fit_schedules(self.epoch)
-            return "budget_stop", (f"stopped after epoch {self.epoch} of {planned}: the next would take {epoch_s:.0f} s "
-                                   f"and end {now + epoch_s - deadline:.0f} s past the time budget")
+            return "budget_stop", (
+                f"stopped after epoch {self.epoch} of {planned}: the next would take {epoch_s:.0f} s "
+                f"and end {now + epoch_s - deadline:.0f} s past the time budget"
+            )
         self.paces.append(summary["late_step_s"])
         pace = budget.Pace(step_s=budget.recent_pace(self.paces), epoch_end_s=epoch_end_s)
-        epochs = _from_rank0(budget.fit_epochs(deadline=deadline, now=now, done=self.epoch, pace=pace,
-                                               steps_per_epoch=spe, cap=cap))
+        epochs = _from_rank0(
+            budget.fit_epochs(deadline=deadline, now=now, done=self.epoch, pace=pace, steps_per_epoch=spe, cap=cap)
+        )
         if epochs == self.planned_epochs:
             return None
         self.fit_schedules(epochs)
@@ -378,11 +417,20 @@ class DinoRunner:
         tracker.log_metrics(metrics, step=self.global_step)
         verdict, event = self.collapse.update(entropy, kl, self.global_step)
         if event is not None and event.kind == "begins":  # warn and tag once per episode, not every window
-            log.warning("collapse suspected at step %d: %s (h(Pt)=%.4g, KL=%.4g)", self.global_step, verdict, entropy, kl)
+            log.warning(
+                "collapse suspected at step %d: %s (h(Pt)=%.4g, KL=%.4g)", self.global_step, verdict, entropy, kl
+            )
             tracker.set_tag("collapse", f"{verdict} at step {self.global_step}")
         elif event is not None:
-            log.warning("collapse over at step %d: %s held from step %d; now h(Pt)=%.4g (%.2f of log K), KL=%.4g",
-                        self.global_step, event.reason, event.since, entropy, self.last_entropy[1], kl)
+            log.warning(
+                "collapse over at step %d: %s held from step %d; now h(Pt)=%.4g (%.2f of log K), KL=%.4g",
+                self.global_step,
+                event.reason,
+                event.since,
+                entropy,
+                self.last_entropy[1],
+                kl,
+            )
             tracker.set_tag("collapse", f"{event.reason} from step {event.since} to {self.global_step}, over")
         if verdict and self.cfg.health.collapse_action == "stop":
             problems.append(f"collapse ({verdict}) at global step {self.global_step}: h(Pt)={entropy:.4g}, KL={kl:.4g}")

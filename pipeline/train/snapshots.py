@@ -36,7 +36,9 @@ def teacher_meta(cfg: dict[str, Any], run_id: str, global_step: int, epoch: int)
 
     return {
         "arch": cfg["model"]["arch"],
-        "timm_kwargs": backbone_kwargs(cfg["model"]["arch"], cfg["augment"]["global_size"], cfg["model"]["model_kwargs"]),
+        "timm_kwargs": backbone_kwargs(
+            cfg["model"]["arch"], cfg["augment"]["global_size"], cfg["model"]["model_kwargs"]
+        ),
         "image_size": cfg["knn"].get("image_size") or cfg["augment"]["global_size"],  # the evaluation view
         "run_id": run_id,
         "global_step": global_step,

@@ -31,8 +31,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Entry point of each Ray Train worker: build the runner, resume if a checkpoint exists, train."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     session = WorkerSession(config_from_dict(loop_config["config"]), LoopPlan(**loop_config["plan"]))
-    runner = DinoRunner(session.cfg, session.plan, session.device, wrap_ddp=session.wrap_ddp,
-                        data_stats=session.data_stats)
+    runner = DinoRunner(
+        session.cfg, session.plan, session.device, wrap_ddp=session.wrap_ddp, data_stats=session.data_stats
+    )
     session.run(runner)
 
 
@@ -128,8 +129,11 @@ class WorkerSession:
         if self.attention is not None:
             # The weights before the first step (random init, or model.init_from), and the centre prior: step 0.
             probe = self.attention
-            start = (lambda: probe.measure_start(runner.teacher.backbone, self.tracker)) if self.fresh \
+            start = (
+                (lambda: probe.measure_start(runner.teacher.backbone, self.tracker))
+                if self.fresh
                 else probe.restore_start
+            )
             _safely(start, "at the start")
 
     def end_epoch(self, runner: DinoRunner, summary: dict[str, Any]) -> bool:
@@ -152,8 +156,10 @@ class WorkerSession:
         last = runner.epoch >= runner.planned_epochs or runner.data_exhausted
         if self.attention is not None and (runner.epoch % self.cfg.health.attention_every_epochs == 0 or last):
             probe = self.attention
-            _safely(lambda: probe.at_epoch(runner.teacher.backbone, self.tracker, runner.epoch, runner.global_step),
-                    f"at epoch {runner.epoch}")
+            _safely(
+                lambda: probe.at_epoch(runner.teacher.backbone, self.tracker, runner.epoch, runner.global_step),
+                f"at epoch {runner.epoch}",
+            )
         if self.snapshots is not None:
             _snapshot_if_due(self.snapshots, runner, self.cfg, self.plan, self.tracker)
         self.tracker.flush_before_checkpoint()
@@ -179,7 +185,9 @@ class WorkerSession:
             save_state(d, runner.state_dict())
             upload = paused_checkpoint_upload(runner.global_step) if self.fresh else None  # a test hook
             try:
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d), checkpoint_upload_fn=upload)
+                ray.train.report(
+                    metrics, checkpoint=ray.train.Checkpoint.from_directory(d), checkpoint_upload_fn=upload
+                )
             except OSError as e:  # storage unwritable, full, or gone: say where, in one line
                 where = ray.train.get_context().get_storage().experiment_fs_path
                 raise CheckpointStorageError(
@@ -202,9 +210,15 @@ class WorkerSession:
         if self.counter is None:
             return
         wall, self.t_record = time.perf_counter() - self.t_record, time.perf_counter()
-        record = epoch_record(summary, planned_epochs=runner.planned_epochs, wall_s=wall,
-                              global_batch_size=self.plan.global_batch_size, recent_walls=self.walls,
-                              teacher_entropy=runner.last_entropy[0], entropy_ratio=runner.last_entropy[1])
+        record = epoch_record(
+            summary,
+            planned_epochs=runner.planned_epochs,
+            wall_s=wall,
+            global_batch_size=self.plan.global_batch_size,
+            recent_walls=self.walls,
+            teacher_entropy=runner.last_entropy[0],
+            entropy_ratio=runner.last_entropy[1],
+        )
         self.counter.epoch_done.remote(record)
         self.walls.append(wall)
 
@@ -223,8 +237,13 @@ def _attention_probe(cfg: Config, plan: LoopPlan, device: torch.device, tracker:
 
     try:
         return AttentionProbe.load(
-            list(plan.attention_paths), cfg.health.attention_images, cfg.augment.global_size,
-            layout=members_from_config(cfg.data), client=tracker.client, run_id=plan.run_id, device=device,
+            list(plan.attention_paths),
+            cfg.health.attention_images,
+            cfg.augment.global_size,
+            layout=members_from_config(cfg.data),
+            client=tracker.client,
+            run_id=plan.run_id,
+            device=device,
             start_label="random_init" if plan.init_weights is None else "start",
         )
     except Exception as e:  # a diagnostic: never a reason to fail the run
@@ -252,8 +271,10 @@ def _snapshot_if_due(snapshots, runner: DinoRunner, cfg: Config, plan: LoopPlan,
     from pipeline.train.snapshots import log_snapshot, teacher_meta
 
     elapsed = snapshots.elapsed_min(now)
-    meta = {**teacher_meta(cfg.to_dict(), plan.run_id, runner.global_step, runner.epoch),
-            "elapsed_min": round(elapsed, 3)}
+    meta = {
+        **teacher_meta(cfg.to_dict(), plan.run_id, runner.global_step, runner.epoch),
+        "elapsed_min": round(elapsed, 3),
+    }
     try:
         labels = log_snapshot(tracker.client, plan.run_id, runner.teacher.state_dict(), meta, due)
         log.info("teacher snapshot %s at %.1f min (epoch %d)", ", ".join(labels), elapsed, runner.epoch)

@@ -15,7 +15,20 @@ from pipeline.weights.start_weights import StartWeights, apply_start, backbone_w
 from pipeline.weights.teacher_source import file_sha256, require_teacher, run_config, teacher_from_run
 
 __all__ = [
-    "STATE_FILE", "TEACHER_META", "TEACHER_WEIGHTS", "StartWeights", "apply_start", "backbone_state",
-    "backbone_weights", "export_teacher", "file_sha256", "load_start", "load_state", "load_teacher",
-    "require_teacher", "run_config", "save_state", "teacher_from_run",
+    "STATE_FILE",
+    "TEACHER_META",
+    "TEACHER_WEIGHTS",
+    "StartWeights",
+    "apply_start",
+    "backbone_state",
+    "backbone_weights",
+    "export_teacher",
+    "file_sha256",
+    "load_start",
+    "load_state",
+    "load_teacher",
+    "require_teacher",
+    "run_config",
+    "save_state",
+    "teacher_from_run",
 ]

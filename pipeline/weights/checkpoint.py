@@ -94,7 +94,9 @@ def load_teacher(directory: str | Path) -> tuple[torch.nn.Module, dict[str, Any]
         meta = json.loads(meta_path.read_text())
         model = timm.create_model(meta["arch"], pretrained=False, num_classes=0, **meta["timm_kwargs"])
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
-        raise CheckpointError(f"{meta_path}: not a usable teacher description ({type(e).__name__}: {_reason(e)})") from None
+        raise CheckpointError(
+            f"{meta_path}: not a usable teacher description ({type(e).__name__}: {_reason(e)})"
+        ) from None
     try:
         weights = load_file(str(weights_path))  # safetensors: no code runs on load
     except (SafetensorError, OSError, ValueError) as e:  # garbage, truncated, unreadable

@@ -17,13 +17,14 @@ nothing is dropped silently and nothing is loaded with ``strict=False``:
   wrapped in ``state_dict`` / ``model``, optionally ``module.``-prefixed; a classifier of the timm model, e.g.
   ``head.weight`` or ``fc.weight``, is dropped and said so), and **our exported teachers** (a folder with
   ``teacher_backbone.safetensors`` + ``teacher.json``), which MLflow run ids and ``models:/name/version`` URIs
-  resolve to: the backbone goes to student and teacher; the head starts at random (see ``optim.freeze_backbone_epochs``).
+  resolve to: the backbone goes to student and teacher; the head starts at random
+  (see ``optim.freeze_backbone_epochs``).
 * **Our own Ray Train checkpoints** (a folder with ``state.pt``): student, teacher and centre.
 
 Position embeddings of another grid are resampled to the configured global crop size (timm's
 ``resample_abs_pos_embed``, bicubic, as timm does when it loads weights). A missing, unexpected or mis-shaped key,
-another patch size or another embedding width is one line naming it (:class:`~pipeline.weights.checkpoint.CheckpointError`),
-raised by :func:`load_start` on the driver before Ray starts.
+another patch size or another embedding width is one line naming it
+(:class:`~pipeline.weights.checkpoint.CheckpointError`), raised by :func:`load_start` on the driver before Ray starts.
 """
 
 from __future__ import annotations
@@ -39,14 +40,16 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from pipeline.weights.checkpoint import STATE_FILE, TEACHER_META, TEACHER_WEIGHTS, _reason
 from pipeline.errors import CheckpointError
+from pipeline.weights.checkpoint import STATE_FILE, TEACHER_META, TEACHER_WEIGHTS, _reason
 
 log = logging.getLogger(__name__)
 
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
-_WEIGHT_NORM = {"last_layer.weight_g": "last_layer.parametrizations.weight.original0",
-                "last_layer.weight_v": "last_layer.parametrizations.weight.original1"}
+_WEIGHT_NORM = {
+    "last_layer.weight_g": "last_layer.parametrizations.weight.original0",
+    "last_layer.weight_v": "last_layer.parametrizations.weight.original1",
+}
 
 
 @dataclass
@@ -67,7 +70,11 @@ class StartWeights:
     notes: list[str] = field(default_factory=list)  # what was mapped, dropped or resampled
 
     def summary(self) -> str:
-        head = "backbone + head" + (" + centre" if self.center is not None else "") if self.has_head else "backbone only (head at random init)"
+        head = (
+            "backbone + head" + (" + centre" if self.center is not None else "")
+            if self.has_head
+            else "backbone only (head at random init)"
+        )
         return f"{self.kind} weights from {self.path}: {head}" + (f"; {'; '.join(self.notes)}" if self.notes else "")
 
 
@@ -81,7 +88,7 @@ def resolve_path(source: str, tracking_uri: str | None, output_dir: str | Path) 
     if path.exists():
         return path
     if source.startswith("models:/"):
-        parts = source[len("models:/"):].strip("/").split("/")
+        parts = source[len("models:/") :].strip("/").split("/")
         if len(parts) != 2 or not parts[1].isdigit():
             raise CheckpointError(f"model.init_from {source!r}: expected models:/<name>/<version number>")
         from pipeline.tracking import mlflow_client
@@ -89,16 +96,22 @@ def resolve_path(source: str, tracking_uri: str | None, output_dir: str | Path) 
         try:
             version = mlflow_client(tracking_uri).get_model_version(parts[0], parts[1])
         except Exception as e:  # noqa: BLE001  (not found, registry unreachable)
-            raise CheckpointError(f"model.init_from {source!r}: no such model version at {tracking_uri} ({type(e).__name__})") from None
+            raise CheckpointError(
+                f"model.init_from {source!r}: no such model version at {tracking_uri} ({type(e).__name__})"
+            ) from None
         if not version.run_id:
-            raise CheckpointError(f"model.init_from {source!r}: the model version names no run to take the teacher from")
+            raise CheckpointError(
+                f"model.init_from {source!r}: the model version names no run to take the teacher from"
+            )
         source = version.run_id
     if _RUN_ID.match(source):
         try:
             return teacher_from_run(source, tracking_uri, output_dir)
         except ValueError as e:
             raise CheckpointError(f"model.init_from: {e}") from None
-    raise CheckpointError(f"model.init_from {source!r}: no such file or folder, and not an MLflow run id or models:/<name>/<version>")
+    raise CheckpointError(
+        f"model.init_from {source!r}: no such file or folder, and not an MLflow run id or models:/<name>/<version>"
+    )
 
 
 def read_weights(path: Path) -> tuple[dict[str, Any], str]:
@@ -114,8 +127,10 @@ def read_weights(path: Path) -> tuple[dict[str, Any], str]:
 
             return load_state(path), "checkpoint"
         else:
-            raise CheckpointError(f"model.init_from {path}: a folder with neither an exported teacher "
-                                  f"({TEACHER_META} + {TEACHER_WEIGHTS}) nor a checkpoint ({STATE_FILE})")
+            raise CheckpointError(
+                f"model.init_from {path}: a folder with neither an exported teacher "
+                f"({TEACHER_META} + {TEACHER_WEIGHTS}) nor a checkpoint ({STATE_FILE})"
+            )
     else:
         kind = "file"
     if path.suffix == ".safetensors":
@@ -127,8 +142,10 @@ def read_weights(path: Path) -> tuple[dict[str, Any], str]:
         with torch.serialization.safe_globals([argparse.Namespace]):
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except UnpicklingError as e:
-        raise CheckpointError(f"{path}: refused: holds objects other than tensors, plain data and argparse.Namespace "
-                              f"({_reason(e)}); weights are loaded with weights_only=True") from None
+        raise CheckpointError(
+            f"{path}: refused: holds objects other than tensors, plain data and argparse.Namespace "
+            f"({_reason(e)}); weights are loaded with weights_only=True"
+        ) from None
     except (RuntimeError, EOFError, OSError, ValueError) as e:
         raise CheckpointError(f"{path}: not a readable weights file ({_reason(e)})") from None
     if not isinstance(obj, dict):
@@ -139,7 +156,7 @@ def read_weights(path: Path) -> tuple[dict[str, Any], str]:
 # -- mapping ------------------------------------------------------------------------------------------------
 def _strip(state: dict[str, Any], prefix: str) -> dict[str, Any]:
     if state and all(k.startswith(prefix) for k in state):
-        return {k[len(prefix):]: v for k, v in state.items()}
+        return {k[len(prefix) :]: v for k, v in state.items()}
     return state
 
 
@@ -155,13 +172,15 @@ def _wrapper_keys(state: dict[str, Tensor]) -> dict[str, Tensor]:
     out = {}
     for k, v in state.items():
         if k.startswith("head."):
-            rest = k[len("head."):]
+            rest = k[len("head.") :]
             k = "head." + _WEIGHT_NORM.get(rest, rest)
         out[k] = v
     return out
 
 
-def _classify(raw: dict[str, Any], kind: str, path: Path) -> tuple[str, dict[str, Tensor], dict[str, Tensor] | None, Tensor | None]:
+def _classify(
+    raw: dict[str, Any], kind: str, path: Path
+) -> tuple[str, dict[str, Tensor], dict[str, Tensor] | None, Tensor | None]:
     """``(kind, student, teacher or None, center or None)`` in wrapper names; a bare backbone gets ``backbone.``."""
     if isinstance(raw.get("student"), dict) and isinstance(raw.get("teacher"), dict):
         student = _wrapper_keys(_tensors(raw["student"], "'student'", path))
@@ -202,21 +221,28 @@ def _fit_pos_embed(key: str, have: Tensor, want: Tensor, backbone, notes: list[s
     old = (have.shape[1] - prefix) ** 0.5
     new_grid = backbone.patch_embed.grid_size
     if int(old) ** 2 != have.shape[1] - prefix:
-        raise CheckpointError(f"{key}: {tuple(have.shape)} is not a square grid of patches plus {prefix} prefix token(s)")
+        raise CheckpointError(
+            f"{key}: {tuple(have.shape)} is not a square grid of patches plus {prefix} prefix token(s)"
+        )
     out = resample_abs_pos_embed(have, new_size=list(new_grid), old_size=[int(old)] * 2, num_prefix_tokens=prefix)
     notes.append(f"{key} resampled from {int(old)}x{int(old)} to {new_grid[0]}x{new_grid[1]} patches")
     return out
 
 
-def _check(part: dict[str, Tensor], model_state: dict[str, Tensor], what: str, path: Path, backbone, notes: list[str]) -> dict[str, Tensor]:
+def _check(
+    part: dict[str, Tensor], model_state: dict[str, Tensor], what: str, path: Path, backbone, notes: list[str]
+) -> dict[str, Tensor]:
     """``part`` checked key by key against ``model_state`` (same keys, same shapes; pos_embed resampled)."""
     missing = [k for k in model_state if k not in part]
     unexpected = [k for k in part if k not in model_state]
     if missing or unexpected:
+
         def few(keys):
             return ", ".join(keys[:4]) + (f" (+{len(keys) - 4} more)" if len(keys) > 4 else "")
-        said = ([f"missing {len(missing)} key(s): {few(missing)}"] if missing else []) + \
-               ([f"unexpected {len(unexpected)} key(s): {few(unexpected)}"] if unexpected else [])
+
+        said = ([f"missing {len(missing)} key(s): {few(missing)}"] if missing else []) + (
+            [f"unexpected {len(unexpected)} key(s): {few(unexpected)}"] if unexpected else []
+        )
         raise CheckpointError(f"{path}: {what} does not fit the configured model: {'; '.join(said)}")
     for k in model_state:  # another patch size or width says so in words, before any key's shape does
         problem = _patch_embed_problem(part[k], model_state[k]) if k.endswith("patch_embed.proj.weight") else None
@@ -229,8 +255,10 @@ def _check(part: dict[str, Tensor], model_state: dict[str, Tensor], what: str, p
             if k.endswith("pos_embed") and have.ndim == 3 and have.shape[-1] == want.shape[-1]:
                 have = _fit_pos_embed(k, have, want, backbone, notes)
             else:
-                raise CheckpointError(f"{path}: {k} has shape {tuple(have.shape)} in the file, {tuple(want.shape)} in the "
-                                      f"configured model (model.arch / model_kwargs / head sizes)")
+                raise CheckpointError(
+                    f"{path}: {k} has shape {tuple(have.shape)} in the file, {tuple(want.shape)} in the "
+                    f"configured model (model.arch / model_kwargs / head sizes)"
+                )
         out[k] = have.to(want.dtype)
     return out
 
@@ -248,13 +276,15 @@ def map_start(raw: dict[str, Any], kind: str, path: Path, student, arch: str, so
     """Map ``raw`` (see :func:`read_weights`) onto a freshly built ``student`` (the teacher has the same keys)."""
     kind, s_state, t_state, center = _classify(raw, kind, path)
     model = student.state_dict()
-    backbone_keys = [k for k in model if k.startswith("backbone.")]  # in the model's order: errors list keys as it has them
+    backbone_keys = [
+        k for k in model if k.startswith("backbone.")
+    ]  # in the model's order: errors list keys as it has them
     head_keys = [k for k in model if k.startswith("head.")]
     notes: list[str] = []
     dropped = _classifier_keys(s_state, set(backbone_keys), arch)
     if dropped:
         s_state = {k: v for k, v in s_state.items() if k not in dropped}
-        notes.append(f"classifier dropped: {', '.join(sorted(k[len('backbone.'):] for k in dropped))}")
+        notes.append(f"classifier dropped: {', '.join(sorted(k[len('backbone.') :] for k in dropped))}")
     has_head = any(k.startswith("head.") for k in s_state)
 
     def backbone_part(state):
@@ -273,13 +303,23 @@ def map_start(raw: dict[str, Any], kind: str, path: Path, student, arch: str, so
     if center is not None:
         k = int(model["head.last_layer.parametrizations.weight.original1"].shape[0])
         if not isinstance(center, Tensor) or tuple(center.shape) != (1, k):
-            raise CheckpointError(f"{path}: the DINO centre has shape {tuple(getattr(center, 'shape', ()))}, expected (1, {k}) "
-                                  f"(model.out_dim)")
+            raise CheckpointError(
+                f"{path}: the DINO centre has shape {tuple(getattr(center, 'shape', ()))}, expected (1, {k}) "
+                f"(model.out_dim)"
+            )
         center = center.float()
     if has_head and center is None:
         notes.append("no centre in the file: it starts at 0")
-    return StartWeights(source=source, kind=kind, path=str(path), student=student_sd, teacher=teacher_sd,
-                        center=center, has_head=has_head, notes=notes)
+    return StartWeights(
+        source=source,
+        kind=kind,
+        path=str(path),
+        student=student_sd,
+        teacher=teacher_sd,
+        center=center,
+        has_head=has_head,
+        notes=notes,
+    )
 
 
 def build_models(cfg):
@@ -288,9 +328,16 @@ def build_models(cfg):
 
     m = cfg.model
     torch.manual_seed(cfg.seed)
-    return build_student_teacher(m.arch, out_dim=m.out_dim, drop_path_rate=m.drop_path_rate, img_size=cfg.augment.global_size,
-                                 model_kwargs=m.model_kwargs, norm_last_layer=m.norm_last_layer, hidden_dim=m.hidden_dim,
-                                 bottleneck_dim=m.bottleneck_dim)
+    return build_student_teacher(
+        m.arch,
+        out_dim=m.out_dim,
+        drop_path_rate=m.drop_path_rate,
+        img_size=cfg.augment.global_size,
+        model_kwargs=m.model_kwargs,
+        norm_last_layer=m.norm_last_layer,
+        hidden_dim=m.hidden_dim,
+        bottleneck_dim=m.bottleneck_dim,
+    )
 
 
 def load_start(cfg, tracking_uri: str | None) -> StartWeights | None:
@@ -320,4 +367,4 @@ def apply_start(start: StartWeights, student, teacher, center: Tensor | None = N
 
 def backbone_weights(start: StartWeights) -> dict[str, Tensor]:
     """The starting teacher's backbone in timm's names (what the export and the k-NN evaluation load)."""
-    return {k[len("backbone."):]: v for k, v in start.teacher.items() if k.startswith("backbone.")}
+    return {k[len("backbone.") :]: v for k, v in start.teacher.items() if k.startswith("backbone.")}

@@ -71,7 +71,9 @@ def teacher_from_run(run_id: str, tracking_uri: str, output_dir: str | Path) -> 
             hint = f"; it is a k-NN run, its pretraining run is {run.data.tags.get('dino.pretrain_run_id')}"
         elif run.info.status != "FINISHED":
             hint = f"; the run is {run.info.status} (the teacher is exported when pretraining finishes)"
-        raise ValueError(f"MLflow run {run_id} has no exported teacher (artifacts teacher/{TEACHER_META} + {TEACHER_WEIGHTS}){hint}")
+        raise ValueError(
+            f"MLflow run {run_id} has no exported teacher (artifacts teacher/{TEACHER_META} + {TEACHER_WEIGHTS}){hint}"
+        )
     dest = Path(output_dir) / (run.info.run_name or run_id) / "teacher"
     with tempfile.TemporaryDirectory() as tmp:
         remote_meta = Path(client.download_artifacts(run_id, f"teacher/{TEACHER_META}", tmp)).read_text()
