@@ -45,8 +45,13 @@ def test_fp32_tf32_and_bf16_from_the_same_weights_and_crops(numerics, tmp_path, 
 
 
 def _run(losses, finite=True, centre=(1.0, 2.0, 3.0), features=((1.0, 0.0), (0.0, 1.0)), params=(1.0, 1.0)):
-    return {"losses": list(losses), "finite": {"loss": finite, "centre": True},
-            "_centre": torch.tensor(centre), "_features": torch.tensor(features), "_params": torch.tensor(params)}
+    return {
+        "losses": list(losses),
+        "finite": {"loss": finite, "centre": True},
+        "_centre": torch.tensor(centre),
+        "_features": torch.tensor(features),
+        "_params": torch.tensor(params),
+    }
 
 
 def test_compare_fails_a_drifting_or_non_finite_run(numerics):
@@ -61,8 +66,9 @@ def test_compare_fails_a_drifting_or_non_finite_run(numerics):
     assert not first["checks"]["step0"] and first["checks"]["every_step"]
     bad = numerics.compare(_run([math.nan, 9.0, 8.0], finite=False), ref, start)
     assert not bad["pass"] and not bad["checks"]["finite"]
-    turned = numerics.compare(_run([10.0, 9.0, 8.0], centre=(3.0, 2.0, 1.0), features=((0.0, 1.0), (1.0, 0.0)),
-                                   params=(1.0, 2.0)), ref, start)
+    turned = numerics.compare(
+        _run([10.0, 9.0, 8.0], centre=(3.0, 2.0, 1.0), features=((0.0, 1.0), (1.0, 0.0)), params=(1.0, 2.0)), ref, start
+    )
     assert turned["checks"]["centre"] is False and turned["teacher_feature_cosine_mean"] == pytest.approx(0.0)
     assert turned["teacher_param_drift_vs_fp32_movement"] == pytest.approx(1 / math.sqrt(2))
 

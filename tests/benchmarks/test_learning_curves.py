@@ -10,13 +10,25 @@ import pytest
 
 
 def report(data: str, raw: float, rnd: float, points: list[tuple[float, int, float]]) -> dict:
-    return {"data": data, "preset": "imagenette", "k": 20, "n_queries": 30, "n_db": 90,
-            "top1": {"raw_pixels": raw, "random_init": rnd, "dino": points[-1][2]},
-            "curve": [{"mark_min": None, "elapsed_min": m, "epoch": e, "top1": t, "by_k": {"20": t}} for m, e, t in points]}
+    return {
+        "data": data,
+        "preset": "imagenette",
+        "k": 20,
+        "n_queries": 30,
+        "n_db": 90,
+        "top1": {"raw_pixels": raw, "random_init": rnd, "dino": points[-1][2]},
+        "curve": [{"mark_min": None, "elapsed_min": m, "epoch": e, "top1": t, "by_k": {"20": t}} for m, e, t in points],
+    }
 
 
-@pytest.mark.parametrize("argv", [["--curve", "15,30", "--minutes", "30"], ["--curve", "0,10", "--minutes", "30"],
-                                  ["--curve", "10", "--epochs", "3"]])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--curve", "15,30", "--minutes", "30"],
+        ["--curve", "0,10", "--minutes", "30"],
+        ["--curve", "10", "--epochs", "3"],
+    ],
+)
 def test_curve_marks_must_fall_inside_a_time_budgeted_run(load_benchmark, argv, capsys):
     quality = load_benchmark("training/quality")
     with pytest.raises(SystemExit) as exc:

@@ -48,9 +48,20 @@ def test_pipeline_rate_times_after_the_warm_up_through_the_production_stage(benc
 
     root = make_synthetic_dataset(tmp_path / "shapes", n_train=64, n_val=8, image_size=48, shard_size=32)
     paths = load_split(str(root), "train").paths
-    cfg = load_config(None, ["augment.n_local=2", "augment.global_size=64", "augment.local_size=32",
-                             "ray.augment_actors_min=1", "ray.augment_actors_max=1", "ray.augment_cpus_per_actor=0.5",
-                             "ray.read_cpus_per_task=0.01", "ray.read_concurrency=1", "ray.augment_batch_size=8"])
+    cfg = load_config(
+        None,
+        [
+            "augment.n_local=2",
+            "augment.global_size=64",
+            "augment.local_size=32",
+            "ray.augment_actors_min=1",
+            "ray.augment_actors_max=1",
+            "ray.augment_cpus_per_actor=0.5",
+            "ray.read_cpus_per_task=0.01",
+            "ray.read_concurrency=1",
+            "ray.augment_batch_size=8",
+        ],
+    )
     rate, info = bench.pipeline_rate(paths, cfg, limit=40, cores=1, passes=3, warmup=48, consumer_batch=0)
     assert ray_cluster.is_initialized()  # the session's Ray is used, not shut down
     assert rate > 0 and info["cold"] > 0

@@ -89,7 +89,9 @@ def test_views_are_streamed_and_only_their_averages_kept(bench, total):
     assert decode.alive_at_call == [0] * 7  # no earlier table's views alive when the next is decoded
     assert all(r() is None for r in decode.handed_out)  # nor any afterwards
     assert pixels.shape == (50, 3 * 32 * 32) and pixels.dtype == np.float32
-    assert pixels.base is None and pixels.nbytes == 50 * 3072 * 4  # what it holds: N x 3,072 float32, nothing of the 64 px views
+    assert (
+        pixels.base is None and pixels.nbytes == 50 * 3072 * 4
+    )  # what it holds: N x 3,072 float32, nothing of the 64 px views
     np.testing.assert_array_equal(got_labels, labels)
     # each row: the view's 2x2 area averages, channel first
     ref = views.reshape(50, 32, 2, 32, 2, 3).astype(np.float64).mean(axis=(2, 4)).transpose(0, 3, 1, 2)
@@ -127,17 +129,21 @@ def shapes(tmp_path_factory):
 
 def test_pixels_only_prints_progress_and_equals_a_dense_search_per_k(bench, shapes, tmp_path, monkeypatch, capsys):
     from dino.knn import knn_accuracy, knn_predict
-    from pipeline.eval.embed import decode_views
     from pipeline.data.storage import filesystem_for, resolve_split
     from pipeline.data.tar_reader import read_shard_tables
+    from pipeline.eval.embed import decode_views
 
     monkeypatch.setattr(bench, "EVERY_S", 0.0)  # a line at every table / block, not after 10 s
     monkeypatch.setattr(bench, "SEARCH_ROWS", 16)
     assert bench.main(["--pixels-only", "--data", str(shapes), "--out", str(tmp_path), "knn.image_size=48",
                        "knn.ks=[1,5,20]"]) == 0  # fmt: skip
     stdout = capsys.readouterr().out
-    for label in ("raw pixels: decoding 'train': ", "raw pixels: decoding 'val': ",
-                  "raw pixels: k-NN search (normalised): ", "raw pixels: k-NN search (uint8): "):
+    for label in (
+        "raw pixels: decoding 'train': ",
+        "raw pixels: decoding 'val': ",
+        "raw pixels: k-NN search (normalised): ",
+        "raw pixels: k-NN search (uint8): ",
+    ):
         assert label in stdout, stdout
     assert "raw pixels: decoding 'train': 72/72 images (100 %)" in stdout  # the closing line
     assert "raw pixels: k-NN search (normalised): 72/72 database images (100 %)" in stdout
@@ -147,7 +153,10 @@ def test_pixels_only_prints_progress_and_equals_a_dense_search_per_k(bench, shap
     def dense(split):  # the old way: every view in memory, one search per k
         s = resolve_split(str(shapes), split)
         tables = read_shard_tables({"path": s.paths}, filesystem_for(s.paths), rows_per_table=256)
-        out = [decode_views({c: np.array(t.column(c).to_pylist(), dtype=object) for c in t.column_names}, 48) for t in tables]
+        out = [
+            decode_views({c: np.array(t.column(c).to_pylist(), dtype=object) for c in t.column_names}, 48)
+            for t in tables
+        ]
         views = torch.from_numpy(np.concatenate([o["view"] for o in out])).permute(0, 3, 1, 2).float()
         feats = torch.nn.functional.adaptive_avg_pool2d(views, 32).flatten(1)
         return feats, torch.from_numpy(np.concatenate([o["label"] for o in out]))

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 
-
 @pytest.fixture(scope="module")
 def bench(load_benchmark):
     return load_benchmark("data/ray_data_overhead")

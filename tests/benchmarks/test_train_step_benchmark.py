@@ -10,7 +10,6 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-
 # The tiny ViT of tests/dino/conftest.py: embed 48, 2 blocks, 3 heads, patch 8.
 D, DEPTH, PATCH = 48, 2, 8
 B, G, L, N_LOCAL, K = 4, 32, 16, 2, 64

@@ -48,19 +48,18 @@ def runner(wrap_ddp=None):
 
 
 def train_loop(config: dict) -> None:
+    import ray
     import ray.train
     import ray.train.torch
     import torch
     import torch.distributed as dist
-
-    import ray
 
     rank, world = dist.get_rank(), dist.get_world_size()
     r = runner(wrap_ddp=lambda m: ray.train.torch.prepare_model(m, move_to_device=False))
     half = GLOBAL_BATCH // world
     losses, divergence = [], []
     for batch in fixed_batches(config["steps"]):
-        mine = {k: v[rank * half:(rank + 1) * half] for k, v in batch.items()}
+        mine = {k: v[rank * half : (rank + 1) * half] for k, v in batch.items()}
         loss = r.step(mine)["loss"].detach().clone()
         dist.all_reduce(loss)  # sum of the half-batch means
         losses.append(loss.item() / world)
@@ -70,8 +69,9 @@ def train_loop(config: dict) -> None:
     weights = torch.cat([p.detach().flatten() for p in r.student_module.parameters()])
     if rank == 0:
         torch.save(weights, config["weights"])
-        Path(config["out"]).write_text(json.dumps({"ddp_loss": losses, "center_divergence": divergence,
-                                                   "nodes": nodes}))
+        Path(config["out"]).write_text(
+            json.dumps({"ddp_loss": losses, "center_divergence": divergence, "nodes": nodes})
+        )
     ray.train.report({"done": 1})
 
 
@@ -96,9 +96,12 @@ def main() -> int:
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"steps": args.steps, "out": str(out), "weights": str(weights)},
-        scaling_config=ray.train.ScalingConfig(num_workers=2, use_gpu=place.cuda,
-                                               resources_per_worker=place.worker_resources(0.5),
-                                               label_selector=place.train_selector),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=2,
+            use_gpu=place.cuda,
+            resources_per_worker=place.worker_resources(0.5),
+            label_selector=place.train_selector,
+        ),
         torch_config=TorchConfig(backend="gloo"),
         run_config=ray.train.RunConfig(name=f"ddp-{out.stem}", storage_path=str(out.parent / "ray")),
     )
@@ -108,8 +111,13 @@ def main() -> int:
     reference = [single.step(b)["loss"].item() for b in fixed_batches(args.steps)]
     result = json.loads(out.read_text())
     single_weights = torch.cat([p.detach().flatten() for p in single.student_module.parameters()])
-    result.update({"single_loss": reference, "placement": place.describe(),
-                   "max_weight_diff": (torch.load(weights) - single_weights).abs().max().item()})
+    result.update(
+        {
+            "single_loss": reference,
+            "placement": place.describe(),
+            "max_weight_diff": (torch.load(weights) - single_weights).abs().max().item(),
+        }
+    )
     out.write_text(json.dumps(result, indent=2))
     print(json.dumps(result))
     return 0

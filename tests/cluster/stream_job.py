@@ -30,9 +30,9 @@ def main() -> int:
 
     import ray
 
+    from pipeline.cluster.placement import placement_for
     from pipeline.config import load_config
     from pipeline.data.stage import multicrop_dataset
-    from pipeline.cluster.placement import placement_for
     from pipeline.data.storage import resolve_split
     from pipeline.data.tar_reader import read_shard_tables
 
@@ -46,7 +46,9 @@ def main() -> int:
     if args.object_store_mb:
         from ray.data import ExecutionResources
 
-        ds.context.execution_options.resource_limits = ExecutionResources.for_limits(object_store_memory=args.object_store_mb * 2**20)
+        ds.context.execution_options.resource_limits = ExecutionResources.for_limits(
+            object_store_memory=args.object_store_mb * 2**20
+        )
     gate = Path(args.gate)
     keys: list[str] = []
     waited = None
@@ -58,8 +60,9 @@ def main() -> int:
             while not (gate / "killed").exists() and time.monotonic() - t0 < 120:
                 time.sleep(0.2)
             waited = time.monotonic() - t0
-    Path(args.out).write_text(json.dumps({"keys": keys, "expected": expected, "waited_s": waited,
-                                          "placement": place.describe()}))
+    Path(args.out).write_text(
+        json.dumps({"keys": keys, "expected": expected, "waited_s": waited, "placement": place.describe()})
+    )
     print(f"delivered {len(keys)} of {len(expected)} keys ({len(set(keys))} distinct)")
     return 0
 

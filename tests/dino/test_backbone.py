@@ -20,22 +20,19 @@ def test_returns_cls_features_for_global_and_local_sizes(tiny):
 
 
 def test_backbone_kwargs_rebuild_loads_strictly_and_matches(tiny):
-    model = create_backbone(
-        tiny.arch, drop_path_rate=0.1, img_size=tiny.img, model_kwargs=tiny.kwargs
-    ).eval()
+    model = create_backbone(tiny.arch, drop_path_rate=0.1, img_size=tiny.img, model_kwargs=tiny.kwargs).eval()
     kwargs = backbone_kwargs(tiny.arch, tiny.img, tiny.kwargs)
     assert kwargs == {**tiny.kwargs, "img_size": tiny.img, "dynamic_img_size": True}
     rebuilt = timm.create_model(tiny.arch, num_classes=0, **kwargs).eval()
     rebuilt.load_state_dict(model.state_dict(), strict=True)
     x = torch.randn(2, 3, tiny.local, tiny.local)
+    # exact: the same timm architecture with the same weights on the same input: same ops in the same order
     torch.testing.assert_close(rebuilt(x), model(x), rtol=0, atol=0)
 
 
 def test_drop_path_rate_reaches_last_block(tiny):
-    model = create_backbone(
-        tiny.arch, drop_path_rate=0.1, img_size=tiny.img, model_kwargs=tiny.kwargs
-    )
-    assert model.blocks[-1].drop_path1.drop_prob == pytest.approx(0.1)
+    model = create_backbone(tiny.arch, drop_path_rate=0.1, img_size=tiny.img, model_kwargs=tiny.kwargs)
+    assert model.blocks[-1].drop_path1.drop_prob == pytest.approx(0.1)  # a float32 linspace end: 0.1 to 2**-24
 
 
 CONVNET = "resnet10t"  # a small timm ResNet: no img_size, BatchNorm, any input size
@@ -56,21 +53,22 @@ def test_convnet_dino_step_trains_the_student_and_keeps_teacher_batchnorm_statis
     from dino.train_step import StepOptions, build_student_teacher, dino_step
 
     torch.manual_seed(0)
-    student, teacher = build_student_teacher(CONVNET, out_dim=32, drop_path_rate=0.0, img_size=32,
-                                             hidden_dim=32, bottleneck_dim=16)
+    student, teacher = build_student_teacher(
+        CONVNET, out_dim=32, drop_path_rate=0.0, img_size=32, hidden_dim=32, bottleneck_dim=16
+    )
     before = {k: v.clone() for k, v in student.state_dict().items()}
     stats = teacher.backbone.bn1.running_mean.clone() if hasattr(teacher.backbone, "bn1") else None
     values = StepValues(lr=1e-3, weight_decay=0.04, teacher_momentum=0.99, teacher_temp=0.04)
     out = dino_step(
-                    student,
-                    teacher,
-                    DINOLoss(32),
-                    build_optimizer(student),
-                    torch.randn(8, 3, 32, 32),
-                    torch.randn(8, 3, 16, 16),
-                    values,
-                    StepOptions(clip_grad=3.0, freeze_last_layer=False),
-                )
+        student,
+        teacher,
+        DINOLoss(32),
+        build_optimizer(student),
+        torch.randn(8, 3, 32, 32),
+        torch.randn(8, 3, 16, 16),
+        values,
+        StepOptions(clip_grad=3.0, freeze_last_layer=False),
+    )
     assert torch.isfinite(out["loss"])
     changed = [k for k, v in student.state_dict().items() if "weight" in k and not torch.equal(v, before[k])]
     assert any(k.startswith("backbone.") for k in changed)

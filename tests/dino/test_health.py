@@ -40,8 +40,7 @@ def numpy_kl(student, teacher, center, n_global, teacher_temp, student_temp):
                 continue  # the loss skips the same view
             p_s = _softmax(s / student_temp)
             per_image = [
-                sum(pt * (math.log(pt) - math.log(ps)) for pt, ps in zip(p_t[r], p_s[r]) if pt > 0)
-                for r in range(b)
+                sum(pt * (math.log(pt) - math.log(ps)) for pt, ps in zip(p_t[r], p_s[r]) if pt > 0) for r in range(b)
             ]
             pair_kls.append(sum(per_image) / b)
     return sum(pair_kls) / len(pair_kls)
@@ -82,9 +81,7 @@ def test_kl_of_identical_distributions_is_zero():
     # Every view identical and tau_s * (t - c) / tau_t == s: Ps == Pt for every pair.
     teacher = torch.cat([view, view]) / 0.1 * 0.04
     student = torch.cat([view] * 5)
-    kl = teacher_student_kl(
-        student, teacher, torch.zeros(1, K), teacher_temp=0.04, student_temp=0.1
-    )
+    kl = teacher_student_kl(student, teacher, torch.zeros(1, K), teacher_temp=0.04, student_temp=0.1)
     # float32: the logits differ by a few roundings (~30 * 3 * 2**-24 = 5e-6), whose true KL is second order
     # (~1e-11); what remains is the cancellation KL = sum p log p - sum p log q of two 256-term (B * K) sums of
     # size h <= ~1.7: ~sqrt(256) * 2**-24 * h = 1.6e-6 typical, 256 * 2**-24 * h = 2.6e-5 worst case (1.2e-7
@@ -98,9 +95,7 @@ def test_kl_equals_numpy_reference(n_global, n_local):
     student = torch.randn((n_global + n_local) * b, K) * 3
     teacher = torch.randn(n_global * b, K) * 3
     center = torch.randn(1, K)
-    kl = teacher_student_kl(
-        student, teacher, center, teacher_temp=0.04, student_temp=0.1, n_global_crops=n_global
-    )
+    kl = teacher_student_kl(student, teacher, center, teacher_temp=0.04, student_temp=0.1, n_global_crops=n_global)
     expected = numpy_kl(student, teacher, center, n_global, 0.04, 0.1)
     assert kl.shape == () and kl.item() > 0
     # float32 vs float64: KL ~ 10 here (random views), the einsum sums B*K = 320 same-sign products and the
@@ -127,9 +122,7 @@ def test_step_health_uses_the_loss_targets_before_the_center_update():
         numpy_entropy(teacher, center_before, 0.05), rel=1e-5, abs=2e-6
     )
     # as in test_kl_equals_numpy_reference: a B*K = 256-term einsum, <= 256 * 2**-24 = 1.5e-5 relative
-    assert health["kl"].item() == pytest.approx(
-        numpy_kl(student, teacher, center_before, 2, 0.05, 0.1), rel=2e-5
-    )
+    assert health["kl"].item() == pytest.approx(numpy_kl(student, teacher, center_before, 2, 0.05, 0.1), rel=2e-5)
     # Paper Sec. 5.3: H(Pt, Ps) = h(Pt) + KL(Pt || Ps); with the loss's pairing (each teacher view
     # has the same number of partners) the means over pairs satisfy it too. Default float32 tolerances
     # (rtol 1.3e-6, atol 1e-5 -> ~4e-5 at a loss of ~25): both sides use the same p_t, log p_s and einsum
@@ -137,9 +130,7 @@ def test_step_health_uses_the_loss_targets_before_the_center_update():
     # summed with other roundings: a few ulp(200) / 8 ~ 6e-6.
     torch.testing.assert_close(health["teacher_entropy"] + health["kl"], loss.detach())
     # The logit-level functions with the pre-update centre give the same bits.
-    assert torch.equal(
-        health["teacher_entropy"], teacher_entropy(teacher, center_before, teacher_temp=0.05)
-    )
+    assert torch.equal(health["teacher_entropy"], teacher_entropy(teacher, center_before, teacher_temp=0.05))
     kl = teacher_student_kl(student, teacher, center_before, teacher_temp=0.05, student_temp=0.1)
     assert torch.equal(health["kl"], kl)
 
@@ -218,9 +209,7 @@ def test_monitor_counts_each_condition_separately():
     assert monitor.counts["kl_to_zero"] == 2
 
 
-@pytest.mark.parametrize(
-    "kwargs", [{"out_dim": 1}, {"patience": 0}, {"kl_floor": 0.0}, {"entropy_margin": 0.5}]
-)
+@pytest.mark.parametrize("kwargs", [{"out_dim": 1}, {"patience": 0}, {"kl_floor": 0.0}, {"entropy_margin": 0.5}])
 def test_monitor_rejects_bad_settings(kwargs):
     with pytest.raises(ValueError, match=next(iter(kwargs))):
         CollapseMonitor(**{"out_dim": K, **kwargs})
@@ -240,8 +229,15 @@ def test_an_episode_begins_once_and_is_over_after_as_many_clear_windows_as_it_to
     assert verdicts == [None, "entropy_zero", "entropy_zero", None, None, None, None]
     # begins at its first report (step 10); a window with the condition below patience (step 40) resets the
     # clear count, so it is over at the second clear window after it (step 60), naming where it began
-    assert events == [None, EpisodeEvent("begins", "entropy_zero", 10), None, None, None, None,
-                      EpisodeEvent("over", "entropy_zero", 10)]
+    assert events == [
+        None,
+        EpisodeEvent("begins", "entropy_zero", 10),
+        None,
+        None,
+        None,
+        None,
+        EpisodeEvent("over", "entropy_zero", 10),
+    ]
     assert episodes.reason is None
     # another reason while one is under way is an episode of its own
     episodes.update(*bad, step=70)

@@ -16,6 +16,7 @@ def test_hand_built_example():
     scores = knn_predict(train, labels, test, num_classes=3, k=2, temperature=0.5)
     # Nearest two: train 0 (cos 1, class 0) and train 3 (cos s, class 2).
     expected = torch.tensor([[math.exp(1 / 0.5), 0.0, math.exp(s / 0.5)]])
+    # float32 (default rtol 1.3e-6): 2-term cosines and one exp each, a few 2**-24 relative
     torch.testing.assert_close(scores, expected)
 
 
@@ -46,6 +47,8 @@ def test_matches_numpy_reference(k, batch_size):
         batch_size=batch_size,
     )
     expected = _numpy_knn(train, labels, test, 4, min(k, 60), 0.07)
+    # float64: 8-term cosines (~8 * 2**-53 absolute), amplified by exp(sim / 0.07) into ~1e-14 relative, then
+    # sums of <= 60 positive votes in another order (<= 60 * 2**-53): ~2e-14 relative, far below 1e-10
     np.testing.assert_allclose(scores.numpy(), expected, rtol=1e-10)
 
 
@@ -53,7 +56,7 @@ def test_accuracy_percent():
     scores = torch.tensor([[0.9, 0.05, 0.05], [0.1, 0.2, 0.7], [0.5, 0.4, 0.1], [0.2, 0.3, 0.5]])
     labels = torch.tensor([0, 1, 1, 2])
     # top-1 predictions 0, 2, 0, 2 -> 2 of 4 correct; top-2 sets {0,1},{2,1},{0,1},{2,1} -> all 4.
-    assert knn_accuracy(scores, labels, topk=(1, 2, 5)) == {
+    assert knn_accuracy(scores, labels, topk=(1, 2, 5)) == {  # counts / 4 * 100: exact in float; default approx
         1: pytest.approx(50.0),
         2: pytest.approx(100.0),
         5: pytest.approx(100.0),
@@ -74,6 +77,8 @@ def test_weighted_vote_equals_a_straightforward_reference():
     sims = -np.sort(-rng.uniform(-1, 1, size=(9, 7)), axis=1)  # best first, as a search returns them
     labels = rng.integers(0, 5, size=(9, 7))
     got = weighted_vote(torch.from_numpy(sims), torch.from_numpy(labels), 5, 0.07)
+    # float64, the same exp(s / T) of the same sims, summed over <= 7 positive votes in another order:
+    # <= 7 * 2**-53 + the exp's ulp ~ 1e-15 relative
     np.testing.assert_allclose(got.numpy(), _vote_reference(sims, labels, 5, 0.07), rtol=1e-12)
 
 
@@ -85,6 +90,7 @@ def test_vote_for_each_k_is_the_vote_on_the_first_k_neighbours():
     assert sorted(got) == [1, 5, 12, 200]
     for k, scores in got.items():
         kk = min(k, 12)  # 200 > the 12 neighbours there are: all of them
+        # float64, as above: <= 12 positive votes summed in another order, ~1e-15 relative
         np.testing.assert_allclose(scores.numpy(), _vote_reference(sims[:, :kk], labels[:, :kk], 4, 0.07), rtol=1e-12)
 
 
@@ -96,4 +102,5 @@ def test_per_class_accuracy_table():
     assert pc["count"].tolist() == [2, 2, 1]
     assert pc["top1"].tolist() == [1, 1, 0]  # class 0: sample 0 right; class 1: sample 2 right; class 2: sample 3 wrong
     assert pc["topk"].tolist() == [2, 2, 0]  # sample 1 has 0 second; sample 4 has 1 second; sample 3's set is {1,0}
+    # the same count / 5 * 100 computed two ways: exact or an ulp apart; default approx (rel 1e-6)
     assert pc["top1"].sum().item() / 5 * 100 == pytest.approx(knn_accuracy(scores, labels, topk=(1,))[1])

@@ -62,8 +62,8 @@ def test_loss_uses_old_center_then_updates_it():
     with_new = naive_dino_loss(student, teacher, loss_fn.center, 2, 0.1, 0.05)
     # float32 vs float64: a 3 * 64 = 192-term einsum of same-sign products: <= 192 * 2**-24 = 1.1e-5 relative.
     assert loss.item() == pytest.approx(with_old.item(), rel=2e-5)
-    # the check above can tell them apart: the two differ by far more than its tolerance
-    assert abs(with_old.item() - with_new.item()) > 10 * 2e-5 * abs(with_old.item())
+    # the check above can tell them apart: the two are more than twice its tolerance apart
+    assert abs(with_old.item() - with_new.item()) > 2 * 2e-5 * abs(with_old.item())
     expected_center = 0.8 * old_center + 0.2 * teacher.mean(dim=0, keepdim=True)
     # float32, a sum of 6 rows (|t| ~ 2) in another order than .mean(): <= 6 * 2**-24 * 2 ~ 7e-7, times 0.2,
     # plus the FMA of add_(alpha=0.2) and a rounding of the result: ~3e-7 absolute at most.
@@ -101,12 +101,8 @@ def test_rejects_a_single_view():
         DINOLoss(K, n_global_crops=1)(torch.randn(4, K), torch.randn(4, K), 0.04)
 
 
-def _distributed_center_worker(
-    rank: int, world_size: int, init_file: str, result_file: str
-) -> None:
-    torch.distributed.init_process_group(
-        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size
-    )
+def _distributed_center_worker(rank: int, world_size: int, init_file: str, result_file: str) -> None:
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     torch.manual_seed(0)
     teachers = [torch.randn(2 * 3, K) for _ in range(world_size)]  # same on every rank
     loss_fn = DINOLoss(K, center_momentum=0.9)

@@ -18,18 +18,17 @@ def test_cosine_schedule_key_points():
     s = cosine_schedule(base, final, total, warmup_steps=warm, warmup_start=start)
     n = total - warm
     assert s.shape == (total,)
+    # float64 numpy, a few ops per value: the default approx (rel 1e-6) is ~1e9 ulps of slack here and below
     assert s[0] == pytest.approx(start)  # warm-up start
     assert s[warm - 1] == pytest.approx(base)  # warm-up end
     assert s[5] == pytest.approx(start + (base - start) * 5 / 9)  # linear in between
     assert s[warm] == pytest.approx(base)  # cosine start
     assert s[warm + n // 2] == pytest.approx((base + final) / 2)  # cosine midpoint
-    assert s[-1] == pytest.approx(
-        final + 0.5 * (base - final) * (1 + math.cos(math.pi * (n - 1) / n))
-    )
+    assert s[-1] == pytest.approx(final + 0.5 * (base - final) * (1 + math.cos(math.pi * (n - 1) / n)))
     assert np.all(np.diff(s[warm:]) < 0)
 
 
-def test_cosine_schedule_without_warmup_and_all_warmup():
+def test_cosine_schedule_without_warmup_and_all_warmup():  # float64, default approx (rel 1e-6)
     assert cosine_schedule(0.996, 1.0, 4).tolist() == pytest.approx(
         [1.0 + 0.5 * (0.996 - 1.0) * (1 + math.cos(math.pi * i / 4)) for i in range(4)]
     )
@@ -42,10 +41,8 @@ def test_cosine_schedule_rejects_bad_lengths(total, warm):
         cosine_schedule(1.0, 0.0, total, warmup_steps=warm)
 
 
-def test_teacher_temp_schedule_table():
-    assert teacher_temp_schedule(0.04, 0.07, 6, 3).tolist() == pytest.approx(
-        [0.04, 0.055, 0.07, 0.07, 0.07, 0.07]
-    )
+def test_teacher_temp_schedule_table():  # float64 linspace, default approx (rel 1e-6)
+    assert teacher_temp_schedule(0.04, 0.07, 6, 3).tolist() == pytest.approx([0.04, 0.055, 0.07, 0.07, 0.07, 0.07])
     assert teacher_temp_schedule(0.04, 0.07, 3, 0).tolist() == pytest.approx([0.07, 0.07, 0.07])
     # Warm-up longer than the run is truncated with the same slope.
     assert teacher_temp_schedule(0.04, 0.07, 2, 4).tolist() == pytest.approx([0.04, 0.05])
@@ -70,6 +67,7 @@ def _paper_schedules(total=100, warmup=10) -> Schedules:
 def test_build_schedules_scaling_and_endpoints():
     s = _paper_schedules()
     assert s.total_steps == 100
+    # float64 schedules, a few ops per value: default approx (rel 1e-6) below
     assert s.lr[0] == 0.0
     assert s.lr[9] == pytest.approx(0.0005 * 1024 / 256)  # peak = base_lr * batch / 256
     assert s.lr.max() == pytest.approx(0.002)

@@ -29,7 +29,7 @@ def _snapshot(model):
 def test_build_student_teacher(tiny, tiny_kwargs):
     student, teacher = build_student_teacher(tiny.arch, **{**tiny_kwargs, "drop_path_rate": 0.1})
     assert all(not p.requires_grad for p in teacher.parameters())
-    assert student.backbone.blocks[-1].drop_path1.drop_prob == pytest.approx(0.1)
+    assert student.backbone.blocks[-1].drop_path1.drop_prob == pytest.approx(0.1)  # float32 linspace end: 2**-24
     assert isinstance(teacher.backbone.blocks[-1].drop_path1, torch.nn.Identity)
     s_state, t_state = student.state_dict(), teacher.state_dict()
     assert s_state.keys() == t_state.keys()
@@ -67,6 +67,8 @@ def test_step_with_frozen_last_layer(tiny, tiny_kwargs):
 
     assert set(out) == {"loss", "grad_norm"}
     assert out["loss"].shape == () and not out["loss"].requires_grad
+    # float32, the same logits (same forward) reduced two ways: per-pair 64-term sums and means of B = 2 rows
+    # vs the loss's 128-term (B * K) einsum over same-sign terms: <= 128 * 2**-24 = 7.6e-6 relative (loss ~2).
     torch.testing.assert_close(out["loss"], expected_loss, rtol=1e-5, atol=1e-6)
     assert torch.isfinite(out["grad_norm"]) and out["grad_norm"] > 0
     assert not torch.equal(loss_fn.center, torch.zeros(1, tiny.out_dim))
@@ -81,7 +83,9 @@ def test_step_with_frozen_last_layer(tiny, tiny_kwargs):
     for name, p in teacher.named_parameters():
         assert not p.requires_grad
         expected = m * teacher_before[name] + (1 - m) * dict(student.named_parameters())[name]
-        # Equal up to float32 rounding (the fused foreach update may round once less).
+        # Equal up to float32 rounding, element-wise: the fused foreach update may round once less (FMA):
+        # <= 2**-24 * (|0.1 s| + 2 |result|) ~ 1.3e-7 relative as s ~ t (one 1e-3 step apart); rtol 2.4e-7 = 2 ulp,
+        # atol 1e-8 for elements near zero (error ~2**-24 * |0.1 s| ~ 1e-11 there).
         torch.testing.assert_close(p, expected, rtol=2.4e-7, atol=1e-8)
 
 
@@ -102,7 +106,10 @@ def test_step_trains_last_layer_and_reports_grad_norm(tiny, tiny_kwargs):
     assert not torch.equal(dict(student.named_parameters())[v_name], v_before)
     # Gradients survive the step; without clipping the reported norm is their global L2 norm.
     manual = torch.sqrt(sum((p.grad**2).sum() for p in student.parameters() if p.grad is not None))
-    torch.testing.assert_close(out["grad_norm"], manual)
+    # float32: per-tensor sums of <= 9216 squares by two kernels (the norm kernel's lane-wise accumulation,
+    # ~2e-7 relative for 9216 terms, vs sum's cascade, ~2e-8), then 37 tensors combined in other orders;
+    # halved by the sqrt. ~sqrt(9216) * 2**-24 / 2 = 3e-6 at most in practice, above the default rtol 1.3e-6: 1e-5.
+    torch.testing.assert_close(out["grad_norm"], manual, rtol=1e-5, atol=0)
 
 
 def test_step_without_local_crops_and_under_bf16_autocast(tiny, tiny_kwargs):
@@ -140,7 +147,9 @@ def test_grad_scaler_step_matches_unscaled_step(tiny, tiny_kwargs):
         )
         results.append((out, s))
     (plain, s_plain), (scaled, s_scaled) = results
-    # The norm is measured after unscaling and the update is the same as without a scaler.
+    # The norm is measured after unscaling and the update is the same as without a scaler. Bitwise equal in
+    # practice: the scale 2**10 is a power of two, so scaling and unscaling commute with float32 rounding; the
+    # tolerances only admit gradients that fall into the subnormal range without the scale (~1e-38).
     torch.testing.assert_close(scaled["grad_norm"], plain["grad_norm"], rtol=1e-5, atol=0)
     for (name, p), q in zip(s_scaled.named_parameters(), s_plain.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
@@ -148,9 +157,7 @@ def test_grad_scaler_step_matches_unscaled_step(tiny, tiny_kwargs):
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
 def test_step_with_ddp_student(tiny, tiny_kwargs, tmp_path):
-    torch.distributed.init_process_group(
-        "gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1
-    )
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
     try:
         student, teacher = build_student_teacher(tiny.arch, **tiny_kwargs)
         ddp = torch.nn.parallel.DistributedDataParallel(student)
@@ -171,9 +178,8 @@ def test_step_with_ddp_student(tiny, tiny_kwargs, tmp_path):
     for name, p in student.named_parameters():
         assert torch.equal(p, before[name]) == ("last_layer" in name), name
         expected = 0.9 * teacher_before[name] + 0.1 * p
-        torch.testing.assert_close(
-            dict(teacher.named_parameters())[name], expected, rtol=2.4e-7, atol=1e-8
-        )
+        # element-wise float32 EMA, as in test_step_with_frozen_last_layer: <= ~1.3e-7 relative (2 ulp allowed)
+        torch.testing.assert_close(dict(teacher.named_parameters())[name], expected, rtol=2.4e-7, atol=1e-8)
 
 
 def _three_steps(tiny, tiny_kwargs, **step_kwargs):
@@ -226,6 +232,8 @@ def test_default_step_matches_pinned_values(tiny, tiny_kwargs):
     outs, student, teacher, loss_fn, _ = _three_steps(tiny, tiny_kwargs)
     # rtol 1e-4: other CPUs / BLAS builds may round the float32 matmuls differently, and three
     # Adam steps amplify that a little; a change in the step's maths moves these by far more.
+    # Measured: <= 4.3e-6 relative with ATen/MKL/oneDNN limited to AVX2 or SSE4 and one thread, and with
+    # MKL_CBWR=COMPATIBLE, against these pins (AVX-512, 2 threads): 23x inside the tolerance.
     assert [o["loss"].item() for o in outs] == pytest.approx(PINNED_LOSSES, rel=1e-4)
     assert [o["grad_norm"].item() for o in outs] == pytest.approx(PINNED_GRAD_NORMS, rel=1e-4)
     sums = _sums(student, teacher, loss_fn)
@@ -238,14 +246,12 @@ def test_health_and_skip_options_leave_the_finite_path_unchanged(tiny, tiny_kwar
     outs, *state = _three_steps(tiny, tiny_kwargs, health=True, skip_nonfinite=True)
     for out, ref in zip(outs, plain, strict=True):
         assert set(out) == {"loss", "grad_norm", "teacher_entropy", "kl", "skipped"}
-        assert torch.equal(out["loss"], ref["loss"]) and torch.equal(
-            out["grad_norm"], ref["grad_norm"]
-        )
+        assert torch.equal(out["loss"], ref["loss"]) and torch.equal(out["grad_norm"], ref["grad_norm"])
         assert out["skipped"].dtype == torch.int64 and out["skipped"].item() == 0
     assert _sums(*state[:3]) == _sums(*plain_state[:3])
     for a, b in zip(state[0].parameters(), plain_state[0].parameters(), strict=True):
         assert torch.equal(a, b)
-    assert [o["loss"].item() for o in outs] == pytest.approx(PINNED_LOSSES, rel=1e-4)
+    assert [o["loss"].item() for o in outs] == pytest.approx(PINNED_LOSSES, rel=1e-4)  # as above
 
 
 def test_health_matches_reference_with_the_center_before_its_update(tiny, tiny_kwargs):
@@ -266,22 +272,18 @@ def test_health_matches_reference_with_the_center_before_its_update(tiny, tiny_k
     log_p_t = torch.log_softmax((t.double() - center_before.double()) / temp, -1).split(B)
     log_p_s = torch.log_softmax(s.double() / 0.1, -1).split(B)  # 5 x (B, K)
     entropy = -(torch.cat(p_t) * torch.cat(log_p_t)).sum(-1).mean()
-    kls = [
-        (p_t[i] * (log_p_t[i] - log_p_s[j])).sum(-1).mean()
-        for i in range(2)
-        for j in range(5)
-        if i != j
-    ]
+    kls = [(p_t[i] * (log_p_t[i] - log_p_s[j])).sum(-1).mean() for i in range(2) for j in range(5) if i != j]
+    # float32 vs float64 on the same logits (cosines / 0.04, |x| <~ 25 + the centre: ~1.5e-6 rounding each,
+    # weighted by p) and 64-term (entropy) / 128-term (KL einsum) sums of same-sign terms (<= 7.6e-6 relative):
+    # rtol 1e-5, atol 1e-6 for a small entropy (cf. tests/dino/test_health.py).
     torch.testing.assert_close(out["teacher_entropy"].double(), entropy, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(out["kl"].double(), torch.stack(kls).mean(), rtol=1e-5, atol=1e-6)
-    # H(Pt, Ps) = h(Pt) + KL(Pt || Ps) (paper Sec. 5.3), against the loss DINOLoss returned.
+    # H(Pt, Ps) = h(Pt) + KL(Pt || Ps) (paper Sec. 5.3), against the loss DINOLoss returned. Default float32
+    # tolerances: the same p_t, log p_s and einsum on both sides; only the last few ops round differently.
     torch.testing.assert_close(out["teacher_entropy"] + out["kl"], out["loss"])
     # ... and the updated centre would have given other values.
-    moved = -(
-        torch.softmax((t - loss_fn.center) / temp, -1)
-        * torch.log_softmax((t - loss_fn.center) / temp, -1)
-    )
-    assert abs(moved.sum(-1).mean().item() - out["teacher_entropy"].item()) > 1e-3
+    moved = -(torch.softmax((t - loss_fn.center) / temp, -1) * torch.log_softmax((t - loss_fn.center) / temp, -1))
+    assert abs(moved.sum(-1).mean().item() - out["teacher_entropy"].item()) > 1e-3  # >> the 1e-6 + 1e-5 rel above
 
 
 def _state(student, teacher, loss_fn, opt):
@@ -397,16 +399,12 @@ def test_skip_with_grad_scaler_restores_state_and_backs_off_the_scale(tiny, tiny
     # The scaler's step bookkeeping was closed: the next step unscales and steps normally.
     out = dino_step(student, teacher, loss_fn, opt, *_crops(tiny), VALUES, StepOptions(**step))
     assert out["skipped"].item() == 0 and torch.isfinite(out["grad_norm"])
-    assert not torch.equal(
-        student.state_dict()["head.mlp.0.weight"], before["student"]["head.mlp.0.weight"]
-    )
+    assert not torch.equal(student.state_dict()["head.mlp.0.weight"], before["student"]["head.mlp.0.weight"])
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
 def test_skip_under_ddp_agrees_through_all_reduce(tiny, tiny_kwargs, tmp_path, monkeypatch):
-    torch.distributed.init_process_group(
-        "gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1
-    )
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
     reduced = []
     real_all_reduce = torch.distributed.all_reduce
 
@@ -501,6 +499,7 @@ def test_bf16_autocast_step_is_close_to_fp32(tiny, tiny_kwargs):
     # pairs and the batch, moves by a few u relative to its value: 0.44 % at most over 5 seeds.
     # 5u = 2 % leaves room for other CPUs while a dtype bug (e.g. a bf16 softmax) goes far beyond.
     assert bf16["loss"].item() == pytest.approx(fp32["loss"].item(), rel=2e-2)
+    # both float32 (the loss and health run outside autocast) on the same logits: default float32 tolerances
     torch.testing.assert_close(bf16["loss"], bf16["teacher_entropy"] + bf16["kl"])
 
 
@@ -512,9 +511,7 @@ def _cpu_fp16_autocast() -> bool:
         return False
 
 
-@pytest.mark.skipif(
-    not _cpu_fp16_autocast(), reason="this torch build has no float16 autocast on CPU"
-)
+@pytest.mark.skipif(not _cpu_fp16_autocast(), reason="this torch build has no float16 autocast on CPU")
 def test_fp16_scaler_path_backs_off_then_matches_fp32(tiny, tiny_kwargs):
     student, teacher = build_student_teacher(tiny.arch, **tiny_kwargs)
     loss_fn = DINOLoss(tiny.out_dim)
@@ -580,6 +577,8 @@ def test_compiled_backbones_trace_once_per_crop_shape(tiny, tiny_kwargs):
                 for run, opt in zip(runs, opts, strict=True)
             ]
             graphs.append(counter.frame_count)
+            # The counting backend runs the captured graphs eagerly: the same kernels, equal to the bit in
+            # practice; rtol 1e-5 (float32, loss ~2, 128-term sums: <= 7.6e-6) if dynamo decomposes an op.
             torch.testing.assert_close(outs[0]["loss"], outs[1]["loss"], rtol=1e-5, atol=1e-6)
     finally:
         torch._dynamo.reset()

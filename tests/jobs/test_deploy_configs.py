@@ -310,7 +310,10 @@ def test_both_deployments_label_every_node_role_the_job_places_by(cluster, rayjo
 
     types = cluster["available_node_types"]
     assert {n: t["labels"] for n, t in types.items()} == {
-        "head": {ROLE_LABEL: HEAD}, "gpu_worker": {ROLE_LABEL: TRAIN}, "cpu_worker": {ROLE_LABEL: AUGMENT}}
+        "head": {ROLE_LABEL: HEAD},
+        "gpu_worker": {ROLE_LABEL: TRAIN},
+        "cpu_worker": {ROLE_LABEL: AUGMENT},
+    }
     assert any("RAY_enable_autoscaler_v2=1" in c for c in cluster["head_start_ray_commands"])
     spec = rayjob["spec"]["rayClusterSpec"]
     assert spec["headGroupSpec"]["rayStartParams"]["labels"] == f"{ROLE_LABEL}={HEAD}"

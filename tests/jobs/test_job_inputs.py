@@ -17,8 +17,13 @@ def no_ray_started(monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("a bad-input path requested Ray resources")
 
-    for target, name in ((ray, "init"), (pipeline.cluster, "init_ray"), (pipeline.driver.run, "init_ray"),
-                         (pipeline.driver.run, "pretrain"), (pipeline.driver, "pretrain")):
+    for target, name in (
+        (ray, "init"),
+        (pipeline.cluster, "init_ray"),
+        (pipeline.driver.run, "init_ray"),
+        (pipeline.driver.run, "pretrain"),
+        (pipeline.driver, "pretrain"),
+    ):
         monkeypatch.setattr(target, name, forbidden)
 
 
@@ -33,25 +38,63 @@ def _run(main, argv, capsys):
     [
         (lambda d: None, ["data.root={d}/missing"], "missing does not exist"),
         (lambda d: d.mkdir(), ["data.root={d}"], "no .tar shards"),
-        (lambda d: ((d / "cat").mkdir(parents=True), (d / "cat" / "a.jpg").write_bytes(b"x"),
-                    (d / "cat" / "b.png").write_bytes(b"x")), ["data.root={d}"],
-         "is a folder of images (2 images in 1 class folders), not webdataset shards: pack them with "
-         "`python jobs/make_shards.py"),
+        (
+            lambda d: (
+                (d / "cat").mkdir(parents=True),
+                (d / "cat" / "a.jpg").write_bytes(b"x"),
+                (d / "cat" / "b.png").write_bytes(b"x"),
+            ),
+            ["data.root={d}"],
+            "is a folder of images (2 images in 1 class folders), not webdataset shards: pack them with "
+            "`python jobs/make_shards.py",
+        ),
         (lambda d: None, ["data.root=[]"], "an empty list names no shards"),
-        (lambda d: (d.mkdir(), _tar(d / "train-000000.tar", [("a.txt", b"hi"), ("a.cls", b"1")])), ["data.root={d}"], "image"),
+        (
+            lambda d: (d.mkdir(), _tar(d / "train-000000.tar", [("a.txt", b"hi"), ("a.cls", b"1")])),
+            ["data.root={d}"],
+            "image",
+        ),
         (lambda d: None, ["optim.epochz=3"], "unknown config key 'optim.epochz'"),
         (lambda d: None, ["optim.clip_grad=abc"], "'optim.clip_grad'"),
         (lambda d: None, ["loss.teacher_temp=0"], "'loss.teacher_temp' (got 0)"),
-        (lambda d: None, ["data.synthetic_dir={d}", "optim.batch_size_per_worker=100000"], "fewer than one global batch"),
-        (lambda d: None, ["data.synthetic_dir={d}", "ray.address=127.0.0.1:9"], "Ray cluster at ray.address '127.0.0.1:9' is not reachable"),
-        (lambda d: None, ["data.synthetic_dir={d}", "ray.address=nonsense"], "ray.address 'nonsense' is not of the form"),
-        (lambda d: (d.mkdir(), (d / "file").write_text("x")), ["data.synthetic_dir={d}/syn", "ray.storage_path={d}/file/ray"],
-         "ray.storage_path '"),
-        (lambda d: None, ["data.synthetic_dir={d}", "tracking.tracking_uri=http://127.0.0.1:9"],
-         "MLflow tracking server http://127.0.0.1:9 is not reachable"),
-        (lambda d: None, ["data.synthetic_dir={d}", "model.init_from={d}/none.pth"], "none.pth': no such file or folder"),
-        (lambda d: (d.mkdir(), __import__("torch").save({"cls_token": __import__("torch").zeros(1, 1, 8)}, d / "w.pth")),
-         ["data.synthetic_dir={d}/syn", "model.init_from={d}/w.pth"], "w.pth: the backbone does not fit the configured model: missing"),
+        (
+            lambda d: None,
+            ["data.synthetic_dir={d}", "optim.batch_size_per_worker=100000"],
+            "fewer than one global batch",
+        ),
+        (
+            lambda d: None,
+            ["data.synthetic_dir={d}", "ray.address=127.0.0.1:9"],
+            "Ray cluster at ray.address '127.0.0.1:9' is not reachable",
+        ),
+        (
+            lambda d: None,
+            ["data.synthetic_dir={d}", "ray.address=nonsense"],
+            "ray.address 'nonsense' is not of the form",
+        ),
+        (
+            lambda d: (d.mkdir(), (d / "file").write_text("x")),
+            ["data.synthetic_dir={d}/syn", "ray.storage_path={d}/file/ray"],
+            "ray.storage_path '",
+        ),
+        (
+            lambda d: None,
+            ["data.synthetic_dir={d}", "tracking.tracking_uri=http://127.0.0.1:9"],
+            "MLflow tracking server http://127.0.0.1:9 is not reachable",
+        ),
+        (
+            lambda d: None,
+            ["data.synthetic_dir={d}", "model.init_from={d}/none.pth"],
+            "none.pth': no such file or folder",
+        ),
+        (
+            lambda d: (
+                d.mkdir(),
+                __import__("torch").save({"cls_token": __import__("torch").zeros(1, 1, 8)}, d / "w.pth"),
+            ),
+            ["data.synthetic_dir={d}/syn", "model.init_from={d}/w.pth"],
+            "w.pth: the backbone does not fit the configured model: missing",
+        ),
     ],
 )
 def test_pretrain_rejects_bad_input_before_ray(tmp_path, capsys, no_ray_started, make, overrides, needle):
@@ -83,15 +126,24 @@ def test_unreachable_mlflow_can_fall_back_to_a_local_store(tmp_path, caplog):
     from pipeline.config import load_config
     from pipeline.driver import prepare
 
-    cfg = load_config("smoke", [f"data.synthetic_dir={tmp_path / 'syn'}", f"output_dir={tmp_path / 'out'}",
-                                "tracking.tracking_uri=http://127.0.0.1:9", "tracking.if_unreachable=local"])
+    cfg = load_config(
+        "smoke",
+        [
+            f"data.synthetic_dir={tmp_path / 'syn'}",
+            f"output_dir={tmp_path / 'out'}",
+            "tracking.tracking_uri=http://127.0.0.1:9",
+            "tracking.if_unreachable=local",
+        ],
+    )
     p = prepare(cfg)
     assert p.tracking_uri == "sqlite:///" + str((tmp_path / "out" / "mlflow-offline.db").resolve())
     assert any("MLflow server http://127.0.0.1:9 unreachable" in r.message for r in caplog.records)
 
 
-UNKNOWN_ARCH = ("error: invalid config value 'model.arch' (got 'vit_nonexistent'): not a timm architecture; "
-                "timm.list_models('vit_*') lists the ViTs")
+UNKNOWN_ARCH = (
+    "error: invalid config value 'model.arch' (got 'vit_nonexistent'): not a timm architecture; "
+    "timm.list_models('vit_*') lists the ViTs"
+)
 
 
 def test_an_unknown_model_is_one_line_before_ray(tmp_path, capsys, no_ray_started):
@@ -101,8 +153,14 @@ def test_an_unknown_model_is_one_line_before_ray(tmp_path, capsys, no_ray_starte
 
     from jobs.pretrain import main
 
-    argv = ["--config", "smoke", "model.arch=vit_nonexistent", f"data.synthetic_dir={tmp_path / 'syn'}",
-            f"output_dir={tmp_path / 'out'}", f"ray.storage_path={tmp_path / 'ray'}"]
+    argv = [
+        "--config",
+        "smoke",
+        "model.arch=vit_nonexistent",
+        f"data.synthetic_dir={tmp_path / 'syn'}",
+        f"output_dir={tmp_path / 'out'}",
+        f"ray.storage_path={tmp_path / 'ray'}",
+    ]
     code = main(argv)
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2
@@ -120,10 +178,19 @@ def test_the_job_process_exits_2_with_one_line_and_starts_no_ray(tmp_path):
 
     repo = Path(__file__).resolve().parents[2]
     out = subprocess.run(
-        [sys.executable, str(repo / "jobs" / "pretrain.py"), "model.arch=vit_nonexistent",
-         f"data.synthetic_dir={tmp_path / 'syn'}", f"output_dir={tmp_path / 'out'}",
-         f"ray.storage_path={tmp_path / 'ray'}", f"tracking.tracking_uri=sqlite:///{tmp_path / 'm.db'}"],
-        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+        [
+            sys.executable,
+            str(repo / "jobs" / "pretrain.py"),
+            "model.arch=vit_nonexistent",
+            f"data.synthetic_dir={tmp_path / 'syn'}",
+            f"output_dir={tmp_path / 'out'}",
+            f"ray.storage_path={tmp_path / 'ray'}",
+            f"tracking.tracking_uri=sqlite:///{tmp_path / 'm.db'}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
         env={**__import__("os").environ, "RAY_ADDRESS": "", "RAY_TMPDIR": str(tmp_path / "ray-tmp")},
     )
     lines = [line for line in (out.stdout + out.stderr).splitlines() if line.strip() and "Warning" not in line]

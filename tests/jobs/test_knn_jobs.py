@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.eval.contact_sheet import CAPTION, GAP
 from pipeline.data.shards import Sample, write_index, write_shards
 from pipeline.data.synthetic import make_synthetic_dataset
+from pipeline.eval.contact_sheet import CAPTION, GAP
 
 
 def _run(main, argv, capsys):
@@ -54,20 +54,47 @@ def test_query_files_and_keys_writes_json_and_a_contact_sheet(tmp_path, capsys, 
     img = tmp_path / "q.jpg"
     img.write_bytes(_image_of(root, "train_000007"))  # a database image, given as a file
     out = tmp_path / "out"
-    code, errors, stdout = _run(main, ["--index", index, img, "--key", "train_000005", "--key", "val_000002", "-k", 3,
-                                       "--out-dir", out, "--thumb", 40], capsys)
+    code, errors, stdout = _run(
+        main,
+        [
+            "--index",
+            index,
+            img,
+            "--key",
+            "train_000005",
+            "--key",
+            "val_000002",
+            "-k",
+            3,
+            "--out-dir",
+            out,
+            "--thumb",
+            40,
+        ],
+        capsys,
+    )
     assert code == 0 and not errors
     doc = json.loads((out / "neighbours.json").read_text())
-    assert [(r["query"], r["kind"]) for r in doc["results"]] == [("train_000005", "key"), ("val_000002", "key"), (str(img), "file")]
+    assert [(r["query"], r["kind"]) for r in doc["results"]] == [
+        ("train_000005", "key"),
+        ("val_000002", "key"),
+        (str(img), "file"),
+    ]
     for r in doc["results"]:
         assert [n["rank"] for n in r["neighbours"]] == [1, 2, 3]
         scores = [n["score"] for n in r["neighbours"]]
         assert scores == sorted(scores, reverse=True)
         assert all(set(n) == {"rank", "id", "key", "label", "label_name", "score", "shard"} for n in r["neighbours"])
     first = [r["neighbours"][0] for r in doc["results"]]
+    # float32 self-similarity of unit features (48 dims, <= ~1.4e-6 off 1 each), the query embedded in another
+    # batch than the index's rows (BLAS blocking per batch size: ~1e-6): abs 1e-5
     assert first[0]["key"] == "train_000005" and first[0]["score"] == pytest.approx(1.0, abs=1e-5)
-    assert first[2]["key"] == "train_000007" and first[2]["score"] == pytest.approx(1.0, abs=1e-5)  # same bytes, same feature
-    assert not any(n["key"].startswith("val_") for r in doc["results"] for n in r["neighbours"])  # the database is train
+    assert first[2]["key"] == "train_000007" and first[2]["score"] == pytest.approx(
+        1.0, abs=1e-5
+    )  # same bytes, same feature
+    assert not any(
+        n["key"].startswith("val_") for r in doc["results"] for n in r["neighbours"]
+    )  # the database is train
     assert "train_000005" in stdout and "neighbours.json" in stdout
 
     sheet = Image.open(out / "contact_sheet.png")
@@ -144,7 +171,16 @@ def _jpeg():
 def _dataset(root, val_labels=True, val_images=True):
     train = write_shards([Sample(f"t{i}", _jpeg(), i % 2) for i in range(4)], root, "train")
     if val_images:
-        write_index(root, {"train": train, "val": write_shards([Sample(f"v{i}", _jpeg(), i % 2 if val_labels else None) for i in range(2)], root, "val")}, ["a", "b"])
+        write_index(
+            root,
+            {
+                "train": train,
+                "val": write_shards(
+                    [Sample(f"v{i}", _jpeg(), i % 2 if val_labels else None) for i in range(2)], root, "val"
+                ),
+            },
+            ["a", "b"],
+        )
     else:
         with tarfile.open(root / "val-000000.tar", "w") as tf:  # samples with a label and no image
             for i in range(2):
@@ -177,8 +213,11 @@ def test_a_run_without_an_exported_teacher_is_named(tmp_path, capsys, no_ray_sta
         (lambda d: _dataset(d, val_images=False), [], "split 'val' of {d} has 0 samples with an image"),
         (lambda d: _dataset(d), ["knn.index=annoy"], "'knn.index' (got 'annoy')"),
         (lambda d: _dataset(d), ["knn.ks=[10,0]"], "every k must be positive"),
-        (lambda d: (_dataset(d), (d.parent / "notes").mkdir(), (d.parent / "notes" / "a.txt").write_text("x")),
-         ["--out", "{p}/notes"], "--out {p}/notes exists and is not a k-NN index folder"),
+        (
+            lambda d: (_dataset(d), (d.parent / "notes").mkdir(), (d.parent / "notes" / "a.txt").write_text("x")),
+            ["--out", "{p}/notes"],
+            "--out {p}/notes exists and is not a k-NN index folder",
+        ),
     ],
 )
 def test_build_rejects_bad_input_before_ray(tmp_path, capsys, no_ray_started, built, make, extra, needle):

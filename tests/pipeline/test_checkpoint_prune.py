@@ -13,14 +13,25 @@ def test_only_folders_missing_from_the_snapshot_are_removed(tmp_path):
     for name in ("checkpoint_1", "checkpoint_2", "checkpoint_3", "checkpoint_orphan", "other_dir"):
         (run / name).mkdir(parents=True)
         (run / name / "state.pt").write_bytes(b"x")
-    (run / "checkpoint_manager_snapshot.json").write_text(json.dumps({
-        "checkpoint_results": [{"checkpoint_dir_name": "checkpoint_2"}, {"checkpoint_dir_name": "checkpoint_3"}],
-        "latest_checkpoint_result": {"checkpoint_dir_name": "checkpoint_3"},
-    }))
+    (run / "checkpoint_manager_snapshot.json").write_text(
+        json.dumps(
+            {
+                "checkpoint_results": [
+                    {"checkpoint_dir_name": "checkpoint_2"},
+                    {"checkpoint_dir_name": "checkpoint_3"},
+                ],
+                "latest_checkpoint_result": {"checkpoint_dir_name": "checkpoint_3"},
+            }
+        )
+    )
     removed = prune_unregistered_checkpoints(str(tmp_path), "run-a")
     assert sorted(removed) == ["checkpoint_1", "checkpoint_orphan"]
     assert sorted(p.name for p in run.iterdir()) == [
-        "checkpoint_2", "checkpoint_3", "checkpoint_manager_snapshot.json", "other_dir"]
+        "checkpoint_2",
+        "checkpoint_3",
+        "checkpoint_manager_snapshot.json",
+        "other_dir",
+    ]
 
 
 def test_without_a_snapshot_nothing_is_touched(tmp_path):

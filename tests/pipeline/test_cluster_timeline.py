@@ -22,9 +22,20 @@ def test_actor_kinds_and_node_roles():
 
 
 def _row(t, augment, train, actors):
-    return {"t_s": t, "time": "00:00:00", "nodes_head": 1, "nodes_augment": augment, "nodes_train": train,
-            "nodes_unlabelled": 0, "actors_augment": actors, "actors_train": train, "actors_embed": 0,
-            "pending_augment": 0, "pending_train": 0, "pending_embed": 0}
+    return {
+        "t_s": t,
+        "time": "00:00:00",
+        "nodes_head": 1,
+        "nodes_augment": augment,
+        "nodes_train": train,
+        "nodes_unlabelled": 0,
+        "actors_augment": actors,
+        "actors_train": train,
+        "actors_embed": 0,
+        "pending_augment": 0,
+        "pending_train": 0,
+        "pending_embed": 0,
+    }
 
 
 def test_events_are_the_change_points():

@@ -36,7 +36,9 @@ def test_preset_then_command_line_override_in_that_order():
 def test_every_preset_validates_and_round_trips():
     for path in sorted(CONFIG_DIR.glob("*.yaml")):
         text = path.read_text()
-        required = (["data.root=s3://b/x"] if re.search(r"root: \"?\?\?\?", text) else []) + (["model.init_from=w.pth"] if re.search(r"init_from: \"?\?\?\?", text) else [])
+        required = (["data.root=s3://b/x"] if re.search(r"root: \"?\?\?\?", text) else []) + (
+            ["model.init_from=w.pth"] if re.search(r"init_from: \"?\?\?\?", text) else []
+        )
         cfg = load_config(path, required)
         assert config_from_dict(cfg.to_dict()) == cfg
         flat = cfg.flat()
@@ -111,11 +113,19 @@ def test_default_yaml_is_the_papers_vit_s16_recipe_at_a_global_batch_of_1024():
     # 10 steps per epoch: the warm-up climbs from 0 for 100 steps to the scaled peak 0.0005 * 1024 / 256.
     o, loss = cfg.optim, cfg.loss
     s = build_schedules(
-        base_lr=o.base_lr, min_lr=o.min_lr, global_batch_size=global_batch, warmup_steps=10 * o.warmup_epochs,
-        total_steps=10 * o.epochs, weight_decay=o.weight_decay, weight_decay_end=o.weight_decay_end,
-        momentum_teacher=loss.momentum_teacher, teacher_temp=loss.teacher_temp,
-        warmup_teacher_temp=loss.warmup_teacher_temp, warmup_teacher_temp_steps=0,
+        base_lr=o.base_lr,
+        min_lr=o.min_lr,
+        global_batch_size=global_batch,
+        warmup_steps=10 * o.warmup_epochs,
+        total_steps=10 * o.epochs,
+        weight_decay=o.weight_decay,
+        weight_decay_end=o.weight_decay_end,
+        momentum_teacher=loss.momentum_teacher,
+        teacher_temp=loss.teacher_temp,
+        warmup_teacher_temp=loss.warmup_teacher_temp,
+        warmup_teacher_temp_steps=0,
     )
+    # float64 schedules, a few ops per value: the default approx (rel 1e-6) is ample
     assert float(s.lr.max()) == pytest.approx(0.002) and float(s.lr[100]) == pytest.approx(0.002)
     assert float(s.lr[0]) == 0.0 and float(s.lr[99]) == pytest.approx(0.002)  # linear from 0, as in the paper
 
@@ -123,38 +133,84 @@ def test_default_yaml_is_the_papers_vit_s16_recipe_at_a_global_batch_of_1024():
 # Preset -> {dotted key: expected value}: what each preset is for.
 PRESET_VALUES = {
     "smoke": {"ray.num_workers": 1, "augment.n_local": 2, "augment.global_size": 32, "optim.epochs": 1},
-    "local": {"ray.num_workers": 1, "augment.n_local": 4, "data.root": None, "optim.epochs": 12, "optim.time_budget_minutes": 5.5,
-              "ray.augment_priority": "idle"},
+    "local": {
+        "ray.num_workers": 1,
+        "augment.n_local": 4,
+        "data.root": None,
+        "optim.epochs": 12,
+        "optim.time_budget_minutes": 5.5,
+        "ray.augment_priority": "idle",
+    },
     "imagenette": {
-        "data.root": "../shared/data/imagenette2-224", "data.train_split": "train", "data.val_split": "val",
-        "ray.num_workers": 1, "augment.global_size": 32, "augment.local_size": 16, "knn.image_size": 128,
-        "model.arch": "resnet18", "model.model_kwargs": {}, "ray.torch_threads": 2, "ray.augment_priority": "idle",
+        "data.root": "../shared/data/imagenette2-224",
+        "data.train_split": "train",
+        "data.val_split": "val",
+        "ray.num_workers": 1,
+        "augment.global_size": 32,
+        "augment.local_size": 16,
+        "knn.image_size": 128,
+        "model.arch": "resnet18",
+        "model.model_kwargs": {},
+        "ray.torch_threads": 2,
+        "ray.augment_priority": "idle",
     },
     "imagenette_vit": {
-        "data.root": "../shared/data/imagenette2-224", "model.arch": "vit_tiny_patch16_224",
+        "data.root": "../shared/data/imagenette2-224",
+        "model.arch": "vit_tiny_patch16_224",
         "model.model_kwargs": {"patch_size": 4, "embed_dim": 128, "depth": 6, "num_heads": 4},
-        "model.drop_path_rate": 0.1, "knn.image_size": 64, "health.attention_every_epochs": 2,
+        "model.drop_path_rate": 0.1,
+        "knn.image_size": 64,
+        "health.attention_every_epochs": 2,
     },
     "vit_small_imagenet": {
-        "model.arch": "vit_small_patch16_224", "model.norm_last_layer": False, "model.out_dim": 65536,
-        "optim.epochs": 300, "optim.base_lr": 0.0005, "loss.teacher_temp": 0.07,
-        "loss.warmup_teacher_temp": 0.04, "loss.warmup_teacher_temp_epochs": 30, "ray.use_gpu": True,
-        "ray.num_workers": 16, "optim.batch_size_per_worker": 64, "augment.n_local": 10, "data.root": "s3://b/in1k",
+        "model.arch": "vit_small_patch16_224",
+        "model.norm_last_layer": False,
+        "model.out_dim": 65536,
+        "optim.epochs": 300,
+        "optim.base_lr": 0.0005,
+        "loss.teacher_temp": 0.07,
+        "loss.warmup_teacher_temp": 0.04,
+        "loss.warmup_teacher_temp_epochs": 30,
+        "ray.use_gpu": True,
+        "ray.num_workers": 16,
+        "optim.batch_size_per_worker": 64,
+        "augment.n_local": 10,
+        "data.root": "s3://b/in1k",
         "ray.augment_priority": "normal",
     },
     "continue": {
-        "model.arch": "vit_small_patch16_224", "model.init_from": "/w/dino_deitsmall16_pretrain_full_checkpoint.pth",
-        "optim.base_lr": 0.0001, "optim.warmup_epochs": 1, "optim.weight_decay": 0.4, "optim.weight_decay_end": 0.4,
-        "optim.freeze_last_layer_epochs": 0, "optim.freeze_backbone_epochs": "auto", "optim.clip_mode": "per_param",
-        "loss.momentum_teacher": 0.999, "loss.warmup_teacher_temp": 0.04, "loss.teacher_temp": 0.04,
-        "loss.warmup_teacher_temp_epochs": 0, "data.root": "s3://b/in1k",
+        "model.arch": "vit_small_patch16_224",
+        "model.init_from": "/w/dino_deitsmall16_pretrain_full_checkpoint.pth",
+        "optim.base_lr": 0.0001,
+        "optim.warmup_epochs": 1,
+        "optim.weight_decay": 0.4,
+        "optim.weight_decay_end": 0.4,
+        "optim.freeze_last_layer_epochs": 0,
+        "optim.freeze_backbone_epochs": "auto",
+        "optim.clip_mode": "per_param",
+        "loss.momentum_teacher": 0.999,
+        "loss.warmup_teacher_temp": 0.04,
+        "loss.teacher_temp": 0.04,
+        "loss.warmup_teacher_temp_epochs": 0,
+        "data.root": "s3://b/in1k",
     },
     "vit_base_imagenet": {
-        "model.arch": "vit_base_patch16_224", "model.norm_last_layer": True, "model.out_dim": 65536,
-        "optim.epochs": 400, "optim.base_lr": 0.00075, "optim.min_lr": 2e-6, "optim.clip_grad": 0.3,
-        "optim.freeze_last_layer_epochs": 3, "loss.teacher_temp": 0.07, "loss.warmup_teacher_temp_epochs": 50,
-        "augment.global_scale": [0.25, 1.0], "augment.local_scale": [0.05, 0.25], "augment.n_local": 10,
-        "ray.use_gpu": True, "ray.num_workers": 16, "data.root": "s3://b/in1k",
+        "model.arch": "vit_base_patch16_224",
+        "model.norm_last_layer": True,
+        "model.out_dim": 65536,
+        "optim.epochs": 400,
+        "optim.base_lr": 0.00075,
+        "optim.min_lr": 2e-6,
+        "optim.clip_grad": 0.3,
+        "optim.freeze_last_layer_epochs": 3,
+        "loss.teacher_temp": 0.07,
+        "loss.warmup_teacher_temp_epochs": 50,
+        "augment.global_scale": [0.25, 1.0],
+        "augment.local_scale": [0.05, 0.25],
+        "augment.n_local": 10,
+        "ray.use_gpu": True,
+        "ray.num_workers": 16,
+        "data.root": "s3://b/in1k",
     },
 }
 
@@ -163,7 +219,9 @@ PRESET_VALUES = {
 def test_each_preset_loads_with_its_values(preset):
     needs_root = PRESET_VALUES[preset].get("data.root") == "s3://b/in1k"
     weights = PRESET_VALUES[preset].get("model.init_from")
-    flat = load_config(preset, (["data.root=s3://b/in1k"] if needs_root else []) + ([f"model.init_from={weights}"] if weights else [])).flat()
+    flat = load_config(
+        preset, (["data.root=s3://b/in1k"] if needs_root else []) + ([f"model.init_from={weights}"] if weights else [])
+    ).flat()
     assert flat["preset"] == preset
     assert {k: flat[k] for k in PRESET_VALUES[preset]} == PRESET_VALUES[preset]
 
@@ -193,32 +251,49 @@ def test_imagenette_preset_points_at_the_shared_benchmark_shards():
 
 
 def test_the_continue_preset_requires_its_weights():
-    with pytest.raises(ConfigError, match=r"^invalid config value 'model.init_from' \(got '\?\?\?'\): required by this preset: "
-                                          r"pass model.init_from=<weights .*> \[default.yaml -> continue.yaml -> command line\]$"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^invalid config value 'model.init_from' \(got '\?\?\?'\): required by this preset: "
+        r"pass model.init_from=<weights .*> \[default.yaml -> continue.yaml -> command line\]$",
+    ):
         load_config("continue", ["data.root=/data"])
-    with pytest.raises(ConfigError, match=r"'optim.freeze_backbone_epochs' \(got -1\): .*must be 'auto' or an epoch count >= 0"):
+    with pytest.raises(
+        ConfigError, match=r"'optim.freeze_backbone_epochs' \(got -1\): .*must be 'auto' or an epoch count >= 0"
+    ):
         load_config("smoke", ["optim.freeze_backbone_epochs=-1"])
 
 
 @pytest.mark.parametrize("preset", ["vit_small_imagenet", "vit_base_imagenet"])
 def test_imagenet_presets_require_a_data_root(preset):
-    with pytest.raises(ConfigError, match=rf"invalid config value 'data.root' \(got '\?\?\?'\): required by this preset.*{preset}.yaml"):
+    with pytest.raises(
+        ConfigError, match=rf"invalid config value 'data.root' \(got '\?\?\?'\): required by this preset.*{preset}.yaml"
+    ):
         load_config(preset)
 
 
-@pytest.mark.parametrize("overrides, needle", [
-    (["data.image_keys=[]"], "'data.image_keys'"),
-    (["data.image_keys=[.jpg]"], "'.jpg' is not a member extension"),
-    (["data.label_key=' '"], "must be a member extension such as cls or json"),
-    (["data.label_key=null", "data.label_field=label"], "label_field 'label' needs label_key"),
-    (["data.label_key=jpg"], "label_key 'jpg' is also one of image_keys"),
-    (["data.shuffle_shards=0"], "'data.shuffle_shards' (got 0)"),
-    (["data.shuffle_buffer=-1"], "'data.shuffle_buffer' (got -1)"),
-])
+@pytest.mark.parametrize(
+    "overrides, needle",
+    [
+        (["data.image_keys=[]"], "'data.image_keys'"),
+        (["data.image_keys=[.jpg]"], "'.jpg' is not a member extension"),
+        (["data.label_key=' '"], "must be a member extension such as cls or json"),
+        (["data.label_key=null", "data.label_field=label"], "label_field 'label' needs label_key"),
+        (["data.label_key=jpg"], "label_key 'jpg' is also one of image_keys"),
+        (["data.shuffle_shards=0"], "'data.shuffle_shards' (got 0)"),
+        (["data.shuffle_buffer=-1"], "'data.shuffle_buffer' (got -1)"),
+    ],
+)
 def test_data_member_keys_are_checked(overrides, needle):
     with pytest.raises(ConfigError) as err:
         load_config("smoke", overrides)
     assert needle in str(err.value) and "\n" not in str(err.value), str(err.value)
-    cfg = load_config("smoke", ["data.image_keys=[WEBP, png]", "data.label_key=json", "data.label_field=label",
-                                "data.root=[/a, s3://b/c/*.tar]"])
+    cfg = load_config(
+        "smoke",
+        [
+            "data.image_keys=[WEBP, png]",
+            "data.label_key=json",
+            "data.label_field=label",
+            "data.root=[/a, s3://b/c/*.tar]",
+        ],
+    )
     assert cfg.data.image_keys == ("webp", "png") and cfg.data.root == ["/a", "s3://b/c/*.tar"]

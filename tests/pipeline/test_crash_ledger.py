@@ -11,8 +11,8 @@ from collections import Counter
 
 import numpy as np
 
-from pipeline.data.stage import CrashLedger, MultiCropMapper
 from dino.augment import MultiCropSpec
+from pipeline.data.stage import CrashLedger, MultiCropMapper
 
 
 class Registry:
@@ -129,9 +129,11 @@ def test_the_mapper_skips_and_counts_a_poison_sample(tmp_path):
     mapper = MultiCropMapper(MultiCropSpec(global_size=32, local_size=16, n_local=1), seed=0)
     mapper.ledger = CrashLedger(str(tmp_path / "a"), 2, registry, "actor")
     n = 3
-    batch = {"__key__": np.array([f"k{i}" for i in range(n)], dtype=object),
-             "__url__": np.array(["shard-0.tar"] * n, dtype=object),
-             "image": np.array([jpeg(i) for i in range(n)], dtype=object)}
+    batch = {
+        "__key__": np.array([f"k{i}" for i in range(n)], dtype=object),
+        "__url__": np.array(["shard-0.tar"] * n, dtype=object),
+        "image": np.array([jpeg(i) for i in range(n)], dtype=object),
+    }
     out = mapper(batch)
     assert list(out["key"]) == ["k0", "k2"] and out["global_crops"].shape[0] == 2
     assert mapper.last_tally.reasons["crashed"] == 1 and mapper.last_tally.bad == [("shard-0.tar", "k1", "crashed")]

@@ -8,7 +8,14 @@ import torch
 
 from dino.backbone import backbone_kwargs
 from dino.train_step import build_student_teacher
-from pipeline.weights.checkpoint import TEACHER_META, TEACHER_WEIGHTS, export_teacher, load_state, load_teacher, save_state
+from pipeline.weights.checkpoint import (
+    TEACHER_META,
+    TEACHER_WEIGHTS,
+    export_teacher,
+    load_state,
+    load_teacher,
+    save_state,
+)
 
 ARCH = "vit_tiny_patch16_224"
 KW = {"depth": 2, "patch_size": 8, "embed_dim": 48, "num_heads": 3}
@@ -16,7 +23,9 @@ KW = {"depth": 2, "patch_size": 8, "embed_dim": 48, "num_heads": 3}
 
 def _teacher(arch=ARCH, kw=KW):
     torch.manual_seed(0)
-    student, teacher = build_student_teacher(arch, out_dim=32, img_size=32, model_kwargs=kw, hidden_dim=32, bottleneck_dim=16)
+    student, teacher = build_student_teacher(
+        arch, out_dim=32, img_size=32, model_kwargs=kw, hidden_dim=32, bottleneck_dim=16
+    )
     with torch.no_grad():  # make the teacher differ from any fresh init (BatchNorm statistics too)
         for p in teacher.parameters():
             p.add_(0.01 * torch.randn_like(p))
@@ -43,6 +52,7 @@ def test_exported_teacher_loads_into_timm_and_gives_the_same_features(tmp_path, 
         x = torch.randn(3, 3, size, size)
         with torch.no_grad():
             ref = teacher.backbone(x)
+            # exact: the same timm modules with the same weights on the same input: same ops in the same order
             torch.testing.assert_close(plain(x), ref, rtol=0, atol=0)
             torch.testing.assert_close(loaded(x), ref, rtol=0, atol=0)
 
@@ -50,8 +60,15 @@ def test_exported_teacher_loads_into_timm_and_gives_the_same_features(tmp_path, 
 def test_state_round_trips_with_weights_only(tmp_path):
     teacher = _teacher()
     opt = torch.optim.AdamW(teacher.parameters())
-    state = {"teacher": teacher.state_dict(), "optimizer": opt.state_dict(), "epoch": 3, "global_step": 42,
-             "config": {"model": {"arch": ARCH}}, "mlflow_run_id": "r1", "center": torch.ones(1, 32)}
+    state = {
+        "teacher": teacher.state_dict(),
+        "optimizer": opt.state_dict(),
+        "epoch": 3,
+        "global_step": 42,
+        "config": {"model": {"arch": ARCH}},
+        "mlflow_run_id": "r1",
+        "center": torch.ones(1, 32),
+    }
     save_state(tmp_path, state)
     assert [p.name for p in tmp_path.iterdir()] == ["state.pt"]
     back = load_state(tmp_path)
@@ -80,4 +97,4 @@ def test_export_from_a_checkpoint_records_the_evaluation_view(tmp_path, knn_size
     loaded, _ = load_teacher(out)
     with torch.no_grad():
         x = torch.randn(2, 3, 32, 32)
-        torch.testing.assert_close(loaded(x), teacher.backbone(x), rtol=0, atol=0)
+        torch.testing.assert_close(loaded(x), teacher.backbone(x), rtol=0, atol=0)  # exact, as above

@@ -13,11 +13,11 @@ import pytest
 import timm
 import torch
 
-from pipeline.weights.checkpoint import save_state
-from pipeline.errors import CheckpointError
 from pipeline.config import load_config
-from pipeline.weights.start_weights import build_models, load_start
+from pipeline.errors import CheckpointError
 from pipeline.train.runner import DinoRunner, LoopPlan, freeze_backbone_epochs
+from pipeline.weights.checkpoint import save_state
+from pipeline.weights.start_weights import build_models, load_start
 
 SMOKE_VIT = {"img_size": 32, "patch_size": 8, "depth": 2, "embed_dim": 48, "num_heads": 3}
 G, V = "head.last_layer.parametrizations.weight.original0", "head.last_layer.parametrizations.weight.original1"
@@ -48,15 +48,20 @@ def _reference_layout(state: dict, prefix: str) -> dict:
 
 
 def _reference_full(path, student, teacher, center, args=None):
-    torch.save({
-        "student": _reference_layout(student, "module."),  # DDP-wrapped
-        "teacher": _reference_layout(teacher, ""),  # a ViT teacher is saved without DDP
-        "optimizer": {"state": {}, "param_groups": [{"lr": 0.1, "params": [0, 1]}]},
-        "epoch": 100,
-        "args": args if args is not None else argparse.Namespace(arch="vit_small", patch_size=16, out_dim=64, lr=0.0005),
-        "dino_loss": {"center": center},
-        "fp16_scaler": {"scale": 65536.0},
-    }, path)
+    torch.save(
+        {
+            "student": _reference_layout(student, "module."),  # DDP-wrapped
+            "teacher": _reference_layout(teacher, ""),  # a ViT teacher is saved without DDP
+            "optimizer": {"state": {}, "param_groups": [{"lr": 0.1, "params": [0, 1]}]},
+            "epoch": 100,
+            "args": args
+            if args is not None
+            else argparse.Namespace(arch="vit_small", patch_size=16, out_dim=64, lr=0.0005),
+            "dino_loss": {"center": center},
+            "fp16_scaler": {"scale": 65536.0},
+        },
+        path,
+    )
     return path
 
 
@@ -76,8 +81,11 @@ def test_the_reference_full_checkpoint_loads_backbone_head_and_centre(tmp_path):
     assert torch.equal(start.center, center)
     assert torch.equal(start.student[G], student[G]) and torch.equal(start.teacher[V], teacher[V])
 
-    runner = DinoRunner(_cfg(start.path), LoopPlan(steps_per_epoch=4, global_batch_size=8, tracking_uri="", run_id="r",
-                                                   init_weights=start), torch.device("cpu"))
+    runner = DinoRunner(
+        _cfg(start.path),
+        LoopPlan(steps_per_epoch=4, global_batch_size=8, tracking_uri="", run_id="r", init_weights=start),
+        torch.device("cpu"),
+    )
     _assert_state(runner.student_module.state_dict(), student)
     _assert_state(runner.teacher.state_dict(), teacher)
     assert torch.equal(runner.loss_fn.center, center)
@@ -86,15 +94,24 @@ def test_the_reference_full_checkpoint_loads_backbone_head_and_centre(tmp_path):
 
 def test_a_reference_args_namespace_is_allowed_and_nothing_else(tmp_path):
     student, teacher = _source_models()
-    bad = _reference_full(tmp_path / "bad.pth", student, teacher, torch.zeros(1, 64),
-                          args=argparse.Namespace(output_dir=pathlib.PurePosixPath("/out")))
-    with pytest.raises(CheckpointError, match=r"^\S*bad.pth: refused: .*(PurePosixPath|Unsupported global).*weights_only=True$"):
+    bad = _reference_full(
+        tmp_path / "bad.pth",
+        student,
+        teacher,
+        torch.zeros(1, 64),
+        args=argparse.Namespace(output_dir=pathlib.PurePosixPath("/out")),
+    )
+    with pytest.raises(
+        CheckpointError, match=r"^\S*bad.pth: refused: .*(PurePosixPath|Unsupported global).*weights_only=True$"
+    ):
         load_start(_cfg(bad), None)
 
 
 def test_a_backbone_only_file_loads_the_backbone_and_keeps_a_fresh_head(tmp_path):
     student, _ = _source_models()
-    bare = {k[len("backbone."):]: v for k, v in student.items() if k.startswith("backbone.")}  # dino_deitsmall16_pretrain.pth
+    bare = {
+        k[len("backbone.") :]: v for k, v in student.items() if k.startswith("backbone.")
+    }  # dino_deitsmall16_pretrain.pth
     torch.save(bare, tmp_path / "backbone.pth")
     cfg = _cfg(tmp_path / "backbone.pth")
     start = load_start(cfg, None)
@@ -126,7 +143,9 @@ def test_timm_weights_with_a_classifier_drop_it_and_say_so(tmp_path):
 def test_a_wrapped_prefixed_pth_loads(tmp_path):
     torch.manual_seed(4)
     model = timm.create_model("vit_tiny_patch16_224", num_classes=0, **SMOKE_VIT)
-    torch.save({"state_dict": {f"module.{k}": v for k, v in model.state_dict().items()}, "epoch": 3}, tmp_path / "w.pth")
+    torch.save(
+        {"state_dict": {f"module.{k}": v for k, v in model.state_dict().items()}, "epoch": 3}, tmp_path / "w.pth"
+    )
     start = load_start(_cfg(tmp_path / "w.pth"), None)
     for k, v in model.state_dict().items():
         assert torch.equal(start.teacher[f"backbone.{k}"], v), k
@@ -142,7 +161,9 @@ def test_our_exported_teacher_and_our_checkpoint_load(tmp_path, tiny_teacher):
     student, teacher = _source_models()
     center = torch.randn(1, 64)
     (tmp_path / "ckpt").mkdir()
-    save_state(tmp_path / "ckpt", {"student": student, "teacher": teacher, "center": center, "optimizer": {}, "epoch": 2})
+    save_state(
+        tmp_path / "ckpt", {"student": student, "teacher": teacher, "center": center, "optimizer": {}, "epoch": 2}
+    )
     start = load_start(_cfg(tmp_path / "ckpt"), None)
     assert start.kind == "checkpoint" and start.has_head
     _assert_state(start.student, student)
@@ -160,7 +181,9 @@ def test_position_embeddings_are_resampled_to_the_global_crop(tmp_path):
     want = resample_abs_pos_embed(model.pos_embed.detach(), new_size=[4, 4], old_size=[8, 8], num_prefix_tokens=1)
     assert start.student["backbone.pos_embed"].shape == (1, 17, 48)
     assert torch.equal(start.student["backbone.pos_embed"], want)
-    assert torch.equal(start.student["backbone.pos_embed"][:, 0], model.pos_embed[:, 0].detach())  # the class token's kept
+    assert torch.equal(
+        start.student["backbone.pos_embed"][:, 0], model.pos_embed[:, 0].detach()
+    )  # the class token's kept
     assert any("pos_embed resampled from 8x8 to 4x4" in n for n in start.notes)
 
 
@@ -169,16 +192,31 @@ def _bare(**kw):
     return timm.create_model("vit_tiny_patch16_224", num_classes=0, **{**SMOKE_VIT, **kw}).state_dict()
 
 
-@pytest.mark.parametrize("name, state, message", [
-    ("missing.pth", lambda: {k: v for k, v in _bare().items() if not k.startswith("blocks.1.mlp")},
-     r"missing.pth: the backbone does not fit the configured model: missing 4 key\(s\): backbone.blocks.1.mlp.fc1.weight, "
-     r"backbone.blocks.1.mlp.fc1.bias, backbone.blocks.1.mlp.fc2.weight, backbone.blocks.1.mlp.fc2.bias$"),
-    ("unexpected.pth", lambda: {**_bare(), "blocks.2.norm1.weight": torch.ones(48)},
-     r"unexpected.pth: the backbone does not fit the configured model: unexpected 1 key\(s\): backbone.blocks.2.norm1.weight$"),
-    ("patch16.pth", lambda: _bare(patch_size=16), r"patch16.pth: patch size 16 in the file, 8 configured \(backbone.patch_embed.proj.weight\)$"),
-    ("wide.pth", lambda: _bare(embed_dim=96), r"wide.pth: embedding size 96 in the file, 48 configured"),
-    ("list.pth", lambda: [torch.zeros(1)], r"list.pth: holds a list, not a state dict$"),
-])
+@pytest.mark.parametrize(
+    "name, state, message",
+    [
+        (
+            "missing.pth",
+            lambda: {k: v for k, v in _bare().items() if not k.startswith("blocks.1.mlp")},
+            r"missing.pth: the backbone does not fit the configured model: missing 4 key\(s\): "
+            r"backbone.blocks.1.mlp.fc1.weight, "
+            r"backbone.blocks.1.mlp.fc1.bias, backbone.blocks.1.mlp.fc2.weight, backbone.blocks.1.mlp.fc2.bias$",
+        ),
+        (
+            "unexpected.pth",
+            lambda: {**_bare(), "blocks.2.norm1.weight": torch.ones(48)},
+            r"unexpected.pth: the backbone does not fit the configured model: unexpected 1 key\(s\): "
+            r"backbone.blocks.2.norm1.weight$",
+        ),
+        (
+            "patch16.pth",
+            lambda: _bare(patch_size=16),
+            r"patch16.pth: patch size 16 in the file, 8 configured \(backbone.patch_embed.proj.weight\)$",
+        ),
+        ("wide.pth", lambda: _bare(embed_dim=96), r"wide.pth: embedding size 96 in the file, 48 configured"),
+        ("list.pth", lambda: [torch.zeros(1)], r"list.pth: holds a list, not a state dict$"),
+    ],
+)
 def test_bad_weights_are_one_line_naming_file_and_keys(tmp_path, name, state, message):
     torch.save(state(), tmp_path / name)
     with pytest.raises(CheckpointError, match=message) as e:
@@ -189,15 +227,25 @@ def test_bad_weights_are_one_line_naming_file_and_keys(tmp_path, name, state, me
 def test_a_head_of_other_sizes_is_named(tmp_path):
     student, teacher = _source_models()
     path = _reference_full(tmp_path / "k128.pth", student, teacher, torch.zeros(1, 64))
-    with pytest.raises(CheckpointError, match=r"k128.pth: head.last_layer.parametrizations.weight.original0 has shape \(64, 1\) "
-                                              r"in the file, \(128, 1\) in the configured model"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"k128.pth: head.last_layer.parametrizations.weight.original0 has shape \(64, 1\) "
+        r"in the file, \(128, 1\) in the configured model",
+    ):
         load_start(_cfg(path, "model.out_dim=128"), None)
 
 
-@pytest.mark.parametrize("source, message", [
-    ("/nowhere/w.pth", r"model.init_from '/nowhere/w.pth': no such file or folder, and not an MLflow run id or models:/<name>/<version>$"),
-    ("models:/dino", r"model.init_from 'models:/dino': expected models:/<name>/<version number>$"),
-])
+@pytest.mark.parametrize(
+    "source, message",
+    [
+        (
+            "/nowhere/w.pth",
+            r"model.init_from '/nowhere/w.pth': no such file or folder, "
+            r"and not an MLflow run id or models:/<name>/<version>$",
+        ),
+        ("models:/dino", r"model.init_from 'models:/dino': expected models:/<name>/<version number>$"),
+    ],
+)
 def test_unresolvable_sources_are_one_line(source, message):
     with pytest.raises(CheckpointError, match=message):
         load_start(_cfg(source), None)
@@ -220,7 +268,9 @@ def test_run_ids_and_registered_models_resolve_to_the_runs_teacher(tmp_path, tin
     client.set_terminated(run)
     name = f"init-{tmp_path.name}"
     client.create_registered_model(name)
-    version = client.create_model_version(name, source=f"{client.get_run(run).info.artifact_uri}/teacher", run_id=run).version
+    version = client.create_model_version(
+        name, source=f"{client.get_run(run).info.artifact_uri}/teacher", run_id=run
+    ).version
 
     for source in (run, f"models:/{name}/{version}"):
         start = load_start(_cfg(source, f"output_dir={tmp_path / 'out'}"), mlflow_server)
@@ -236,9 +286,16 @@ def test_a_resnet_backbone_and_a_ddp_wrapped_reference_teacher_load(tmp_path):
     cfg = _cfg(tmp_path / "resnet.pth", "model.arch=resnet18", "model.model_kwargs={}")
     student, teacher = build_models(load_config("smoke", ["model.arch=resnet18", "model.model_kwargs={}", "seed=9"]))
     center = torch.randn(1, 64)
-    torch.save({"student": _reference_layout(student.state_dict(), "module."),
-                "teacher": _reference_layout(teacher.state_dict(), "module."),
-                "dino_loss": {"center": center}, "args": argparse.Namespace(arch="resnet50"), "epoch": 1}, tmp_path / "resnet.pth")
+    torch.save(
+        {
+            "student": _reference_layout(student.state_dict(), "module."),
+            "teacher": _reference_layout(teacher.state_dict(), "module."),
+            "dino_loss": {"center": center},
+            "args": argparse.Namespace(arch="resnet50"),
+            "epoch": 1,
+        },
+        tmp_path / "resnet.pth",
+    )
     start = load_start(cfg, None)
     _assert_state(start.student, student.state_dict())  # BN running stats and counters included
     _assert_state(start.teacher, teacher.state_dict())

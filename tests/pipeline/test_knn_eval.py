@@ -13,6 +13,9 @@ import torch
 
 from dino.knn import knn_accuracy, knn_predict
 from pipeline.config import load_config
+from pipeline.data.shards import Sample, SplitInfo, load_split, write_index, write_shards
+from pipeline.data.synthetic import CLASSES
+from pipeline.errors import DataError
 from pipeline.eval.embed import BackboneSpec, collect, embed_in_process
 from pipeline.eval.features import read_features
 from pipeline.eval.knn import (
@@ -21,9 +24,6 @@ from pipeline.eval.knn import (
     evaluate_teacher,
     require_labels,
 )
-from pipeline.data.shards import SplitInfo, Sample, load_split, write_index, write_shards
-from pipeline.errors import DataError
-from pipeline.data.synthetic import CLASSES
 
 
 def _jpeg() -> bytes:
@@ -48,21 +48,30 @@ def test_one_pass_embedding_equals_embedding_each_image(data, teacher, tiny_teac
     for split, n in (("train", 40), ("val", 16)):
         t = emb["teacher"][split]
         assert len(t) == n and list(t.keys) == sorted(f"{split}_{i:06d}" for i in range(n))
+        # float32 unit features, 48 dims: norms within 48 * 2**-24 / 2 = 1.4e-6 of 1
         np.testing.assert_allclose(np.linalg.norm(t.features, axis=1), 1.0, atol=1e-5)
         rows = {r["__key__"]: r for p in splits[split].paths for r in read_shard({"path": p})}
         assert [int(rows[k]["cls"]) for k in t.keys] == t.labels.tolist()
         assert all(k in {r["__key__"] for r in read_shard({"path": s})} for k, s in zip(t.keys[:3], t.shards[:3]))
         views = torch.from_numpy(np.stack([center_view(decode_image(rows[k]["image"]), 32) for k in t.keys]))
+        # float32, batches of 8 vs all images at once (BLAS may block per batch size): a 2-block ViT's <= 192-term
+        # sums, ~1e-6 at most on unit features with entries ~0.15; atol 1e-5
         np.testing.assert_allclose(t.features, embed_views(model, views, "cpu").numpy(), atol=1e-5)
         torch.manual_seed(0)
         fresh = timm.create_model(tiny_teacher.arch, num_classes=0, **tiny_teacher.kwargs).eval()
-        np.testing.assert_allclose(emb["random_init"][split].features, embed_views(fresh, views, "cpu").numpy(), atol=1e-5)
+        np.testing.assert_allclose(
+            emb["random_init"][split].features, embed_views(fresh, views, "cpu").numpy(), atol=1e-5
+        )  # as above
 
 
 def test_a_shard_listed_by_two_splits_is_read_once_and_belongs_to_both(data):
     info = load_split(data, "val")
-    batch = {"key": np.array(["b", "a"], dtype=object), "label": np.array([1, 2]), "shard": np.array([info.paths[0]] * 2, dtype=object),
-             "feature_m": np.eye(2, dtype=np.float32)}
+    batch = {
+        "key": np.array(["b", "a"], dtype=object),
+        "label": np.array([1, 2]),
+        "shard": np.array([info.paths[0]] * 2, dtype=object),
+        "feature_m": np.eye(2, dtype=np.float32),
+    }
     out = collect([batch], {"db": info, "q": info}, ["m"])
     for split in ("db", "q"):
         assert list(out["m"][split].keys) == ["a", "b"] and out["m"][split].labels.tolist() == [2, 1]
@@ -71,8 +80,12 @@ def test_a_shard_listed_by_two_splits_is_read_once_and_belongs_to_both(data):
 
 def test_a_split_without_decodable_images_is_named_empty(data):
     splits = {"train": load_split(data, "train"), "val": load_split(data, "val")}
-    rows = {"key": np.array(["x"], dtype=object), "label": np.array([0]), "shard": np.array([splits["train"].paths[0]], dtype=object),
-            "feature_m": np.ones((1, 2), np.float32)}
+    rows = {
+        "key": np.array(["x"], dtype=object),
+        "label": np.array([0]),
+        "shard": np.array([splits["train"].paths[0]], dtype=object),
+        "feature_m": np.ones((1, 2), np.float32),
+    }
     with pytest.raises(DataError, match=r"split 'val' of .* is empty: none of its 16 sample\(s\) in 1 shard\(s\)"):
         collect([rows], splits, ["m"])
 
@@ -80,12 +93,19 @@ def test_a_split_without_decodable_images_is_named_empty(data):
 def test_labels_missing_are_named(tmp_path, data):
     root = tmp_path / "unlabelled"
     write_index(root, {"val": write_shards([Sample(f"v{i}", _jpeg(), None) for i in range(3)], root, "val")}, None)
-    with pytest.raises(DataError, match=r"split 'val' of .* has no labels \(sample v0 in .*val-000000.tar has no 'cls' member\)"):
+    with pytest.raises(
+        DataError, match=r"split 'val' of .* has no labels \(sample v0 in .*val-000000.tar has no 'cls' member\)"
+    ):
         require_labels(load_split(root, "val"), str(root))
 
     from pipeline.eval.features import Embeddings
 
-    emb = Embeddings(np.zeros((4, 2), np.float32), np.array([0, -1, 2, -1]), np.array(list("abcd"), dtype=object), np.array(["s"] * 4, dtype=object))
+    emb = Embeddings(
+        np.zeros((4, 2), np.float32),
+        np.array([0, -1, 2, -1]),
+        np.array(list("abcd"), dtype=object),
+        np.array(["s"] * 4, dtype=object),
+    )
     info = SplitInfo("val", ["/d/val-000000.tar"], [4], None, "/d")
     with pytest.raises(DataError, match=r"split 'val' of /d: 2 of 4 samples have no label \('cls' member\)"):
         check_labels(emb, info, None)
@@ -107,12 +127,28 @@ def test_evaluation_is_the_paper_protocol_and_reaches_mlflow(tmp_path, data, tea
     res = evaluate_teacher(cfg, req, tdir, random_baseline=True, embed_fn=embed_in_process)
 
     # Independent: brute-force k-NN (dino.knn.knn_predict, torch topk) on the features written to Parquet.
-    db, q = read_features(tmp_path / "knn" / "features.parquet"), read_features(tmp_path / "knn" / "eval_features.parquet")
+    db, q = (
+        read_features(tmp_path / "knn" / "features.parquet"),
+        read_features(tmp_path / "knn" / "eval_features.parquet"),
+    )
     assert len(db) == res["n_db"] == 40 and len(q) == res["n_queries"] == 16
     for k in (1, 5, 20, 200):
-        scores = knn_predict(torch.from_numpy(db.features), torch.from_numpy(db.labels), torch.from_numpy(q.features), 8, k=k, temperature=0.07)
+        scores = knn_predict(
+            torch.from_numpy(db.features),
+            torch.from_numpy(db.labels),
+            torch.from_numpy(q.features),
+            8,
+            k=k,
+            temperature=0.07,
+        )
         acc = knn_accuracy(scores, torch.from_numpy(q.labels), topk=(1, 5))
-        assert res["teacher"]["by_k"][k]["top1"] == pytest.approx(acc[1]) and res["teacher"]["by_k"][k]["top5"] == pytest.approx(acc[5])
+        # Percentages of 16 queries (steps of 6.25) from the same float32 features: they could only differ if the
+        # float32 similarities (faiss vs torch, <= 48 * 2**-24 = 2.9e-6 apart) reordered neighbours across k and
+        # that changed a vote's outcome. The closest such pair here (3.5e-6, k = 20) moves a vote between two
+        # classes that are not the query's, so the counts are equal; default approx (rel 1e-6) for the division.
+        assert res["teacher"]["by_k"][k]["top1"] == pytest.approx(acc[1]) and res["teacher"]["by_k"][k][
+            "top5"
+        ] == pytest.approx(acc[5])
     assert res["teacher"]["top1"] == res["teacher"]["by_k"][20]["top1"]
     assert set(res["random_init"]["by_k"]) == {1, 5, 20, 200}
 
@@ -130,22 +166,27 @@ def test_evaluation_is_the_paper_protocol_and_reaches_mlflow(tmp_path, data, tea
     assert [r["class_name"] for r in per_class] == list(CLASSES)
     assert sum(int(r["count"]) for r in per_class) == 16
     hits = sum(int(r["count"]) * float(r["top1_k20"]) / 100 for r in per_class if r["count"] != "0")
-    assert hits / 16 * 100 == pytest.approx(res["teacher"]["top1"])
+    assert hits / 16 * 100 == pytest.approx(res["teacher"]["top1"])  # counts through a CSV: rounding of the %
     table = json.loads((tmp_path / "knn" / "knn_accuracy.json").read_text())
-    assert {(r["model"], r["k"]) for r in table["rows"]} == {(m, k) for m in ("teacher", "random_init") for k in (1, 5, 20, 200)}
+    assert {(r["model"], r["k"]) for r in table["rows"]} == {
+        (m, k) for m in ("teacher", "random_init") for k in (1, 5, 20, 200)
+    }
 
     run = client.get_run(res["mlflow_run_id"])
     assert run.data.tags["mlflow.parentRunId"] == parent and run.data.params["index"] == index
     # The pretraining run's experiment (created here without the tag) now opens as model training.
     assert client.get_experiment(run.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
-    for k in (1, 5, 20, 200):
+    for k in (1, 5, 20, 200):  # the same floats through MLflow (float64): default approx (rel 1e-6)
         assert run.data.metrics[f"knn/top1_k{k}"] == pytest.approx(res["teacher"]["by_k"][k]["top1"])
         assert run.data.metrics[f"knn/random_init_top5_k{k}"] == pytest.approx(res["random_init"]["by_k"][k]["top5"])
         if index == "ivf":
             assert run.data.metrics[f"index/recall_at_{k}"] == pytest.approx(manifest["recall_at_k"][str(k)])
     assert client.get_run(parent).data.metrics["knn/top1"] == pytest.approx(res["teacher"]["top1"])
     artifacts = {a.path for a in client.list_artifacts(res["mlflow_run_id"], "index")}
-    assert {f"index/{n}" for n in ("index.faiss", "features.parquet", "manifest.json", "knn_accuracy.csv", "knn_per_class.csv")} <= artifacts
+    assert {
+        f"index/{n}"
+        for n in ("index.faiss", "features.parquet", "manifest.json", "knn_accuracy.csv", "knn_per_class.csv")
+    } <= artifacts
 
 
 def test_index_only_without_an_evaluation_split(tmp_path, data, teacher):
@@ -159,8 +200,8 @@ def test_index_only_without_an_evaluation_split(tmp_path, data, teacher):
 
 def test_gpu_layout_decode_stage_then_embed_equals_the_fused_actor(data, teacher, tiny_teacher):
     """With GPUs, decoding is its own CPU stage feeding ``Embedder(decode=False)``: same output as fused."""
-    from pipeline.eval.embed import Embedder, decode_views
     from pipeline.data.tar_reader import read_shard_tables
+    from pipeline.eval.embed import Embedder, decode_views
 
     _, model = teacher
     models = {"teacher": (BackboneSpec(tiny_teacher.arch, tiny_teacher.kwargs, 32), model.state_dict())}
@@ -175,9 +216,9 @@ def test_gpu_layout_decode_stage_then_embed_equals_the_fused_actor(data, teacher
 
 def test_knn_accuracies_of_backbones_equal_the_index_jobs_evaluation(tmp_path, data, teacher):
     """The starting point's k-NN (pipeline.eval.start.measure_start) is the index job's protocol, figure for figure."""
-    from pipeline.weights.checkpoint import load_teacher
     from pipeline.eval.embed import BackboneSpec
     from pipeline.eval.knn import knn_accuracies
+    from pipeline.weights.checkpoint import load_teacher
 
     tdir, _ = teacher
     cfg = load_config("smoke", ["knn.ks=[1,5,20]", "knn.k=5"])
@@ -198,8 +239,8 @@ def test_raw_pixel_baseline_is_a_cosine_knn_on_the_normalised_views(tmp_path, da
     from dino.augment import decode_image
     from dino.crops import crops_to_input
     from dino.eval_view import center_view
-    from pipeline.eval.embed import RAW_PIXELS, RawPixels, build_backbone, raw_pixels_spec
     from pipeline.data.tar_reader import read_shard
+    from pipeline.eval.embed import RAW_PIXELS, RawPixels, build_backbone, raw_pixels_spec
 
     tdir, _ = teacher
     cfg = load_config("smoke", ["knn.ks=[1,5]", "knn.k=5"])
@@ -218,12 +259,15 @@ def test_raw_pixel_baseline_is_a_cosine_knn_on_the_normalised_views(tmp_path, da
     for k in (1, 5):
         scores = knn_predict(ft, yt, fv, len(CLASSES), k=k, temperature=cfg.knn.temperature)
         want = knn_accuracy(scores, yv, topk=(1, 5))
+        # counts of 16 queries: equal unless float32 rounding (3072-term dot products: ~sqrt(3072) * 2**-24 =
+        # 3.3e-6 typical) reorders neighbours across k = 1, 5; the closest pair at those boundaries is 2.8e-4 apart
         assert res["raw_pixels"]["by_k"][k]["top1"] == pytest.approx(want[1], abs=1e-9)
         assert res["raw_pixels"]["by_k"][k]["top5"] == pytest.approx(want[5], abs=1e-9)
     # Larger views are area-averaged to 32 px: 3,072 values whatever the view size.
     big = build_backbone(raw_pixels_spec(96), None)
     assert isinstance(big, RawPixels) and raw_pixels_spec(96).arch == RAW_PIXELS and big.num_features == 3 * 32 * 32
     x = torch.arange(2 * 3 * 96 * 96, dtype=torch.float32).reshape(2, 3, 96, 96)
+    # float32: sums of 9 integers < 2**24 are exact, then one division (pooling vs mean): <= 2 ulp = 2.4e-7
     np.testing.assert_allclose(big(x).numpy(), x.reshape(2, 3, 32, 3, 32, 3).mean((3, 5)).flatten(1).numpy(), rtol=1e-6)
 
 
@@ -255,10 +299,22 @@ def test_an_unlabelled_database_is_evaluated_leave_one_out_on_the_labelled_queri
     views = torch.from_numpy(np.stack([center_view(decode_image(r["image"]), 32) for r in vrows]))
     feats, labels = embed_views(model, views, "cpu"), torch.tensor([int(r["cls"]) for r in vrows])
     for k in (1, 5):
-        scores = torch.cat([knn_predict(feats[torch.arange(16) != i], labels[torch.arange(16) != i], feats[i:i + 1],
-                                        len(CLASSES), k=k, temperature=cfg.knn.temperature) for i in range(16)])
+        scores = torch.cat(
+            [
+                knn_predict(
+                    feats[torch.arange(16) != i],
+                    labels[torch.arange(16) != i],
+                    feats[i : i + 1],
+                    len(CLASSES),
+                    k=k,
+                    temperature=cfg.knn.temperature,
+                )
+                for i in range(16)
+            ]
+        )
         want = knn_accuracy(scores, labels, topk=(1, 5))
         # float32 features of 48 dims: neighbour order ties are the only way to differ, and there are none here
+        # (the closest pair at a k boundary is 1.2e-4 apart, against <= 48 * 2**-24 = 2.9e-6 of rounding)
         assert res["teacher"]["by_k"][k]["top1"] == pytest.approx(want[1], abs=1e-9)
         assert res["teacher"]["by_k"][k]["top5"] == pytest.approx(want[5], abs=1e-9)
     assert set(res["random_init"]["by_k"]) == {1, 5}

@@ -34,7 +34,9 @@ def test_node_types_labels_and_counts_come_from_cluster_yaml():
 
 
 def test_sizes_override_but_never_exceed_cluster_yaml(tmp_path):
-    cfg = local_config("h:1", parse_sizes(["cpu_worker.CPU=2", "cpu_worker.max_workers=3", "gpu_worker.max_workers=99"]))
+    cfg = local_config(
+        "h:1", parse_sizes(["cpu_worker.CPU=2", "cpu_worker.max_workers=3", "gpu_worker.max_workers=99"])
+    )
     types = cfg["available_node_types"]
     assert types["cpu_worker"]["resources"]["CPU"] == 2 and types["cpu_worker"]["max_workers"] == 3
     assert types["gpu_worker"]["max_workers"] == 8  # cluster.yaml's cap
@@ -49,11 +51,14 @@ def test_sizes_override_but_never_exceed_cluster_yaml(tmp_path):
     assert local["labels"] == {ROLE_LABEL: "augment", "zone": "b"} and local["max_workers"] == 1
 
 
-@pytest.mark.parametrize("items, needle", [
-    (["cpu_worker.CPU"], "not of the form"),
-    (["cpu_worker=2"], "not of the form"),
-    (["cpu_worker.CPU=lots"], "is not a number"),
-])
+@pytest.mark.parametrize(
+    "items, needle",
+    [
+        (["cpu_worker.CPU"], "not of the form"),
+        (["cpu_worker=2"], "not of the form"),
+        (["cpu_worker.CPU=lots"], "is not a number"),
+    ],
+)
 def test_bad_sizes_are_one_line_errors(items, needle):
     with pytest.raises(ValueError, match=needle):
         parse_sizes(items)

@@ -5,12 +5,11 @@ Tiny inputs in tmp_path. Tests that start Ray use the session ``ray_cluster`` fi
 
 from __future__ import annotations
 
-import sys
-
 import io
 import json
 import logging
 import re
+import sys
 import tarfile
 from pathlib import Path
 
@@ -21,9 +20,9 @@ from PIL import Image
 
 from jobs import make_shards
 from pipeline.data import packing
-from pipeline.progress import Progress
 from pipeline.data.shards import load_split, read_index, verify_split
 from pipeline.errors import ShardVerificationError
+from pipeline.progress import Progress
 
 
 def _jpeg(seed: int, size=(10, 8)) -> bytes:
@@ -61,8 +60,10 @@ def _snapshot(d: Path) -> dict[str, bytes]:
 @pytest.fixture
 def never_ray(monkeypatch):
     """Fails the test if the job tries to start Ray."""
+
     def refuse(*a, **k):
         raise AssertionError("Ray was started")
+
     monkeypatch.setattr(make_shards, "_start_ray", refuse)
 
 
@@ -112,22 +113,27 @@ def test_manifest_names_resolve_through_the_existing_index(tmp_path, never_ray):
     assert {k: int(s["cls"]) for k, s in _read_back(out, "val").items()} == {"2": 2, "0": 0}
 
 
-@pytest.mark.parametrize("case,needle", [
-    ("missing", "does not exist"),
-    ("bad_json", "val.jsonl:2: not a JSON object"),
-    ("mixed", "val.jsonl:2: manifest mixes class indices and class names"),
-    ("partly_unlabelled", "val.jsonl:3: manifest mixes unlabelled and labelled rows"),
-    ("unknown_class", "val.jsonl:1: class 'yak' is not one of the 2 classes"),
-    ("not_a_manifest", "is a file but not a manifest"),
-    ("bad_split", "bad split name 'a/b'"),
-    ("other_classes", "index.json has other classes than"),
-])
+@pytest.mark.parametrize(
+    "case,needle",
+    [
+        ("missing", "does not exist"),
+        ("bad_json", "val.jsonl:2: not a JSON object"),
+        ("mixed", "val.jsonl:2: manifest mixes class indices and class names"),
+        ("partly_unlabelled", "val.jsonl:3: manifest mixes unlabelled and labelled rows"),
+        ("unknown_class", "val.jsonl:1: class 'yak' is not one of the 2 classes"),
+        ("not_a_manifest", "is a file but not a manifest"),
+        ("bad_split", "bad split name 'a/b'"),
+        ("other_classes", "index.json has other classes than"),
+    ],
+)
 def test_manifest_bad_input_is_one_line_exit_2_before_ray(tmp_path, capsys, never_ray, case, needle):
     out = tmp_path / "out"
     (tmp_path / "x.jpg").write_bytes(_jpeg(0))
     if case in ("unknown_class", "other_classes"):
-        assert make_shards.main([str(_write_manifest(tmp_path / "t.csv", [("x.jpg", "a"), ("x.jpg", "b")])),
-                                 str(out)]) == 0
+        assert (
+            make_shards.main([str(_write_manifest(tmp_path / "t.csv", [("x.jpg", "a"), ("x.jpg", "b")])), str(out)])
+            == 0
+        )
     src = tmp_path / "val.jsonl"
     text = {
         "bad_json": '{"path": "x.jpg", "label": 0}\n{"path": x.jpg}\n',
@@ -169,8 +175,10 @@ def test_skip_report_counts_by_reason_and_lists_every_image(tmp_path, capsys, ne
 
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith(f"split train: wrote 2 images to 1 shards in {out}, skipped 5 (in-process, ")
-    assert lines[1] == (f"skipped by reason: corrupt 1, missing 1, zero-byte 1, unsupported-format 1, "
-                        f"key-collision 1; listed in {out / 'skipped.jsonl'}")
+    assert lines[1] == (
+        f"skipped by reason: corrupt 1, missing 1, zero-byte 1, unsupported-format 1, "
+        f"key-collision 1; listed in {out / 'skipped.jsonl'}"
+    )
     assert lines[2] == "skipped images: broken.jpg, empty.jpg, notes.txt, gone.jpg, x.png"
     report = [json.loads(line) for line in (out / "skipped.jsonl").read_text().splitlines()]
     assert [(r["split"], r["path"], r["reason"]) for r in report] == [
@@ -184,8 +192,12 @@ def test_skip_report_counts_by_reason_and_lists_every_image(tmp_path, capsys, ne
     assert sorted(_read_back(out, "train")) == ["good", "x"]
 
     # another split keeps train's lines; rewriting train with nothing skipped drops them
-    assert make_shards.main([str(_write_manifest(d / "v.csv", [("broken.jpg", 0), ("good.jpg", 0)])),
-                             str(out), "--split", "val"]) == 0
+    assert (
+        make_shards.main(
+            [str(_write_manifest(d / "v.csv", [("broken.jpg", 0), ("good.jpg", 0)])), str(out), "--split", "val"]
+        )
+        == 0
+    )
     assert make_shards.main([str(_write_manifest(d / "t.csv", [("good.jpg", 0)])), str(out), "--overwrite"]) == 0
     report = [json.loads(line) for line in (out / "skipped.jsonl").read_text().splitlines()]
     assert [(r["split"], r["reason"]) for r in report] == [("val", "corrupt")]
@@ -251,18 +263,21 @@ def _rewrite(path: Path, edit) -> None:
             tf.addfile(info, io.BytesIO(data))
 
 
-@pytest.mark.parametrize("corruption,needle", [
-    ("header_byte", "corrupt tar shard: bad header checksum"),
-    ("truncated", "corrupt tar shard: truncated in member 'b_1.jpg'"),
-    ("truncated_padding", "corrupt tar shard: no end-of-archive blocks (truncated?)"),
-    ("not_a_tar", "not a readable tar shard"),
-    ("bad_name", "malformed member name 'b_1.x.jpg'"),
-    ("cls_not_int", "label 'b_1.cls' is b'one', not an ASCII int"),
-    ("cls_out_of_range", "label 'b_1.cls' is 7, outside the 2 indexed classes"),
-    ("missing_image", "sample 'b_1' has members ['.cls']"),
-    ("duplicate_key", "sample key 'a_1' occurs twice in the split"),
-    ("sample_dropped", "holds 1 samples but"),
-])
+@pytest.mark.parametrize(
+    "corruption,needle",
+    [
+        ("header_byte", "corrupt tar shard: bad header checksum"),
+        ("truncated", "corrupt tar shard: truncated in member 'b_1.jpg'"),
+        ("truncated_padding", "corrupt tar shard: no end-of-archive blocks (truncated?)"),
+        ("not_a_tar", "not a readable tar shard"),
+        ("bad_name", "malformed member name 'b_1.x.jpg'"),
+        ("cls_not_int", "label 'b_1.cls' is b'one', not an ASCII int"),
+        ("cls_out_of_range", "label 'b_1.cls' is 7, outside the 2 indexed classes"),
+        ("missing_image", "sample 'b_1' has members ['.cls']"),
+        ("duplicate_key", "sample key 'a_1' occurs twice in the split"),
+        ("sample_dropped", "holds 1 samples but"),
+    ],
+)
 def test_verify_names_a_corrupted_shard(written, corruption, needle):
     shard = written / "train-000001.tar"  # holds b_1 and b_2 (a_0, a_1, a_2, b_0 are in shard 0)
     with tarfile.open(shard) as tf:
@@ -305,8 +320,10 @@ def test_job_reports_a_shard_failing_verification_exit_1(written, tmp_path, caps
 
     monkeypatch.setattr(make_shards, "verify_split", corrupt_then_verify)
     assert make_shards.main([str(tmp_path / "src"), str(written), "--overwrite", "--no-ray"]) == 1
-    assert capsys.readouterr().err == (f"make_shards: verification failed: {written / 'train-000000.tar'}: "
-                                       f"holds 0 samples but {written / 'index.json'} says 6\n")
+    assert capsys.readouterr().err == (
+        f"make_shards: verification failed: {written / 'train-000000.tar'}: "
+        f"holds 0 samples but {written / 'index.json'} says 6\n"
+    )
 
 
 # ------------------------------------------------------------------------------- progress
@@ -320,10 +337,16 @@ def test_progress_log_lines_and_summary_off_a_terminal(written, tmp_path, capsys
     assert [re.sub(r" \(.*", "", m) for m in progress] == [f"train: {i}/6 images" for i in range(1, 7)]
     assert re.fullmatch(r"train: 6/6 images \(100 %\), [\d,]+ img/s, 0 skipped, in \d+ s", progress[-1])
     out = capsys.readouterr().out.splitlines()
-    assert re.fullmatch(rf"split train: wrote 6 images to 1 shards in {re.escape(str(tmp_path / 'o2'))}, "
-                        r"skipped 0 \(in-process, \d+\.\d s, \d+\.\d images/s\)", out[0]), out[0]
-    assert re.fullmatch(rf"verified split train in {re.escape(str(tmp_path / 'o2'))}: 1 shards, 6 samples, "
-                        r"\d+\.\d MiB; tar structure, member names, labels and index counts OK", out[1]), out[1]
+    assert re.fullmatch(
+        rf"split train: wrote 6 images to 1 shards in {re.escape(str(tmp_path / 'o2'))}, "
+        r"skipped 0 \(in-process, \d+\.\d s, \d+\.\d images/s\)",
+        out[0],
+    ), out[0]
+    assert re.fullmatch(
+        rf"verified split train in {re.escape(str(tmp_path / 'o2'))}: 1 shards, 6 samples, "
+        r"\d+\.\d MiB; tar structure, member names, labels and index counts OK",
+        out[1],
+    ), out[1]
 
 
 def test_progress_is_a_tqdm_bar_on_a_terminal(monkeypatch):
@@ -376,7 +399,8 @@ def test_ray_and_in_process_give_byte_identical_shards(ray_cluster, tmp_path, ca
     assert " (ray, " in ray_out[0] and " (in-process, " in local_out[0]
     assert [re.sub(r" \(.*", "", line) for line in (ray_out[0], local_out[0])] == [
         f"split train: wrote 72 images to {len(ray_files) - 2} shards in {tmp_path / d}, skipped 2"
-        for d in ("ray", "local")]
+        for d in ("ray", "local")
+    ]
     assert ray_out[1] == f"skipped by reason: corrupt 1, zero-byte 1; listed in {tmp_path / 'ray' / 'skipped.jsonl'}"
     counts = load_split(tmp_path / "ray", "train").counts
     assert sum(counts) == 72 and max(counts) <= 9

@@ -19,10 +19,19 @@ SECRETS = {
 def test_redact_replaces_env_secrets_and_url_credentials():
     secrets = secret_values({**SECRETS, "HOME": "/root", "AWS_REGION": "us-west-2", "SHORT_TOKEN": "abc"})
     assert set(secrets) == set(SECRETS.values())  # names matter; short values are not treated as secrets
-    tree = {"uri": "http://alice:hunter2hunter2@mlflow.internal:5000", "x": [f"key={SECRETS['AWS_SESSION_TOKEN']}", 3],
-            "root": "s3://bucket/imagenet", "n": 1.5}
+    tree = {
+        "uri": "http://alice:hunter2hunter2@mlflow.internal:5000",
+        "x": [f"key={SECRETS['AWS_SESSION_TOKEN']}", 3],
+        "root": "s3://bucket/imagenet",
+        "n": 1.5,
+    }
     out = redact(tree, secrets)
-    assert out == {"uri": "http://***@mlflow.internal:5000", "x": ["key=***", 3], "root": "s3://bucket/imagenet", "n": 1.5}
+    assert out == {
+        "uri": "http://***@mlflow.internal:5000",
+        "x": ["key=***", 3],
+        "root": "s3://bucket/imagenet",
+        "n": 1.5,
+    }
 
 
 def test_a_run_created_with_secrets_in_the_environment_holds_none_of_them(tmp_path, monkeypatch):
@@ -30,10 +39,13 @@ def test_a_run_created_with_secrets_in_the_environment_holds_none_of_them(tmp_pa
 
     for k, v in SECRETS.items():
         monkeypatch.setenv(k, v)
-    cfg = load_config("smoke", [
-        f"tracking.tracking_uri=http://bob:{SECRETS['MLFLOW_TRACKING_PASSWORD']}@127.0.0.1:5000",
-        f"data.root=s3://bucket/shards?token={SECRETS['AWS_SESSION_TOKEN']}",
-    ])
+    cfg = load_config(
+        "smoke",
+        [
+            f"tracking.tracking_uri=http://bob:{SECRETS['MLFLOW_TRACKING_PASSWORD']}@127.0.0.1:5000",
+            f"data.root=s3://bucket/shards?token={SECRETS['AWS_SESSION_TOKEN']}",
+        ],
+    )
     uri = "sqlite:///" + str(tmp_path / "m.db")
     tags = {"dataset": cfg.data.root, "preset": "smoke"}
     run_id = create_run(uri, "secrets", "r", cfg.flat(), tags)

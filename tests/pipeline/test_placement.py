@@ -44,11 +44,14 @@ def test_explicit_settings_win():
     assert resolve_placement(True, "GPU", "labels", facts()).accelerator == "GPU"  # node types unknown: trusted
 
 
-@pytest.mark.parametrize("args, needle", [
-    ((True, "auto", "auto", facts(maximum={"CPU": 64})), "ray.use_gpu=true but the cluster has no 'GPU'"),
-    ((True, "a100", "auto", facts(maximum=GPU_TYPES)), "no 'a100' resource"),
-    (("auto", "auto", "labels", facts(labels=({},))), "ray.placement=labels but no node"),
-])
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        ((True, "auto", "auto", facts(maximum={"CPU": 64})), "ray.use_gpu=true but the cluster has no 'GPU'"),
+        ((True, "a100", "auto", facts(maximum=GPU_TYPES)), "no 'a100' resource"),
+        (("auto", "auto", "labels", facts(labels=({},))), "ray.placement=labels but no node"),
+    ],
+)
 def test_impossible_placements_are_one_line_errors(args, needle):
     with pytest.raises(ValueError) as e:
         resolve_placement(*args)

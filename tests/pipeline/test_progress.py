@@ -23,10 +23,19 @@ from pipeline.progress import (
 )
 
 
-@pytest.mark.parametrize("seconds, text", [
-    (0, "0 s"), (11.2, "11 s"), (59.4, "59 s"), (59.6, "1 min 00 s"), (125, "2 min 05 s"),
-    (3599, "59 min 59 s"), (3720, "1 h 02 min"), (-3, "0 s"),
-])
+@pytest.mark.parametrize(
+    "seconds, text",
+    [
+        (0, "0 s"),
+        (11.2, "11 s"),
+        (59.4, "59 s"),
+        (59.6, "1 min 00 s"),
+        (125, "2 min 05 s"),
+        (3599, "59 min 59 s"),
+        (3720, "1 h 02 min"),
+        (-3, "0 s"),
+    ],
+)
 def test_durations_read_as_a_person_says_them(seconds, text):
     assert format_duration(seconds) == text
 
@@ -39,11 +48,18 @@ def test_rates_keep_a_decimal_only_below_ten(rate, text):
 def test_a_progress_line_has_count_percent_rate_and_eta():
     # 4,096 images in 5 s: 819.2 img/s; 9,298 left -> 11.35 s.
     assert progress_line("embedding", 4096, 13394, 5.0) == "embedding: 4,096/13,394 images (30 %), 819 img/s, ETA 11 s"
-    assert progress_line("embedding", 13394, 13394, 16.4, finished=True) == \
-        "embedding: 13,394/13,394 images (100 %), 817 img/s, in 16 s"
-    assert progress_line("train", 250, 1000, 10.0, skipped=3) == "train: 250/1,000 images (25 %), 25 img/s, 3 skipped, ETA 30 s"
-    assert progress_line("reading", 500, None, 20.0, unit="samples", rate_unit="samples/s") == \
-        "reading: 500 samples, 25 samples/s"  # no total: no percentage, no ETA
+    assert (
+        progress_line("embedding", 13394, 13394, 16.4, finished=True)
+        == "embedding: 13,394/13,394 images (100 %), 817 img/s, in 16 s"
+    )
+    assert (
+        progress_line("train", 250, 1000, 10.0, skipped=3)
+        == "train: 250/1,000 images (25 %), 25 img/s, 3 skipped, ETA 30 s"
+    )
+    assert (
+        progress_line("reading", 500, None, 20.0, unit="samples", rate_unit="samples/s")
+        == "reading: 500 samples, 25 samples/s"
+    )  # no total: no percentage, no ETA
     assert progress_line("embedding", 0, 100, 0.0) == "embedding: 0/100 images (0 %), 0.0 img/s"  # no rate yet: no ETA
 
 
@@ -99,8 +115,10 @@ def test_track_counts_what_size_says_and_yields_every_item():
 
     got = list(track(batches(), "embedding", 1000, size=len, tty=False, emit=lines.append, clock=clock))
     assert [len(b) for b in got] == [300, 300, 400]
-    assert lines == ["embedding: 600/1,000 images (60 %), 50 img/s, ETA 8 s",
-                     "embedding: 1,000/1,000 images (100 %), 56 img/s, in 18 s"]
+    assert lines == [
+        "embedding: 600/1,000 images (60 %), 50 img/s, ETA 8 s",
+        "embedding: 1,000/1,000 images (100 %), 56 img/s, in 18 s",
+    ]
 
 
 def test_a_terminal_gets_a_tqdm_bar_and_no_log_lines(monkeypatch):
@@ -128,23 +146,36 @@ def test_eta_is_epochs_left_times_the_recent_epoch_time():
 
 def _record(epoch=2, planned=10, wall=20.0, walls=(40.0,), loss=6.49724, steps=46, wait=2.4, train_s=19.5):
     summary = {"epoch": epoch, "steps": steps, "mean_loss": loss, "epoch_time_s": train_s, "data_wait_s": wait}
-    return epoch_record(summary, planned_epochs=planned, global_batch_size=32, wall_s=wall, recent_walls=list(walls),
-                        teacher_entropy=6.9312, entropy_ratio=0.6251)
+    return epoch_record(
+        summary,
+        planned_epochs=planned,
+        global_batch_size=32,
+        wall_s=wall,
+        recent_walls=list(walls),
+        teacher_entropy=6.9312,
+        entropy_ratio=0.6251,
+    )
 
 
 def test_the_epoch_line_has_loss_rate_data_wait_entropy_and_eta():
     r = _record()
     assert r["images"] == 46 * 32 and r["eta_s"] == 8 * 20.0
     # 1,472 images in 19.5 s of steps = 75.5 img/s; 2.4 s of it waiting for data = 12 %.
-    assert epoch_line(r) == ("epoch 2/10: loss 6.4972, 75 img/s, data wait 12 %, teacher entropy 6.931 "
-                             "(0.63 of log K), 20 s, ETA 2 min 40 s")
+    assert epoch_line(r) == (
+        "epoch 2/10: loss 6.4972, 75 img/s, data wait 12 %, teacher entropy 6.931 (0.63 of log K), 20 s, ETA 2 min 40 s"
+    )
 
 
 def test_the_summary_line_adds_up_this_jobs_epochs():
-    records = [_record(epoch=1, wall=40.0, walls=(), train_s=30.5, loss=7.0),
-               _record(epoch=2, wall=20.0, walls=(40.0,), train_s=19.5, loss=6.49724)]
+    records = [
+        _record(epoch=1, wall=40.0, walls=(), train_s=30.5, loss=7.0),
+        _record(epoch=2, wall=20.0, walls=(40.0,), train_s=19.5, loss=6.49724),
+    ]
     # 92 steps, 2,944 images over 50 s of steps = 58.9 img/s (59); the wall time is the driver's.
-    assert summary_line(records, 74.2) == "training finished: 2 epochs, 92 steps in 1 min 14 s, 59 img/s, final loss 6.4972"
+    assert (
+        summary_line(records, 74.2)
+        == "training finished: 2 epochs, 92 steps in 1 min 14 s, 59 img/s, final loss 6.4972"
+    )
     resumed = records[1:]  # a job that resumed at epoch 1 trained only epoch 2
     assert summary_line(resumed, 30.0).startswith("training finished: 1 epochs (to epoch 2), 46 steps in 30 s")
     assert summary_line([], 12.0) == "training finished: no epoch completed in this job (12 s)"
@@ -245,7 +276,11 @@ def test_the_known_warnings_are_ignored_by_message_only():
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         quiet_warnings()
-        warnings.warn("`ExecutionOptions.exclude_resources` is deprecated and will be removed", RayDeprecationWarning)
-        warnings.warn("`ExecutionOptions.other_thing` is deprecated", RayDeprecationWarning)
-        warnings.warn("something else", UserWarning)
+        warnings.warn(
+            "`ExecutionOptions.exclude_resources` is deprecated and will be removed",
+            RayDeprecationWarning,
+            stacklevel=2,
+        )
+        warnings.warn("`ExecutionOptions.other_thing` is deprecated", RayDeprecationWarning, stacklevel=2)
+        warnings.warn("something else", UserWarning, stacklevel=2)
     assert [str(w.message) for w in caught] == ["`ExecutionOptions.other_thing` is deprecated", "something else"]

@@ -31,7 +31,7 @@ class _Tracker:
 def _batches(n, seed=0, bad_at=()):
     gen = torch.Generator().manual_seed(seed)
     out = []
-    for i in range(n):
+    for _ in range(n):
         g = torch.randint(0, 256, (4, 2, 32, 32, 3), dtype=torch.uint8, generator=gen)
         loc = torch.randint(0, 256, (4, 2, 16, 16, 3), dtype=torch.uint8, generator=gen)
         out.append({"global_crops": g, "local_crops": loc})
@@ -40,8 +40,9 @@ def _batches(n, seed=0, bad_at=()):
 
 def _runner(*overrides, spe=6):
     cfg = load_config("smoke", ["tracking.log_every_steps=2", "health.attention_every_epochs=0", *overrides])
-    return DinoRunner(cfg, LoopPlan(steps_per_epoch=spe, global_batch_size=4, tracking_uri="", run_id="r"),
-                      torch.device("cpu"))
+    return DinoRunner(
+        cfg, LoopPlan(steps_per_epoch=spe, global_batch_size=4, tracking_uri="", run_id="r"), torch.device("cpu")
+    )
 
 
 def test_mid_epoch_checkpoint_resumes_to_the_same_weights():
@@ -70,9 +71,12 @@ def test_health_metrics_are_logged_each_window():
     assert [s for s, m in tracker.logged if "loss" in m] == [2, 4, 6]
     K = runner.cfg.model.out_dim
     for m in logged:
-        assert 0.0 <= m["teacher_entropy"] <= torch.log(torch.tensor(float(K))).item() + 1e-5
+        # float32 entropy over K = 64 prototypes: can exceed log K by <= ~65 * 2**-24 * log K = 1.6e-5 at worst
+        assert 0.0 <= m["teacher_entropy"] <= torch.log(torch.tensor(float(K))).item() + 1e-4
         assert m["kl_teacher_student"] >= 0.0
         # The paper's decomposition: cross-entropy = h(Pt) + KL(Pt||Ps); the loss is that of the window's last step.
+        # float32: both sides share p_t, log p_s and the einsum; the last few ops round differently: a few ulp
+        # of a loss of order log K (~4): ~2e-6
         assert abs(m["teacher_entropy"] + m["kl_teacher_student"] - m["loss"]) < 1e-4
         assert m["step_time_s"] > 0 and m["data_wait_s"] >= 0 and m["skipped_steps"] == 0
 
@@ -90,23 +94,51 @@ def test_every_metric_the_loop_logs_has_a_section_in_mlflow():
     unsectioned = sorted(k for k in names if "/" not in metric_name(k))
     assert not unsectioned, f"metrics without a section on the MLflow run page: {unsectioned}"
     assert {metric_name(k).split("/")[0] for k in names if "/" not in k} == {"train", "health", "speed"}
-    assert {k: metric_name(k) for k in ("loss", "lr", "grad_norm", "teacher_entropy", "images_per_s", "data_wait_s")} == {
-        "loss": "train/loss", "lr": "train/lr", "grad_norm": "train/grad_norm",
-        "teacher_entropy": "health/teacher_entropy", "images_per_s": "speed/images_per_s", "data_wait_s": "speed/data_wait_s"}
+    assert {
+        k: metric_name(k) for k in ("loss", "lr", "grad_norm", "teacher_entropy", "images_per_s", "data_wait_s")
+    } == {
+        "loss": "train/loss",
+        "lr": "train/lr",
+        "grad_norm": "train/grad_norm",
+        "teacher_entropy": "health/teacher_entropy",
+        "images_per_s": "speed/images_per_s",
+        "data_wait_s": "speed/data_wait_s",
+    }
     # The k-NN run's families by pattern; sectioned names pass through.
-    assert [metric_name(k) for k in ("knn_top1", "knn_top5_k20", "knn_random_init_top1_k10", "index_recall_at_10",
-                                     "data/undecodable", "data_skipped_samples")] == [
-        "knn/top1", "knn/top5_k20", "knn/random_init_top1_k10", "index/recall_at_10", "data/undecodable",
-        "data/skipped_samples"]
+    assert [
+        metric_name(k)
+        for k in (
+            "knn_top1",
+            "knn_top5_k20",
+            "knn_random_init_top1_k10",
+            "index_recall_at_10",
+            "data/undecodable",
+            "data_skipped_samples",
+        )
+    ] == [
+        "knn/top1",
+        "knn/top5_k20",
+        "knn/random_init_top1_k10",
+        "index/recall_at_10",
+        "data/undecodable",
+        "data/skipped_samples",
+    ]
     # What the attention probe logs (pipeline/train/attention.py): its own section.
     from pipeline.train.attention import CENTRE_PRIOR_METRIC, score_metrics
 
     scores = {"head_mean": 0.1, "best_head": 0.2, "mean_heads": 0.3, "best_head_index": 1}
     probe = [*score_metrics(scores), *score_metrics(scores, "_start"), CENTRE_PRIOR_METRIC]
     assert sorted(metric_name(k) for k in probe) == [
-        "attention/best_head", "attention/best_head_start", "attention/jaccard_best_head",
-        "attention/jaccard_best_head_start", "attention/jaccard_centre_prior", "attention/jaccard_head_mean",
-        "attention/jaccard_head_mean_start", "attention/jaccard_mean_heads", "attention/jaccard_mean_heads_start"]
+        "attention/best_head",
+        "attention/best_head_start",
+        "attention/jaccard_best_head",
+        "attention/jaccard_best_head_start",
+        "attention/jaccard_centre_prior",
+        "attention/jaccard_head_mean",
+        "attention/jaccard_head_mean_start",
+        "attention/jaccard_mean_heads",
+        "attention/jaccard_mean_heads_start",
+    ]
 
 
 def test_non_finite_loss_stops_with_a_clear_message():
@@ -138,7 +170,10 @@ def test_skip_policy_counts_skipped_steps_and_goes_on():
 
     def step(batch, health=False):
         if batch is bad:  # an inf pixel reaches the network
-            batch = {"global_crops": batch["global_crops"].float().fill_(float("inf")), "local_crops": batch["local_crops"]}
+            batch = {
+                "global_crops": batch["global_crops"].float().fill_(float("inf")),
+                "local_crops": batch["local_crops"],
+            }
         return orig(batch, health)
 
     runner.step = step

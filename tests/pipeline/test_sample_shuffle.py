@@ -45,7 +45,7 @@ def mean_batch_entropy(labels: list[int], batch: int) -> float:
     """Mean over full batches of consecutive labels of the label entropy (nats) of each batch."""
     out = []
     for i in range(0, len(labels) - batch + 1, batch):
-        p = np.bincount(labels[i:i + batch]) / batch
+        p = np.bincount(labels[i : i + batch]) / batch
         p = p[p > 0]
         out.append(float(-(p * np.log(p)).sum()))
     return float(np.mean(out))
@@ -99,7 +99,9 @@ def test_streamed_shards_are_interleaved_in_proportion_and_keep_their_order(tmp_
     monkeypatch.setattr(tr._IndexedShard, "scan", classmethod(lambda cls, path, keep: None))
     paths, counts = _class_sorted_shards(tmp_path)
     rows = list(tr.shuffled_rows(paths, counts, [4], group=5, buffer=0))
-    assert sorted(r["__key__"] for r in rows) == sorted(f"c{c}_{i:03d}" for c in range(CLASSES) for i in range(PER_CLASS))
+    assert sorted(r["__key__"] for r in rows) == sorted(
+        f"c{c}_{i:03d}" for c in range(CLASSES) for i in range(PER_CLASS)
+    )
     by_shard: dict[str, list[int]] = {}
     for r in rows:
         by_shard.setdefault(r["__url__"], []).append(_position(r["__key__"]))
@@ -210,5 +212,7 @@ def test_make_shards_writes_a_seeded_random_order_by_default_and_sorted_on_reque
     assert all(len(set(shard)) >= 3 for shard in shuffled)  # each shard holds most classes
     assert sorted(sum(shuffled, [])) == sorted(sum(sorted_, []))
     assert written(tmp_path / "again") == shuffled  # the same input and seed: the same shards
-    assert (tmp_path / "again" / "train-000000.tar").read_bytes() == (tmp_path / "random" / "train-000000.tar").read_bytes()
+    assert (tmp_path / "again" / "train-000000.tar").read_bytes() == (
+        tmp_path / "random" / "train-000000.tar"
+    ).read_bytes()
     assert written(tmp_path / "seed1", "--seed", "1") != shuffled

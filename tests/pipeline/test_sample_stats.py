@@ -27,8 +27,13 @@ def test_bad_fraction_rule_and_message():
     assert msg is not None and "\n" not in msg
     assert "60 of 1000 samples (6.0%)" in msg and "data.max_bad_fraction=0.05" in msg
     assert "empty=20, undecodable=40" in msg and "train-000003.tar (55)" in msg and "k17 (empty)" in msg
-    assert metrics(bad) == {"data/seen": 1000.0, "data/skipped": 60.0, "data/undecodable": 40.0,
-                            "data/empty": 20.0, "data/no_label": 3.0}
+    assert metrics(bad) == {
+        "data/seen": 1000.0,
+        "data/skipped": 60.0,
+        "data/undecodable": 40.0,
+        "data/empty": 20.0,
+        "data/no_label": 3.0,
+    }
 
 
 class _Tracker:
@@ -46,7 +51,9 @@ def test_runner_stops_the_epoch_when_too_many_samples_are_bad():
 
     def stats():  # 20% bad once 200 samples were seen
         seen["n"] += 100
-        return _stats(seen["n"], {"undecodable": seen["n"] // 5}, {"x/train-000001.tar": 1}, [("x", "k", "undecodable")])
+        return _stats(
+            seen["n"], {"undecodable": seen["n"] // 5}, {"x/train-000001.tar": 1}, [("x", "k", "undecodable")]
+        )
 
     runner = DinoRunner(cfg, plan, torch.device("cpu"), data_stats=stats)
     g = torch.randint(0, 256, (4, 2, 32, 32, 3), dtype=torch.uint8)

@@ -96,16 +96,18 @@ def test_pickles_in_a_shard_are_never_unpickled(tmp_path):
 def test_pickles_under_an_image_key_are_only_ever_given_to_pil(tmp_path):
     """A pickle renamed ``.jpg`` reaches the image decoder and is counted undecodable; nothing runs."""
     from dino.augment import MultiCropSpec
-    from pipeline.train.attention import fixed_val_images
     from pipeline.data.stage import MultiCropMapper
+    from pipeline.data.tar_reader import COLUMNS, read_shard
     from pipeline.eval.embed import decode_views
     from pipeline.eval.query import read_images
-    from pipeline.data.tar_reader import COLUMNS, read_shard
+    from pipeline.train.attention import fixed_val_images
 
     sentinel = tmp_path / "ran"
     p = _payloads(sentinel)
-    shard = _tar(tmp_path / "val-000000.tar", [("x.jpg", p["pickle"]), ("x.cls", b"0"), ("y.png", p["pth"]),
-                                               ("z.jpg", _jpeg()), ("z.cls", b"1")])
+    shard = _tar(
+        tmp_path / "val-000000.tar",
+        [("x.jpg", p["pickle"]), ("x.cls", b"0"), ("y.png", p["pth"]), ("z.jpg", _jpeg()), ("z.cls", b"1")],
+    )
     rows = list(read_shard({"path": str(shard)}))
     batch = {c: np.array([r[c] for r in rows], dtype=object) for c in COLUMNS}
     mapper = MultiCropMapper(MultiCropSpec(global_size=32, local_size=16, n_local=1), seed=0)
@@ -119,8 +121,8 @@ def test_pickles_under_an_image_key_are_only_ever_given_to_pil(tmp_path):
 
 
 def test_a_pickle_checkpoint_that_runs_code_is_refused(tmp_path):
-    from pipeline.weights.checkpoint import STATE_FILE, load_state
     from pipeline.errors import CheckpointError
+    from pipeline.weights.checkpoint import STATE_FILE, load_state
 
     sentinel = tmp_path / "ran"
     torch.save({"student": {}, "epoch": _Payload(sentinel)}, tmp_path / STATE_FILE)
@@ -134,13 +136,16 @@ def test_a_pickle_checkpoint_that_runs_code_is_refused(tmp_path):
 def test_exported_teachers_are_safetensors_and_a_pickle_in_their_place_is_refused(tmp_path):
     import timm
 
-    from pipeline.weights.checkpoint import TEACHER_WEIGHTS, export_teacher, load_teacher
     from pipeline.errors import CheckpointError
+    from pipeline.weights.checkpoint import TEACHER_WEIGHTS, export_teacher, load_teacher
 
     tk = {"depth": 1, "patch_size": 8, "embed_dim": 24, "num_heads": 2, "img_size": 16}
     model = timm.create_model("vit_tiny_patch16_224", num_classes=0, **tk)
-    d = export_teacher(tmp_path / "t", {"backbone." + k: v for k, v in model.state_dict().items()},
-                       {"arch": "vit_tiny_patch16_224", "timm_kwargs": tk, "image_size": 16})
+    d = export_teacher(
+        tmp_path / "t",
+        {"backbone." + k: v for k, v in model.state_dict().items()},
+        {"arch": "vit_tiny_patch16_224", "timm_kwargs": tk, "image_size": 16},
+    )
     header_len = int.from_bytes((d / TEACHER_WEIGHTS).read_bytes()[:8], "little")  # safetensors layout
     assert (d / TEACHER_WEIGHTS).read_bytes()[8:9] == b"{" and header_len > 0
     sentinel = tmp_path / "ran"
@@ -175,7 +180,11 @@ def test_no_code_executing_loader_is_used_anywhere():
         for node in ast.walk(tree):
             if isinstance(node, (ast.Import, ast.ImportFrom)):
                 names = [a.name for a in node.names] + ([node.module] if isinstance(node, ast.ImportFrom) else [])
-                bad = [n for n in names if n and n.split(".")[0] in ("pickle", "marshal", "dill", "cloudpickle", "shelve", "joblib")]
+                bad = [
+                    n
+                    for n in names
+                    if n and n.split(".")[0] in ("pickle", "marshal", "dill", "cloudpickle", "shelve", "joblib")
+                ]
                 if isinstance(node, ast.ImportFrom) and [a.name for a in node.names] == ["UnpicklingError"]:
                     bad = []  # the exception class only (to name a refused checkpoint)
                 if bad:
@@ -190,15 +199,20 @@ def test_no_code_executing_loader_is_used_anywhere():
                     problems.append(f"{where} torch.load without weights_only=True")
             if owner == "yaml" and name in ("load", "unsafe_load", "full_load", "load_all"):
                 problems.append(f"{where} yaml.{name}")
-            if name == "load" and owner in ("np", "numpy") and not (
-                isinstance(kw.get("allow_pickle"), ast.Constant) and kw["allow_pickle"].value is False
-            ) and "allow_pickle" in kw:
+            if (
+                name == "load"
+                and owner in ("np", "numpy")
+                and not (isinstance(kw.get("allow_pickle"), ast.Constant) and kw["allow_pickle"].value is False)
+                and "allow_pickle" in kw
+            ):
                 problems.append(f"{where} np.load(allow_pickle=...)")
             if name in ("read_pickle", "extractall") or (name == "extract" and owner in ("tf", "tar", "tarfile")):
                 problems.append(f"{where} {name}")
             if isinstance(node.func, ast.Name) and name in ("eval", "exec"):
                 problems.append(f"{where} {name}()")
-            if name == "read_webdataset" and not (isinstance(kw.get("decoder"), ast.Constant) and kw["decoder"].value is None):
+            if name == "read_webdataset" and not (
+                isinstance(kw.get("decoder"), ast.Constant) and kw["decoder"].value is None
+            ):
                 problems.append(f"{where} read_webdataset with a decoder")
     assert problems == []
     assert torch_loads >= 1  # at least pipeline/checkpoint.load_state (the scan saw it)
@@ -210,8 +224,10 @@ def test_member_names_that_escape_are_strings_and_nothing_is_written(tmp_path):
 
     work = tmp_path / "a" / "b"
     work.mkdir(parents=True)
-    shard = _tar(work / "s.tar", [("../../escaped.jpg", _jpeg()), (str(tmp_path / "abs.jpg"), _jpeg()),
-                                  ("..\\..\\win.jpg", _jpeg())])
+    shard = _tar(
+        work / "s.tar",
+        [("../../escaped.jpg", _jpeg()), (str(tmp_path / "abs.jpg"), _jpeg()), ("..\\..\\win.jpg", _jpeg())],
+    )
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
     rows = list(read_shard({"path": str(shard)}))
     # "..\\..\\win.jpg" has no key under webdataset's rule (the first "." starts the extension): skipped.
@@ -236,7 +252,12 @@ def test_every_default_server_binds_loopback():
     """No `0.0.0.0`/`::` bind anywhere; every dashboard and MLflow server start names 127.0.0.1 (or, on the
     cluster head, its private address: tests/jobs/test_deploy_configs.py checks cluster.yaml and deploy/)."""
     files = [REPO / "Makefile", REPO / "cluster.yaml", REPO / "README.md", *sorted((REPO / "deploy").rglob("*"))]
-    files += [p for d in (*CODE_DIRS, "benchmarks") for p in sorted((REPO / d).rglob("*")) if p.suffix in (".py", ".sh", ".yaml")]
+    files += [
+        p
+        for d in (*CODE_DIRS, "benchmarks", "tools")
+        for p in sorted((REPO / d).rglob("*"))
+        if p.suffix in (".py", ".sh", ".yaml")
+    ]
     files += sorted((REPO / "configs").glob("*.yaml"))
     for f in (p for p in files if p.is_file()):
         text = f.read_text(errors="replace")
@@ -250,8 +271,13 @@ def test_every_default_server_binds_loopback():
     import subprocess
     import sys
 
-    helptext = subprocess.run([str(Path(sys.executable).parent / "mlflow"), "server", "--help"],
-                              check=True, capture_output=True, text=True, timeout=120).stdout
+    helptext = subprocess.run(
+        [str(Path(sys.executable).parent / "mlflow"), "server", "--help"],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    ).stdout
     assert re.search(r"--host HOST\s+The network interface to bind the server to\s+\(default: 127\.0\.0\.1\)", helptext)
     # Every ray.init in the code that starts a local cluster with a dashboard binds it to loopback.
     for path, tree in _sources():

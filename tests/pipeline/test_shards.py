@@ -22,7 +22,6 @@ from pipeline.data import packing
 from pipeline.data.shards import (
     INDEX_FORMAT,
     Sample,
-    SplitInfo,
     is_safe_key,
     load_split,
     read_index,
@@ -96,7 +95,11 @@ def test_round_trip_keys_bytes_labels_and_index(tmp_path):
 
 
 def test_mask_member_is_written_counted_once_and_verified(tmp_path):
-    samples = [Sample("m0", _jpeg(0), 1, mask=b"\x89PNG m0"), Sample("m1", _jpeg(1), 0), Sample("m2", _jpeg(2), None, mask=b"M")]
+    samples = [
+        Sample("m0", _jpeg(0), 1, mask=b"\x89PNG m0"),
+        Sample("m1", _jpeg(1), 0),
+        Sample("m2", _jpeg(2), None, mask=b"M"),
+    ]
     shards = write_shards(samples, tmp_path, "val")
     with tarfile.open(tmp_path / "val-000000.tar") as tf:
         assert tf.getnames() == ["m0.jpg", "m0.cls", "m0.mask.png", "m1.jpg", "m1.cls", "m2.jpg", "m2.mask.png"]
@@ -142,8 +145,7 @@ def test_identical_input_gives_identical_bytes(tmp_path):
 
 
 def _failing(n_ok: int):
-    for s in _samples(n_ok):
-        yield s
+    yield from _samples(n_ok)
     raise RuntimeError("source broke")
 
 
@@ -204,18 +206,30 @@ def test_make_shards_hitting_a_real_file_size_limit_leaves_only_complete_shards(
     (src / "dog" / "z.jpg").write_bytes(_jpeg(9, (512, 512)))  # ~240 KB: its shard passes the limit
     assert len((src / "dog" / "z.jpg").read_bytes()) > 150_000
     cmd = [sys.executable, "jobs/make_shards.py", str(src), str(out), "--workers", "1"]
-    assert subprocess.run([*cmd, "--split", "val"], cwd=REPO, capture_output=True, timeout=120, check=False).returncode == 0
+    assert (
+        subprocess.run([*cmd, "--split", "val"], cwd=REPO, capture_output=True, timeout=120, check=False).returncode
+        == 0
+    )
     before = {n: (out / n).read_bytes() for n in _files(out)}
 
     def limit():
         resource.setrlimit(resource.RLIMIT_FSIZE, (150_000, 150_000))
 
-    res = subprocess.run([*cmd, "--shard-size", "2"], cwd=REPO, capture_output=True, text=True, timeout=120,
-                         preexec_fn=limit, check=False)
+    res = subprocess.run(
+        [*cmd, "--shard-size", "2"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        preexec_fn=limit,
+        check=False,
+    )
     assert res.returncode == 1, res.stderr
     err = res.stderr.strip().splitlines()[-1]
-    assert err == (f"make_shards: failed writing {out}: [Errno {errno.EFBIG}] File too large; "
-                   f"no partial shard was left under a final name")
+    assert err == (
+        f"make_shards: failed writing {out}: [Errno {errno.EFBIG}] File too large; "
+        f"no partial shard was left under a final name"
+    )
     # No train shard under a final name (the three complete ones were temporary until the split was
     # whole), no temporary file left, and the split written before is untouched and still verifies.
     assert {n: (out / n).read_bytes() for n in _files(out)} == before
@@ -270,8 +284,10 @@ def test_write_index_merges_splits_and_refuses_other_classes(tmp_path):
         "format": INDEX_FORMAT,
         "classes": ["a", "b", "c"],
         "splits": {
-            "train": {"count": 5, "shards": [{"name": f"train-00000{i}.tar", "count": c}
-                                             for i, c in enumerate([2, 2, 1])]},
+            "train": {
+                "count": 5,
+                "shards": [{"name": f"train-00000{i}.tar", "count": c} for i, c in enumerate([2, 2, 1])],
+            },
             "val": {"count": 2, "shards": [{"name": "val-000000.tar", "count": 2}]},
         },
     }
@@ -302,12 +318,17 @@ def test_discovery_without_index_matches_index_counts(tmp_path):
 
 
 def test_discovery_counts_keys_with_an_image_only(tmp_path):
-    _tar(tmp_path / "train-000000.tar", [
-        ("a.jpg", b"1"), ("a.cls", b"0"),
-        ("b.cls", b"1"),  # no image: not a sample
-        ("c.seg.png", b"2"), ("c.PNG", b"3"),  # one key, two image-ish members
-        ("d.jpeg", b"4"),
-    ])
+    _tar(
+        tmp_path / "train-000000.tar",
+        [
+            ("a.jpg", b"1"),
+            ("a.cls", b"0"),
+            ("b.cls", b"1"),  # no image: not a sample
+            ("c.seg.png", b"2"),
+            ("c.PNG", b"3"),  # one key, two image-ish members
+            ("d.jpeg", b"4"),
+        ],
+    )
     assert load_split(tmp_path, "train").counts == [3]
 
 
@@ -338,8 +359,9 @@ def test_error_empty_split(tmp_path):
     with pytest.raises(DataError) as err:
         load_split(tmp_path, "train")
     _one_line(err, str(tmp_path), "'train'", "0 samples")
-    (tmp_path / "index.json").write_text(json.dumps(
-        {"format": INDEX_FORMAT, "classes": None, "splits": {"train": {"count": 0, "shards": []}}}))
+    (tmp_path / "index.json").write_text(
+        json.dumps({"format": INDEX_FORMAT, "classes": None, "splits": {"train": {"count": 0, "shards": []}}})
+    )
     with pytest.raises(DataError) as err:
         load_split(tmp_path, "train")
     _one_line(err, str(tmp_path / "index.json"), "0 samples")
@@ -367,9 +389,12 @@ def test_error_index_lists_missing_shard(tmp_path):
         ("{not json", "cannot read index"),
         (json.dumps({"format": "other/2", "splits": {}}), "wrong 'format'"),
         (json.dumps({"format": INDEX_FORMAT, "splits": {"train": {"shards": [{"name": "x.tar"}]}}}), "bad shard entry"),
-        (json.dumps({"format": INDEX_FORMAT,
-                     "splits": {"train": {"count": 5, "shards": [{"name": "x.tar", "count": 2}]}}}),
-         "count 5 != sum of shard counts 2"),
+        (
+            json.dumps(
+                {"format": INDEX_FORMAT, "splits": {"train": {"count": 5, "shards": [{"name": "x.tar", "count": 2}]}}}
+            ),
+            "count 5 != sum of shard counts 2",
+        ),
     ],
 )
 def test_error_malformed_index(tmp_path, content, needle):
@@ -393,9 +418,14 @@ def test_a_remote_root_is_read_with_or_without_an_index(tmp_path, monkeypatch):
     server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     try:
-        url = "http://%s:%d" % server.get_host_and_port()
-        env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-               "AWS_ENDPOINT_URL": url, "AWS_EC2_METADATA_DISABLED": "true"}
+        url = "http://{}:{:d}".format(*server.get_host_and_port())
+        env = {
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_ENDPOINT_URL": url,
+            "AWS_EC2_METADATA_DISABLED": "true",
+        }
         for k, v in env.items():
             monkeypatch.setenv(k, v)
         s3 = boto3.client("s3", endpoint_url=url)
@@ -501,8 +531,18 @@ def test_make_shards_worker_pool_gives_same_result_as_serial(image_folder):
 
 def test_make_shards_runs_as_a_script_in_synthetic_mode(tmp_path):
     out = tmp_path / "syn"
-    cmd = [sys.executable, "jobs/make_shards.py", "--synthetic", str(out), "--n-train", "16", "--n-val", "8",
-           "--shard-size", "10"]
+    cmd = [
+        sys.executable,
+        "jobs/make_shards.py",
+        "--synthetic",
+        str(out),
+        "--n-train",
+        "16",
+        "--n-val",
+        "8",
+        "--shard-size",
+        "10",
+    ]
     res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     counts = "train: 16 images in 2 shards, val: 8 images in 1 shards"
@@ -522,8 +562,13 @@ def test_header_scanner_agrees_with_tarfile(tmp_path, fmt):
     path = tmp_path / "train-000000.tar"
     long_dir = "d" * 120 if fmt != tarfile.USTAR_FORMAT else "d" * 90  # ustar: split into prefix/name
     with tarfile.open(path, "w", format=fmt) as tf:
-        for name, data in [("a.jpg", b"x" * 700), ("a.cls", b"1"), (f"{long_dir}/k" + "e" * 60 + ".jpg", b""),
-                           ("b.jpg", b"y" * 512), ("\u00e9t\u00e9.png", b"z")]:
+        for name, data in [
+            ("a.jpg", b"x" * 700),
+            ("a.cls", b"1"),
+            (f"{long_dir}/k" + "e" * 60 + ".jpg", b""),
+            ("b.jpg", b"y" * 512),
+            ("\u00e9t\u00e9.png", b"z"),
+        ]:
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tf.addfile(info, io.BytesIO(data))

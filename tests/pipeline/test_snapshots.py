@@ -14,7 +14,7 @@ def test_marks_fall_due_once_each_in_order_at_the_first_epoch_end_past_them():
     assert s.due(1000.0 + 20 * 60) == []
     assert s.due(1000.0 + 65 * 60) == [30, 60]  # one epoch end past two marks: both, the same teacher
     assert s.due(1000.0 + 99 * 60) == []
-    assert s.elapsed_min(1000.0 + 90) == pytest.approx(1.5)
+    assert s.elapsed_min(1000.0 + 90) == pytest.approx(1.5)  # float64 90 / 60: exact; default approx
 
 
 def test_a_resumed_run_skips_the_marks_it_already_logged():
@@ -39,16 +39,23 @@ def test_a_snapshot_round_trips_through_a_tracking_server_as_an_exported_teacher
     import torch
     from mlflow.tracking import MlflowClient
 
-    from pipeline.weights.checkpoint import load_teacher
     from pipeline.train.snapshots import download_snapshots, log_snapshot, logged_labels
+    from pipeline.weights.checkpoint import load_teacher
 
     _, model = tiny_teacher(tmp_path / "t", seed=3)
     state = {f"backbone.{k}": v for k, v in model.state_dict().items()}
     state["head.last_layer.weight"] = torch.ones(4, 4)  # the head is not part of an export
     client = MlflowClient(mlflow_server)
     run_id = client.create_run(client.create_experiment(f"snapshots-{tmp_path.name}")).info.run_id
-    meta = {"arch": tiny_teacher.arch, "timm_kwargs": tiny_teacher.kwargs, "image_size": 32, "run_id": run_id,
-            "global_step": 40, "epoch": 4, "elapsed_min": 31.2}
+    meta = {
+        "arch": tiny_teacher.arch,
+        "timm_kwargs": tiny_teacher.kwargs,
+        "image_size": 32,
+        "run_id": run_id,
+        "global_step": 40,
+        "epoch": 4,
+        "elapsed_min": 31.2,
+    }
     assert logged_labels(client, run_id) == set()
     assert log_snapshot(client, run_id, state, meta, [30.0, 15.0]) == ["30min", "15min"]
     assert logged_labels(client, run_id) == {"15min", "30min"}

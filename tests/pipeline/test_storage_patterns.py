@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.errors import DataError
 from pipeline.data.storage import expand_pattern, is_pattern, resolve_split
 from pipeline.data.synthetic import make_synthetic_dataset
+from pipeline.errors import DataError
 
 
 @pytest.fixture(scope="module")

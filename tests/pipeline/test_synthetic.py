@@ -9,8 +9,7 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from pipeline.data.shards import load_split, read_index
-from pipeline.data.shards import verify_split
+from pipeline.data.shards import load_split, read_index, verify_split
 from pipeline.data.synthetic import CLASSES, make_synthetic_dataset, render_image, render_sample
 
 
@@ -90,8 +89,15 @@ def default_set(tmp_path_factory):
     out = {}
     for split in ("train", "val"):
         _, samples = _read(root, split)
-        pix = np.stack([np.asarray(Image.open(io.BytesIO(s["jpg"])).convert("RGB").resize((16, 16), Image.BILINEAR))
-                        for s in samples]).astype(np.float32) / 255  # (N, 16, 16, 3)
+        pix = (
+            np.stack(
+                [
+                    np.asarray(Image.open(io.BytesIO(s["jpg"])).convert("RGB").resize((16, 16), Image.BILINEAR))
+                    for s in samples
+                ]
+            ).astype(np.float32)
+            / 255
+        )  # (N, 16, 16, 3)
         out[split] = pix, np.array([int(s["cls"]) for s in samples])
     return out
 

@@ -11,11 +11,17 @@ from pipeline.data.tar_reader import COLUMNS, iter_samples, read_shard, read_sha
 
 
 def test_groups_by_key_and_keeps_only_image_and_label_members():
-    data = _tar([
-        ("a.jpg", b"A" * 10), ("a.cls", b"3"), ("a.pickle", pickle.dumps({"x": 1})), ("a.txt", b"t"),
-        ("dir/b.png", b"B" * 5), ("dir/b.cls", b"1"),
-        ("c.cls", b"2"),
-    ])
+    data = _tar(
+        [
+            ("a.jpg", b"A" * 10),
+            ("a.cls", b"3"),
+            ("a.pickle", pickle.dumps({"x": 1})),
+            ("a.txt", b"t"),
+            ("dir/b.png", b"B" * 5),
+            ("dir/b.cls", b"1"),
+            ("c.cls", b"2"),
+        ]
+    )
     rows = list(iter_samples(io.BytesIO(data), "s.tar"))
     assert [r["__key__"] for r in rows] == ["a", "dir/b", "c"]
     assert all(set(r) == set(COLUMNS) for r in rows)
@@ -28,12 +34,20 @@ def test_groups_by_key_and_keeps_only_image_and_label_members():
 def test_the_image_is_the_first_configured_member_and_the_label_may_be_a_json_field():
     from pipeline.data.shards import Members
 
-    data = _tar([
-        ("a.webp", b"W"), ("a.jpg", b"J"), ("a.json", b'{"label": 7, "caption": "x"}'), ("a.cls", b"1"),
-        ("b.png", b"P"), ("b.json", b'{"label": "3"}'),
-        ("c.jpeg", b"E"), ("c.json", b"not json"),
-        ("d.jpg", b"D"), ("d.json", b'{"label": true}'),
-    ])
+    data = _tar(
+        [
+            ("a.webp", b"W"),
+            ("a.jpg", b"J"),
+            ("a.json", b'{"label": 7, "caption": "x"}'),
+            ("a.cls", b"1"),
+            ("b.png", b"P"),
+            ("b.json", b'{"label": "3"}'),
+            ("c.jpeg", b"E"),
+            ("c.json", b"not json"),
+            ("d.jpg", b"D"),
+            ("d.json", b'{"label": true}'),
+        ]
+    )
     rows = list(iter_samples(io.BytesIO(data), "s.tar"))  # defaults: jpg, jpeg, png, webp; label cls
     assert [(r["image"], r["cls"]) for r in rows] == [(b"J", b"1"), (b"P", None), (b"E", None), (b"D", None)]
     layout = Members(image=("webp", "png", "jpg"), label="json", label_field="label")
@@ -48,7 +62,11 @@ def test_a_cut_at_or_inside_a_header_is_a_truncation_too():
     the reader checks for the end-of-archive block and counts the cut (the last sample may be partial:
     it is not emitted)."""
     data = _tar([(f"k{i}.jpg", bytes([i]) * 3000) for i in range(6)])  # 3,584 bytes per member
-    for cut, whole in ((3 * 3584, ["k0", "k1"]), (3 * 3584 + 100, ["k0", "k1"]), (6 * 3584, [f"k{i}" for i in range(5)])):
+    for cut, whole in (
+        (3 * 3584, ["k0", "k1"]),
+        (3 * 3584 + 100, ["k0", "k1"]),
+        (6 * 3584, [f"k{i}" for i in range(5)]),
+    ):
         rows = list(iter_samples(io.BytesIO(data[:cut]), "t.tar"))
         assert [r["__key__"] for r in rows[:-1]] == whole and rows[-1]["__error__"] == "truncated_shard", cut
     rows = list(iter_samples(io.BytesIO(data[: 6 * 3584 + 512]), "t.tar"))  # the end block is there
@@ -65,7 +83,10 @@ def test_mask_members_are_skipped_unless_asked_for(tmp_path):
     (tmp_path / "s.tar").write_bytes(data)
     (table,) = read_shard_tables({"path": [str(tmp_path / "s.tar")]})  # the Ray Data read stage: no mask column
     assert table.column_names == list(COLUMNS) and table.num_rows == 2
-    assert [r["mask.png"] for r in read_shard({"path": str(tmp_path / "s.tar")}, extra=("mask.png",))] == [b"M" * 7, None]
+    assert [r["mask.png"] for r in read_shard({"path": str(tmp_path / "s.tar")}, extra=("mask.png",))] == [
+        b"M" * 7,
+        None,
+    ]
     gone = list(read_shard({"path": str(tmp_path / "gone.tar")}, extra=("mask.png",)))
     assert gone[0]["__error__"] == "unreadable_shard" and gone[0]["mask.png"] is None
 

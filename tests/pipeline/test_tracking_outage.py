@@ -19,9 +19,23 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 def _start(root: Path, port: int) -> subprocess.Popen:
     exe = str(Path(sys.executable).parent / "mlflow")
     proc = subprocess.Popen(
-        [exe, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{root}/mlflow.db", "--artifacts-destination", str(root / "artifacts")],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=root,
+        [
+            exe,
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            f"sqlite:///{root}/mlflow.db",
+            "--artifacts-destination",
+            str(root / "artifacts"),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        cwd=root,
     )
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
@@ -60,8 +74,13 @@ def test_outage_buffers_without_blocking_and_resends_everything(tmp_path, port_f
         for step in range(11, 31):  # the outage: training goes on
             tracker.log_metrics({"loss": 1.0 / step, "lr": 0.1}, step=step)
             tracker.set_tag("last_step", str(step))
-        assert time.perf_counter() - t0 < 0.5  # never waits for the server
-        time.sleep(3)  # let the sender fail at least once
+        # never waits for the server: 40 in-memory calls take ~1 ms; 2 s is slack for a loaded 2-core machine
+        # (GIL hand-offs to the sender thread, descheduling)
+        assert time.perf_counter() - t0 < 2.0
+        # let the sender fail at least once: poll for its warning (a few 0.2 s flushes; up to a minute when loaded)
+        deadline = time.monotonic() + 60
+        while not any("MLflow unreachable" in r.message for r in caplog.records) and time.monotonic() < deadline:
+            time.sleep(0.2)
         assert tracker.pending() > 0
         assert any("MLflow unreachable" in r.message for r in caplog.records)
 
@@ -142,8 +161,9 @@ def test_a_training_run_never_pauses_for_a_60s_outage_and_keeps_every_step(tmp_p
     run_id = client.create_run(client.create_experiment("outage-run")).info.run_id
 
     cfg = load_config("smoke", ["tracking.log_every_steps=5", "health.attention_every_epochs=0"])
-    runner = DinoRunner(cfg, LoopPlan(steps_per_epoch=10**6, global_batch_size=8, tracking_uri=uri, run_id=run_id),
-                        torch.device("cpu"))
+    runner = DinoRunner(
+        cfg, LoopPlan(steps_per_epoch=10**6, global_batch_size=8, tracking_uri=uri, run_id=run_id), torch.device("cpu")
+    )
     tracker = MetricsTracker(uri, run_id, flush_every_s=1.0)
     logged: list[tuple[float, int]] = []  # (time, step) of every log_metrics call holding the loss
     log_metrics = tracker.log_metrics
@@ -167,8 +187,13 @@ def test_a_training_run_never_pauses_for_a_60s_outage_and_keeps_every_step(tmp_p
         marks["up"] = time.monotonic()
 
     gen = torch.Generator().manual_seed(0)
-    pool = [{"global_crops": torch.randint(0, 256, (8, 2, 32, 32, 3), dtype=torch.uint8, generator=gen),
-             "local_crops": torch.randint(0, 256, (8, 2, 16, 16, 3), dtype=torch.uint8, generator=gen)} for _ in range(4)]
+    pool = [
+        {
+            "global_crops": torch.randint(0, 256, (8, 2, 32, 32, 3), dtype=torch.uint8, generator=gen),
+            "local_crops": torch.randint(0, 256, (8, 2, 16, 16, 3), dtype=torch.uint8, generator=gen),
+        }
+        for _ in range(4)
+    ]
     ends: list[float] = []  # time each step ended (= the next batch was asked for)
 
     def batches():
@@ -194,23 +219,31 @@ def test_a_training_run_never_pauses_for_a_60s_outage_and_keeps_every_step(tmp_p
         before = [d for t, d in step_times if t < marks["down"]][5:]  # first steps warm up
         during = [d for t, d in step_times if marks["down"] <= t < marks["restarting"]]
         med_before, med_during = statistics.median(before), statistics.median(during)
-        print(f"\nstep time before: median {med_before * 1e3:.1f} ms, max {max(before) * 1e3:.1f} ms over {len(before)} steps;"
-              f" during the {outage_s:.0f} s outage: median {med_during * 1e3:.1f} ms, max {max(during) * 1e3:.1f} ms,"
-              f" p99 {sorted(during)[int(0.99 * len(during))] * 1e3:.1f} ms over {len(during)} steps")
+        print(
+            f"\nstep time before: median {med_before * 1e3:.1f} ms, max {max(before) * 1e3:.1f} ms"
+            f" over {len(before)} steps;"
+            f" during the {outage_s:.0f} s outage: median {med_during * 1e3:.1f} ms, max {max(during) * 1e3:.1f} ms,"
+            f" p99 {sorted(during)[int(0.99 * len(during))] * 1e3:.1f} ms over {len(during)} steps"
+        )
         # Training went on at its pace: as many steps as the outage has room for, at the same median, and no
         # step that waited for the server (a send blocked by the outage takes >= 4 s: refused, then retried
-        # after urllib3's 2 x 2 s back-off; the 2.5 s floor leaves room for a loaded machine's hiccups).
-        assert len(during) >= 0.6 * outage_s / med_before
-        assert med_during <= 1.5 * med_before + 0.005
-        assert max(during) < max(20 * med_before, 2.5)
+        # after urllib3's 2 x 2 s back-off; the 3.5 s floor leaves room for a loaded machine's hiccups).
+        # Wall-clock ratios on a shared 2-core machine: other work can slow one phase against the other, so
+        # the bounds allow a 2-3x change in load while a blocking sender (>= 4 s every 5th step, a log step)
+        # would still cut the step count by ~10x and exceed the max.
+        assert len(during) >= 0.3 * outage_s / med_before
+        assert med_during <= 3 * med_before + 0.02
+        assert max(during) < max(20 * med_before, 3.5)
         assert any("MLflow unreachable" in r.message for r in caplog.records)  # the outage was felt
 
         in_outage = sorted(s for t, s in logged if marks["down"] <= t < marks["up"])
         steps = sorted(m.step for m in MlflowClient(uri).get_metric_history(run_id, "train/loss"))
-        print(f"steps logged: {len(logged)} ({len(in_outage)} while the server was down, "
-              f"{marks['up'] - marks['down']:.0f} s incl. a {marks['up'] - marks['restarting']:.0f} s restart); "
-              f"in the run afterwards: {len(steps)}")
-        assert len(in_outage) >= 0.6 * outage_s / med_before / 5
+        print(
+            f"steps logged: {len(logged)} ({len(in_outage)} while the server was down, "
+            f"{marks['up'] - marks['down']:.0f} s incl. a {marks['up'] - marks['restarting']:.0f} s restart); "
+            f"in the run afterwards: {len(steps)}"
+        )
+        assert len(in_outage) >= 0.3 * outage_s / med_before / 5  # as len(during) above: one log every 5 steps
         assert set(in_outage) <= set(steps)
         assert steps == sorted(s for _, s in logged)  # every logged step arrived, exactly once
         assert len(MlflowClient(uri).get_metric_history(run_id, "train/lr")) == len(logged)

@@ -12,8 +12,8 @@ def test_actor_pool_grows_from_min_and_stays_within_max(tmp_path, ray_cluster, m
     import ray
 
     from pipeline.config import load_config
-    from pipeline.data.stage import MultiCropMapper, multicrop_dataset
     from pipeline.data.shards import load_split
+    from pipeline.data.stage import MultiCropMapper, multicrop_dataset
 
     class TaggingMapper(MultiCropMapper):
         """Production mapper plus the id of the actor that produced each row."""
@@ -28,9 +28,15 @@ def test_actor_pool_grows_from_min_and_stays_within_max(tmp_path, ray_cluster, m
     root = make_synthetic_dataset(tmp_path / "d", n_train=2000, n_val=8, image_size=64, shard_size=25)  # 80 shards
     cfg = load_config(
         "smoke",
-        ["ray.augment_actors_min=1",
-         "ray.augment_actors_max=3", "ray.augment_batch_size=8", "ray.augment_cpus_per_actor=0.5",
-         "augment.n_local=6", "augment.global_size=64", "augment.local_size=32"],
+        [
+            "ray.augment_actors_min=1",
+            "ray.augment_actors_max=3",
+            "ray.augment_batch_size=8",
+            "ray.augment_cpus_per_actor=0.5",
+            "augment.n_local=6",
+            "augment.global_size=64",
+            "augment.local_size=32",
+        ],
     )
     train = load_split(str(root), "train")
     import pipeline.data.stage as data
@@ -51,8 +57,8 @@ def test_one_stream_of_several_passes_delivers_every_sample_once_per_pass(tmp_pa
     import collections
 
     from pipeline.config import load_config
-    from pipeline.data.stage import multicrop_dataset
     from pipeline.data.shards import load_split
+    from pipeline.data.stage import multicrop_dataset
     from pipeline.data.synthetic import make_synthetic_dataset
 
     root = make_synthetic_dataset(tmp_path / "d", n_train=120, n_val=0, image_size=32, shard_size=20)  # 6 shards
@@ -87,8 +93,12 @@ def test_pass_orders_are_permutations_drawn_from_the_seed():
     assert len(grouped) == 9
     for p, order in enumerate(passes):
         assert grouped[3 * p : 3 * p + 3] == [tuple(order[0::3]), tuple(order[1::3]), tuple(order[2::3])]
-    assert [t.metadata.input_files for t in ShardPasses(paths, passes=1, seed=None, tasks_per_pass=1).get_read_tasks(1)] == [tuple(paths)]
-    assert len(ShardPasses(paths, passes=1, seed=None, tasks_per_pass=50).get_read_tasks(1)) == 8  # at most one per shard
+    assert [
+        t.metadata.input_files for t in ShardPasses(paths, passes=1, seed=None, tasks_per_pass=1).get_read_tasks(1)
+    ] == [tuple(paths)]
+    assert (
+        len(ShardPasses(paths, passes=1, seed=None, tasks_per_pass=50).get_read_tasks(1)) == 8
+    )  # at most one per shard
 
 
 def test_each_augmentation_batch_is_its_own_block(tmp_path, ray_cluster):
@@ -96,8 +106,8 @@ def test_each_augmentation_batch_is_its_own_block(tmp_path, ray_cluster):
     shard's crops into one block (up to 128 MiB), which backpressure cannot split (the slow-trainer soak
     spilled 709 MiB through a 128 MiB store that way; 0 with batch-sized blocks)."""
     from pipeline.config import load_config
-    from pipeline.data.stage import crop_bytes, multicrop_dataset, spec_from_config
     from pipeline.data.shards import load_split
+    from pipeline.data.stage import crop_bytes, multicrop_dataset, spec_from_config
     from pipeline.data.synthetic import make_synthetic_dataset
 
     root = make_synthetic_dataset(tmp_path / "d", n_train=200, n_val=0, image_size=32, shard_size=100)  # 2 shards
@@ -145,8 +155,9 @@ def test_idle_priority_puts_every_actor_thread_under_sched_idle(tmp_path, ray_cl
             return out
 
     root = make_synthetic_dataset(tmp_path / "d", n_train=64, n_val=0, image_size=32, shard_size=32)
-    cfg = load_config("smoke", ["ray.augment_actors_max=1", "ray.augment_batch_size=16",
-                                f"ray.augment_priority={priority}"])
+    cfg = load_config(
+        "smoke", ["ray.augment_actors_max=1", "ray.augment_batch_size=16", f"ray.augment_priority={priority}"]
+    )
     monkeypatch.setattr(data, "MultiCropMapper", PolicyMapper)  # read when the dataset is built
     ds = data.multicrop_dataset(load_split(str(root), "train").paths, cfg)
     batch_threads, all_threads = set(), set()
@@ -187,8 +198,15 @@ def test_read_blocks_are_split_before_the_pool(tmp_path, ray_cluster):
     read tasks' CPU share, and the stage's plan has the split (ray.read_block_rows) between the reads and the
     pool, or none with read_block_rows=0."""
     from pipeline.config import load_config
-    from pipeline.data.stage import crop_bytes, multicrop_dataset, one_block_per_batch, read_shards, spec_from_config, split_read_blocks
     from pipeline.data.shards import load_split
+    from pipeline.data.stage import (
+        crop_bytes,
+        multicrop_dataset,
+        one_block_per_batch,
+        read_shards,
+        spec_from_config,
+        split_read_blocks,
+    )
     from pipeline.data.synthetic import make_synthetic_dataset
 
     root = make_synthetic_dataset(tmp_path / "d", n_train=300, n_val=0, image_size=32, shard_size=100)  # 3 shards
@@ -207,6 +225,7 @@ def test_read_blocks_are_split_before_the_pool(tmp_path, ray_cluster):
     assert split._logical_plan.dag.ray_remote_args == {"num_cpus": 0.25}
     rows = bundle_rows(split)
     assert sum(rows) == 300 and max(rows) == 16 and rows.count(16) >= 300 // 16 - 3, rows
+
     # The production stage has the split between the reads and the pool.
     def plan(config) -> list:
         ops, op = [], multicrop_dataset(paths, config)._logical_plan.dag
@@ -218,4 +237,7 @@ def test_read_blocks_are_split_before_the_pool(tmp_path, ray_cluster):
     ops = plan(cfg)
     assert [type(op).__name__ for op in ops[:3]] == ["MapBatches", "StreamingRepartition", "Read"]
     assert cfg.ray.read_block_rows == ops[1].target_num_rows_per_block == 512
-    assert [type(op).__name__ for op in plan(load_config("smoke", ["ray.read_block_rows=0"]))[:2]] == ["MapBatches", "Read"]
+    assert [type(op).__name__ for op in plan(load_config("smoke", ["ray.read_block_rows=0"]))[:2]] == [
+        "MapBatches",
+        "Read",
+    ]

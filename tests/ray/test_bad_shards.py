@@ -21,8 +21,8 @@ def test_stage_survives_bad_shards_and_counts_reasons(tmp_path, ray_cluster):
     import ray
 
     from pipeline.config import load_config
-    from pipeline.data.stage import multicrop_dataset
     from pipeline.data.sample_stats import SampleCounter
+    from pipeline.data.stage import multicrop_dataset
     from pipeline.data.synthetic import make_synthetic_dataset
 
     root = make_synthetic_dataset(tmp_path / "ds", n_train=40, n_val=4, image_size=32, shard_size=20)
@@ -46,7 +46,9 @@ def test_stage_survives_bad_shards_and_counts_reasons(tmp_path, ray_cluster):
     cfg = load_config("smoke", ["ray.augment_actors_max=1"])
     paths = [str(root / f"train-00000{i}.tar") for i in range(3)]
     keys = []
-    for batch in multicrop_dataset(paths, cfg, counter_name="bad-shards-counter").iter_batches(batch_size=8, batch_format="numpy"):
+    for batch in multicrop_dataset(paths, cfg, counter_name="bad-shards-counter").iter_batches(
+        batch_size=8, batch_format="numpy"
+    ):
         keys += batch["key"].tolist()
     stats = ray.get(counter.get.remote())
     ray.kill(counter)

@@ -39,19 +39,47 @@ STEPS_PER_EPOCH, EPOCHS = 96 // (8 * 2), 1  # smoke preset, 2 workers x batch 8:
 def _submit_no_wait(head, tmp: Path, uri: str) -> str:
     import subprocess
 
-    env_vars = {"MLFLOW_TRACKING_URI": uri, "RAY_DATA_DISABLE_PROGRESS_BARS": "1", "DINO_TEST_CHECKPOINT_PAUSE": "6:600"}
+    env_vars = {
+        "MLFLOW_TRACKING_URI": uri,
+        "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
+        "DINO_TEST_CHECKPOINT_PAUSE": "6:600",
+    }
     args = [
-        str(BIN / "ray"), "job", "submit", "--address", head["address"], "--working-dir", str(REPO),
-        "--runtime-env-json", json.dumps({"env_vars": env_vars}), "--no-wait",
-        "--", "python", "jobs/pretrain.py", "--config", "configs/smoke.yaml", "--no-knn",
-        f"data.synthetic_dir={tmp / 'data'}", f"output_dir={tmp / 'out'}", f"ray.storage_path={tmp / 'ray'}",
-        "data.synthetic_train=96", "data.synthetic_val=48", f"optim.epochs={EPOCHS}", "ray.num_workers=2",
-        "ray.cpus_per_worker=0.4", "ray.augment_cpus_per_actor=0.5", "ray.checkpoint_every_steps=3",
-        "ray.num_to_keep=2", f"tracking.run_name={RUN_NAME}", "health.attention_every_epochs=0",
+        str(BIN / "ray"),
+        "job",
+        "submit",
+        "--address",
+        head["address"],
+        "--working-dir",
+        str(REPO),
+        "--runtime-env-json",
+        json.dumps({"env_vars": env_vars}),
+        "--no-wait",
+        "--",
+        "python",
+        "jobs/pretrain.py",
+        "--config",
+        "configs/smoke.yaml",
+        "--no-knn",
+        f"data.synthetic_dir={tmp / 'data'}",
+        f"output_dir={tmp / 'out'}",
+        f"ray.storage_path={tmp / 'ray'}",
+        "data.synthetic_train=96",
+        "data.synthetic_val=48",
+        f"optim.epochs={EPOCHS}",
+        "ray.num_workers=2",
+        "ray.cpus_per_worker=0.4",
+        "ray.augment_cpus_per_actor=0.5",
+        "ray.checkpoint_every_steps=3",
+        "ray.num_to_keep=2",
+        f"tracking.run_name={RUN_NAME}",
+        "health.attention_every_epochs=0",
     ]
     out = subprocess.run(args, env=head["env"], capture_output=True, text=True, timeout=300, check=False)
     assert out.returncode == 0, out.stderr[-3000:]
-    return next(line.split("'")[1] for line in (out.stdout + out.stderr).splitlines() if "submitted successfully" in line)
+    return next(
+        line.split("'")[1] for line in (out.stdout + out.stderr).splitlines() if "submitted successfully" in line
+    )
 
 
 def test_worker_killed_while_writing_a_checkpoint_resumes_from_the_previous_one(ray_head, mlflow_server, tmp_path):  # noqa: F811
@@ -65,7 +93,9 @@ def test_worker_killed_while_writing_a_checkpoint_resumes_from_the_previous_one(
     while time.monotonic() < deadline and match is None:
         match = hook.search(_job_logs(ray_head, job_id, tmp_path))
         if match is None:
-            assert _job_status(ray_head, job_id) in ("PENDING", "RUNNING"), _job_logs(ray_head, job_id, tmp_path)[-4000:]
+            assert _job_status(ray_head, job_id) in ("PENDING", "RUNNING"), _job_logs(ray_head, job_id, tmp_path)[
+                -4000:
+            ]
             time.sleep(0.5)
     assert match is not None, "rank 0 never paused in the step-6 checkpoint"
     victim, half_written = int(match.group(1)), Path(match.group(2))
@@ -87,8 +117,9 @@ def test_worker_killed_while_writing_a_checkpoint_resumes_from_the_previous_one(
     assert not re.search(r"resumed from epoch \d+, global step 6", after_kill)  # never the half-written one
 
     client = MlflowClient(mlflow_server)
-    runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
-                              filter_string=f"tags.`mlflow.runName` = '{RUN_NAME}'")
+    runs = client.search_runs(
+        [e.experiment_id for e in client.search_experiments()], filter_string=f"tags.`mlflow.runName` = '{RUN_NAME}'"
+    )
     assert len(runs) == 1
     run = runs[0]
     assert run.info.status == "FINISHED" and run.data.tags["resumed_from_step"] == "3"
@@ -107,6 +138,8 @@ def test_worker_killed_while_writing_a_checkpoint_resumes_from_the_previous_one(
     assert on_disk == registered and 1 <= len(registered) <= 2
     final = load_state(run_dir / snapshot["latest_checkpoint_result"]["checkpoint_dir_name"])
     assert final["global_step"] == STEPS_PER_EPOCH * EPOCHS and final["epoch"] == EPOCHS
-    print(f"\nrank 0 (pid {victim}) killed while writing the step-6 checkpoint {half_written.name}; resumed from "
-          f"step 3; job finished {finished_after_kill:.1f} s after the kill; job took "
-          f"{time.monotonic() - t0:.0f} s")
+    print(
+        f"\nrank 0 (pid {victim}) killed while writing the step-6 checkpoint {half_written.name}; resumed from "
+        f"step 3; job finished {finished_after_kill:.1f} s after the kill; job took "
+        f"{time.monotonic() - t0:.0f} s"
+    )

@@ -30,16 +30,37 @@ def ray_head(port_factory):
     if not (BIN / "ray").exists():
         pytest.skip("ray CLI not installed")
     temp = Path(f"/tmp/rh{os.getpid()}")  # short: Ray's unix sockets live here
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": f"{BIN}:{os.environ['PATH']}",
-           "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
+    env = {
+        **os.environ,
+        "RAY_AUTH_MODE": "disabled",
+        "PATH": f"{BIN}:{os.environ['PATH']}",
+        "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
+    }
     env.pop("RAY_ADDRESS", None)
     dash = port_factory()
-    ports = [f"--port={port_factory()}", f"--dashboard-port={dash}", f"--ray-client-server-port={port_factory()}",
-             f"--dashboard-agent-listen-port={port_factory()}", f"--dashboard-agent-grpc-port={port_factory()}",
-             f"--runtime-env-agent-port={port_factory()}", f"--metrics-export-port={port_factory()}",
-             f"--node-manager-port={port_factory()}", f"--object-manager-port={port_factory()}"]
-    cmd = [str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
-           "--include-dashboard=true", "--num-cpus=2", f"--temp-dir={temp}", "--disable-usage-stats", *ports]
+    ports = [
+        f"--port={port_factory()}",
+        f"--dashboard-port={dash}",
+        f"--ray-client-server-port={port_factory()}",
+        f"--dashboard-agent-listen-port={port_factory()}",
+        f"--dashboard-agent-grpc-port={port_factory()}",
+        f"--runtime-env-agent-port={port_factory()}",
+        f"--metrics-export-port={port_factory()}",
+        f"--node-manager-port={port_factory()}",
+        f"--object-manager-port={port_factory()}",
+    ]
+    cmd = [
+        str(BIN / "ray"),
+        "start",
+        "--head",
+        "--node-ip-address=127.0.0.1",
+        "--dashboard-host=127.0.0.1",
+        "--include-dashboard=true",
+        "--num-cpus=2",
+        f"--temp-dir={temp}",
+        "--disable-usage-stats",
+        *ports,
+    ]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
     if out.returncode != 0:
         pytest.skip(f"ray start --head failed: {out.stderr[-2000:]}")
@@ -54,6 +75,7 @@ def _stop_cluster(temp: Path) -> None:
     its GCS the pytest process): its daemons name ``temp`` on their command lines, and everything they
     started goes too (the dashboard agent retitles itself ``ray::DashboardAgent`` and, orphaned, kept
     spinning at ~25 % of a core after the head was gone)."""
+
     def ours() -> list[int]:
         named, parent = set(), {}
         for pid in filter(str.isdigit, os.listdir("/proc")):
@@ -89,14 +111,36 @@ def _stop_cluster(temp: Path) -> None:
 
 def _submit(head, tmp, uri, *extra, wait=True):
     args = [
-        str(BIN / "ray"), "job", "submit", "--address", head["address"], "--working-dir", str(REPO),
-        "--runtime-env-json", json.dumps({"env_vars": {"MLFLOW_TRACKING_URI": uri, "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}}),
+        str(BIN / "ray"),
+        "job",
+        "submit",
+        "--address",
+        head["address"],
+        "--working-dir",
+        str(REPO),
+        "--runtime-env-json",
+        json.dumps({"env_vars": {"MLFLOW_TRACKING_URI": uri, "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}}),
         *([] if wait else ["--no-wait"]),
-        "--", "python", "jobs/pretrain.py", "--config", "configs/smoke.yaml", "--no-knn",
-        f"data.synthetic_dir={tmp / 'data'}", f"output_dir={tmp / 'out'}", f"ray.storage_path={tmp / 'ray'}",
-        "data.synthetic_train=96", "data.synthetic_val=48", f"optim.epochs={EPOCHS}", "ray.num_workers=2",
-        "ray.cpus_per_worker=0.4", "ray.augment_cpus_per_actor=0.5", "ray.checkpoint_every_steps=3",
-        "ray.num_to_keep=2", f"tracking.run_name={RUN_NAME}", "health.attention_every_epochs=2", *extra,
+        "--",
+        "python",
+        "jobs/pretrain.py",
+        "--config",
+        "configs/smoke.yaml",
+        "--no-knn",
+        f"data.synthetic_dir={tmp / 'data'}",
+        f"output_dir={tmp / 'out'}",
+        f"ray.storage_path={tmp / 'ray'}",
+        "data.synthetic_train=96",
+        "data.synthetic_val=48",
+        f"optim.epochs={EPOCHS}",
+        "ray.num_workers=2",
+        "ray.cpus_per_worker=0.4",
+        "ray.augment_cpus_per_actor=0.5",
+        "ray.checkpoint_every_steps=3",
+        "ray.num_to_keep=2",
+        f"tracking.run_name={RUN_NAME}",
+        "health.attention_every_epochs=2",
+        *extra,
     ]
     return subprocess.run(args, env=head["env"], capture_output=True, text=True, timeout=900)
 
@@ -129,7 +173,9 @@ def _job_logs(head, job_id, tmp) -> str:
 def _train_worker_pids(head) -> list[int]:
     from ray.util.state import list_actors
 
-    actors = list_actors(address=head["address"], filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+    actors = list_actors(
+        address=head["address"], filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")]
+    )
     return [a.pid for a in actors if a.pid]
 
 
@@ -160,7 +206,9 @@ def test_submitted_job_survives_a_killed_worker_and_tracks_one_run(ray_head, mlf
     # logging.ray_verbose: Ray Train's per-report lines ("... from rank 0") tell which worker is rank 0.
     out = _submit(ray_head, shared_tmp, mlflow_server, "logging.ray_verbose=true", wait=False)
     assert out.returncode == 0, out.stderr[-3000:]
-    job_id = next(line.split("'")[1] for line in (out.stdout + out.stderr).splitlines() if "submitted successfully" in line)
+    job_id = next(
+        line.split("'")[1] for line in (out.stdout + out.stderr).splitlines() if "submitted successfully" in line
+    )
 
     # Mid-run, once a checkpoint of step 6 or later is registered, SIGKILL one worker.
     deadline, killed_at, victim = time.monotonic() + 600, None, None
@@ -174,10 +222,11 @@ def test_submitted_job_survives_a_killed_worker_and_tracks_one_run(ray_head, mlf
             # Rank 0: the worker that writes MLflow and checkpoints is the hard case.
             logs = _job_logs(ray_head, job_id, shared_tmp)
             rank0 = {int(p) for p in re.findall(r"RayTrainWorker pid=(\d+)\).*from rank 0\s*$", logs, re.M)}
-            victim = next(pid for pid in pids if pid in rank0)
-            os.kill(victim, signal.SIGKILL)
-            killed_at = time.time()
-            break
+            victim = next((pid for pid in pids if pid in rank0), None)
+            if victim is not None:  # else the workers' log lines lag behind the registration (loaded): poll on
+                os.kill(victim, signal.SIGKILL)
+                killed_at = time.time()
+                break
         assert _job_status(ray_head, job_id) in ("PENDING", "RUNNING"), _job_logs(ray_head, job_id, shared_tmp)[-4000:]
         time.sleep(0.3)
     assert killed_at is not None, "training never reached the kill point"
@@ -201,15 +250,22 @@ def test_submitted_job_survives_a_killed_worker_and_tracks_one_run(ray_head, mlf
     # between that look and the kill; never an earlier one, never the end.
     assert resumed % 3 == 0 and registered <= resumed < total, (registered, resumed)
     after = [m.timestamp / 1000 for m in loss if m.timestamp / 1000 > killed_at]
-    recovery_s = min(after) - killed_at
-    print(f"\nworker {victim} killed; resumed from step {resumed}; first new step logged {recovery_s:.1f} s later")
+    # (a report only: on a slow machine the killed attempt may have logged every step before the kill)
+    recovery = f"{min(after) - killed_at:.1f} s later" if after else "before the kill (all steps were logged)"
+    print(f"\nworker {victim} killed; resumed from step {resumed}; first new step logged {recovery}")
 
     # What a user browses: the full config, curves incl. health, artifacts, tags, the registered teacher.
     cfg = json.loads(open(client.download_artifacts(run_id, "config.json", str(shared_tmp))).read())
     assert cfg["optim"]["epochs"] == EPOCHS and cfg["ray"]["num_workers"] == 2
     assert run.data.params["optim.epochs"] == str(EPOCHS) and run.data.params["preset"] == "smoke"
-    for key in ("health/teacher_entropy", "health/kl_teacher_student", "health/center_norm", "train/grad_norm",
-                "speed/step_time_s", "speed/data_wait_s"):
+    for key in (
+        "health/teacher_entropy",
+        "health/kl_teacher_student",
+        "health/center_norm",
+        "train/grad_norm",
+        "speed/step_time_s",
+        "speed/data_wait_s",
+    ):
         assert len({m.step for m in client.get_metric_history(run_id, key)}) == total, key
     artifacts = {a.path for a in client.list_artifacts(run_id)}
     assert {"config.json", "teacher", "attention"} <= artifacts

@@ -32,8 +32,9 @@ def _image(label: int, i: int, fmt: str = "JPEG") -> bytes:
     return buf.getvalue()
 
 
-def _write(pattern: str, n: int, per_shard: int, *, start: int = 0, labelled: bool = True, extra=None,
-           webp_every: int = 0) -> list[tuple[str, int]]:
+def _write(
+    pattern: str, n: int, per_shard: int, *, start: int = 0, labelled: bool = True, extra=None, webp_every: int = 0
+) -> list[tuple[str, int]]:
     """``n`` samples through ``wds.ShardWriter(pattern)``; returns ``[(shard file, samples)]``."""
     import webdataset as wds
 
@@ -62,8 +63,13 @@ def img2dataset_like(d: Path) -> Path:
     """00000.tar, 00001.tar, ... with .jpg, .txt (caption), .json (url, status) and no label; 00000_stats.json
     (successes) and 00000.parquet beside each shard, as img2dataset's webdataset output."""
     d.mkdir(parents=True)
-    shards = _write(str(d / "%05d.tar"), 96, 32, labelled=False,
-                    extra=lambda i, _: {"txt": f"a photo number {i}", "json": {"url": f"http://x/{i}.jpg", "status": "success"}})
+    shards = _write(
+        str(d / "%05d.tar"),
+        96,
+        32,
+        labelled=False,
+        extra=lambda i, _: {"txt": f"a photo number {i}", "json": {"url": f"http://x/{i}.jpg", "status": "success"}},
+    )
     for name, n in shards:
         stem = Path(name).name.removesuffix(".tar")
         (d / f"{stem}_stats.json").write_text(json.dumps({"count": n + 3, "successes": n, "failed_to_download": 3}))
@@ -78,8 +84,12 @@ def timm_wds_like(d: Path) -> Path:
     info = {"name": "tiny", "splits": {}}
     for split, n, start in (("train", 96, 0), ("validation", 32, 1000)):
         shards = _write(str(d / f"imagenet1k-{split}-%04d.tar"), n, 32, start=start, webp_every=5)
-        info["splits"][split] = {"name": split, "num_samples": n, "filenames": [Path(f).name for f, _ in shards],
-                                 "shard_lengths": [c for _, c in shards]}
+        info["splits"][split] = {
+            "name": split,
+            "num_samples": n,
+            "filenames": [Path(f).name for f, _ in shards],
+            "shard_lengths": [c for _, c in shards],
+        }
     (d / "_info.json").write_text(json.dumps(info))
     return d
 
@@ -95,10 +105,23 @@ def wds_imagenet_like(d: Path) -> Path:
 def _pretrain(tmp_path: Path, uri: str, capsys, name: str, *overrides: str) -> tuple[int, list[str]]:
     from jobs.pretrain import main
 
-    code = main(["--config", "smoke", f"output_dir={tmp_path / 'out'}", f"ray.storage_path={tmp_path / 'ray'}",
-                 f"tracking.tracking_uri={uri}", f"tracking.run_name={name}", "ray.cpus_per_worker=0.4",
-                 "ray.augment_cpus_per_actor=0.5", "optim.batch_size_per_worker=16", "knn.ks=[5,20]", "knn.k=5",
-                 "health.attention_every_epochs=0", *overrides])
+    code = main(
+        [
+            "--config",
+            "smoke",
+            f"output_dir={tmp_path / 'out'}",
+            f"ray.storage_path={tmp_path / 'ray'}",
+            f"tracking.tracking_uri={uri}",
+            f"tracking.run_name={name}",
+            "ray.cpus_per_worker=0.4",
+            "ray.augment_cpus_per_actor=0.5",
+            "optim.batch_size_per_worker=16",
+            "knn.ks=[5,20]",
+            "knn.k=5",
+            "health.attention_every_epochs=0",
+            *overrides,
+        ]
+    )
     return code, capsys.readouterr().out.splitlines()
 
 
@@ -106,8 +129,9 @@ def _run_of(uri: str, name: str):
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(uri)
-    runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
-                              filter_string=f"tags.`mlflow.runName` = '{name}'")
+    runs = client.search_runs(
+        [e.experiment_id for e in client.search_experiments()], filter_string=f"tags.`mlflow.runName` = '{name}'"
+    )
     assert len(runs) == 1
     return client, runs[0]
 
@@ -117,8 +141,10 @@ def test_img2dataset_output_pretrains_unlabelled_and_builds_its_index(tmp_path, 
     code, out = _pretrain(tmp_path, mlflow_server, capsys, "img2dataset", f"data.root={root}")
     assert code == 0, out
     assert out[0] == (f"training data: {root}: 3 shards, 96 samples (stats.json), unlabelled")
-    assert out[1] == (f"validation data: none ({root} has no split names and data.val_root is not set: no "
-                      f"validation source (a collection is never its own validation set))")
+    assert out[1] == (
+        f"validation data: none ({root} has no split names and data.val_root is not set: no "
+        f"validation source (a collection is never its own validation set))"
+    )
     assert "no validation source: the k-NN evaluation is skipped (the index is still built)" in out
     index_line = next(x for x in out if x.startswith("index of "))
     assert index_line.startswith("index of 96 images: ")
@@ -138,7 +164,9 @@ def test_img2dataset_output_pretrains_unlabelled_and_builds_its_index(tmp_path, 
     assert run.data.metrics["data/skipped_samples"] == 0
 
 
-def test_a_timm_webdataset_set_pretrains_with_its_info_file_and_validation_split(tmp_path, ray_cluster, mlflow_server, capsys):
+def test_a_timm_webdataset_set_pretrains_with_its_info_file_and_validation_split(
+    tmp_path, ray_cluster, mlflow_server, capsys
+):
     root = timm_wds_like(tmp_path / "timm")
     code, out = _pretrain(tmp_path, mlflow_server, capsys, "timm-wds", f"data.root={root}")
     assert code == 0, out
@@ -155,7 +183,8 @@ def test_a_timm_webdataset_set_pretrains_with_its_info_file_and_validation_split
 
 
 def test_webdataset_imagenet_shards_on_s3_without_any_index_are_counted_by_ray_tasks(
-        tmp_path, ray_cluster, mlflow_server, capsys, moto_s3):
+    tmp_path, ray_cluster, mlflow_server, capsys, moto_s3
+):
     local = wds_imagenet_like(tmp_path / "local")
     moto_s3.create_bucket(Bucket="bkt")
     for f in sorted(local.iterdir()):
@@ -163,8 +192,10 @@ def test_webdataset_imagenet_shards_on_s3_without_any_index_are_counted_by_ray_t
     root = "s3://bkt/imagenet"
     code, out = _pretrain(tmp_path, mlflow_server, capsys, "wds-imagenet-s3", f"data.root={root}")
     assert code == 0, out
-    assert out[0] == (f"training data: split 'train' of {root}: 3 shards, samples counted on Ray once it starts "
-                      f"(tar headers), labelled")
+    assert out[0] == (
+        f"training data: split 'train' of {root}: 3 shards, samples counted on Ray once it starts "
+        f"(tar headers), labelled"
+    )
     head = next(x for x in out if "k-NN (k=5" in x)
     assert "of 32 images against 96" in head
     client, run = _run_of(mlflow_server, "wds-imagenet-s3")

@@ -37,8 +37,8 @@ def _smoke(tmp_path, uri, *extra):
 def test_two_worker_pretraining_tracks_exports_and_evaluates(tmp_path, ray_cluster, mlflow_server, caplog, capfd):
     from mlflow.tracking import MlflowClient
 
-    from pipeline.eval.knn import KnnRequest, evaluate_teacher
     from pipeline.driver import prepare, pretrain
+    from pipeline.eval.knn import KnnRequest, evaluate_teacher
 
     caplog.set_level(logging.INFO, logger="pipeline")
     cfg = _smoke(tmp_path, mlflow_server, "tracking.run_name=ray-e2e")
@@ -51,12 +51,18 @@ def test_two_worker_pretraining_tracks_exports_and_evaluates(tmp_path, ray_clust
     epochs = [m for m in shown if m.startswith("epoch ")]
     assert [m.split(":")[0] for m in epochs] == ["epoch 1/2", "epoch 2/2"], shown
     for m in epochs:
-        assert re.fullmatch(r"epoch \d/2: loss \d+\.\d{4}, [\d.,]+ img/s, data wait \d+ %, teacher entropy "
-                            r"\d+\.\d{3} \(\d\.\d\d of log K\), \d+ s, ETA \d+ s", m), m
+        assert re.fullmatch(
+            r"epoch \d/2: loss \d+\.\d{4}, [\d.,]+ img/s, data wait \d+ %, teacher entropy "
+            r"\d+\.\d{3} \(\d\.\d\d of log K\), \d+ s, ETA \d+ s",
+            m,
+        ), m
     assert epochs[-1].endswith("ETA 0 s")
     summary = [m for m in shown if m.startswith("training finished:")]
-    assert len(summary) == 1 and re.fullmatch(r"training finished: 2 epochs, 12 steps in .+, [\d.,]+ img/s, final loss "
-                                              r"\d+\.\d{4}", summary[0]), summary
+    assert len(summary) == 1 and re.fullmatch(
+        r"training finished: 2 epochs, 12 steps in .+, [\d.,]+ img/s, final loss "
+        r"\d+\.\d{4}",
+        summary[0],
+    ), summary
 
     client = MlflowClient(mlflow_server)
     run = client.get_run(result.run_id)
@@ -83,7 +89,10 @@ def test_two_worker_pretraining_tracks_exports_and_evaluates(tmp_path, ray_clust
     assert centre[-1].value > 0
     for key in ("train/lr", "train/weight_decay", "train/teacher_momentum", "train/teacher_temp", "speed/images_per_s"):
         assert len(client.get_metric_history(result.run_id, key)) == total, key
-    assert client.get_metric_history(result.run_id, "train/teacher_temp")[0].value == pytest.approx(cfg.loss.warmup_teacher_temp)
+    # metrics are float64 through MLflow's store (exact round trip): default approx (rel 1e-6) here and below
+    assert client.get_metric_history(result.run_id, "train/teacher_temp")[0].value == pytest.approx(
+        cfg.loss.warmup_teacher_temp
+    )
 
     artifacts = {a.path for a in client.list_artifacts(result.run_id)}
     assert {"config.json", "teacher"} <= artifacts
@@ -95,7 +104,7 @@ def test_two_worker_pretraining_tracks_exports_and_evaluates(tmp_path, ray_clust
     assert (jac["n_images"], jac["epoch"], jac["mass"]) == (48, 2, 0.6)  # every val image has a mask
     history = client.get_metric_history(result.run_id, "attention/jaccard_mean_heads")
     assert [m.step for m in history] == [0, total]
-    assert history[0].value == pytest.approx(jac["random_init"]["mean_heads"])
+    assert history[0].value == pytest.approx(jac["random_init"]["mean_heads"])  # float64 via MLflow: exact
     assert history[1].value == pytest.approx(jac["teacher"]["mean_heads"])
     for key in ("head_mean", "best_head", "mean_heads"):
         assert 0.0 <= jac["teacher"][key] <= 1.0
@@ -114,6 +123,7 @@ def test_two_worker_pretraining_tracks_exports_and_evaluates(tmp_path, ray_clust
     with tracking_uri_set(mlflow_server):
         model = mlflow.pyfunc.load_model(f"models:/{name}/{version}")
     embedded = model.predict(pd.DataFrame({"image": example_images(2)}))
+    # float32 unit features: a squared norm of 48 terms is within ~48 * 2**-24 = 2.9e-6 of 1
     assert embedded.shape == (2, 48) and abs(float((embedded**2).sum(1).max()) - 1.0) < 1e-5
     config_file = client.download_artifacts(result.run_id, "config.json", str(tmp_path))
     assert json.loads(open(config_file).read()) == cfg.to_dict()
@@ -137,12 +147,16 @@ def test_two_worker_pretraining_tracks_exports_and_evaluates(tmp_path, ray_clust
     assert 0.0 <= knn["teacher"]["top1"] <= 100.0 and knn["n_db"] == 96 and knn["n_queries"] == 48
     # logging.ray_verbose=false: Ray Data's notes on the k-NN pass (run by this process) are not shown.
     printed = "".join(capfd.readouterr())
-    for silenced in ("Starting execution of Dataset", "Execution plan of Dataset", "execution finished in",
-                     "Progress bars disabled"):
+    for silenced in (
+        "Starting execution of Dataset",
+        "Execution plan of Dataset",
+        "execution finished in",
+        "Progress bars disabled",
+    ):
         assert silenced not in printed, silenced
     child = client.get_run(knn["mlflow_run_id"])
     assert child.data.tags["mlflow.parentRunId"] == result.run_id
-    assert child.data.metrics["knn/top1"] == pytest.approx(knn["teacher"]["top1"])
+    assert child.data.metrics["knn/top1"] == pytest.approx(knn["teacher"]["top1"])  # float64 via MLflow: exact
     assert client.get_run(result.run_id).data.metrics["knn/top1"] == pytest.approx(knn["teacher"]["top1"])
     manifest = json.loads((tmp_path / "knn" / "manifest.json").read_text())
     assert manifest["count"] == 96 and manifest["feature_dim"] == 48 and manifest["run_id"] == result.run_id
@@ -157,11 +171,17 @@ def test_a_spent_time_budget_ends_two_workers_alike_after_the_warm_up_epoch(tmp_
     there (a disagreement would hang DDP), and the run finishes normally with its checkpoint exported."""
     from mlflow.tracking import MlflowClient
 
-    from pipeline.weights.checkpoint import load_state, load_teacher
     from pipeline.driver import prepare, pretrain
+    from pipeline.weights.checkpoint import load_state, load_teacher
 
-    cfg = _smoke(tmp_path, mlflow_server, "tracking.run_name=ray-budget", "optim.epochs=3", "optim.time_budget_minutes=0.01",
-                 "optim.teacher_snapshot_minutes=[0.005,0.002]")
+    cfg = _smoke(
+        tmp_path,
+        mlflow_server,
+        "tracking.run_name=ray-budget",
+        "optim.epochs=3",
+        "optim.time_budget_minutes=0.01",
+        "optim.teacher_snapshot_minutes=[0.005,0.002]",
+    )
     p = prepare(cfg)
     result = pretrain(p)
 
@@ -179,7 +199,9 @@ def test_a_spent_time_budget_ends_two_workers_alike_after_the_warm_up_epoch(tmp_
 
     snaps = download_snapshots(mlflow_server, result.run_id, tmp_path / "snaps")
     assert [(m["snapshot_min"], m["epoch"], m["global_step"]) for m, _ in snaps] == [
-        (0.002, 1, p.steps_per_epoch), (0.005, 1, p.steps_per_epoch)]
+        (0.002, 1, p.steps_per_epoch),
+        (0.005, 1, p.steps_per_epoch),
+    ]
     assert all(m["elapsed_min"] >= 0.005 and m["run_id"] == result.run_id for m, _ in snaps)
     for _, folder in snaps:
         snap, _ = load_teacher(folder)
@@ -196,10 +218,10 @@ def test_a_run_stopped_for_bad_data_fails_with_the_reason_not_as_finished(tmp_pa
 
     from mlflow.tracking import MlflowClient
 
-    from pipeline.driver import prepare, pretrain
-    from pipeline.tracking import find_run
-    from pipeline.errors import DataError
     from pipeline.data.synthetic import make_synthetic_dataset
+    from pipeline.driver import prepare, pretrain
+    from pipeline.errors import DataError
+    from pipeline.tracking import find_run
 
     root = make_synthetic_dataset(tmp_path / "ds", n_train=256, n_val=16, image_size=32, shard_size=64)
     for shard in sorted(root.glob("train-*.tar")):
@@ -212,10 +234,21 @@ def test_a_run_stopped_for_bad_data_fails_with_the_reason_not_as_finished(tmp_pa
                 m.size = len(data)
                 tf.addfile(m, io.BytesIO(data))
 
-    cfg = _smoke(tmp_path, mlflow_server, "tracking.run_name=ray-bad-data", f"data.root={root}", "ray.num_workers=1",
-                 "ray.cpus_per_worker=0.5", "data.max_bad_fraction=0.1", "optim.epochs=3")
+    cfg = _smoke(
+        tmp_path,
+        mlflow_server,
+        "tracking.run_name=ray-bad-data",
+        f"data.root={root}",
+        "ray.num_workers=1",
+        "ray.cpus_per_worker=0.5",
+        "data.max_bad_fraction=0.1",
+        "optim.epochs=3",
+    )
     p = prepare(cfg)
-    with pytest.raises(DataError, match=r"^run ray-bad-data stopped: \d+ of \d+ samples \(\d+\.\d%\) were bad, above data.max_bad_fraction=0.1"):
+    with pytest.raises(
+        DataError,
+        match=r"^run ray-bad-data stopped: \d+ of \d+ samples \(\d+\.\d%\) were bad, above data.max_bad_fraction=0.1",
+    ):
         pretrain(p)
     run_id = find_run(mlflow_server, p.experiment, "ray-bad-data")
     run = MlflowClient(mlflow_server).get_run(run_id)

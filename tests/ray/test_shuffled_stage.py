@@ -39,15 +39,19 @@ def class_sorted(tmp_path_factory) -> Path:
             Image.new("RGB", (24, 24), (25 * c, i, 100)).save(buf, format="JPEG")
             (tmp / "folder" / f"class{c}" / f"{i:03d}.jpg").write_bytes(buf.getvalue())
     out = tmp / "shards"
-    assert make_shards.main([str(tmp / "folder"), str(out), "--shard-size", str(SHARD), "--order", "sorted",
-                             "--workers", "1"]) == 0
+    assert (
+        make_shards.main(
+            [str(tmp / "folder"), str(out), "--shard-size", str(SHARD), "--order", "sorted", "--workers", "1"]
+        )
+        == 0
+    )
     return out
 
 
 def _batches(root: Path, *overrides: str) -> list[np.ndarray]:
     from pipeline.config import load_config
-    from pipeline.data.stage import multicrop_dataset
     from pipeline.data.sources import resolve_source
+    from pipeline.data.stage import multicrop_dataset
 
     cfg = load_config("smoke", ["ray.augment_actors_max=1", "ray.augment_batch_size=32", *overrides])
     train = resolve_source(str(root), "train", cfg.data)
@@ -73,8 +77,10 @@ def test_batches_from_class_sorted_shards_hold_every_class(class_sorted):
     full = [b for b in batches if len(b) == 32]
     mean_h = float(np.mean([_entropy(b) for b in full]))
     classes = float(np.mean([len(set(b.tolist())) for b in full]))
-    print(f"\nclass-sorted shards, shuffled stage: {len(full)} batches of 32, mean label entropy {mean_h:.3f} nats "
-          f"(log 10 = {math.log(10):.3f}), {classes:.2f} classes per batch")
+    print(
+        f"\nclass-sorted shards, shuffled stage: {len(full)} batches of 32, mean label entropy {mean_h:.3f} nats "
+        f"(log 10 = {math.log(10):.3f}), {classes:.2f} classes per batch"
+    )
     # A uniform mix gives ~2.16 nats for 32 samples (log 10 less the small-sample bias (K-1)/2n).
     assert mean_h >= 0.9 * math.log(CLASSES)
 

@@ -49,13 +49,20 @@ class ReadOnly:
 def test_checkpoint_storage_turning_read_only_stops_the_run_with_a_one_line_error(tmp_path, ray_cluster, mlflow_server):
     from mlflow.tracking import MlflowClient
 
-    from pipeline.weights.checkpoint import load_state
     from pipeline.driver import prepare, pretrain
+    from pipeline.weights.checkpoint import load_state
 
     # One epoch of 6 steps, a checkpoint every 2; no retry of the failed worker group (with retries each
     # attempt resumes from the last good checkpoint and fails at the same write again).
-    cfg = _smoke(tmp_path, mlflow_server, "tracking.run_name=storage-read-only", "optim.epochs=1",
-                 "ray.checkpoint_every_steps=2", "ray.max_failures=0", "health.attention_every_epochs=0")
+    cfg = _smoke(
+        tmp_path,
+        mlflow_server,
+        "tracking.run_name=storage-read-only",
+        "optim.epochs=1",
+        "ray.checkpoint_every_steps=2",
+        "ray.max_failures=0",
+        "health.attention_every_epochs=0",
+    )
     p = prepare(cfg)
     run_dir = tmp_path / "ray" / p.run_name
     lock = ReadOnly(run_dir)
@@ -98,8 +105,10 @@ def test_checkpoint_storage_turning_read_only_stops_the_run_with_a_one_line_erro
         lock.undo()
 
     message = str(err.value)
-    print(f"\nstorage locked after {seen.get('registered')}; run failed {failed_after:.1f} s later with "
-          f"{type(err.value).__name__}: {message}")
+    print(
+        f"\nstorage locked after {seen.get('registered')}; run failed {failed_after:.1f} s later with "
+        f"{type(err.value).__name__}: {message}"
+    )
     assert "\n" not in message and str(run_dir) in message  # one line, naming the folder
     assert len(message) < 600
     # The checkpoints registered before the fault are all there is, intact: the last one loads and is a
