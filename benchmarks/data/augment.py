@@ -33,8 +33,9 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:  # run as a script: make `dino` and `benchmarks` importable
     sys.path.insert(0, str(REPO))
 
-from benchmarks.training.reference_recipe import DataAugmentationDINO, load_rgb
-from dino.augment import MultiCropAugment, MultiCropSpec
+# After the sys.path insert above, which makes the repository importable when run as a script.
+from benchmarks.training.reference_recipe import DataAugmentationDINO, load_rgb  # noqa: E402
+from dino.augment import MultiCropAugment, MultiCropSpec  # noqa: E402
 
 DEFAULT_SHARDS = REPO.parent / "shared" / "data" / "imagenette2-224"
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")

@@ -75,13 +75,22 @@ def main(argv: list[str] | None = None) -> dict:
     classes = len(train.classes) if train.classes else max(10, max(c for c, _ in stats))
     mean_classes = float(np.mean([c for c, _ in stats]))
     mean_h = float(np.mean([h for _, h in stats]))
-    print(f"{train.describe()}: {len(stats)} batches of {args.batch} from the real stage "
-          f"(data.shuffle_shards={cfg.data.shuffle_shards}, data.shuffle_buffer={cfg.data.shuffle_buffer}, "
-          f"{cfg.ray.read_tasks()} read task(s) per pass) in {time.perf_counter() - t0:.0f} s: "
-          f"{mean_classes:.2f} classes per batch, label entropy {mean_h:.3f} nats (uniform over {classes}: "
-          f"{math.log(classes):.3f})")
-    out = {"data": args.data, "overrides": args.overrides, "batches": len(stats), "batch": args.batch,
-           "classes_per_batch": mean_classes, "entropy": mean_h, "uniform": math.log(classes)}
+    print(
+        f"{train.describe()}: {len(stats)} batches of {args.batch} from the real stage "
+        f"(data.shuffle_shards={cfg.data.shuffle_shards}, data.shuffle_buffer={cfg.data.shuffle_buffer}, "
+        f"{cfg.ray.read_tasks()} read task(s) per pass) in {time.perf_counter() - t0:.0f} s: "
+        f"{mean_classes:.2f} classes per batch, label entropy {mean_h:.3f} nats (uniform over {classes}: "
+        f"{math.log(classes):.3f})"
+    )
+    out = {
+        "data": args.data,
+        "overrides": args.overrides,
+        "batches": len(stats),
+        "batch": args.batch,
+        "classes_per_batch": mean_classes,
+        "entropy": mean_h,
+        "uniform": math.log(classes),
+    }
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
     return out
@@ -97,8 +106,15 @@ def drift(args) -> dict:
     cfg = load_config(args.preset, [f"data.root={args.data}", *args.overrides])
     d = cfg.data
     train = resolve_source(args.data, d.train_split, d)
-    rows = shuffled_rows(train.paths, train.counts, [cfg.seed, 0, 0, 1], group=d.shuffle_shards, buffer=d.shuffle_buffer,
-                         layout=train.members, random_access=d.shuffle_random_access)
+    rows = shuffled_rows(
+        train.paths,
+        train.counts,
+        [cfg.seed, 0, 0, 1],
+        group=d.shuffle_shards,
+        buffer=d.shuffle_buffer,
+        layout=train.members,
+        random_access=d.shuffle_random_access,
+    )
     labels = np.array([int(r["cls"]) for r in rows if r["cls"] is not None])
     classes = int(labels.max()) + 1
     out = {"data": args.data, "overrides": args.overrides, "samples": len(labels)}
@@ -106,14 +122,16 @@ def drift(args) -> dict:
     for w in (int(x) for x in args.drift.split(",")):
         kl = []
         for i in range(0, len(labels) - w + 1, w):
-            p = np.bincount(labels[i:i + w], minlength=classes) / w
+            p = np.bincount(labels[i : i + w], minlength=classes) / w
             q = p[p > 0]
             kl.append(float(np.log(classes) + (q * np.log(q)).sum()))
         out[f"kl_{w}"] = float(np.mean(kl))
         parts.append(f"{w}: {out[f'kl_{w}']:.4f}")
-    print(f"{train.describe()}, one read task's pass of {len(labels)} samples (data.shuffle_shards={d.shuffle_shards}, "
-          f"data.shuffle_buffer={d.shuffle_buffer}, random access {d.shuffle_random_access}): mean KL(window || uniform) "
-          f"by window size, " + ", ".join(parts))
+    print(
+        f"{train.describe()}, one read task's pass of {len(labels)} samples (data.shuffle_shards={d.shuffle_shards}, "
+        f"data.shuffle_buffer={d.shuffle_buffer}, random access {d.shuffle_random_access}): mean KL(window || uniform) "
+        f"by window size, " + ", ".join(parts)
+    )
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
     return out

@@ -139,10 +139,15 @@ def measure(images: list[bytes], spec, view_size: int, tmp: Path, seed: int = 0)
     from dino.eval_view import center_view
     from pipeline.data import Sample, filesystem_for, read_shard_tables, write_shards
 
-    (written,) = write_shards((Sample(f"s{i:06d}", b, 0) for i, b in enumerate(images)), tmp, "train", max_count=len(images))
+    (written,) = write_shards(
+        (Sample(f"s{i:06d}", b, 0) for i, b in enumerate(images)), tmp, "train", max_count=len(images)
+    )
     shard = tmp / written["name"]
     t = time.thread_time()
-    n = sum(tb.num_rows for tb in read_shard_tables({"path": [str(shard)]}, filesystem_for([str(shard)]), rows_per_table=256))
+    n = sum(
+        tb.num_rows
+        for tb in read_shard_tables({"path": [str(shard)]}, filesystem_for([str(shard)]), rows_per_table=256)
+    )
     read_ms = (time.thread_time() - t) / n * 1e3
 
     aug = MultiCropAugment(spec, seed=seed)
@@ -180,8 +185,12 @@ def measure(images: list[bytes], spec, view_size: int, tmp: Path, seed: int = 0)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default=str(DEFAULT_DATA), help="webdataset root with a train split (default: imagewoof2-128)")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--data", default=str(DEFAULT_DATA), help="webdataset root with a train split (default: imagewoof2-128)"
+    )
     p.add_argument("--preset", default="imagenette", help="config preset whose crops and k-NN view are timed")
     p.add_argument("--sides", default="128,224,320,640,1280", help="shorter sides (px) to re-encode the photos at")
     p.add_argument("--limit", type=int, default=200, help="photos per size (default 200)")
@@ -208,8 +217,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     src = source_images(args.data, args.limit)
     if not src:
         raise SystemExit(f"{args.data}: no training images found")
-    say(f"{len(src)} photos of {args.data}; preset {args.preset}: 2x{spec.global_size} + {spec.n_local}x{spec.local_size} px crops, "
-        f"{view} px k-NN views; one thread, thread CPU time")
+    say(
+        f"{len(src)} photos of {args.data}; preset {args.preset}: "
+        f"2x{spec.global_size} + {spec.n_local}x{spec.local_size} px crops, "
+        f"{view} px k-NN views; one thread, thread CPU time"
+    )
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for side in sides:
@@ -217,16 +229,28 @@ def main(argv: list[str] | None = None) -> list[dict]:
             r = measure(images, spec, view, Path(tmp))
             r["side"] = side
             rows.append(r)
-            say(f"side {side}: {r['kb']:.0f} KB, decode full {r['decode_full_ms']:.2f} ms, train decode (1/{r['train_factor']}) "
-                f"{r['decode_train_ms']:.2f} ms + crops {r['crops_ms']:.2f} ms, view full {r['view_full_ms']:.2f} / draft "
-                f"(1/{r['view_factor']}) {r['view_draft_ms']:.2f} ms")
+            say(
+                f"side {side}: {r['kb']:.0f} KB, decode full {r['decode_full_ms']:.2f} ms, "
+                f"train decode (1/{r['train_factor']}) "
+                f"{r['decode_train_ms']:.2f} ms + crops {r['crops_ms']:.2f} ms, "
+                f"view full {r['view_full_ms']:.2f} / draft "
+                f"(1/{r['view_factor']}) {r['view_draft_ms']:.2f} ms"
+            )
     print()
-    print("| shorter side | KB | read | decode full | train decode (factor) | crops | train total | view full | view draft (factor) | crop MAD | 1 px shift MAD | view MAD | JPEG q95 MAD |")
+    print(
+        "| shorter side | KB | read | decode full | train decode (factor) | crops | train total | view full "
+        "| view draft (factor) | crop MAD | 1 px shift MAD | view MAD | JPEG q95 MAD |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['side']} | {r['kb']:.0f} | {r['read_ms']:.3f} | {r['decode_full_ms']:.2f} | {r['decode_train_ms']:.2f} (1/{r['train_factor']}) | "
-              f"{r['crops_ms']:.2f} | {r['read_ms'] + r['decode_train_ms'] + r['crops_ms']:.2f} | {r['view_full_ms']:.2f} | "
-              f"{r['view_draft_ms']:.2f} (1/{r['view_factor']}) | {r['crop_mad']:.2f} | {r['shift_mad']:.2f} | {r['view_mad']:.2f} | {r['q95_mad']:.2f} |")
+        print(
+            f"| {r['side']} | {r['kb']:.0f} | {r['read_ms']:.3f} | {r['decode_full_ms']:.2f} | "
+            f"{r['decode_train_ms']:.2f} (1/{r['train_factor']}) | "
+            f"{r['crops_ms']:.2f} | {r['read_ms'] + r['decode_train_ms'] + r['crops_ms']:.2f} | "
+            f"{r['view_full_ms']:.2f} | "
+            f"{r['view_draft_ms']:.2f} (1/{r['view_factor']}) | {r['crop_mad']:.2f} | {r['shift_mad']:.2f} | "
+            f"{r['view_mad']:.2f} | {r['q95_mad']:.2f} |"
+        )
     print("(milliseconds of one thread's CPU per image; MAD = mean |difference| of 255)")
     return rows
 

@@ -50,10 +50,10 @@ def first_rows(paths: list[str], limit: int) -> dict:
 
 def single_core_rate(paths: list[str], spec, limit: int, core: int) -> float:
     """Images/s of the production mapper in this process, pinned to ``core``."""
-    from pipeline.data import MultiCropMapper
-
     import cv2
     import torch
+
+    from pipeline.data import MultiCropMapper
 
     os.sched_setaffinity(0, {core})
     torch.set_num_threads(1)  # as in an actor (Ray sets OMP_NUM_THREADS=1): one thread per core
@@ -137,8 +137,9 @@ def cpu_groups(before: dict, after: dict) -> dict[str, float]:
     return groups
 
 
-def pipeline_rate(paths, cfg, limit: int, cores: int, passes: int, warmup: int,
-                  consumer_batch: int) -> tuple[float, dict]:
+def pipeline_rate(
+    paths, cfg, limit: int, cores: int, passes: int, warmup: int, consumer_batch: int
+) -> tuple[float, dict]:
     """Images/s of the stage over ``limit`` images after ``warmup`` images (from the first batch on, so actor
     start-up is excluded either way), the rate over the warm-up window itself, and where the CPU went while
     timed. Why a warm-up: the first ~100 blocks a process writes into (or maps from) Ray's object store land
@@ -163,7 +164,9 @@ def pipeline_rate(paths, cfg, limit: int, cores: int, passes: int, warmup: int,
         n += len(batch["key"])
         if t_first is None:  # exclude actor start-up: time from the first batch on
             t_first, n_first = time.perf_counter(), n
-            shape = {k: (v.shape, v.dtype.str, v.nbytes) for k, v in batch.items() if k in ("global_crops", "local_crops")}
+            shape = {
+                k: (v.shape, v.dtype.str, v.nbytes) for k, v in batch.items() if k in ("global_crops", "local_crops")
+            }
         if t_warm is None and n - n_first >= warmup:
             t_warm, n_warm, cpu0 = time.perf_counter(), n, cpu_seconds()
         elif t_warm is not None and n - n_warm >= limit:  # snapshot inside the loop: leaving it shuts the pool down
@@ -174,11 +177,19 @@ def pipeline_rate(paths, cfg, limit: int, cores: int, passes: int, warmup: int,
     if started:
         ray.shutdown()
     if t_warm is None:
-        raise SystemExit(f"the stream ended after {n} images, before the end of the {warmup}-image warm-up: raise --passes")
+        raise SystemExit(
+            f"the stream ended after {n} images, before the end of the {warmup}-image warm-up: raise --passes"
+        )
     elapsed = t_end - t_warm
     share = {k: v / elapsed for k, v in cpu_groups(cpu0, cpu1).items()}  # cores' worth each group used
     cold = (n_warm - n_first) / (t_warm - t_first) if t_warm > t_first else float("nan")
-    return (n - n_warm) / elapsed, {"startup_s": t_first - t0, "cores_used": share, "cold": cold, "timed": n - n_warm, **shape}
+    return (n - n_warm) / elapsed, {
+        "startup_s": t_first - t0,
+        "cores_used": share,
+        "cold": cold,
+        "timed": n - n_warm,
+        **shape,
+    }
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -186,24 +197,57 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--shards", default=str(DEFAULT_SHARDS), help="dataset root with train-*.tar shards")
     parser.add_argument("--split", default="train")
     parser.add_argument("--cores", type=int, default=os.cpu_count())
-    parser.add_argument("--limit", type=int, default=6000,
-                        help="images timed after the warm-up (a window of ~10 s on 2 cores; 2,500 images are too few to be steady)")
-    parser.add_argument("--warmup", type=int, default=4000,
-                        help="images before the timed window (actors' first object-store pages; 0 = time from the first batch)")
-    parser.add_argument("--passes", type=int, default=2,
-                        help="passes over the shards in the stream (as training reads them), so --limit may exceed one pass")
-    parser.add_argument("--single-limit", type=int, default=1500,
-                        help="images for each single-core measurement (~4 s: shorter windows swing with this VM's drift)")
+    parser.add_argument(
+        "--limit",
+        type=int,
+        default=6000,
+        help="images timed after the warm-up (a window of ~10 s on 2 cores; 2,500 images are too few to be steady)",
+    )
+    parser.add_argument(
+        "--warmup",
+        type=int,
+        default=4000,
+        help="images before the timed window (actors' first object-store pages; 0 = time from the first batch)",
+    )
+    parser.add_argument(
+        "--passes",
+        type=int,
+        default=2,
+        help="passes over the shards in the stream (as training reads them), so --limit may exceed one pass",
+    )
+    parser.add_argument(
+        "--single-limit",
+        type=int,
+        default=1500,
+        help="images for each single-core measurement (~4 s: shorter windows swing with this VM's drift)",
+    )
     parser.add_argument("--n-local", type=int, default=8)
     parser.add_argument("--batch", type=int, default=None, help="map_batches batch size (default: the config's, 64)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="more config overrides, e.g. ray.augment_output_buffer=4 (repeatable)")
-    parser.add_argument("--consumer-batch", type=int, default=0,
-                        help="re-batch to this many images in the consumer (0 = take the stage's blocks as they come)")
-    parser.add_argument("--plain-actors", action="store_true",
-                        help="also run --cores plain Ray actors over in-memory rows (no Ray Data): the stage's ceiling")
-    parser.add_argument("--compare-shuffle", type=int, default=0, metavar="N",
-                        help="only: N interleaved pairs, sample shuffle on (as configured) vs off; the cost and its spread")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="more config overrides, e.g. ray.augment_output_buffer=4 (repeatable)",
+    )
+    parser.add_argument(
+        "--consumer-batch",
+        type=int,
+        default=0,
+        help="re-batch to this many images in the consumer (0 = take the stage's blocks as they come)",
+    )
+    parser.add_argument(
+        "--plain-actors",
+        action="store_true",
+        help="also run --cores plain Ray actors over in-memory rows (no Ray Data): the stage's ceiling",
+    )
+    parser.add_argument(
+        "--compare-shuffle",
+        type=int,
+        default=0,
+        metavar="N",
+        help="only: N interleaved pairs, sample shuffle on (as configured) vs off; the cost and its spread",
+    )
     args = parser.parse_args(argv)
 
     from pipeline.config import load_config
@@ -211,9 +255,16 @@ def main(argv: list[str] | None = None) -> dict:
 
     cfg = load_config(
         None,
-        [f"augment.n_local={args.n_local}", f"ray.augment_actors_min={args.cores}",
-         f"ray.augment_actors_max={args.cores}", "ray.augment_cpus_per_actor=0.9",  # leave room for reads
-         "ray.read_cpus_per_task=0.01", "ray.read_concurrency=1", *([f"ray.augment_batch_size={args.batch}"] if args.batch else []), *args.set],
+        [
+            f"augment.n_local={args.n_local}",
+            f"ray.augment_actors_min={args.cores}",
+            f"ray.augment_actors_max={args.cores}",
+            "ray.augment_cpus_per_actor=0.9",  # leave room for reads
+            "ray.read_cpus_per_task=0.01",
+            "ray.read_concurrency=1",
+            *([f"ray.augment_batch_size={args.batch}"] if args.batch else []),
+            *args.set,
+        ],
     )
     info = load_split(args.shards, args.split)
     paths = info.paths
@@ -228,27 +279,42 @@ def main(argv: list[str] | None = None) -> dict:
     after = single_core_rate(paths, spec, args.single_limit, core=0)
     single = (before + after) / 2
     ideal = args.cores * single
-    g, l = info["global_crops"], info["local_crops"]
-    per_sample = (g[2] + l[2]) / g[0][0]
+    g, loc = info["global_crops"], info["local_crops"]
+    per_sample = (g[2] + loc[2]) / g[0][0]
     print(f"multi-crop 2x{cfg.augment.global_size} + {args.n_local}x{cfg.augment.local_size}, {args.shards}")
     print(f"single core (pinned, in-process):   {single:8.1f} images/s  (before {before:.1f}, after {after:.1f})")
     pool = f"{cfg.ray.augment_actors_max} actors x {cfg.ray.augment_cpus_per_actor:g} CPU"
-    print(f"Ray Data, {pool}:{' ' * max(1, 22 - len(pool))}{rate:8.1f} images/s  over {info['timed']} images after a "
-          f"{args.warmup}-image warm-up at {info['cold']:.1f} images/s (start-up {info['startup_s']:.1f} s excluded)")
+    print(
+        f"Ray Data, {pool}:{' ' * max(1, 22 - len(pool))}{rate:8.1f} images/s  over {info['timed']} images after a "
+        f"{args.warmup}-image warm-up at {info['cold']:.1f} images/s (start-up {info['startup_s']:.1f} s excluded)"
+    )
     print(f"scaling vs {args.cores} x single core:       {100 * rate / ideal:8.1f} %  (target >= 90%)")
     used = info["cores_used"]
     per_actor_core = rate / used["actors"]
     print("cores used while timed:            " + ", ".join(f"{k} {v:.2f}" for k, v in used.items()))
-    print(f"images/s per actor CPU-second:      {per_actor_core:8.1f}  "
-          f"({100 * per_actor_core / single:.1f} % of the single-core rate: the stage's own overhead)")
-    print(f"batch columns: global_crops {g[0]} {g[1]}, local_crops {l[0]} {l[1]}; {per_sample / 1e3:.1f} kB/sample")
-    out = {"single": single, "pipeline": rate, "warmup_rate": info["cold"], "scaling": rate / ideal, "bytes_per_sample": per_sample,
-           "cores_used": used, "actor_efficiency": per_actor_core / single}
+    print(
+        f"images/s per actor CPU-second:      {per_actor_core:8.1f}  "
+        f"({100 * per_actor_core / single:.1f} % of the single-core rate: the stage's own overhead)"
+    )
+    print(f"batch columns: global_crops {g[0]} {g[1]}, local_crops {loc[0]} {loc[1]}; {per_sample / 1e3:.1f} kB/sample")
+    out = {
+        "single": single,
+        "pipeline": rate,
+        "warmup_rate": info["cold"],
+        "scaling": rate / ideal,
+        "bytes_per_sample": per_sample,
+        "cores_used": used,
+        "actor_efficiency": per_actor_core / single,
+    }
     if args.plain_actors:
         os.sched_setaffinity(0, set(range(os.cpu_count())))  # Ray's processes inherit the driver's affinity
         plain, shares = plain_actor_rate(paths, spec, args.single_limit, args.cores, cfg.ray.augment_batch_size)
-        print(f"plain Ray actors, no Ray Data:      {plain:8.1f} images/s  ({100 * plain / ideal:.1f} % of {args.cores} x single; "
-              f"actors at {', '.join(f'{c:.2f}' for c in shares)} of a core; Ray Data reaches {100 * rate / plain:.1f} % of this)")
+        print(
+            f"plain Ray actors, no Ray Data:      {plain:8.1f} images/s  "
+            f"({100 * plain / ideal:.1f} % of {args.cores} x single; "
+            f"actors at {', '.join(f'{c:.2f}' for c in shares)} of a core; "
+            f"Ray Data reaches {100 * rate / plain:.1f} % of this)"
+        )
         out["plain_actors"] = plain
     return out
 
@@ -259,11 +325,15 @@ def compare_shuffle(info, cfg, args) -> dict:
 
     from pipeline.config import load_config
 
-    plain_cfg = load_config(None, [*cfg_overrides(cfg), "data.shuffle_shards=1", "data.shuffle_buffer=0",
-                                   "data.shuffle_random_access=false"])
+    plain_cfg = load_config(
+        None,
+        [*cfg_overrides(cfg), "data.shuffle_shards=1", "data.shuffle_buffer=0", "data.shuffle_random_access=false"],
+    )
     d = cfg.data
-    print(f"sample shuffle (data.shuffle_shards={d.shuffle_shards}, data.shuffle_buffer={d.shuffle_buffer}) against "
-          f"shard after shard; {args.cores} actors, {args.limit} images timed after {args.warmup}, {info.describe()}")
+    print(
+        f"sample shuffle (data.shuffle_shards={d.shuffle_shards}, data.shuffle_buffer={d.shuffle_buffer}) against "
+        f"shard after shard; {args.cores} actors, {args.limit} images timed after {args.warmup}, {info.describe()}"
+    )
     pairs = []
     for i in range(args.compare_shuffle):
         order = [("shuffled", cfg), ("plain", plain_cfg)] if i % 2 == 0 else [("plain", plain_cfg), ("shuffled", cfg)]
@@ -272,13 +342,17 @@ def compare_shuffle(info, cfg, args) -> dict:
             got[name], _ = pipeline_rate(info, c, args.limit, args.cores, args.passes, args.warmup, args.consumer_batch)
         ratio = got["shuffled"] / got["plain"]
         pairs.append({**got, "ratio": ratio})
-        print(f"pair {i + 1} ({order[0][0]} first): shuffled {got['shuffled']:7.1f} images/s, plain {got['plain']:7.1f} "
-              f"images/s, ratio {ratio:.3f}")
+        print(
+            f"pair {i + 1} ({order[0][0]} first): shuffled {got['shuffled']:7.1f} images/s, plain {got['plain']:7.1f} "
+            f"images/s, ratio {ratio:.3f}"
+        )
     ratios = [p["ratio"] for p in pairs]
     mean = statistics.mean(ratios)
     spread = (min(ratios), max(ratios))
-    print(f"shuffled / plain: mean {mean:.3f} (cost {100 * (1 - mean):+.1f} %), spread {spread[0]:.3f}-{spread[1]:.3f} "
-          f"over {len(pairs)} interleaved pairs (target: cost <= 5 %)")
+    print(
+        f"shuffled / plain: mean {mean:.3f} (cost {100 * (1 - mean):+.1f} %), spread {spread[0]:.3f}-{spread[1]:.3f} "
+        f"over {len(pairs)} interleaved pairs (target: cost <= 5 %)"
+    )
     return {"pairs": pairs, "mean_ratio": mean, "spread": spread}
 
 

@@ -50,7 +50,9 @@ class BusyUDF:
         return {"out": self.buffers[n]}
 
 
-def measure(source: str, shards: str, cores: int, ms: float, batch: int, out_kb: int, gen_buffer: int, rows: int) -> float:
+def measure(
+    source: str, shards: str, cores: int, ms: float, batch: int, out_kb: int, gen_buffer: int, rows: int
+) -> float:
     """Rows/s from the first output on, over ``rows`` rows, for one configuration (Ray already started)."""
     import ray
 
@@ -68,7 +70,9 @@ def measure(source: str, shards: str, cores: int, ms: float, batch: int, out_kb:
         else:
             from pipeline.data import load_split
 
-            ds = read_shards(load_split(shards, "train").paths, num_cpus=0.01, concurrency=1, passes=4, seed=0, tasks_per_pass=1)
+            ds = read_shards(
+                load_split(shards, "train").paths, num_cpus=0.01, concurrency=1, passes=4, seed=0, tasks_per_pass=1
+            )
         ds = ds.map_batches(
             BusyUDF,
             fn_constructor_kwargs={"ms": ms, "out_kb": out_kb},
@@ -95,7 +99,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--ms", type=float, default=97.0, help="busy milliseconds per 32 rows")
     parser.add_argument("--batch", default="8,32,128", help="comma-separated map_batches batch sizes")
     parser.add_argument("--out-kb", default="0,522", help="comma-separated output kB per row")
-    parser.add_argument("--gen-buffer", default="0,64", help="comma-separated generator buffers in blocks (0 = Ray's 2)")
+    parser.add_argument(
+        "--gen-buffer", default="0,64", help="comma-separated generator buffers in blocks (0 = Ray's 2)"
+    )
     parser.add_argument("--source", default="memory", choices=("memory", "shards"))
     parser.add_argument("--shards", default=str(DEFAULT_SHARDS))
     parser.add_argument("--rows", type=int, default=6000, help="rows timed per configuration")
@@ -108,14 +114,26 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ray.init(num_cpus=args.cores, include_dashboard=False, log_to_driver=False)
     results = []
     try:
-        print(f"{args.cores} actors x 0.9 CPU, {args.ms:g} ms per 32 rows: ideal {ideal:.1f} rows/s; source {args.source}")
+        print(
+            f"{args.cores} actors x 0.9 CPU, {args.ms:g} ms per 32 rows: ideal {ideal:.1f} rows/s; source {args.source}"
+        )
         for out_kb, batch, gen_buffer in itertools.product(ints(args.out_kb), ints(args.batch), ints(args.gen_buffer)):
             rate = measure(args.source, args.shards, args.cores, args.ms, batch, out_kb, gen_buffer, args.rows)
             block_mb = batch * out_kb / 1024
-            print(f"out {out_kb:4d} kB/row  batch {batch:4d} ({block_mb:6.1f} MB/block)  generator buffer "
-                  f"{gen_buffer or 2:3d}: {rate:7.1f} rows/s  {100 * rate / ideal:5.1f} % of ideal", flush=True)
-            results.append({"out_kb": out_kb, "batch": batch, "gen_buffer": gen_buffer or 2, "rate": rate,
-                            "efficiency": rate / ideal})
+            print(
+                f"out {out_kb:4d} kB/row  batch {batch:4d} ({block_mb:6.1f} MB/block)  generator buffer "
+                f"{gen_buffer or 2:3d}: {rate:7.1f} rows/s  {100 * rate / ideal:5.1f} % of ideal",
+                flush=True,
+            )
+            results.append(
+                {
+                    "out_kb": out_kb,
+                    "batch": batch,
+                    "gen_buffer": gen_buffer or 2,
+                    "rate": rate,
+                    "efficiency": rate / ideal,
+                }
+            )
     finally:
         ray.shutdown()
     return results

@@ -52,9 +52,12 @@ def main(argv: list[str] | None = None) -> int:
         written[split] = write_shards(samples, args.out, split, max_count=args.shard_size)
         per_shard, at = [], 0
         for s in written[split]:
-            per_shard.append(len({label for label, _, _ in rows[at:at + s["count"]]}))
+            per_shard.append(len({label for label, _, _ in rows[at : at + s["count"]]}))
             at += s["count"]
-        print(f"{split}: {len(rows)} samples in {len(written[split])} shards ({args.order}); classes per shard: {per_shard}")
+        print(
+            f"{split}: {len(rows)} samples in {len(written[split])} shards ({args.order}); "
+            f"classes per shard: {per_shard}"
+        )
     write_index(args.out, written, classes)
     return 0
 

@@ -52,8 +52,9 @@ def _tar(samples: int, start: int = 0) -> bytes:
 
 def _moto(port: int) -> subprocess.Popen:
     exe = Path(sys.executable).parent / "moto_server"
-    proc = subprocess.Popen([str(exe), "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [str(exe), "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.monotonic() + 30
     while True:
         try:
@@ -62,7 +63,7 @@ def _moto(port: int) -> subprocess.Popen:
         except OSError:
             if time.monotonic() > deadline or proc.poll() is not None:
                 proc.kill()
-                raise SystemExit("moto_server did not start")
+                raise SystemExit("moto_server did not start") from None
             time.sleep(0.3)
 
 
@@ -86,18 +87,37 @@ def main(argv: list[str] | None = None) -> int:
     port = 45000 + os.getpid() % 10000
     proc = _moto(port)
     url = f"http://127.0.0.1:{port}"
-    os.environ.update({"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1",
-                       "AWS_ENDPOINT_URL": url, "AWS_EC2_METADATA_DISABLED": "true"})
+    os.environ.update(
+        {
+            "AWS_ACCESS_KEY_ID": "bench",
+            "AWS_SECRET_ACCESS_KEY": "bench",
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_ENDPOINT_URL": url,
+            "AWS_EC2_METADATA_DISABLED": "true",
+        }
+    )
     s3 = boto3.client("s3", endpoint_url=url)
-    report: dict = {"date": time.strftime("%Y-%m-%d"), "machine": f"{os.cpu_count()} cores, {platform.machine()}",
-                    "shards": args.shards, "per_shard": args.per_shard, "bare_shards": args.bare}
+    report: dict = {
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{os.cpu_count()} cores, {platform.machine()}",
+        "shards": args.shards,
+        "per_shard": args.per_shard,
+        "bare_shards": args.bare,
+    }
     try:
         s3.create_bucket(Bucket="bench")
         t0 = time.perf_counter()
         small = _tar(1)
         stats = json.dumps({"count": args.per_shard + 7, "successes": args.per_shard, "failed_to_download": 7}).encode()
-        objects = (kv for i in range(args.shards) for kv in (
-            (f"laion/{i:05d}.tar", small), (f"laion/{i:05d}_stats.json", stats), (f"laion/{i:05d}.parquet", b"PAR1")))
+        objects = (
+            kv
+            for i in range(args.shards)
+            for kv in (
+                (f"laion/{i:05d}.tar", small),
+                (f"laion/{i:05d}_stats.json", stats),
+                (f"laion/{i:05d}.parquet", b"PAR1"),
+            )
+        )
         _put_all(s3, "bench", objects)
         print(f"uploaded {3 * args.shards:,} objects in {time.perf_counter() - t0:.0f} s (not timed)")
 
@@ -106,8 +126,10 @@ def main(argv: list[str] | None = None) -> int:
         listed_s = time.perf_counter() - t0
         assert info.counted and info.count == args.shards * args.per_shard, (info.count, info.counted_by)
         report.update(stats_s=round(listed_s, 2), stats_samples=info.count, counted_by=info.counted_by)
-        print(f"with stats files: {args.shards:,} shards ({3 * args.shards:,} objects listed), {info.count:,} samples "
-              f"counted in {listed_s:.1f} s ({info.counted_by}); before Ray starts")
+        print(
+            f"with stats files: {args.shards:,} shards ({3 * args.shards:,} objects listed), {info.count:,} samples "
+            f"counted in {listed_s:.1f} s ({info.counted_by}); before Ray starts"
+        )
 
         if args.bare:
             import ray
@@ -127,13 +149,21 @@ def main(argv: list[str] | None = None) -> int:
             assert bare.count == args.bare * args.per_shard
             mb = args.bare * len(body) / 2**20
             rate = args.bare / count_s
-            report.update(bare_list_s=round(list_s, 2), bare_count_s=round(count_s, 2), bare_shards_per_s=round(rate, 1),
-                          bare_mb_per_s=round(mb / count_s, 1), bare_shard_mb=round(len(body) / 2**20, 2),
-                          bare_10k_extrapolated_s=round(10_000 / rate, 0))
-            print(f"without any index: {args.bare} shards of {args.per_shard:,} samples ({len(body) / 2**20:.2f} MB each) "
-                  f"listed in {list_s:.1f} s, headers counted on Ray in {count_s:.1f} s: {rate:.1f} shards/s, "
-                  f"{args.per_shard * rate:,.0f} samples/s, {mb / count_s:.0f} MB/s; 10,000 such shards: "
-                  f"~{10_000 / rate / 60:.1f} min at this rate")
+            report.update(
+                bare_list_s=round(list_s, 2),
+                bare_count_s=round(count_s, 2),
+                bare_shards_per_s=round(rate, 1),
+                bare_mb_per_s=round(mb / count_s, 1),
+                bare_shard_mb=round(len(body) / 2**20, 2),
+                bare_10k_extrapolated_s=round(10_000 / rate, 0),
+            )
+            print(
+                f"without any index: {args.bare} shards of {args.per_shard:,} samples "
+                f"({len(body) / 2**20:.2f} MB each) "
+                f"listed in {list_s:.1f} s, headers counted on Ray in {count_s:.1f} s: {rate:.1f} shards/s, "
+                f"{args.per_shard * rate:,.0f} samples/s, {mb / count_s:.0f} MB/s; 10,000 such shards: "
+                f"~{10_000 / rate / 60:.1f} min at this rate"
+            )
     finally:
         proc.terminate()
         proc.wait(10)

@@ -106,12 +106,14 @@ def _load_batch(batch):
     import pyarrow as pa
 
     out = [load_image(p) for p in batch.column("path").to_pylist()]
-    return pa.table({
-        "i": batch.column("i"),
-        "data": pa.array([d or b"" for d, _, _ in out], type=pa.large_binary()),
-        "reason": pa.array([r for _, r, _ in out], type=pa.string()),
-        "detail": pa.array([t for _, _, t in out], type=pa.string()),
-    })
+    return pa.table(
+        {
+            "i": batch.column("i"),
+            "data": pa.array([d or b"" for d, _, _ in out], type=pa.large_binary()),
+            "reason": pa.array([r for _, r, _ in out], type=pa.string()),
+            "detail": pa.array([t for _, _, t in out], type=pa.string()),
+        }
+    )
 
 
 def _loaded_on_ray(items: list[Item]) -> Iterator[tuple[bytes | None, str, str]]:
@@ -391,7 +393,8 @@ def convert(listing: Listing, out: Path, opts: PackOptions) -> PackResult:
         else:
             loaded = _loaded([it.path for it in usable], opts.workers)
         n = 0
-        for n, (it, (data, reason, detail)) in enumerate(zip(usable, loaded), 1):
+        # n counts the images loaded: read after the loop to check that every one came back
+        for n, (it, (data, reason, detail)) in enumerate(zip(usable, loaded), 1):  # noqa: B007
             if data is None:
                 skip(it, reason, detail)
             elif it.key in first_of:
@@ -445,5 +448,7 @@ def _write_skipped(out: Path, split: str, skipped: list[dict]) -> None:
 
 
 def verification_line(out: Path, check: SplitCheck) -> str:
-    return (f"verified split {check.split} in {out}: {check.shards} shards, {check.samples} samples, "
-            f"{check.bytes / 2**20:.1f} MiB; tar structure, member names, labels and index counts OK")
+    return (
+        f"verified split {check.split} in {out}: {check.shards} shards, {check.samples} samples, "
+        f"{check.bytes / 2**20:.1f} MiB; tar structure, member names, labels and index counts OK"
+    )

@@ -499,8 +499,7 @@ def write_shards(
             members = _sample_members(s, seen)
             cost = sum(_member_cost(n, len(d)) for n, d in members)
             if current is not None and (
-                current.count >= max_count
-                or (max_bytes is not None and _file_size(current.bytes + cost) > max_bytes)
+                current.count >= max_count or (max_bytes is not None and _file_size(current.bytes + cost) > max_bytes)
             ):
                 current.finish()
                 done.append(current)
@@ -669,9 +668,7 @@ def verify_split(root: str | os.PathLike, split: str) -> SplitCheck:
         except (OSError, tarfile.TarError, EOFError) as e:
             raise ShardVerificationError(f"{path}: cannot read shard: {e}") from e
         if n != entry["count"]:
-            raise ShardVerificationError(
-                f"{path}: holds {n} samples but {root / INDEX_NAME} says {entry['count']}"
-            )
+            raise ShardVerificationError(f"{path}: holds {n} samples but {root / INDEX_NAME} says {entry['count']}")
         total += n
     return SplitCheck(split, len(shards), total, size)
 
@@ -689,8 +686,10 @@ def _verify_shard(path: Path, n_classes: int | None, seen: set[str]) -> int:
         if key is None:
             return
         if sum(e in IMAGE_EXTS for e in exts) != 1 or len(set(exts)) != len(exts):  # one each of cls, mask.png
-            raise bad(f"sample {key!r} has members {['.' + e for e in exts]}; expected one image, at most one .cls "
-                      f"and at most one .{MASK_EXT}")
+            raise bad(
+                f"sample {key!r} has members {['.' + e for e in exts]}; expected one image, at most one .cls "
+                f"and at most one .{MASK_EXT}"
+            )
         if key in seen:
             raise bad(f"sample key {key!r} occurs twice in the split")
         seen.add(key)

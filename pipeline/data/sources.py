@@ -60,8 +60,16 @@ from pipeline.errors import DataError
 
 log = logging.getLogger(__name__)
 
-SPLIT_WORDS = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
-               "test": "test", "eval": "eval", "dev": "dev"}
+SPLIT_WORDS = {
+    "train": "train",
+    "training": "train",
+    "val": "val",
+    "valid": "val",
+    "validation": "val",
+    "test": "test",
+    "eval": "eval",
+    "dev": "dev",
+}
 INFO_NAMES = ("_info.json", "info.json")  # timm / Hugging Face webdataset sets
 WIDS_KIND = "wids-shard-index-v1"
 STATS_SUFFIX = "_stats.json"  # img2dataset, one per shard
@@ -129,14 +137,22 @@ def _is_remote(path: str) -> bool:
 
 
 try:  # what boto3 raises for a missing object or a refused request
-    from botocore.exceptions import BotoCoreError as _BotoError, ClientError as _ClientErr
+    from botocore.exceptions import BotoCoreError as _BotoError
+    from botocore.exceptions import ClientError as _ClientErr
 
     _ClientError: tuple = (_BotoError, _ClientErr)
 except ImportError:  # pragma: no cover
     _ClientError = ()
 
-_AWS_ENV = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_ACCESS_KEY_ID",
-            "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+_AWS_ENV = (
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_ENDPOINT_URL",
+    "AWS_REGION",
+    "AWS_DEFAULT_REGION",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+)
 
 
 def _filesystem(uri: str):
@@ -208,7 +224,9 @@ def _cached_s3_client(env: tuple):
     import botocore.config
 
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    config = botocore.config.Config(max_pool_connections=_REMOTE_THREADS, retries={"max_attempts": 5, "mode": "standard"})
+    config = botocore.config.Config(
+        max_pool_connections=_REMOTE_THREADS, retries={"max_attempts": 5, "mode": "standard"}
+    )
     return boto3.session.Session().client("s3", endpoint_url=endpoint or None, config=config)
 
 
@@ -252,9 +270,11 @@ def _image_folder_hint(folder: str) -> str | None:
         return None
     many = "at least " if n_images >= limit else ""
     what = f"{many}{n_images:,} images in {len(classes)} class folders" if classes else f"{many}{n_images:,} images"
-    return (f"{root} is a folder of images ({what}), not webdataset shards: pack them with "
-            f"`python jobs/make_shards.py {root} <out_dir>` (one sub-folder per class; --split val for a "
-            f"validation folder), then pass data.root=<out_dir>")
+    return (
+        f"{root} is a folder of images ({what}), not webdataset shards: pack them with "
+        f"`python jobs/make_shards.py {root} <out_dir>` (one sub-folder per class; --split val for a "
+        f"validation folder), then pass data.root=<out_dir>"
+    )
 
 
 def _list_folder(folder: str) -> Listing:
@@ -281,7 +301,9 @@ def _list_folder(folder: str) -> Listing:
         for d in sorted(dirs):
             sub = _join(folder, d)
             sub_files, _ = _list_dir(sub)
-            shards = [Shard(_join(sub, t), SPLIT_WORDS.get(d.lower(), d)) for t in sorted(sub_files) if t.endswith(".tar")]
+            shards = [
+                Shard(_join(sub, t), SPLIT_WORDS.get(d.lower(), d)) for t in sorted(sub_files) if t.endswith(".tar")
+            ]
             if _stats_counts(shards, set(sub_files), sub):
                 listing.counted_by.add(STATS_SUFFIX.lstrip("_"))
             listing.shards += shards
@@ -371,8 +393,10 @@ def _classes_json(folder: str, names: set[str]) -> list[str] | None:
 def _list_wids(path: str) -> Listing:
     obj = _json_file(path)
     if obj.get("__kind__") != WIDS_KIND or not isinstance(obj.get("shardlist"), list):
-        raise DataError(f"{path}: not a wids shard list ('__kind__': '{WIDS_KIND}' with a 'shardlist'); a folder, "
-                        f"a .tar shard or a pattern otherwise")
+        raise DataError(
+            f"{path}: not a wids shard list ('__kind__': '{WIDS_KIND}' with a 'shardlist'); a folder, "
+            f"a .tar shard or a pattern otherwise"
+        )
     base = path.rsplit("/", 1)[0]
     shards = []
     for entry in obj["shardlist"]:
@@ -496,8 +520,9 @@ def list_source(spec, split: str | None = None) -> Listing:
 # ---------------------------------------------------------------------------------- resolving
 
 
-def resolve_source(spec, split: str | None, data=None, *, members: Members | None = None,
-                   count_local: bool = True, peek: bool = True) -> SplitInfo:
+def resolve_source(
+    spec, split: str | None, data=None, *, members: Members | None = None, count_local: bool = True, peek: bool = True
+) -> SplitInfo:
     """The shards of ``split`` in ``spec`` (all of them when the source has no split names, or ``split`` is
     None), with their counts and the sample members (``data``: a ``data`` config section, or ``members``).
 
@@ -535,12 +560,16 @@ def resolve_source(spec, split: str | None, data=None, *, members: Members | Non
             found = count_local_headers([paths[i] for i in local], layout)
             for i, n in zip(local, found):
                 counts[i] = n
-        counted_by = "+".join(sorted(listing.counted_by | {"tar headers"})) if all(c is not None for c in counts) else ""
+        counted_by = (
+            "+".join(sorted(listing.counted_by | {"tar headers"})) if all(c is not None for c in counts) else ""
+        )
     final = counts
     if all(c is not None for c in counts) and sum(counts) == 0:
         what = f"split {chosen!r} of {listing.source}" if chosen else listing.source
-        raise DataError(f"{what} has 0 samples with an image ({'/'.join('.' + e for e in layout.image)}; "
-                        f"data.image_keys) in {len(paths)} shard(s)")
+        raise DataError(
+            f"{what} has 0 samples with an image ({'/'.join('.' + e for e in layout.image)}; "
+            f"data.image_keys) in {len(paths)} shard(s)"
+        )
     info = SplitInfo(chosen, paths, final, listing.classes, listing.source, layout, counted_by)
     if peek:
         first = next((p for p, c in zip(paths, counts) if c is None or c > 0), paths[0])
@@ -578,8 +607,10 @@ def peek_first_sample(path: str, layout: Members, what: str) -> bool:
         raise DataError(f"{path}: shard has no samples")
     if not any(e in exts for e in layout.image):
         found = ", ".join("." + e for e in exts)
-        raise DataError(f"{path}: first sample {first!r} of {what} has no image member "
-                        f"({'/'.join('.' + e for e in layout.image)}; data.image_keys); found {found}")
+        raise DataError(
+            f"{path}: first sample {first!r} of {what} has no image member "
+            f"({'/'.join('.' + e for e in layout.image)}; data.image_keys); found {found}"
+        )
     return layout.label_bytes(exts) is not None
 
 
@@ -587,8 +618,10 @@ def count_local_headers(paths: list[str], layout: Members) -> list[int]:
     """Samples with an image in local shards, from their tar headers (threads; data blocks are seeked over)."""
     from pipeline.progress import Progress
 
-    with concurrent.futures.ThreadPoolExecutor(_LOCAL_THREADS) as pool, \
-            Progress("counting samples (tar headers)", len(paths), unit="shards", rate_unit="shards/s") as bar:
+    with (
+        concurrent.futures.ThreadPoolExecutor(_LOCAL_THREADS) as pool,
+        Progress("counting samples (tar headers)", len(paths), unit="shards", rate_unit="shards/s") as bar,
+    ):
         out = []
         for n in pool.map(lambda p: _count_samples(Path(p), layout.image), paths):
             out.append(n)
@@ -615,8 +648,9 @@ def _count_chunk(paths: list[str], image_exts: tuple[str, ...], filesystem) -> l
     return out
 
 
-def count_on_ray(info: SplitInfo, *, num_cpus: float = 0.25, label_selector: dict[str, str] | None = None,
-                 shards_per_task: int = 8) -> SplitInfo:
+def count_on_ray(
+    info: SplitInfo, *, num_cpus: float = 0.25, label_selector: dict[str, str] | None = None, shards_per_task: int = 8
+) -> SplitInfo:
     """``info`` with the counts an index did not give, from the tar headers of its shards, read by Ray tasks
     (``num_cpus`` each, on nodes with ``label_selector``) that stream each shard once; a progress line on the
     driver. Ray must be initialised.
@@ -626,21 +660,26 @@ def count_on_ray(info: SplitInfo, *, num_cpus: float = 0.25, label_selector: dic
     """
     import ray
 
-    from pipeline.progress import Progress
     from pipeline.data.storage import filesystem_for
+    from pipeline.progress import Progress
 
     if info.counted:
         return info
     known = list(info.counts or [None] * len(info.paths))
     todo = [i for i, c in enumerate(known) if c is None]
     fs = filesystem_for([info.paths[todo[0]]]) if todo else None
-    remote = ray.remote(_count_chunk).options(num_cpus=num_cpus, max_retries=3,
-                                              **({"label_selector": dict(label_selector)} if label_selector else {}))
-    chunks = [todo[i:i + shards_per_task] for i in range(0, len(todo), shards_per_task)]
+    remote = ray.remote(_count_chunk).options(
+        num_cpus=num_cpus, max_retries=3, **({"label_selector": dict(label_selector)} if label_selector else {})
+    )
+    chunks = [todo[i : i + shards_per_task] for i in range(0, len(todo), shards_per_task)]
     pending = {remote.remote([info.paths[i] for i in chunk], info.members.image, fs): chunk for chunk in chunks}
     counts = list(known)
-    with Progress(f"counting samples of {info.describe()} (tar headers, Ray tasks)", len(todo), unit="shards",
-                  rate_unit="shards/s") as bar:
+    with Progress(
+        f"counting samples of {info.describe()} (tar headers, Ray tasks)",
+        len(todo),
+        unit="shards",
+        rate_unit="shards/s",
+    ) as bar:
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1)
             for ref in done:
@@ -654,13 +693,20 @@ def count_on_ray(info: SplitInfo, *, num_cpus: float = 0.25, label_selector: dic
                 bar.update(len(chunk))
     if sum(counts) == 0:
         raise DataError(f"{info.describe()} has 0 samples with an image in {len(counts)} shard(s)")
-    log.info("%s: %d samples in %d shards (tar headers of %d shards counted on Ray)", info.describe(), sum(counts),
-             len(counts), len(todo))
+    log.info(
+        "%s: %d samples in %d shards (tar headers of %d shards counted on Ray)",
+        info.describe(),
+        sum(counts),
+        len(counts),
+        len(todo),
+    )
     by = "+".join(x for x in sorted(set(info.counted_by.split("+")) | {"tar headers"}) if x)
     return replace(info, counts=counts, counted_by=by)
 
 
-def ensure_counted(info: SplitInfo, *, num_cpus: float = 0.25, label_selector: dict[str, str] | None = None) -> SplitInfo:
+def ensure_counted(
+    info: SplitInfo, *, num_cpus: float = 0.25, label_selector: dict[str, str] | None = None
+) -> SplitInfo:
     """``info`` with every count: on Ray tasks when Ray is initialised, else streamed here (small sets only)."""
     if info.counted:
         return info
@@ -668,8 +714,14 @@ def ensure_counted(info: SplitInfo, *, num_cpus: float = 0.25, label_selector: d
 
     if ray.is_initialized():
         return count_on_ray(info, num_cpus=num_cpus, label_selector=label_selector)
-    counts = [c if c is not None else count_remote_shard(p, info.members.image) for p, c in zip(info.paths, info.counts)]
-    return replace(info, counts=counts, counted_by="+".join(x for x in sorted(set(info.counted_by.split("+")) | {"tar headers"}) if x))
+    counts = [
+        c if c is not None else count_remote_shard(p, info.members.image) for p, c in zip(info.paths, info.counts)
+    ]
+    return replace(
+        info,
+        counts=counts,
+        counted_by="+".join(x for x in sorted(set(info.counted_by.split("+")) | {"tar headers"}) if x),
+    )
 
 
 def validation_source(data, root, train: SplitInfo) -> tuple[SplitInfo | None, str | None]:
@@ -687,8 +739,10 @@ def validation_source(data, root, train: SplitInfo) -> tuple[SplitInfo | None, s
     if data.val_split is None:
         return None, "data.val_split is null: no validation source"
     if train.split is None:
-        return None, (f"{train.source} has no split names and data.val_root is not set: no validation source (a "
-                      f"collection is never its own validation set)")
+        return None, (
+            f"{train.source} has no split names and data.val_root is not set: no validation source (a "
+            f"collection is never its own validation set)"
+        )
     try:
         return resolve_source(root, data.val_split, data), None
     except DataError as e:
@@ -707,13 +761,30 @@ def knn_protocol(train: SplitInfo, val: SplitInfo | None) -> tuple[str | None, s
     if val is None:
         return None, "no validation source: the k-NN evaluation is skipped (the index is still built)"
     if val.labelled is False:
-        return None, (f"{val.describe()} is unlabelled (its first sample has no {val.members.label or 'label'} "
-                      f"member): the k-NN evaluation is skipped (the index is still built)")
+        return None, (
+            f"{val.describe()} is unlabelled (its first sample has no {val.members.label or 'label'} "
+            f"member): the k-NN evaluation is skipped (the index is still built)"
+        )
     if train.labelled is False:
-        return "leave_one_out", (f"{train.describe()} is unlabelled: k-NN evaluated leave-one-out within the labelled "
-                                 f"{val.describe()} (each image against the others)")
+        return "leave_one_out", (
+            f"{train.describe()} is unlabelled: k-NN evaluated leave-one-out within the labelled "
+            f"{val.describe()} (each image against the others)"
+        )
     return "paper", f"k-NN: {val.describe()} against {train.describe()}"
 
 
-__all__ = ["INDEX_FORMAT", "Listing", "Shard", "SplitInfo", "canonical_split", "count_on_ray", "ensure_counted",
-           "knn_protocol", "list_source", "peek_first_sample", "resolve_source", "split_of_name", "validation_source"]
+__all__ = [
+    "INDEX_FORMAT",
+    "Listing",
+    "Shard",
+    "SplitInfo",
+    "canonical_split",
+    "count_on_ray",
+    "ensure_counted",
+    "knn_protocol",
+    "list_source",
+    "peek_first_sample",
+    "resolve_source",
+    "split_of_name",
+    "validation_source",
+]

@@ -32,12 +32,13 @@ import numpy as np
 import ray
 
 from dino.augment import MultiCropAugment, MultiCropSpec
-from pipeline.faults import crash_on_key
 from pipeline.config import AugmentConfig, Config
 from pipeline.data.sample_stats import BatchTally
 from pipeline.data.shards import DEFAULT_MEMBERS, Members
+from pipeline.faults import crash_on_key
 
 log = logging.getLogger(__name__)
+
 
 def spec_from_config(cfg: AugmentConfig) -> MultiCropSpec:
     return MultiCropSpec(**cfg.model_dump())
@@ -105,7 +106,9 @@ class MultiCropMapper:
         self.spec = spec
         self.augment = MultiCropAugment(spec, seed=(seed * 1_000_003 + salt) % 2**31)
         self.counter_name = counter_name
-        self.with_meta = with_meta  # False: only the crop columns (what training consumes; no extra copy to drop the rest)
+        self.with_meta = (
+            with_meta  # False: only the crop columns (what training consumes; no extra copy to drop the rest)
+        )
         self._counter = None
         # Inside an actor of a run: remember the sample being decoded, so that a restart after a process death
         # can blame it, and skip the samples that killed a worker max_crashes times (CrashLedger).
@@ -141,8 +144,9 @@ class MultiCropMapper:
         locals_ = np.empty((n_rows, s.n_local, s.local_size, s.local_size, 3), np.uint8)
         out_keys, out_labels = [], []
         if self.ledger is not None:  # the batch on the record, for a restart on another machine
-            self.ledger.begin_batch([(str(u), str(k)) for u, k, e in zip(urls, batch["__key__"], errors)
-                                     if not isinstance(e, str)])
+            self.ledger.begin_batch(
+                [(str(u), str(k)) for u, k, e in zip(urls, batch["__key__"], errors) if not isinstance(e, str)]
+            )
         for data, key, label, url, error in zip(images, batch["__key__"], labels, urls, errors):
             key, url = str(key), str(url)
             if isinstance(error, str):  # a shard-level marker (truncated/unreadable shard), not a sample
@@ -229,19 +233,27 @@ class CrashLedger:
             shard, key = died_on
             deaths = registry.crashed(shard, key)
             self.blamed = (shard, key, deaths)
-            log.warning("the previous process of this augmentation actor died decoding %s of %s (%d time(s)%s)",
-                        key, shard, deaths, "; skipped from now on" if deaths >= max_crashes else "")
+            log.warning(
+                "the previous process of this augmentation actor died decoding %s of %s (%d time(s)%s)",
+                key,
+                shard,
+                deaths,
+                "; skipped from now on" if deaths >= max_crashes else "",
+            )
         elif remote_batch:
             self.careful = {tuple(sk) for sk in remote_batch}
-            log.warning("the previous process of this augmentation actor died on another node, in a batch of %d "
-                        "sample(s): decoding them one by one on the record", len(self.careful))
+            log.warning(
+                "the previous process of this augmentation actor died on another node, in a batch of %d "
+                "sample(s): decoding them one by one on the record",
+                len(self.careful),
+            )
         self.end()
         self.poison: set[tuple[str, str]] = set()
         self._refresh()
         self._refreshed = time.monotonic()
 
     @classmethod
-    def for_actor(cls, counter_name: str, actor_id: str, max_crashes: int) -> "CrashLedger":
+    def for_actor(cls, counter_name: str, actor_id: str, max_crashes: int) -> CrashLedger:
         """The ledger of one augmentation actor of the run whose counter is ``counter_name``."""
         import tempfile
 
@@ -323,17 +335,30 @@ def shard_order(n: int, pass_index: int, seed: int) -> np.ndarray:
     return np.random.default_rng([seed, pass_index]).permutation(n)
 
 
-def _read_task(paths: tuple[str, ...], counts: tuple[int, ...] | None, seed: list[int] | None, filesystem,
-               layout: Members, shuffle: "SampleShuffle") -> Iterator[Any]:
+def _read_task(
+    paths: tuple[str, ...],
+    counts: tuple[int, ...] | None,
+    seed: list[int] | None,
+    filesystem,
+    layout: Members,
+    shuffle: SampleShuffle,
+) -> Iterator[Any]:
     from pipeline.data.tar_reader import read_shard_tables, shuffled_tables
 
     if seed is None:  # the given order, sample by sample (benchmarks, and what the stage did before shuffling)
         for path in paths:
             yield from read_shard_tables({"path": [path]}, filesystem, layout=layout)
         return
-    yield from shuffled_tables(list(paths), None if counts is None else list(counts), seed, group=shuffle.group,
-                               buffer=shuffle.buffer, filesystem=filesystem, layout=layout,
-                               random_access=shuffle.random_access)
+    yield from shuffled_tables(
+        list(paths),
+        None if counts is None else list(counts),
+        seed,
+        group=shuffle.group,
+        buffer=shuffle.buffer,
+        filesystem=filesystem,
+        layout=layout,
+        random_access=shuffle.random_access,
+    )
 
 
 @dataclass(frozen=True)
@@ -347,7 +372,7 @@ class SampleShuffle:
     random_access: bool = True
 
     @classmethod
-    def from_config(cls, data) -> "SampleShuffle":
+    def from_config(cls, data) -> SampleShuffle:
         return cls(data.shuffle_shards, data.shuffle_buffer, data.shuffle_random_access)
 
 
@@ -373,9 +398,17 @@ class ShardPasses(ray.data.Datasource):
     (a shard of 1,052 samples lasts ~12 s at 90 images/s) on a 2-core machine where the trainer needs both.
     A killed task is re-run from its first shard, its outputs already delivered skipped (exactly-once)."""
 
-    def __init__(self, paths: list[str], passes: int, seed: int | None, filesystem=None, tasks_per_pass: int | None = None,
-                 counts: list[int] | None = None, layout: Members = DEFAULT_MEMBERS,
-                 shuffle: SampleShuffle = SampleShuffle()):
+    def __init__(
+        self,
+        paths: list[str],
+        passes: int,
+        seed: int | None,
+        filesystem=None,
+        tasks_per_pass: int | None = None,
+        counts: list[int] | None = None,
+        layout: Members = DEFAULT_MEMBERS,
+        shuffle: SampleShuffle = SampleShuffle(),
+    ):
         self.paths, self.passes, self.seed, self.filesystem = list(paths), passes, seed, filesystem
         self.tasks_per_pass = tasks_per_pass
         self.counts = None if counts is None else list(counts)
@@ -453,7 +486,10 @@ def read_shards(
         seed = int(np.random.default_rng().integers(2**31))
     source = ShardPasses(paths, passes, seed if shuffle else None, fs, tasks_per_pass, counts, layout, sample_shuffle)
     return ray.data.read_datasource(
-        source, num_cpus=num_cpus, concurrency=concurrency, override_num_blocks=max(1, passes * source.tasks_in_pass()),
+        source,
+        num_cpus=num_cpus,
+        concurrency=concurrency,
+        override_num_blocks=max(1, passes * source.tasks_in_pass()),
         **({"label_selector": dict(label_selector)} if label_selector else {}),
     )
 
@@ -498,8 +534,10 @@ def split_read_blocks(
     split = reads.repartition(target_num_rows_per_block=rows)
     op = getattr(getattr(split, "_logical_plan", None), "dag", None)
     if type(op).__name__ != "StreamingRepartition" or not isinstance(getattr(op, "ray_remote_args", None), dict):
-        log.warning("this Ray Data has no streaming repartition operator with remote args: read blocks are not split "
-                    "per batch (fewer augmentation actors run at once on large nodes)")
+        log.warning(
+            "this Ray Data has no streaming repartition operator with remote args: read blocks are not split "
+            "per batch (fewer augmentation actors run at once on large nodes)"
+        )
         return reads
     remote = {"num_cpus": num_cpus, **({"label_selector": dict(label_selector)} if label_selector else {})}
     object.__setattr__(op, "ray_remote_args", remote)  # a frozen dataclass in Ray 2.60
@@ -535,9 +573,18 @@ def multicrop_dataset(
     spec = spec_from_config(cfg.augment)
     # As many read tasks per pass as may run at once: long-lived tasks, no worker respawned per shard.
     n_reads = r.read_tasks()
-    reads = read_shards(paths, num_cpus=r.read_cpus_per_task, concurrency=n_reads, passes=passes, seed=cfg.seed,
-                        tasks_per_pass=n_reads, label_selector=label_selector, counts=counts, layout=layout,
-                        sample_shuffle=SampleShuffle.from_config(cfg.data))
+    reads = read_shards(
+        paths,
+        num_cpus=r.read_cpus_per_task,
+        concurrency=n_reads,
+        passes=passes,
+        seed=cfg.seed,
+        tasks_per_pass=n_reads,
+        label_selector=label_selector,
+        counts=counts,
+        layout=layout,
+        sample_shuffle=SampleShuffle.from_config(cfg.data),
+    )
     if r.read_block_rows:
         reads = split_read_blocks(reads, r.read_block_rows, r.read_cpus_per_task, label_selector)
     one_block_per_batch(reads.context, r.augment_batch_size * crop_bytes(spec), r.augment_output_buffer)
@@ -545,9 +592,14 @@ def multicrop_dataset(
         reads.context.execution_options.label_selector = dict(label_selector)
     return reads.map_batches(
         MultiCropMapper,
-        fn_constructor_kwargs={"spec": spec, "seed": cfg.seed, "counter_name": counter_name,
-                               "with_meta": with_meta, "priority": r.augment_priority,
-                               "max_crashes": cfg.data.max_sample_crashes},
+        fn_constructor_kwargs={
+            "spec": spec,
+            "seed": cfg.seed,
+            "counter_name": counter_name,
+            "with_meta": with_meta,
+            "priority": r.augment_priority,
+            "max_crashes": cfg.data.max_sample_crashes,
+        },
         batch_size=r.augment_batch_size,
         compute=ray.data.ActorPoolStrategy(min_size=r.augment_actors_min, max_size=r.augment_actors_max),
         num_cpus=r.augment_cpus_per_actor,

@@ -109,7 +109,9 @@ def render_sample(label: int, size: int, rng: np.random.Generator) -> tuple[np.n
         rx, cx, cy = rng.uniform(0.03, 0.08) * size, *rng.uniform(0, size, 2)
         ry, t = rx * rng.uniform(0.5, 1.0), np.linspace(0, 2 * math.pi, 24, endpoint=False)
         blob = _rotated(cx, cy, rng.uniform(0, math.pi), list(zip(rx * np.cos(t), ry * np.sin(t))))
-        canvas.paste(tuple((_foreground(rng) * 255).astype(int).tolist()), mask=_polygon_mask(size, [blob], supersample=2))
+        canvas.paste(
+            tuple((_foreground(rng) * 255).astype(int).tolist()), mask=_polygon_mask(size, [blob], supersample=2)
+        )
 
     union = np.zeros((size, size), np.uint8)
     for _ in range(int(rng.integers(*INSTANCES))):
@@ -224,8 +226,10 @@ def _polygon_mask(size: int, polygons: list, holes: list = (), supersample: int 
 def _regular(cx: float, cy: float, radii: list[float], angle: float) -> list[tuple[float, float]]:
     """Vertices at the given radii, evenly spaced in angle starting at ``angle``."""
     n = len(radii)
-    return [(cx + r * math.cos(angle + 2 * math.pi * k / n), cy + r * math.sin(angle + 2 * math.pi * k / n))
-            for k, r in enumerate(radii)]
+    return [
+        (cx + r * math.cos(angle + 2 * math.pi * k / n), cy + r * math.sin(angle + 2 * math.pi * k / n))
+        for k, r in enumerate(radii)
+    ]
 
 
 def _rotated(cx: float, cy: float, angle: float, pts: list[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -234,9 +238,10 @@ def _rotated(cx: float, cy: float, angle: float, pts: list[tuple[float, float]])
     return [(cx + u * c - v * s, cy + u * s + v * c) for u, v in pts]
 
 
-def _shape_mask(name: str, size: int, cx: float, cy: float, r: float, angle: float,
-                rng: np.random.Generator) -> np.ndarray:
-    """"L" mask of shape ``name`` inside the circle of radius ``r`` (pixels) at ``(cx, cy)``, rotated."""
+def _shape_mask(
+    name: str, size: int, cx: float, cy: float, r: float, angle: float, rng: np.random.Generator
+) -> np.ndarray:
+    """ "L" mask of shape ``name`` inside the circle of radius ``r`` (pixels) at ``(cx, cy)``, rotated."""
     if name == "circle":
         return _polygon_mask(size, [_regular(cx, cy, [r] * 48, angle)])
     if name == "square":
@@ -249,8 +254,20 @@ def _shape_mask(name: str, size: int, cx: float, cy: float, r: float, angle: flo
         return _polygon_mask(size, [_regular(cx, cy, [r] * 48, 0)], [_regular(cx, cy, [0.6 * r] * 48, 0)])
     if name == "plus":
         w = 0.32 * r  # arm half-width
-        arms = [(w, -w), (r, -w), (r, w), (w, w), (w, r), (-w, r), (-w, w), (-r, w), (-r, -w), (-w, -w),
-                (-w, -r), (w, -r)]
+        arms = [
+            (w, -w),
+            (r, -w),
+            (r, w),
+            (w, w),
+            (w, r),
+            (-w, r),
+            (-w, w),
+            (-r, w),
+            (-r, -w),
+            (-w, -w),
+            (-w, -r),
+            (w, -r),
+        ]
         return _polygon_mask(size, [_rotated(cx, cy, angle, arms)])
     if name in ("stripes", "checker"):
         # A disc cut into bars (stripes) or cells (checker) of width r/2, at a random phase.
@@ -261,8 +278,12 @@ def _shape_mask(name: str, size: int, cx: float, cy: float, r: float, angle: flo
             cells = [[(a, -r), (a + w, -r), (a + w, r), (a, r)] for a in edges[::2]]
         else:
             vs = [w * (k + pv) for k in range(-3, 3)]
-            cells = [[(a, b), (a + w, b), (a + w, b + w), (a, b + w)]
-                     for i, a in enumerate(edges) for j, b in enumerate(vs) if (i + j) % 2 == 0]
+            cells = [
+                [(a, b), (a + w, b), (a + w, b + w), (a, b + w)]
+                for i, a in enumerate(edges)
+                for j, b in enumerate(vs)
+                if (i + j) % 2 == 0
+            ]
         disc = _polygon_mask(size, [_regular(cx, cy, [r] * 48, 0)])
         return ImageChops.multiply(disc, _polygon_mask(size, [_rotated(cx, cy, angle, c) for c in cells]))
     raise ValueError(f"unknown shape {name!r}")
@@ -274,7 +295,10 @@ def ensure_data(cfg) -> str:
     if cfg.data.root is not None:
         return cfg.data.root
     d = cfg.data
-    out = Path(d.synthetic_dir) / f"shapes-v{VERSION}-{d.synthetic_image_size}px-{d.synthetic_train}-{d.synthetic_val}-s{cfg.seed}"
+    out = (
+        Path(d.synthetic_dir)
+        / f"shapes-v{VERSION}-{d.synthetic_image_size}px-{d.synthetic_train}-{d.synthetic_val}-s{cfg.seed}"
+    )
     if not (out / "index.json").is_file():
         log.info("no data.root given: generating the synthetic shapes dataset in %s", out)
         make_synthetic_dataset(

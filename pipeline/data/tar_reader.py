@@ -34,7 +34,11 @@ STREAM_BUFFER = 1 << 20  # read-ahead of an object-store shard stream (tarfile r
 
 
 def _row(
-    key: str, url: str, members: dict[str, bytes], error: str | None = None, extra: tuple[str, ...] = (),
+    key: str,
+    url: str,
+    members: dict[str, bytes],
+    error: str | None = None,
+    extra: tuple[str, ...] = (),
     layout: Members = DEFAULT_MEMBERS,
 ) -> dict[str, Any]:
     row: dict[str, Any] = {c: None for c in COLUMNS + extra}
@@ -46,7 +50,9 @@ def _row(
     return row
 
 
-def iter_samples(fileobj, url: str, extra: tuple[str, ...] = (), layout: Members = DEFAULT_MEMBERS) -> Iterator[dict[str, Any]]:
+def iter_samples(
+    fileobj, url: str, extra: tuple[str, ...] = (), layout: Members = DEFAULT_MEMBERS
+) -> Iterator[dict[str, Any]]:
     """Samples of one tar stream as rows with every column of :data:`COLUMNS` and ``extra`` (missing
     ones None). ``extra``: further member extensions to keep, e.g. ``("mask.png",)``; ``layout``: which
     members are the image and the label."""
@@ -90,14 +96,14 @@ class _Tail:
     def read(self, n: int = -1) -> bytes:
         data = self.f.read(n)
         self.pos += len(data)
-        self.tail = (self.tail + data)[-self.KEEP:]
+        self.tail = (self.tail + data)[-self.KEEP :]
         return data
 
     def zero_block_at(self, offset: int) -> bool:
         start = offset - (self.pos - len(self.tail))
         if start < 0:  # long past: cannot tell, as before this check
             return True
-        block = self.tail[start:start + tarfile.BLOCKSIZE]
+        block = self.tail[start : start + tarfile.BLOCKSIZE]
         return len(block) == tarfile.BLOCKSIZE and not any(block)
 
 
@@ -109,7 +115,9 @@ def to_table(rows: list[dict[str, Any]]):
     return pa.table({c: pa.array([r[c] for r in rows], type=types.get(c, pa.binary())) for c in COLUMNS})
 
 
-def read_shard_tables(batch: dict[str, Any], filesystem=None, rows_per_table: int = 64, layout: Members = DEFAULT_MEMBERS):
+def read_shard_tables(
+    batch: dict[str, Any], filesystem=None, rows_per_table: int = 64, layout: Members = DEFAULT_MEMBERS
+):
     """``map_batches`` generator: shard paths -> their samples as Arrow tables of ``rows_per_table`` rows.
 
     Columnar output is what keeps the read stage cheap: Ray builds blocks from typed Arrow columns
@@ -140,8 +148,9 @@ def open_shard(path: str, filesystem=None):
     return open(path, "rb")  # noqa: SIM115  (the caller closes it)
 
 
-def read_shard(row: dict[str, Any], filesystem=None, extra: tuple[str, ...] = (),
-               layout: Members = DEFAULT_MEMBERS) -> Iterator[dict[str, Any]]:
+def read_shard(
+    row: dict[str, Any], filesystem=None, extra: tuple[str, ...] = (), layout: Members = DEFAULT_MEMBERS
+) -> Iterator[dict[str, Any]]:
     """``flat_map`` function: ``{"path": ...}`` -> the shard's sample rows (``extra``, ``layout``: see
     :func:`iter_samples`)."""
     path = row["path"]
@@ -166,7 +175,7 @@ class _IndexedShard:
         self.path, self.samples, self.fd = path, samples, None
 
     @classmethod
-    def scan(cls, path: str, keep: tuple[str, ...]) -> "_IndexedShard | None":
+    def scan(cls, path: str, keep: tuple[str, ...]) -> _IndexedShard | None:
         import os
         import stat
 
@@ -183,7 +192,9 @@ class _IndexedShard:
             samples: list[tuple[str, dict[str, tuple[int, int]]]] = []
             end = 0
             with open(local, "rb") as f:
-                for name, is_file, offset, size in scan_tar_members(f, local, st.st_size, lambda n: f.seek(n, os.SEEK_CUR)):
+                for name, is_file, offset, size in scan_tar_members(
+                    f, local, st.st_size, lambda n: f.seek(n, os.SEEK_CUR)
+                ):
                     end = offset + -(-size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
                     if not is_file:
                         continue
@@ -286,15 +297,21 @@ def shuffled_rows(
         if len(members) == 0:
             continue
         indexed = [_IndexedShard.scan(paths[i], keep) if random_access else None for i in members]
-        readers = [None if ix is not None else read_shard({"path": paths[i]}, filesystem, layout=layout)
-                   for i, ix in zip(members, indexed)]
+        readers = [
+            None if ix is not None else read_shard({"path": paths[i]}, filesystem, layout=layout)
+            for i, ix in zip(members, indexed)
+        ]
         # One draw per sample: (shard, sample) for indexed shards, (shard, -1: its next row) for streamed ones.
         weights = [len(ix.samples) if ix is not None else max(0, int(counts[i])) for i, ix in zip(members, indexed)]
         if sum(weights) == 0:
             weights = [1] * len(members)
         shard_of = np.repeat(np.arange(len(members), dtype=np.int32), weights)
-        sample_of = np.concatenate([np.arange(w, dtype=np.int32) if indexed[k] is not None else np.full(w, -1, np.int32)
-                                    for k, w in enumerate(weights)])
+        sample_of = np.concatenate(
+            [
+                np.arange(w, dtype=np.int32) if indexed[k] is not None else np.full(w, -1, np.int32)
+                for k, w in enumerate(weights)
+            ]
+        )
         order = rng.permutation(len(shard_of))
         done = [False] * len(members)
         try:
@@ -330,9 +347,27 @@ def shuffled_rows(
     yield from buf
 
 
-def shuffled_tables(paths, counts, seed, *, group: int, buffer: int, filesystem=None, layout: Members = DEFAULT_MEMBERS,
-                    random_access: bool = True, rows_per_table: int = 64):
+def shuffled_tables(
+    paths,
+    counts,
+    seed,
+    *,
+    group: int,
+    buffer: int,
+    filesystem=None,
+    layout: Members = DEFAULT_MEMBERS,
+    random_access: bool = True,
+    rows_per_table: int = 64,
+):
     """:func:`shuffled_rows` as Arrow tables of ``rows_per_table`` rows (the read stage's blocks)."""
-    rows = shuffled_rows(paths, counts, seed, group=group, buffer=buffer, filesystem=filesystem, layout=layout,
-                         random_access=random_access)
+    rows = shuffled_rows(
+        paths,
+        counts,
+        seed,
+        group=group,
+        buffer=buffer,
+        filesystem=filesystem,
+        layout=layout,
+        random_access=random_access,
+    )
     yield from tables_of(rows, rows_per_table)
