@@ -16,7 +16,7 @@ from pipeline.cluster import init_ray, log_timeline, resolve_placement_or_fail
 from pipeline.data import multicrop_dataset, skipped_total, start_counter
 from pipeline.driver.plan import Prepared, count_shards, dataset_name, run_tags
 from pipeline.errors import DataError
-from pipeline.eval import measure_start, register_teacher
+from pipeline.eval import measure_start
 from pipeline.progress import EpochPrinter, summary_line
 from pipeline.tracking import (
     create_run,
@@ -140,6 +140,10 @@ def pretrain(p: Prepared) -> PretrainResult:
     name = p.cfg.tracking.register_model
     if name == "auto":
         name = f"dino-{dataset_name(p.data_root)}-{p.cfg.preset}"
+    # Imported here: defining MLflow's PythonModel subclass warns about type hints, a line no job should print
+    # before it gets this far (a bad-input run, the k-NN jobs).
+    from pipeline.eval.teacher_model import register_teacher
+
     model_version = register_teacher(p.tracking_uri, run_id, teacher_dir, name, p.run_name)
     client.set_terminated(run_id, "FINISHED")
     return PretrainResult(

@@ -27,7 +27,6 @@ from pipeline.eval.query import (
     thumbnail,
 )
 from pipeline.eval.start import START_METRICS, compare_with_start, measure_start
-from pipeline.eval.teacher_model import log_teacher_model, register_teacher
 
 __all__ = [
     "QueryResult",
@@ -44,9 +43,7 @@ __all__ = [
     "PROBE_NEEDS",
     "START_METRICS",
     "compare_with_start",
-    "log_teacher_model",
     "measure_start",
-    "register_teacher",
     "BackboneSpec",
     "Embeddings",
     "IndexFolder",

@@ -87,7 +87,7 @@ def test_registered_teacher_loads_in_a_fresh_process_and_embeds_like_the_knn_ind
 ):
     from mlflow.tracking import MlflowClient
 
-    from pipeline.eval import register_teacher
+    from pipeline.eval.teacher_model import register_teacher
     from pipeline.tracking import create_run
 
     folder, _ = tiny_teacher(tmp_path / "teacher")
@@ -170,7 +170,7 @@ def test_registering_in_a_local_store_uses_that_store_not_the_working_directory(
     MLflow's global URI, which the job never sets: unset, it would open ./mlflow.db and not find the model)."""
     from mlflow.tracking import MlflowClient
 
-    from pipeline.eval import register_teacher
+    from pipeline.eval.teacher_model import register_teacher
     from pipeline.tracking import create_run
 
     store = f"sqlite:///{tmp_path}/store/mlflow.db"
