@@ -20,6 +20,13 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests that use the session's in-process Ray (:func:`ray_cluster`) run after all the others, in their own
+    order: that Ray stays up until the session ends, and tests that check a job starts no Ray (or that a local run
+    checks this machine's CPUs) must not depend on whether a test before them started it."""
+    items.sort(key=lambda item: "ray_cluster" in getattr(item, "fixturenames", ()))  # stable: order kept within
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

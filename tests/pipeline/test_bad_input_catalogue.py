@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import sys
 import tarfile
 
 import pytest
@@ -462,6 +463,8 @@ def test_training_workers_larger_than_the_local_machine_are_named(monkeypatch):
     from pipeline.driver.preflight import check_local_cpus
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    if "ray" in sys.modules:  # a Ray this test process started is not the job's: the job starts a local one
+        monkeypatch.setattr(sys.modules["ray"], "is_initialized", lambda: False)
     cfg = load_config("smoke", ["ray.num_workers=2", "ray.cpus_per_worker=1.5"])
     with pytest.raises(ConfigError) as err:
         check_local_cpus(cfg, cpus=2)
