@@ -57,13 +57,23 @@ class DINOLoss(nn.Module):
         t = (_at_least_fp32(teacher_logits.detach()) - self.center) / teacher_temp  # (n, K)
         return F.softmax(t, dim=-1)
 
-    def forward(self, student_logits: Tensor, teacher_logits: Tensor, teacher_temp: float) -> Tensor:
-        """Compute the loss with the current centre, then update the centre.
+    def forward(
+        self,
+        student_logits: Tensor,
+        teacher_logits: Tensor,
+        teacher_temp: float,
+        *,
+        update_center: bool = True,
+    ) -> Tensor:
+        """Compute the loss with the current centre, then (by default) update the centre.
 
         Args:
             student_logits: ``[V_s * B, K]``, crop-major (all global crops first, then local crops).
             teacher_logits: ``[V_t * B, K]``, crop-major, ``V_t = n_global_crops``.
             teacher_temp: Teacher temperature ``tau_t`` for this step (scheduled by the caller).
+            update_center: Call :meth:`update_center` on ``teacher_logits`` after the loss. ``False``
+                leaves the centre to the caller (:meth:`center_sum`, :meth:`apply_center_update`),
+                e.g. once per optimizer step over several micro-batches.
 
         Returns:
             Scalar loss: mean over pairs ``(i, j)``, ``i != j``, of the batch-mean of
@@ -96,23 +106,61 @@ class DINOLoss(nn.Module):
             same_view = torch.eye(n_t, n_s, dtype=torch.bool, device=ce.device)  # (T, S)
             loss = ce.masked_fill(same_view, 0.0).sum() / n_pairs
 
-        self.update_center(teacher_logits)
+        if update_center:
+            self.update_center(teacher_logits)
         return loss
 
     @torch.no_grad()
     def update_center(self, teacher_logits: Tensor) -> None:
         """EMA update ``c <- m c + (1 - m) mean(teacher_logits)``, the mean over all processes.
 
+        Every process must pass the same number of rows (the sum is all-reduced, the row count is
+        not); :meth:`apply_center_update` also all-reduces the count, for uneven processes.
+
         Args:
             teacher_logits: ``[n, K]`` raw (uncentred) teacher logits of this process.
         """
-        batch_center = _at_least_fp32(teacher_logits.detach()).sum(dim=0, keepdim=True)  # (1, K)
-        rows = teacher_logits.shape[0]
+        batch_center, rows = self.center_sum(teacher_logits)  # (1, K)
         world_size = 1
         if is_distributed():
             torch.distributed.all_reduce(batch_center, op=torch.distributed.ReduceOp.SUM)
             world_size = torch.distributed.get_world_size()
-        batch_center = batch_center / (rows * world_size)
+        self._ema(batch_center / (rows * world_size))
+
+    @torch.no_grad()
+    def center_sum(self, teacher_logits: Tensor) -> tuple[Tensor, int]:
+        """This process's part of a centre update: the teacher logits' column sum and row count.
+
+        Args:
+            teacher_logits: ``[n, K]`` raw (uncentred) teacher logits.
+
+        Returns:
+            ``(sum, n)``: ``[1, K]`` sum over the rows (float32, or float64 for float64 logits; no
+            gradient) and the number of rows. Sums and counts of several micro-batches add up.
+        """
+        return _at_least_fp32(teacher_logits.detach()).sum(dim=0, keepdim=True), teacher_logits.shape[0]
+
+    @torch.no_grad()
+    def apply_center_update(self, total_sum: Tensor, total_rows: int) -> None:
+        """EMA update ``c <- m c + (1 - m) sum / rows``, sum and row count added over all processes.
+
+        One all-reduce (under ``torch.distributed``) carries both, so processes may contribute
+        different numbers of rows: the result is the mean over every row of every process. With the
+        same rows everywhere it is :meth:`update_center`'s mean.
+
+        Args:
+            total_sum: ``[1, K]`` this process's summed :meth:`center_sum` sums.
+            total_rows: This process's summed row counts.
+        """
+        if not is_distributed():
+            self._ema(total_sum / total_rows)
+            return
+        # The count rides along as one more float column: exact up to 2**24 rows (float32).
+        packed = torch.cat([total_sum.reshape(1, -1), total_sum.new_full((1, 1), total_rows)], dim=1)  # (1, K + 1)
+        torch.distributed.all_reduce(packed, op=torch.distributed.ReduceOp.SUM)
+        self._ema(packed[:, :-1] / packed[:, -1:])
+
+    def _ema(self, batch_center: Tensor) -> None:
         self.center.mul_(self.center_momentum).add_(batch_center, alpha=1.0 - self.center_momentum)
 
 

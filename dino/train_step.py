@@ -9,6 +9,7 @@ EMA of the student. The loop around this step (data, schedules, logging, checkpo
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -159,8 +160,8 @@ class StepOptions:
             teacher's EMA still runs over every parameter).
         autocast_dtype: Autocast dtype of the forward passes (e.g. ``torch.bfloat16``) or ``None``.
         scaler: Optional ``GradScaler`` (float16 training).
-        health: Also return the collapse diagnostics of :mod:`dino.health`, computed from this
-            step's detached logits with the loss's targets (centre before its update).
+        health: Also return the collapse diagnostics of :mod:`dino.health`, computed from the
+            last micro-batch's detached logits with the loss's targets (centre before its update).
         skip_nonfinite: Check the loss (and, without a scaler, the gradient norm) after backward;
             if either is NaN/inf, leave student, teacher, optimizer and centre untouched. The check
             reads one flag back to the host (one synchronisation per step) and, under
@@ -168,6 +169,10 @@ class StepOptions:
             overflow stays the scaler's business (it skips the optimizer step and lowers the scale;
             the EMA and centre are updated as without this option); a non-finite loss is skipped.
             When ``False`` nothing is checked and nothing synchronises.
+        loss_weight: Factor on each micro-batch's mean loss before backward. With ``W`` processes
+            (DDP averages their gradients), micro-batches of ``b`` samples and a global batch of
+            ``G`` samples per step, ``W * b / G`` makes the gradient that of the mean loss over the
+            global batch; 1 for one micro-batch per process of ``G / W`` samples.
     """
 
     clip_grad: float
@@ -178,6 +183,7 @@ class StepOptions:
     scaler: torch.amp.GradScaler | None = None
     health: bool = False
     skip_nonfinite: bool = False
+    loss_weight: float = 1.0
 
 
 def dino_step(
@@ -185,8 +191,8 @@ def dino_step(
     teacher: nn.Module,
     loss_fn: DINOLoss,
     optimizer: torch.optim.Optimizer,
-    global_crops: Tensor,
-    local_crops: Tensor | None,
+    global_crops: Tensor | Sequence[Tensor],
+    local_crops: Tensor | Sequence[Tensor | None] | None,
     values: StepValues,
     options: StepOptions,
 ) -> dict[str, Tensor]:
@@ -198,54 +204,85 @@ def dino_step(
     clip) even while it is frozen. A frozen backbone's gradients are dropped *before* the clip:
     they count in neither.
 
+    Gradient accumulation: given lists of crops, each entry is one micro-batch (forward, loss,
+    backward of ``loss * options.loss_weight``, gradients adding up), then one optimizer step. A
+    DDP student runs every micro-batch but the last under ``no_sync()``: each process all-reduces
+    its gradients once, so processes may run different numbers of micro-batches. The centre moves
+    once per step, from the teacher outputs of every micro-batch of every process
+    (:meth:`DINOLoss.apply_center_update`). Without BatchNorm, ``n`` micro-batches give the step of
+    their concatenation up to float summation order. SyncBatchNorm all-gathers in every forward:
+    with it, every process must run the same number of micro-batches.
+
     Args:
         student: Student :class:`MultiCropWrapper`, optionally DDP-wrapped.
         teacher: Teacher :class:`MultiCropWrapper` (plain module, no gradients).
         loss_fn: The :class:`DINOLoss` (its centre is updated in place).
         optimizer: Optimizer over the student's parameter groups (see :mod:`dino.optim`).
-        global_crops: ``[2 * B, 3, H, W]`` float, crop-major.
-        local_crops: ``[N * B, 3, h, w]`` float, crop-major, or ``None`` for no local crops.
+        global_crops: ``[2 * B, 3, H, W]`` float, crop-major; or a list of such tensors, this
+            process's micro-batches.
+        local_crops: ``[N * B, 3, h, w]`` float, crop-major, or ``None`` for no local crops; with a
+            list of global crops, a list as long (entries may be ``None``) or ``None``.
         values: This step's lr, weight decay, teacher momentum and teacher temperature.
         options: Clipping, freezing, precision, diagnostics and the non-finite policy
             (:class:`StepOptions`).
 
     Returns:
-        ``{"loss": (), "grad_norm": ()}`` tensors on the device (no host synchronisation; the
-        global L2 norm of the gradients before clipping, in both clip modes, a frozen backbone's
-        excepted), plus
+        ``{"loss": (), "grad_norm": ()}`` tensors on the device (no host synchronisation; the mean
+        loss over this process's samples, micro-batches weighted by their rows, without
+        ``loss_weight``; the global L2 norm of the gradients before clipping, in both clip modes, a
+        frozen backbone's excepted), plus
         ``"teacher_entropy"`` and ``"kl"`` (float32, nats) with ``health``, plus ``"skipped"``
         (int64, 1 if the step was skipped, else 0) with ``skip_nonfinite``.
     """
     o = options
     autocast_dtype, scaler, skip_nonfinite = o.autocast_dtype, o.scaler, o.skip_nonfinite
+    micro_batches = _micro_batches(global_crops, local_crops)
     set_hyperparams(optimizer, values.lr, values.weight_decay)
-    student_crops = [global_crops] if local_crops is None else [global_crops, local_crops]
-    autocast = (
-        torch.autocast(device_type=global_crops.device.type, dtype=autocast_dtype)
-        if autocast_dtype is not None
-        else contextlib.nullcontext()
-    )
+    device_type = micro_batches[0][0].device.type
+    rows = [g.shape[0] for g, _ in micro_batches]
     out: dict[str, Tensor] = {}
-    # The loss updates the centre in its forward: keep the old one to restore on a skipped step.
-    center_before = loss_fn.center.clone() if skip_nonfinite else None
-    with autocast:
-        with torch.no_grad():
-            teacher_logits = teacher([global_crops])  # (2B, K)
-        student_logits = student(student_crops)  # ((2 + N) B, K)
-        if o.health:  # before the loss, which moves the centre
-            out |= step_health(loss_fn, student_logits, teacher_logits, values.teacher_temp)
-        loss = loss_fn(student_logits, teacher_logits, values.teacher_temp)  # ()
+    loss_sum: Tensor | None = None  # this process's mean loss, built up micro-batch by micro-batch
+    teacher_sum: Tensor | None = None  # (1, K) fp32 sum of the teacher logits, for the centre
+    teacher_rows = 0
+    can_defer_sync = hasattr(student, "no_sync")  # DDP
 
     optimizer.zero_grad(set_to_none=True)
+    for i, (micro_global, micro_local) in enumerate(micro_batches):
+        last = i == len(micro_batches) - 1
+        student_crops = [micro_global] if micro_local is None else [micro_global, micro_local]
+        autocast = (
+            torch.autocast(device_type=device_type, dtype=autocast_dtype)
+            if autocast_dtype is not None
+            else contextlib.nullcontext()
+        )
+        # Gradients are all-reduced in the last micro-batch's backward only.
+        sync = student.no_sync() if can_defer_sync and not last else contextlib.nullcontext()
+        with sync:
+            with autocast:
+                with torch.no_grad():
+                    teacher_logits = teacher([micro_global])  # (2b, K)
+                student_logits = student(student_crops)  # ((2 + N) b, K)
+                if o.health and last:  # the centre moves after the last micro-batch only
+                    out |= step_health(loss_fn, student_logits, teacher_logits, values.teacher_temp)
+                loss = loss_fn(student_logits, teacher_logits, values.teacher_temp, update_center=False)  # ()
+            part_sum, part_rows = loss_fn.center_sum(teacher_logits)
+            teacher_sum = part_sum if teacher_sum is None else teacher_sum + part_sum
+            teacher_rows += part_rows
+            weighted = loss if o.loss_weight == 1.0 else loss * o.loss_weight
+            if scaler is not None:
+                scaler.scale(weighted).backward()
+            else:
+                weighted.backward()
+        share = rows[i] / sum(rows)  # 1.0 for a single micro-batch: the loss as it is
+        part = loss.detach() if share == 1.0 else loss.detach() * share
+        loss_sum = part if loss_sum is None else loss_sum + part
+
     if scaler is not None:
-        scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
-    else:
-        loss.backward()
     if o.freeze_backbone:
         cancel_backbone_grads(student)
     grad_norm = clip_gradients(student, o.clip_grad, o.clip_mode)
-    out |= {"loss": loss.detach(), "grad_norm": grad_norm.detach()}
+    out |= {"loss": loss_sum, "grad_norm": grad_norm.detach()}
 
     if skip_nonfinite:
         finite = torch.isfinite(out["loss"])
@@ -255,13 +292,13 @@ def dino_step(
         if is_distributed():  # one rank's bad step is every rank's: the replicas must stay equal
             torch.distributed.all_reduce(skipped, op=torch.distributed.ReduceOp.MAX)
         out["skipped"] = skipped
-        if skipped.item():  # the one host synchronisation of this policy
-            loss_fn.center.copy_(center_before)
+        if skipped.item():  # the one host synchronisation of this policy (the centre has not moved)
             if scaler is not None:
                 scaler.update()  # ends the scaler's step (unscale_ was called); sees inf grads
             optimizer.zero_grad(set_to_none=True)
             return out
 
+    loss_fn.apply_center_update(teacher_sum, teacher_rows)  # once per step, over every process
     if o.freeze_last_layer:
         cancel_last_layer_grads(student)
     if scaler is not None:
@@ -272,3 +309,20 @@ def dino_step(
 
     update_teacher(student, teacher, values.teacher_momentum)
     return out
+
+
+def _micro_batches(
+    global_crops: Tensor | Sequence[Tensor], local_crops: Tensor | Sequence[Tensor | None] | None
+) -> list[tuple[Tensor, Tensor | None]]:
+    """``dino_step``'s crops as a list of ``(global, local or None)`` micro-batches (at least one)."""
+    if isinstance(global_crops, Tensor):
+        if local_crops is not None and not isinstance(local_crops, Tensor):
+            raise TypeError("a single global-crop tensor takes a local-crop tensor or None")
+        return [(global_crops, local_crops)]
+    global_list = list(global_crops)
+    local_list = [None] * len(global_list) if local_crops is None else list(local_crops)
+    if not global_list:
+        raise ValueError("dino_step needs one micro-batch or more")
+    if len(local_list) != len(global_list):
+        raise ValueError(f"{len(global_list)} global-crop micro-batches but {len(local_list)} local-crop ones")
+    return list(zip(global_list, local_list, strict=True))

@@ -313,12 +313,12 @@ def _assert_bit_identical(a, b, path="state"):
 
 
 class PoisonableLoss(DINOLoss):
-    """The real loss (which updates the centre), times inf while ``poison`` is set."""
+    """The real loss, times inf while ``poison`` is set."""
 
     poison = False
 
-    def forward(self, *args):
-        loss = super().forward(*args)
+    def forward(self, *args, **kwargs):
+        loss = super().forward(*args, **kwargs)
         return loss * float("inf") if self.poison else loss
 
 
