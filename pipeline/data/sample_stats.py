@@ -24,7 +24,8 @@ class SampleCounter:
     """Totals over all actors and epochs: rows seen, skipped per reason, per shard, example keys; and why
     the run stopped, if it did (rank 0 records it here: Ray Train's ``Result.metrics`` are those of the
     latest *checkpoint*, so a stop reported without a checkpoint never reaches the driver through them); and
-    rank 0's epoch records, which the driver prints as they come (Ray Train V2 streams no reports to it)."""
+    rank 0's epoch records, which the driver prints as they come (Ray Train V2 streams no reports to it); and
+    the data position each worker group resumed from (the stream's position board)."""
 
     def __init__(self) -> None:
         self.stop_reason: str | None = None
@@ -35,6 +36,8 @@ class SampleCounter:
         self.examples: list[tuple[str, str, str]] = []  # (shard, key, reason)
         self.crashes: Counter[tuple[str, str]] = Counter()  # (shard, key) -> worker processes it killed
         self.inflight: dict[str, tuple[tuple[str, str] | None, list[tuple[str, str]]]] = {}  # actor id -> held
+        self.position_state: dict[str, Any] | None = None
+        self.groups: list[dict[str, Any]] = []
 
     def crashed(self, shard: str, key: str) -> int:
         """A worker process died while decoding ``key`` of ``shard``: count it; returns its crashes so far."""
@@ -69,6 +72,19 @@ class SampleCounter:
 
     def stop(self, reason: str) -> None:
         self.stop_reason = reason
+
+    # The data position of the checkpoint the current worker group resumed from (pipeline.data.position):
+    # rank 0 publishes it before any worker asks for data; the stream's next execution skips what it holds.
+    def publish_position(self, state: dict[str, Any] | None, world_size: int, step: int) -> None:
+        self.position_state = state
+        self.groups.append({"world_size": world_size, "step": step})
+
+    def position(self) -> dict[str, Any] | None:
+        return self.position_state
+
+    def worker_groups(self) -> list[dict[str, Any]]:
+        """Each worker group of the run as it started: its size and the global step it resumed at."""
+        return list(self.groups)
 
     def stopped(self) -> str | None:
         return self.stop_reason

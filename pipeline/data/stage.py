@@ -35,7 +35,7 @@ from dino.augment import MultiCropAugment, MultiCropSpec
 from pipeline.config import AugmentConfig, Config
 from pipeline.data.sample_stats import BatchTally
 from pipeline.data.shards import DEFAULT_MEMBERS, Members
-from pipeline.faults import crash_on_key
+from pipeline.faults import crash_on_key, key_hash, key_hashes_wanted
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +109,7 @@ class MultiCropMapper:
         self.with_meta = (
             with_meta  # False: only the crop columns (what training consumes; no extra copy to drop the rest)
         )
+        self.key_hashes = key_hashes_wanted()
         self._counter = None
         # Inside an actor of a run: remember the sample being decoded, so that a restart after a process death
         # can blame it, and skip the samples that killed a worker max_crashes times (CrashLedger).
@@ -142,12 +143,13 @@ class MultiCropMapper:
         # that fails part-way is overwritten by the next good one, and the buffers are cut to ``n``.
         globals_ = np.empty((n_rows, 2, s.global_size, s.global_size, 3), np.uint8)
         locals_ = np.empty((n_rows, s.n_local, s.local_size, s.local_size, 3), np.uint8)
-        out_keys, out_labels = [], []
+        out_keys, out_labels, out_ids, out_where = [], [], [], []
+        ids = batch.get("sample_id", [None] * n_rows)
         if self.ledger is not None:  # the batch on the record, for a restart on another machine
             self.ledger.begin_batch(
                 [(str(u), str(k)) for u, k, e in zip(urls, batch["__key__"], errors) if not isinstance(e, str)]
             )
-        for data, key, label, url, error in zip(images, batch["__key__"], labels, urls, errors):
+        for data, key, label, url, error, sid in zip(images, batch["__key__"], labels, urls, errors, ids):
             key, url = str(key), str(url)
             if isinstance(error, str):  # a shard-level marker (truncated/unreadable shard), not a sample
                 tally.seen -= 1
@@ -175,12 +177,18 @@ class MultiCropMapper:
                 if self.ledger is not None:
                     self.ledger.end()
             out_keys.append(key)
+            out_ids.append(sid)
+            out_where.append((url, key))
             out_labels.append(_label(label))
             if out_labels[-1] < 0:
                 tally.note("no_label")
         self._report(tally)
         n = len(out_keys)
         crops = {"global_crops": globals_[:n], "local_crops": locals_[:n]}
+        if "sample_id" in batch:  # the stream position of each sample (pipeline.data.position), to the trainer
+            crops["sample_id"] = np.array(out_ids, dtype=np.int64)
+            if self.key_hashes:  # a test hook (pipeline.faults.TRAINED_LOG_ENV)
+                crops["key_hash"] = np.array([key_hash(u, k) for u, k in out_where], dtype=np.int64)
         if not self.with_meta:
             return crops
         return {**crops, "key": np.array(out_keys, dtype=object), "label": np.array(out_labels, dtype=np.int64)}
@@ -342,7 +350,11 @@ def _read_task(
     filesystem,
     layout: Members,
     shuffle: SampleShuffle,
+    skips: list[list[int]] | None = None,
+    limit: int | None = None,
+    id_base: int | None = None,
 ) -> Iterator[Any]:
+    from pipeline.data.position import skipper
     from pipeline.data.tar_reader import read_shard_tables, shuffled_tables
 
     if seed is None:  # the given order, sample by sample (benchmarks, and what the stage did before shuffling)
@@ -358,6 +370,9 @@ def _read_task(
         filesystem=filesystem,
         layout=layout,
         random_access=shuffle.random_access,
+        skip=skipper(skips or []),
+        limit=limit,
+        id_base=id_base,
     )
 
 
@@ -396,7 +411,16 @@ class ShardPasses(ray.data.Datasource):
     shard's task waits for the next one, and Ray replaces a worker idle for more than a second with a new
     process, which spends ~2 s of CPU importing Ray Data: measured at 0.12-0.15 of a core for the whole run
     (a shard of 1,052 samples lasts ~12 s at 90 images/s) on a 2-core machine where the trainer needs both.
-    A killed task is re-run from its first shard, its outputs already delivered skipped (exactly-once)."""
+    A killed task is re-run from its first shard, its outputs already delivered skipped (exactly-once).
+
+    **Position** (shuffled passes only): every row carries its stream id (``sample_id``:
+    :mod:`pipeline.data.position`), and ``drop_per_pass`` (the part of a pass that does not fill a last global
+    batch) is cut from the ends of the tasks' sequences (:func:`~pipeline.data.position.task_limits`), so a pass
+    delivers whole global batches. With ``position_board`` (the name of an actor whose ``position()`` returns a
+    :meth:`DataPosition.state <pipeline.data.position.DataPosition.state>`, or None), the positions recorded
+    there are skipped: asked when the execution starts (Ray Train starts it once every worker of a new group
+    asks for data, after rank 0 has published the checkpoint's position), so a restarted stream delivers what
+    the run has not trained yet, and read tasks with nothing left are not made."""
 
     def __init__(
         self,
@@ -408,11 +432,14 @@ class ShardPasses(ray.data.Datasource):
         counts: list[int] | None = None,
         layout: Members = DEFAULT_MEMBERS,
         shuffle: SampleShuffle = SampleShuffle(),
+        drop_per_pass: int = 0,
+        position_board: str | None = None,
     ):
         self.paths, self.passes, self.seed, self.filesystem = list(paths), passes, seed, filesystem
         self.tasks_per_pass = tasks_per_pass
         self.counts = None if counts is None else list(counts)
         self.layout, self.shuffle = layout, shuffle
+        self.drop_per_pass, self.position_board = drop_per_pass, position_board
 
     def get_name(self) -> str:
         return "WebdatasetShards"
@@ -438,15 +465,45 @@ class ShardPasses(ray.data.Datasource):
         from ray.data import ReadTask
         from ray.data.block import BlockMetadata
 
+        from pipeline.data.position import covers, id_base, task_limits
+
+        position = self.published_position()
         tasks = []
         for p in range(self.passes):
-            for shards, seed in self.task_plan(p):
+            plan = self.task_plan(p)
+            limits = [None] * len(plan)
+            if self.counts is not None and self.seed is not None:
+                limits = task_limits([sum(self.counts[j] for j in shards) for shards, _ in plan], self.drop_per_pass)
+            for i, ((shards, seed), limit) in enumerate(zip(plan, limits)):
                 group = tuple(self.paths[j] for j in shards)
                 counts = None if self.counts is None else tuple(self.counts[j] for j in shards)
+                skips = position.skips(p, i) if position is not None else []
+                if limit is not None and skips and covers(skips, limit):
+                    continue  # all of it trained
                 meta = BlockMetadata(num_rows=None, size_bytes=None, exec_stats=None, input_files=group)
-                read = partial(_read_task, group, counts, seed, self.filesystem, self.layout, self.shuffle)
+                ident = id_base(p, i) if seed is not None else None
+                read = partial(
+                    _read_task, group, counts, seed, self.filesystem, self.layout, self.shuffle, skips, limit, ident
+                )
                 tasks.append(ReadTask(read, meta, per_task_row_limit=per_task_row_limit))
         return tasks
+
+    def published_position(self):
+        """The position on ``position_board`` (:class:`~pipeline.data.position.DataPosition`), or None."""
+        if self.position_board is None:
+            return None
+        from pipeline.data.position import DataPosition
+
+        try:
+            board = ray.get_actor(self.position_board)
+        except ValueError:  # no board (the run's driver is gone): nothing is skipped
+            log.warning("data position board %s not found: the stream starts from its first pass", self.position_board)
+            return None
+        state = ray.get(board.position.remote(), timeout=60)
+        position = DataPosition.from_state(state)
+        if state:
+            log.info("data stream resumes after %s", position)
+        return position
 
 
 def read_shards(
@@ -462,6 +519,8 @@ def read_shards(
     counts: list[int] | None = None,
     layout: Members = DEFAULT_MEMBERS,
     sample_shuffle: SampleShuffle = SampleShuffle(),
+    drop_per_pass: int = 0,
+    position_board: str | None = None,
 ) -> ray.data.Dataset:
     """Raw sample rows (``__key__``, ``__url__``, ``image``, ``cls`` as bytes; see :mod:`pipeline.data.tar_reader`).
 
@@ -471,7 +530,8 @@ def read_shards(
     pool, read tasks and the trainer's prefetch stay warm across epoch boundaries instead of starting over
     every epoch. ``tasks_per_pass``: read tasks per pass (see :class:`ShardPasses`); None = one per shard.
     ``counts``: samples per shard (the shuffle's weights); ``layout``: the image and label members;
-    ``sample_shuffle``: how the read tasks mix their shards.
+    ``sample_shuffle``: how the read tasks mix their shards; ``drop_per_pass``, ``position_board``: the
+    stream's position (:class:`ShardPasses`).
     ``label_selector``: the read tasks run only on nodes with these labels (:mod:`pipeline.cluster.placement`).
 
     Read tasks only move bytes; ``num_cpus`` below 1 lets them fit beside train workers and
@@ -484,7 +544,18 @@ def read_shards(
     fs = filesystem_for(paths)  # built on the driver from its AWS environment, shipped to read tasks
     if shuffle and seed is None:
         seed = int(np.random.default_rng().integers(2**31))
-    source = ShardPasses(paths, passes, seed if shuffle else None, fs, tasks_per_pass, counts, layout, sample_shuffle)
+    source = ShardPasses(
+        paths,
+        passes,
+        seed if shuffle else None,
+        fs,
+        tasks_per_pass,
+        counts,
+        layout,
+        sample_shuffle,
+        drop_per_pass=drop_per_pass,
+        position_board=position_board,
+    )
     return ray.data.read_datasource(
         source,
         num_cpus=num_cpus,
@@ -551,6 +622,8 @@ def multicrop_dataset(
     passes: int = 1,
     with_meta: bool = True,
     label_selector: dict[str, str] | None = None,
+    global_batch: int | None = None,
+    position_board: str | None = None,
 ) -> ray.data.Dataset:
     """Shards -> multi-crop batches on an autoscaling actor pool (``ray.augment_actors_min..max``);
     ``passes`` passes over the shards in one stream, shard order drawn from ``cfg.seed``. Without
@@ -562,7 +635,11 @@ def multicrop_dataset(
     (:class:`CrashLedger`); without ``counter_name`` there is no ledger and Ray retries it as it would.
 
     ``paths``: a :class:`~pipeline.data.shards.SplitInfo` (its shards, their counts, its image and label members), or
-    shard paths read with ``data.*``'s members, all weighted alike by the shuffle."""
+    shard paths read with ``data.*``'s members, all weighted alike by the shuffle.
+
+    Training: every batch carries its samples' stream ids (``sample_id``); ``global_batch`` (with counts) makes each
+    pass deliver whole global batches, its remainder cut from the ends of the read tasks' sequences; and
+    ``position_board`` names the actor whose published position the stream skips (:class:`ShardPasses`)."""
     from pipeline.data.shards import SplitInfo, members_from_config
 
     if isinstance(paths, SplitInfo):
@@ -584,6 +661,8 @@ def multicrop_dataset(
         counts=counts,
         layout=layout,
         sample_shuffle=SampleShuffle.from_config(cfg.data),
+        drop_per_pass=sum(counts) % global_batch if global_batch and counts is not None else 0,
+        position_board=position_board,
     )
     if r.read_block_rows:
         reads = split_read_blocks(reads, r.read_block_rows, r.read_cpus_per_task, label_selector)

@@ -108,11 +108,13 @@ class _Tail:
 
 
 def to_table(rows: list[dict[str, Any]]):
-    """Sample rows -> one Arrow table with typed columns (strings, binary members; missing = null)."""
+    """Sample rows -> one Arrow table with typed columns (strings, binary members; missing = null), plus the
+    stream ids as ``sample_id`` (int64) when the rows carry them (:mod:`pipeline.data.position`)."""
     import pyarrow as pa
 
-    types = {"__key__": pa.string(), "__url__": pa.string(), "__error__": pa.string()}
-    return pa.table({c: pa.array([r[c] for r in rows], type=types.get(c, pa.binary())) for c in COLUMNS})
+    types = {"__key__": pa.string(), "__url__": pa.string(), "__error__": pa.string(), "sample_id": pa.int64()}
+    columns = COLUMNS + (("sample_id",) if rows and "sample_id" in rows[0] else ())
+    return pa.table({c: pa.array([r[c] for r in rows], type=types.get(c, pa.binary())) for c in columns})
 
 
 def read_shard_tables(
@@ -227,6 +229,27 @@ class _IndexedShard:
             self.fd = None
 
 
+class _Lazy:
+    """A sample of an indexed shard, drawn but not read yet: read when it leaves the shuffle buffer (so a
+    resumed stream does not read the samples it skips), or when its group's files close, whichever is first."""
+
+    __slots__ = ("shard", "j", "path", "broken", "layout")
+
+    def __init__(self, shard: _IndexedShard, j: int, path: str, broken: set[str], layout: Members):
+        self.shard, self.j, self.path, self.broken, self.layout = shard, j, path, broken, layout
+
+    def row(self) -> dict[str, Any] | None:
+        """The sample's row; a marker row the first time its file cannot be read, None after that."""
+        if self.path in self.broken:
+            return None
+        try:
+            return _row(self.shard.samples[self.j][0], self.path, self.shard.read(self.j), layout=self.layout)
+        except OSError as e:  # the file changed under us: one marker, the rest of it skipped
+            log.warning("cannot read shard %s: %s", self.path, e)
+            self.broken.add(self.path)
+            return _row(f"{self.path}#unreadable", self.path, {}, error="unreadable_shard")
+
+
 def shuffled_rows(
     paths: list[str],
     counts: list[int] | None,
@@ -237,6 +260,9 @@ def shuffled_rows(
     filesystem=None,
     layout: Members = DEFAULT_MEMBERS,
     random_access: bool = True,
+    skip=None,
+    limit: int | None = None,
+    positions: bool = False,
 ) -> Iterator[dict[str, Any]]:
     """The rows of ``paths`` (:func:`read_shard`'s) in a shuffled order that is a pure function of the arguments.
 
@@ -261,14 +287,37 @@ def shuffled_rows(
 
     Deterministic: the same arguments and shard bytes give the same rows in the same order, so a re-run
     read task re-emits exactly what its lost attempt emitted (Ray Data's exactly-once per pass rests on
-    this), and a consumer that knows how many rows of this sequence it has taken can resume from that count
-    by re-running the sequence and dropping as many (image bytes are not decoded here: cheap).
+    this). Each row leaving the buffer has a *position* (0, 1, ...), which does not depend on what is read:
+    ``limit`` ends the sequence before position ``limit``; ``skip(position) -> bool`` (called with increasing
+    positions) drops rows without yielding them, and an indexed sample that is dropped is not read (a resumed
+    pass re-runs the draws and the buffer, not the reads); ``positions`` adds the position as ``__pos__``.
 
     Memory: at most ``buffer`` rows (raw image bytes, ``buffer`` x the largest sample) plus, per group, the
     member offsets of its local shards (~100 bytes a sample), ``group`` open shards (a file descriptor
     locally; :data:`STREAM_BUFFER` of read-ahead each from an object store) and the draw order (8 bytes a
     sample of the group).
     """
+    position = 0
+    items = _shuffled_items(paths, counts, seed, group, buffer, filesystem, layout, random_access)
+    try:
+        for item in items:
+            if limit is not None and position >= limit:
+                return
+            pos, position = position, position + 1
+            if skip is not None and skip(pos):
+                continue
+            row = item.row() if isinstance(item, (_Lazy, _Loaded)) else item
+            if row is None:
+                continue
+            if positions:
+                row["__pos__"] = pos
+            yield row
+    finally:
+        items.close()
+
+
+def _shuffled_items(paths, counts, seed, group, buffer, filesystem, layout, random_access):
+    """:func:`shuffled_rows`'s draws and buffer: rows, or :class:`_Lazy` samples of indexed shards."""
     import random
 
     import numpy as np
@@ -280,9 +329,10 @@ def shuffled_rows(
         counts = [1] * n
     n_groups = max(1, -(-n // max(1, group)))
     keep = layout.keep()
-    buf: list[dict[str, Any]] = []
+    buf: list[Any] = []
+    broken: set[str] = set()  # indexed shards that failed a read
 
-    def offer(row: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    def offer(row: Any) -> Iterator[Any]:
         if len(buf) < buffer:
             buf.append(row)
             return
@@ -319,14 +369,7 @@ def shuffled_rows(
                 if done[k]:
                     continue
                 if j >= 0:
-                    key = indexed[k].samples[j][0]
-                    try:
-                        row = _row(key, paths[members[k]], indexed[k].read(j), layout=layout)
-                    except OSError as e:  # the file changed under us: a marker, the rest of it skipped
-                        log.warning("cannot read shard %s: %s", paths[members[k]], e)
-                        row = _row(f"{paths[members[k]]}#unreadable", paths[members[k]], {}, error="unreadable_shard")
-                        done[k] = True
-                    yield from offer(row)
+                    yield from offer(_Lazy(indexed[k], j, paths[members[k]], broken, layout))
                     continue
                 row = next(readers[k], None)
                 if row is None:
@@ -337,6 +380,10 @@ def shuffled_rows(
                 if reader is not None and not done[k]:
                     for row in reader:
                         yield from offer(row)
+            # This group's files close now: what of it is still in the buffer is read first.
+            for i, item in enumerate(buf):
+                if isinstance(item, _Lazy):  # (earlier groups' were read when their files closed)
+                    buf[i] = _Loaded(item.row())
         finally:
             for k in range(len(members)):
                 if readers[k] is not None:
@@ -345,6 +392,18 @@ def shuffled_rows(
                     indexed[k].close()
     pick.shuffle(buf)
     yield from buf
+
+
+class _Loaded:
+    """A :class:`_Lazy` read early (its file closed): ``row()`` as for a lazy one."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: dict[str, Any] | None):
+        self.value = value
+
+    def row(self) -> dict[str, Any] | None:
+        return self.value
 
 
 def shuffled_tables(
@@ -358,8 +417,12 @@ def shuffled_tables(
     layout: Members = DEFAULT_MEMBERS,
     random_access: bool = True,
     rows_per_table: int = 64,
+    skip=None,
+    limit: int | None = None,
+    id_base: int | None = None,
 ):
-    """:func:`shuffled_rows` as Arrow tables of ``rows_per_table`` rows (the read stage's blocks)."""
+    """:func:`shuffled_rows` as Arrow tables of ``rows_per_table`` rows (the read stage's blocks); with
+    ``id_base``, each row's stream id (``id_base`` + its position) in a ``sample_id`` column."""
     rows = shuffled_rows(
         paths,
         counts,
@@ -369,5 +432,16 @@ def shuffled_tables(
         filesystem=filesystem,
         layout=layout,
         random_access=random_access,
+        skip=skip,
+        limit=limit,
+        positions=id_base is not None,
     )
+    if id_base is not None:
+        rows = _with_ids(rows, id_base)
     yield from tables_of(rows, rows_per_table)
+
+
+def _with_ids(rows: Iterator[dict[str, Any]], base: int) -> Iterator[dict[str, Any]]:
+    for row in rows:
+        row["sample_id"] = base + row.pop("__pos__")
+        yield row
