@@ -267,7 +267,8 @@ class LossConfig(_Section):
 
 class RayConfig(_Section):
     address: str | None
-    num_workers: int = Field(gt=0)
+    num_workers: int | tuple[int, int]
+    elastic_resize_interval_s: float = Field(gt=0.0)
     use_gpu: Literal["auto"] | bool
     gpu_resource: str = Field(min_length=1)
     placement: Literal["auto", "labels", "anywhere"]
@@ -299,6 +300,34 @@ class RayConfig(_Section):
     checkpoint_every_steps: int = Field(ge=0)
     num_to_keep: int = Field(gt=0)
     max_failures: int = Field(ge=-1)
+
+    @field_validator("num_workers", mode="before")
+    @classmethod
+    def _workers(cls, v):
+        if isinstance(v, (list, tuple)):
+            if len(v) != 2 or not all(isinstance(n, int) and not isinstance(n, bool) for n in v):
+                raise ValueError(f"must be a worker count or [min, max] of two counts, got {list(v)}")
+            lo, hi = v
+            if not 0 < lo <= hi:
+                raise ValueError(f"[min, max] needs 0 < min <= max, got [{lo}, {hi}]")
+            return lo if lo == hi else (lo, hi)
+        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+            raise ValueError(f"must be a worker count > 0 or [min, max], got {v!r}")
+        return v
+
+    @property
+    def min_workers(self) -> int:
+        """Training workers the run needs to start (``num_workers``, or its ``min``)."""
+        return self.num_workers[0] if isinstance(self.num_workers, tuple) else self.num_workers
+
+    @property
+    def max_workers(self) -> int:
+        """Training workers the run grows to; the global batch is ``batch_size_per_worker`` x this."""
+        return self.num_workers[1] if isinstance(self.num_workers, tuple) else self.num_workers
+
+    @property
+    def elastic(self) -> bool:
+        return isinstance(self.num_workers, tuple)
 
     @model_validator(mode="after")
     def _pool(self):

@@ -445,7 +445,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from pipeline.driver import prepare, pretrain  # the pretraining run: not needed by --pixels-only
 
-    spe = train.count // (cfg.optim.batch_size_per_worker * cfg.ray.num_workers)
+    spe = train.count // (cfg.optim.batch_size_per_worker * cfg.ray.max_workers)
     budget_s = args.minutes * 60
     step_s = None
     if args.epochs is None:

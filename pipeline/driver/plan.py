@@ -63,12 +63,12 @@ def dataset_name(root) -> str:
 
 def steps_per_epoch(cfg: Config, train: SplitInfo) -> int:
     """Full global batches in one pass over the (counted) training source; a one-line error when there is none."""
-    global_batch = cfg.optim.batch_size_per_worker * cfg.ray.num_workers
+    global_batch = cfg.optim.batch_size_per_worker * cfg.ray.max_workers
     steps = train.count // global_batch
     if steps == 0:
         raise DataError(
             f"{train.describe()} has {train.count} samples, fewer than one global batch "
-            f"({cfg.optim.batch_size_per_worker} x {cfg.ray.num_workers} workers = {global_batch})"
+            f"({cfg.optim.batch_size_per_worker} x {cfg.ray.max_workers} workers = {global_batch})"
         )
     return steps
 
@@ -82,7 +82,7 @@ def prepare(cfg: Config, entry_point: str | None = None) -> Prepared:
     check_before_ray(cfg, resolve_tracking_uri(cfg.tracking.tracking_uri))  # the model, the store, local CPUs
     root = ensure_data(cfg)
     train = resolve_source(root, cfg.data.train_split, cfg.data)
-    global_batch = cfg.optim.batch_size_per_worker * cfg.ray.num_workers
+    global_batch = cfg.optim.batch_size_per_worker * cfg.ray.max_workers  # fixed: fewer workers accumulate
     steps = steps_per_epoch(cfg, train) if train.counted else None
     val, val_note = validation_source(cfg.data, root, train)
     name = dataset_name(root)
@@ -162,7 +162,7 @@ def run_tags(p: Prepared, placement) -> dict[str, str]:
         "preset": p.cfg.preset,
         "dataset": p.train.source,
         "arch": p.cfg.model.arch,
-        "num_workers": str(p.cfg.ray.num_workers),
+        "num_workers": str(p.cfg.to_dict()["ray"]["num_workers"]),
         "worker_kind": "gpu" if placement.cuda else "cpu",
         "placement": placement.describe(),
         "ray_version": ray.__version__,

@@ -182,15 +182,15 @@ def check_local_cpus(cfg: Config, cpus: Any = None) -> None:
     if r.address or os.environ.get("RAY_ADDRESS") or (ray is not None and ray.is_initialized()):
         return  # a running cluster: its resources are checked once joined (pipeline.cluster.placement)
     cpus = local_cpus() if cpus is None else cpus
-    need = r.num_workers * r.cpus_per_worker
+    need = r.min_workers * r.cpus_per_worker  # an elastic run starts with its min
     if need > cpus:
         key, value = (
             ("ray.cpus_per_worker", r.cpus_per_worker)
             if r.cpus_per_worker > cpus
-            else ("ray.num_workers", r.num_workers)
+            else ("ray.num_workers", r.min_workers)
         )
         raise ConfigError(
-            f"invalid config value '{key}' (got {value:g}): {r.num_workers} training workers x "
+            f"invalid config value '{key}' (got {value:g}): {r.min_workers} training workers x "
             f"ray.cpus_per_worker {r.cpus_per_worker:g} = {need:g} CPUs, more than the {cpus} of this machine "
             f"(a local Ray cluster: ray.address is null); lower them, or join a cluster with ray.address"
         )

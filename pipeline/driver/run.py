@@ -95,6 +95,8 @@ def pretrain(p: Prepared) -> PretrainResult:
         passes=cfg.optim.epochs + 1,
         with_meta=False,
         label_selector=placement.data_selector,
+        global_batch=p.global_batch_size,  # each pass: whole global batches (its remainder named, not trained)
+        position_board=plan.counter_name,  # a restarted group's stream skips what the checkpoint holds
     )
     trainer = make_trainer(cfg, plan, ds, placement, p.run_name)
     timeline = None

@@ -18,6 +18,10 @@ METRIC_NAMES = {
     "grad_scale": "train/grad_scale",
     "epoch": "train/epoch",
     "planned_epochs": "train/planned_epochs",
+    # the worker group: its size, the global batch (fixed) and this group's micro-batches per step on rank 0
+    "world_size": "train/world_size",
+    "global_batch": "train/global_batch",
+    "micro_batches": "train/micro_batches",
     # the paper's collapse diagnostics and the centre (dino/health.py, distributed centering)
     "teacher_entropy": "health/teacher_entropy",
     "teacher_entropy_ratio": "health/teacher_entropy_ratio",

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -27,9 +28,11 @@ from dino.optim import build_optimizer
 from dino.schedules import build_schedules
 from dino.train_step import StepOptions, build_student_teacher, dino_step, maybe_compile, precision_settings
 from pipeline.config import Config
+from pipeline.data.position import DataPosition
 from pipeline.data.sample_stats import bad_fraction_error
 from pipeline.data.sample_stats import metrics as data_metrics
 from pipeline.errors import CheckpointError
+from pipeline.faults import trained_log
 from pipeline.weights.start_weights import apply_start
 
 log = logging.getLogger(__name__)
@@ -50,6 +53,20 @@ class LoopPlan:
     init_weights: Any = (
         None  # model.init_from mapped (pipeline.weights.start_weights.StartWeights), or a Ray ObjectRef to one
     )
+
+
+def accumulation(global_batch: int, micro_batch: int, world_size: int, rank: int) -> tuple[int, float]:
+    """``(micro-batches per step on rank, loss weight)`` for a fixed global batch on ``world_size`` workers.
+
+    The global batch is ``global_batch // micro_batch`` micro-batches per step, shared out over the ranks
+    (``rank`` < the remainder takes one more); each micro-batch's mean loss is weighted so that, after DDP
+    averages the gradients over the ranks, the step's gradient is that of the mean loss over the global batch:
+    ``world_size x micro_batch / global_batch``. With as many ranks as micro-batches or more, one each, unweighted
+    (DDP's average over the ranks is the mean)."""
+    total = max(1, global_batch // micro_batch)
+    if world_size >= total:  # one micro-batch each (a plan whose batch the caller splits over the ranks itself)
+        return 1, 1.0
+    return total // world_size + (1 if rank < total % world_size else 0), world_size * micro_batch / global_batch
 
 
 def model_signature(tree: dict[str, Any]) -> dict[str, Any]:
@@ -161,7 +178,24 @@ class DinoRunner:
         self.freeze_backbone_steps = spe * self.freeze_backbone_epochs
         self.global_step = 0
         self.epoch = 0
-        torch.manual_seed(cfg.seed + 1 + (dist.get_rank() if is_distributed() else 0))  # per-rank drop-path
+        # The global batch is fixed (the plan's); a group of fewer workers than the most it may have accumulates.
+        self.world_size = dist.get_world_size() if is_distributed() else 1
+        self.rank = dist.get_rank() if is_distributed() else 0
+        self.micro_batches, self.loss_weight = accumulation(
+            plan.global_batch_size, o.batch_size_per_worker, self.world_size, self.rank
+        )
+        total = max(1, plan.global_batch_size // o.batch_size_per_worker)
+        if total % self.world_size and any(isinstance(m, nn.SyncBatchNorm) for m in self.student_module.modules()):
+            raise ValueError(
+                f"{self.world_size} GPU workers cannot share {total} micro-batches per step evenly, and SyncBatchNorm "
+                f"needs every worker to run as many forward passes: for a BatchNorm model choose ray.num_workers "
+                f"[min, max] so that every size in it divides max"
+            )
+        self.resumed_world_size: int | None = None  # the world size of the group that wrote the checkpoint
+        self.position = DataPosition()  # the stream samples trained up to the last checkpoint (all ranks alike)
+        self.pending_ids: list[np.ndarray] = []  # this rank's samples trained since then
+        self.trained_log = trained_log(self.rank, self.world_size, _from_rank0)  # a test hook (pipeline.faults)
+        torch.manual_seed(cfg.seed + 1 + self.rank)  # per-rank drop-path
 
     def fit_schedules(self, epochs: int, from_step: int | None = None) -> None:
         """Make the run ``epochs`` long from ``from_step`` (default: the current step) on: every schedule's
@@ -185,6 +219,8 @@ class DinoRunner:
             "skipped_steps": self.skipped_steps,
             "steps_in_epoch": self.steps_in_epoch,
             "budget_fits": list(self.budget_fits),
+            "data_position": self.position.state(),
+            "world_size": self.world_size,
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "config": self.cfg.to_dict(),
             "mlflow_run_id": self.plan.run_id,
@@ -215,27 +251,39 @@ class DinoRunner:
         self.global_step = int(state["global_step"])
         self.skipped_steps = int(state.get("skipped_steps", 0))
         self.steps_in_epoch = int(state.get("steps_in_epoch", 0))
+        self.position = DataPosition.from_state(state.get("data_position"))
+        self.resumed_world_size = state.get("world_size")
         for step, epochs in state.get("budget_fits") or ():  # the time budget's changes, replayed in order
             self.fit_schedules(epochs, from_step=step)
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
 
     # -- training --------------------------------------------------------------------------------
-    def step(self, batch: dict[str, torch.Tensor], health: bool = False) -> dict[str, torch.Tensor]:
+    def step(
+        self, batches: list[dict[str, torch.Tensor]] | dict[str, torch.Tensor], health: bool = False
+    ) -> dict[str, torch.Tensor]:
+        """One optimizer step over this rank's micro-batches (:attr:`micro_batches` of them in training: the
+        global batch is the plan's whatever the world size), or over one batch."""
+        if isinstance(batches, dict):
+            batches = [batches]
         values = self.schedules.at(self.global_step)
-        g = crops_to_input(batch["global_crops"], self.device)  # (2B, 3, G, G)
-        local = batch["local_crops"]
-        loc = crops_to_input(local, self.device) if local.shape[1] > 0 else None  # (NB, 3, L, L)
-        if self.channels_last:
-            g = g.contiguous(memory_format=torch.channels_last)
-            loc = loc.contiguous(memory_format=torch.channels_last) if loc is not None else None
+        gs, ls = [], []
+        for batch in batches:
+            g = crops_to_input(batch["global_crops"], self.device)  # (2B, 3, G, G)
+            local = batch["local_crops"]
+            loc = crops_to_input(local, self.device) if local.shape[1] > 0 else None  # (NB, 3, L, L)
+            if self.channels_last:
+                g = g.contiguous(memory_format=torch.channels_last)
+                loc = loc.contiguous(memory_format=torch.channels_last) if loc is not None else None
+            gs.append(g)
+            ls.append(loc)
         out = dino_step(
             self.student,
             self.teacher,
             self.loss_fn,
             self.optimizer,
-            g,
-            loc,
+            gs[0] if len(gs) == 1 else gs,
+            ls[0] if len(ls) == 1 else ls,
             values,
             StepOptions(
                 clip_grad=self.cfg.optim.clip_grad,
@@ -246,10 +294,36 @@ class DinoRunner:
                 scaler=self.scaler,
                 health=health,
                 skip_nonfinite=self.cfg.health.nonfinite == "skip",
+                loss_weight=self.loss_weight,
             ),
         )
         self.global_step += 1
+        self.record_trained(batches)
         return out
+
+    def record_trained(self, batches: list[dict[str, torch.Tensor]]) -> None:
+        """The stream ids of the samples this step trained (kept until the next checkpoint's position)."""
+        if "sample_id" not in batches[0]:
+            return
+        ids = np.concatenate([b["sample_id"].cpu().numpy() for b in batches])
+        self.pending_ids.append(ids)
+        if self.trained_log is not None:
+            keys = np.concatenate([b["key_hash"].cpu().numpy() for b in batches]) if "key_hash" in batches[0] else []
+            self.trained_log.write(self.global_step, ids.tolist(), list(map(int, keys)))
+
+    def collect_position(self) -> list[int]:
+        """Every rank's samples trained since the last checkpoint into :attr:`position` (a collective: every
+        rank calls it, at each checkpoint). Returns ids recorded twice (none, unless the stream repeated one)."""
+        mine = np.concatenate(self.pending_ids) if self.pending_ids else np.empty(0, np.int64)
+        self.pending_ids = []
+        if is_distributed():
+            box: list[np.ndarray | None] = [None] * self.world_size
+            dist.all_gather_object(box, mine)
+            mine = np.concatenate([b for b in box if b is not None])
+        repeated = self.position.add(mine)
+        if repeated:
+            log.warning("%d samples were trained twice (e.g. stream id %d)", len(repeated), repeated[0])
+        return repeated
 
     def train_epoch(
         self,
@@ -279,7 +353,7 @@ class DinoRunner:
             if t_half is None and steps >= spe // 2:
                 t_half, steps_at_half = t0, steps
             try:
-                batch = next(it)
+                batch = [next(it) for _ in range(self.micro_batches)]
             except StopIteration:
                 self.data_exhausted = True
                 break
@@ -411,6 +485,9 @@ class DinoRunner:
             "data_wait_fraction": epoch_wait / max(epoch_s, 1e-9),
             "skipped_steps": self.skipped_steps,
             "epoch": self.epoch + steps / self.plan.steps_per_epoch,
+            "world_size": self.world_size,
+            "global_batch": B,
+            "micro_batches": self.micro_batches,
         }
         if self.scaler is not None:
             metrics["grad_scale"] = self.scaler.get_scale()

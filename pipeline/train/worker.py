@@ -99,6 +99,7 @@ class WorkerSession:
         self.resume(runner)
         if self.rank == 0:
             self.start_rank0(runner)
+        self.publish_position(runner)
         batches = self.batches()
         try:
             while runner.epoch < runner.planned_epochs and not runner.data_exhausted:
@@ -115,6 +116,38 @@ class WorkerSession:
             runner.load_state_dict(load_state(d, map_location=self.device))
         log.info("rank %d resumed from epoch %d, global step %d", self.rank, runner.epoch, runner.global_step)
 
+    def previous_group_size(self, runner: DinoRunner) -> int | None:
+        """Rank 0: the size of the worker group before this one (the run's record of groups, or, for a re-submitted
+        run, the checkpoint's); None for the run's first."""
+        groups = []
+        if self.counter is not None:
+            import ray
+
+            groups = ray.get(self.counter.worker_groups.remote())
+        return groups[-1]["world_size"] if groups else runner.resumed_world_size
+
+    def publish_position(self, runner: DinoRunner) -> None:
+        """Rank 0 tells the run's stream where this group starts (the data position of the checkpoint it resumed
+        from, or nothing trained) before any worker asks for data: Ray Data starts the group's stream once every
+        worker has asked, and its read tasks skip what the position holds (:mod:`pipeline.data.position`)."""
+        if self.rank == 0 and self.counter is not None:
+            import ray
+
+            state = runner.position.state() if runner.position.ranges else None
+            ray.get(self.counter.publish_position.remote(state, runner.world_size, runner.global_step))
+            log.info(
+                "worker group of %d starts at step %d: %s already trained, %d micro-batch(es) of %d per worker per "
+                "step (global batch %d)",
+                runner.world_size,
+                runner.global_step,
+                runner.position,
+                runner.micro_batches,
+                self.cfg.optim.batch_size_per_worker,
+                self.plan.global_batch_size,
+            )
+        if runner.world_size > 1:
+            torch.distributed.barrier()
+
     def start_rank0(self, runner: DinoRunner) -> None:
         """Rank 0's tracker, attention probe and snapshot schedule; the probe's step-0 figures."""
         plan = self.plan
@@ -124,6 +157,12 @@ class WorkerSession:
         if not self.fresh:
             self.tracker.set_tag("resumed_from_step", str(runner.global_step))
             log.info("resuming MLflow run %s: steps <= %d already logged are not re-sent", plan.run_id, skip)
+        before = self.previous_group_size(runner)
+        if before is not None and before != runner.world_size:  # an elastic run grew or shrank
+            note = f"{before} -> {runner.world_size} workers at step {runner.global_step}"
+            self.tracker.set_tag(f"resize.step_{runner.global_step:08d}.{before}_to_{runner.world_size}", note)
+            log.info("worker group resized: %s", note)
+        self.tracker.set_tag("world_size", str(runner.world_size))
         self.attention = _attention_probe(self.cfg, plan, self.device, self.tracker)
         self.snapshots = _snapshot_schedule(self.cfg, plan, self.tracker, self.fresh)
         if self.attention is not None:
@@ -178,6 +217,7 @@ class WorkerSession:
         refuses the write is one line naming it (:class:`~pipeline.errors.CheckpointStorageError`)."""
         import ray.train
 
+        runner.collect_position()  # every rank's trained samples into the checkpoint's position (a collective)
         with tempfile.TemporaryDirectory() as d:
             if self.rank != 0:
                 ray.train.report(metrics, checkpoint=None)

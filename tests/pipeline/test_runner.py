@@ -168,13 +168,15 @@ def test_skip_policy_counts_skipped_steps_and_goes_on():
     bad = {"global_crops": batches[1]["global_crops"], "local_crops": batches[1]["local_crops"]}
     orig = runner.step
 
-    def step(batch, health=False):
-        if batch is bad:  # an inf pixel reaches the network
-            batch = {
-                "global_crops": batch["global_crops"].float().fill_(float("inf")),
-                "local_crops": batch["local_crops"],
-            }
-        return orig(batch, health)
+    def step(batches, health=False):  # the loop passes a step's micro-batches (one here)
+        if batches[0] is bad:  # an inf pixel reaches the network
+            batches = [
+                {
+                    "global_crops": bad["global_crops"].float().fill_(float("inf")),
+                    "local_crops": bad["local_crops"],
+                }
+            ]
+        return orig(batches, health)
 
     runner.step = step
     tracker = _Tracker()
