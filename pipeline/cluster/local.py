@@ -102,6 +102,9 @@ def local_config(
     node_types: dict[str, Any] = {}
     for name, spec in types.items():
         want = {**({} if name == head_name else LOCAL_SIZES), **(sizes or {}).get(name, {})}
+        market = ((spec.get("node_config") or {}).get("InstanceMarketOptions") or {}).get("MarketType")
+        if market == "spot" and "max_workers" not in (sizes or {}).get(name, {}):
+            want["max_workers"] = 0  # a purchase option, not another shape: local nodes of it only when sized
         resources = {}
         for res, amount in (spec.get("resources") or {}).items():
             res = LOCAL_GPU if res == "GPU" else res
@@ -118,6 +121,8 @@ def local_config(
         else:
             out["min_workers"] = int(want.get("min_workers", spec.get("min_workers", 0)))
             out["max_workers"] = int(min(want.get("max_workers", spec["max_workers"]), spec["max_workers"]))
+            if "priority" in spec:
+                out["priority"] = int(spec["priority"])
         node_types[HEAD_TYPE if name == head_name else name] = out
     return {
         "cluster_name": f"{source.get('cluster_name', 'dino-ray')}-local",
@@ -181,6 +186,7 @@ class LocalNodeProvider(_provider_base()):
         )
 
         resources = dict(resources)
+        self._wait_for_capacity(tags[TAG_RAY_USER_NODE_TYPE], TAG_RAY_USER_NODE_TYPE)
         with self.lock:
             node_type = tags[TAG_RAY_USER_NODE_TYPE]
             node_id = self._next_hex_node_id()
@@ -220,6 +226,27 @@ class LocalNodeProvider(_provider_base()):
                 },
                 "node": node,
             }
+
+    def _wait_for_capacity(self, node_type: str, type_tag: str) -> None:
+        """A cloud out of capacity, for tests (:meth:`LocalCluster.set_capacity`): while the file
+        ``<cluster temp>/capacity/<node type>`` holds a number N, a node of that type is created only while fewer
+        than N of it are alive; the launch waits (on the autoscaler's launch pool, as a request the cloud has
+        not filled), and goes through once the file is gone or allows it."""
+        path = Path(os.environ["DINO_LOCAL_CLUSTER_TEMP"]) / "capacity" / node_type
+        while path.exists():
+            try:
+                limit = int(path.read_text())
+            except (OSError, ValueError):
+                return
+            with self.lock:
+                alive = sum(
+                    1
+                    for n in self._nodes.values()
+                    if n["tags"].get(type_tag) == node_type and n["node"].remaining_processes_alive()
+                )
+            if alive < limit:
+                return
+            time.sleep(0.5)
 
 
 def _ray_cli() -> str:
@@ -391,6 +418,20 @@ class LocalCluster:
             True,
             ray._raylet.GCS_AUTOSCALER_STATE_NAMESPACE.encode(),
         )
+
+    def set_capacity(self, node_type: str, nodes: int | None) -> None:
+        """What the "cloud" can give of ``node_type`` from now on: at most ``nodes`` alive at once (launches beyond
+        wait, as on a cloud out of spot capacity; nodes already up stay), or None for no limit. The autoscaler
+        still plans for the type's maximum, and Ray Train still sees it (a capacity missing for now, not a
+        smaller cluster)."""
+        path = Path(self.temp_dir) / "capacity" / node_type
+        if nodes is None:
+            path.unlink(missing_ok=True)
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(str(int(nodes)))
+        tmp.replace(path)
 
     def _wait_for_api(self, timeout_s: float) -> None:
         import urllib.request
