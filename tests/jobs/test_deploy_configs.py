@@ -1,6 +1,7 @@
 """Deployment files: ``cluster.yaml`` against Ray's own autoscaler schema, ``deploy/rayjob.yaml`` against
 the fields the KubeRay operator requires, and both against what this project needs from them (a CPU-only
-augmentation tier that scales from zero, a GPU tier, the project installed, nothing on a public interface).
+augmentation tier that scales from zero, a GPU tier on demand and one on spot capacity, the project installed,
+nothing on a public interface).
 
 ``ray up`` validates a cluster file as ``validate_config(prepare_config(raw))`` (ray.autoscaler._private
 .commands._bootstrap_config): ``prepare_config`` merges the provider's defaults (it adds keys such as
@@ -58,7 +59,7 @@ def _pyproject_ray_pin() -> str:
 def test_cluster_yaml_passes_rays_autoscaler_schema(cluster):
     prepared = _ray_up_validate(cluster)
     assert prepared["provider"]["type"] == "aws"
-    assert set(prepared["available_node_types"]) == {"head", "cpu_worker", "gpu_worker"}
+    assert set(prepared["available_node_types"]) == {"head", "cpu_worker", "gpu_worker", "gpu_spot_worker"}
     assert prepared["head_node_type"] == "head"
 
 
@@ -86,6 +87,10 @@ def _min_workers_above_global_max(c):
     c["available_node_types"]["gpu_worker"]["min_workers"] = c["max_workers"] + 1
 
 
+def _non_integer_priority(c):
+    c["available_node_types"]["gpu_spot_worker"]["priority"] = "high"
+
+
 @pytest.mark.parametrize(
     "breakage",
     [
@@ -95,6 +100,7 @@ def _min_workers_above_global_max(c):
         _node_type_without_resources,
         _unknown_head_type,
         _min_workers_above_global_max,
+        _non_integer_priority,
     ],
 )
 def test_rays_validator_rejects_broken_copies_of_cluster_yaml(cluster, breakage):
@@ -117,6 +123,22 @@ def test_cluster_has_a_cpu_only_augmentation_tier_from_zero_and_a_gpu_tier(clust
     assert gpu["node_config"]["InstanceType"].startswith(("p", "g"))
     assert head["resources"] == {"CPU": 0}  # nothing trains or augments on the head
     assert sum(t.get("max_workers", 0) for n, t in types.items() if n != "head") <= cluster["max_workers"]
+
+
+def test_cluster_has_a_spot_gpu_tier_beside_the_on_demand_one(cluster):
+    """gpu_spot_worker: gpu_worker's GPUs on EC2 spot capacity (InstanceMarketOptions, as Ray's AWS provider passes
+    node_config to RunInstances), scaling from zero and launched first where both fit (autoscaler v2 priority)."""
+    types = cluster["available_node_types"]
+    spot, gpu = types["gpu_spot_worker"], types["gpu_worker"]
+    market = spot["node_config"]["InstanceMarketOptions"]
+    assert market["MarketType"] == "spot"
+    assert market["SpotOptions"]["SpotInstanceType"] == "one-time"  # persistent requests need stop/hibernate
+    assert market["SpotOptions"]["InstanceInterruptionBehavior"] == "terminate"  # cache_stopped_nodes is false
+    assert "InstanceMarketOptions" not in gpu["node_config"], "gpu_worker is the on-demand tier"
+    assert spot["resources"] == gpu["resources"] and spot["resources"]["GPU"] >= 1
+    assert spot["node_config"]["InstanceType"].startswith(("p", "g"))
+    assert spot["min_workers"] == 0 and spot["max_workers"] >= 1
+    assert spot.get("priority", 0) > gpu.get("priority", 0)
 
 
 def test_cluster_dashboard_and_mlflow_are_not_on_a_public_interface(cluster):
@@ -222,7 +244,7 @@ def test_rayjob_has_every_field_kuberay_requires(rayjob):
     spec = rayjob["spec"]
     assert spec["shutdownAfterJobFinishes"] is True
     assert spec["rayClusterSpec"]["enableInTreeAutoscaling"] is True
-    assert len(spec["rayClusterSpec"]["workerGroupSpecs"]) == 2
+    assert len(spec["rayClusterSpec"]["workerGroupSpecs"]) == 3
 
 
 @pytest.mark.parametrize(
@@ -249,22 +271,50 @@ def test_the_kuberay_check_catches_broken_copies(rayjob, path, value, needle):
     assert any(needle in p for p in problems), problems
 
 
+SPOT_NODE_LABELS = {  # the label each managed offering puts on its spot nodes
+    "eks.amazonaws.com/capacityType": "SPOT",
+    "cloud.google.com/gke-spot": "true",
+    "karpenter.sh/capacity-type": "spot",
+}
+
+
+def _on_spot_nodes(group: dict) -> bool:
+    selector = group["template"]["spec"].get("nodeSelector") or {}
+    return any(selector.get(k) == v for k, v in SPOT_NODE_LABELS.items())
+
+
+def _workers_range(cfg) -> tuple[int, int]:
+    n = cfg.ray.num_workers
+    return tuple(n) if isinstance(n, (tuple, list)) else (n, n)
+
+
 def test_rayjob_worker_groups_split_augmentation_cpus_from_training_gpus(rayjob):
     groups = {g["groupName"]: g for g in rayjob["spec"]["rayClusterSpec"]["workerGroupSpecs"]}
     cpu = [g for g in groups.values() if _gpus(_ray_container(g), "limits") == 0]
     gpu = [g for g in groups.values() if _gpus(_ray_container(g), "limits") > 0]
-    assert len(cpu) == 1 and len(gpu) == 1
-    cpu, gpu = cpu[0], gpu[0]
+    assert len(cpu) == 1 and len(gpu) == 2
+    cpu = cpu[0]
     assert cpu["minReplicas"] == 0 and cpu["maxReplicas"] > 0
     assert _gpus(_ray_container(cpu), "requests") == 0
-    assert gpu["minReplicas"] == 0 and gpu["maxReplicas"] > 0
-    # Extended resources: requests, when given, must equal limits (Kubernetes), and KubeRay reads limits.
-    assert _gpus(_ray_container(gpu), "requests") in (0, _gpus(_ray_container(gpu), "limits"))
-    assert any(t.get("key") == GPU for t in gpu["template"]["spec"].get("tolerations", []))
-    # The head schedules nothing, so the job's training workers must fit the GPU group at full size.
+    for g in gpu:
+        assert g["minReplicas"] == 0 and g["maxReplicas"] > 0
+        # Extended resources: requests, when given, must equal limits (Kubernetes), and KubeRay reads limits.
+        assert _gpus(_ray_container(g), "requests") in (0, _gpus(_ray_container(g), "limits"))
+        assert any(t.get("key") == GPU for t in g["template"]["spec"].get("tolerations", []))
+    # One on-demand GPU group and one on spot nodes, preferred by the autoscaler (v2 priority) where both fit.
+    spot = [g for g in gpu if _on_spot_nodes(g)]
+    on_demand = [g for g in gpu if not _on_spot_nodes(g)]
+    assert len(spot) == 1 and len(on_demand) == 1
+    spot, on_demand = spot[0], on_demand[0]
+    assert _ray_container(spot)["resources"] == _ray_container(on_demand)["resources"]
+    assert spot.get("priority", 0) > on_demand.get("priority", 0)
+    # The head schedules nothing. The run's min training workers fit the on-demand group alone (it can start and go
+    # on without spot capacity); its max fits both GPU groups at full size.
     head = rayjob["spec"]["rayClusterSpec"]["headGroupSpec"]
     assert head["rayStartParams"].get("num-cpus") == "0" and _gpus(_ray_container(head), "limits") == 0
-    assert gpu["maxReplicas"] * _gpus(_ray_container(gpu), "limits") >= _entrypoint_config(rayjob).ray.num_workers
+    low, high = _workers_range(_entrypoint_config(rayjob))
+    assert on_demand["maxReplicas"] * _gpus(_ray_container(on_demand), "limits") >= low
+    assert sum(g["maxReplicas"] * _gpus(_ray_container(g), "limits") for g in gpu) >= high
 
 
 def _entrypoint_config(rayjob):
@@ -276,9 +326,16 @@ def _entrypoint_config(rayjob):
 
 
 def test_rayjob_runs_the_vit_small_preset_and_tracks_to_mlflow_from_the_environment(rayjob):
+    from pipeline.config import load_config
+
     cfg = _entrypoint_config(rayjob)  # the preset and every key=value override validate
     assert (REPO / "jobs" / "pretrain.py").is_file()
     assert cfg.preset == "vit_small_imagenet" and cfg.ray.use_gpu is True
+    # It rides out spot preemptions: elastic, checkpoints within epochs, and more restarts than the default allows.
+    low, high = _workers_range(cfg)
+    assert low < high, "ray.num_workers=[min,max]"
+    assert cfg.ray.checkpoint_every_steps > 0
+    assert cfg.ray.max_failures == -1 or cfg.ray.max_failures > load_config().ray.max_failures
     assert cfg.data.root and cfg.ray.storage_path.startswith("s3://"), "multi-node checkpoints need shared storage"
     assert cfg.tracking.tracking_uri is None  # taken from MLFLOW_TRACKING_URI (pipeline.tracking)
     env = yaml.safe_load(rayjob["spec"]["runtimeEnvYAML"])["env_vars"]
@@ -312,11 +369,16 @@ def test_both_deployments_label_every_node_role_the_job_places_by(cluster, rayjo
     assert {n: t["labels"] for n, t in types.items()} == {
         "head": {ROLE_LABEL: HEAD},
         "gpu_worker": {ROLE_LABEL: TRAIN},
+        "gpu_spot_worker": {ROLE_LABEL: TRAIN},
         "cpu_worker": {ROLE_LABEL: AUGMENT},
     }
     assert any("RAY_enable_autoscaler_v2=1" in c for c in cluster["head_start_ray_commands"])
     spec = rayjob["spec"]["rayClusterSpec"]
     assert spec["headGroupSpec"]["rayStartParams"]["labels"] == f"{ROLE_LABEL}={HEAD}"
     groups = {g["groupName"]: g["rayStartParams"]["labels"] for g in spec["workerGroupSpecs"]}
-    assert groups == {"augment-cpu": f"{ROLE_LABEL}={AUGMENT}", "train-gpu": f"{ROLE_LABEL}={TRAIN}"}
+    assert groups == {
+        "augment-cpu": f"{ROLE_LABEL}={AUGMENT}",
+        "train-gpu": f"{ROLE_LABEL}={TRAIN}",
+        "train-gpu-spot": f"{ROLE_LABEL}={TRAIN}",
+    }
     assert spec["autoscalerOptions"]["version"] == "v2"
