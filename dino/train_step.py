@@ -42,6 +42,7 @@ def build_student_teacher(
     norm_last_layer: bool = True,
     hidden_dim: int = 2048,
     bottleneck_dim: int = 256,
+    pos_embed_interp: str = "reference",
 ) -> tuple[MultiCropWrapper, MultiCropWrapper]:
     """Create the student and its teacher (same architecture, no stochastic depth, no gradients).
 
@@ -54,6 +55,8 @@ def build_student_teacher(
         norm_last_layer: Keep the head's weight-norm magnitude fixed at 1.
         hidden_dim: Head MLP width.
         bottleneck_dim: Head bottleneck size.
+        pos_embed_interp: How a ViT's position table meets the local crops' grid
+            (:data:`dino.backbone.POS_EMBED_INTERP`; ``"reference"`` as the paper's code).
 
     Returns:
         ``(student, teacher)``; the teacher starts as an exact copy of the student and has
@@ -61,7 +64,7 @@ def build_student_teacher(
     """
 
     def build(drop_path: float) -> MultiCropWrapper:
-        backbone = create_backbone(arch, drop_path, img_size, model_kwargs)
+        backbone = create_backbone(arch, drop_path, img_size, model_kwargs, pos_embed_interp)
         head = DINOHead(
             backbone.num_features,
             out_dim,

@@ -106,7 +106,9 @@ def _probe(cfg: Config, device) -> None:
     )
     try:
         with device:
-            backbone = create_backbone(m.arch, m.drop_path_rate, cfg.augment.global_size, m.model_kwargs)
+            backbone = create_backbone(
+                m.arch, m.drop_path_rate, cfg.augment.global_size, m.model_kwargs, m.pos_embed_interp
+            )
     except NotImplementedError:
         raise
     except Exception as e:  # noqa: BLE001  (timm raises TypeError, AssertionError, ValueError, RuntimeError ...)

@@ -43,6 +43,7 @@ class BackboneSpec:
     timm_kwargs: dict[str, Any]
     image_size: int
     seed: int = 0  # random init (weights None) is drawn from this seed
+    pos_embed_interp: str = "timm"  # dino.backbone.POS_EMBED_INTERP; teacher.json's, "timm" when it has none
 
 
 RAW_PIXELS = "raw_pixels"  # BackboneSpec.arch of the no-learning baseline (:class:`RawPixels`)
@@ -79,10 +80,13 @@ def build_backbone(spec: BackboneSpec, weights: dict[str, torch.Tensor] | None) 
     :class:`RawPixels` for ``arch == RAW_PIXELS``."""
     import timm
 
+    from dino.backbone import set_pos_embed_interp
+
     if spec.arch == RAW_PIXELS:
         return RawPixels(spec.image_size).eval()
     torch.manual_seed(spec.seed)
     model = timm.create_model(spec.arch, pretrained=False, num_classes=0, **spec.timm_kwargs)
+    set_pos_embed_interp(model, spec.pos_embed_interp)
     if weights is not None:
         model.load_state_dict(weights)
     return model.eval()

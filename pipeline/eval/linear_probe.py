@@ -486,7 +486,9 @@ def run_probe(req: ProbeRequest, settings: ProbeSettings) -> dict[str, Any]:
     image_size = settings.image_size or int(meta["image_size"])
     models = {"teacher": (teacher, feature_layout(teacher, settings.n_last_blocks, settings.avgpool))}
     if req.random_init:
-        rnd = build_backbone(BackboneSpec(meta["arch"], meta["timm_kwargs"], image_size, seed=settings.seed), None)
+        interp = meta.get("pos_embed_interp", "timm")
+        spec = BackboneSpec(meta["arch"], meta["timm_kwargs"], image_size, seed=settings.seed, pos_embed_interp=interp)
+        rnd = build_backbone(spec, None)
         models["random_init"] = (rnd, models["teacher"][1])
     train, val = req.sources()
     if val.paths == train.paths:

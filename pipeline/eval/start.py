@@ -44,6 +44,7 @@ def measure_start(p, run_id: str) -> dict[str, Any] | None:
         backbone_kwargs(cfg.model.arch, cfg.augment.global_size, cfg.model.model_kwargs),
         cfg.knn.image_size or cfg.augment.global_size,
         seed=cfg.seed,
+        pos_embed_interp=cfg.model.pos_embed_interp,
     )
     t0 = time.perf_counter()
     try:

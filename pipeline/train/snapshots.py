@@ -39,6 +39,8 @@ def teacher_meta(cfg: dict[str, Any], run_id: str, global_step: int, epoch: int)
         "timm_kwargs": backbone_kwargs(
             cfg["model"]["arch"], cfg["augment"]["global_size"], cfg["model"]["model_kwargs"]
         ),
+        # how the position table meets other sizes (dino.backbone.set_pos_embed_interp; absent: timm's)
+        "pos_embed_interp": cfg["model"].get("pos_embed_interp", "timm"),
         "image_size": cfg["knn"].get("image_size") or cfg["augment"]["global_size"],  # the evaluation view
         "run_id": run_id,
         "global_step": global_step,

@@ -86,6 +86,8 @@ def load_teacher(directory: str | Path) -> tuple[torch.nn.Module, dict[str, Any]
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    from dino.backbone import set_pos_embed_interp
+
     d = Path(directory)
     meta_path, weights_path = d / TEACHER_META, d / TEACHER_WEIGHTS
     if not meta_path.is_file() or not weights_path.is_file():
@@ -93,6 +95,7 @@ def load_teacher(directory: str | Path) -> tuple[torch.nn.Module, dict[str, Any]
     try:
         meta = json.loads(meta_path.read_text())
         model = timm.create_model(meta["arch"], pretrained=False, num_classes=0, **meta["timm_kwargs"])
+        set_pos_embed_interp(model, meta.get("pos_embed_interp", "timm"))
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
         raise CheckpointError(
             f"{meta_path}: not a usable teacher description ({type(e).__name__}: {_reason(e)})"

@@ -337,6 +337,7 @@ def build_models(cfg):
         norm_last_layer=m.norm_last_layer,
         hidden_dim=m.hidden_dim,
         bottleneck_dim=m.bottleneck_dim,
+        pos_embed_interp=m.pos_embed_interp,
     )
 
 

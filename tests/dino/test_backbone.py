@@ -2,7 +2,7 @@ import pytest
 import timm
 import torch
 
-from dino.backbone import backbone_kwargs, create_backbone
+from dino.backbone import backbone_kwargs, create_backbone, pos_embed_interp_of, set_pos_embed_interp
 
 
 def test_unknown_arch_raises_value_error_naming_it():
@@ -25,8 +25,12 @@ def test_backbone_kwargs_rebuild_loads_strictly_and_matches(tiny):
     assert kwargs == {**tiny.kwargs, "img_size": tiny.img, "dynamic_img_size": True}
     rebuilt = timm.create_model(tiny.arch, num_classes=0, **kwargs).eval()
     rebuilt.load_state_dict(model.state_dict(), strict=True)
-    x = torch.randn(2, 3, tiny.local, tiny.local)
     # exact: the same timm architecture with the same weights on the same input: same ops in the same order
+    x = torch.randn(2, 3, tiny.img, tiny.img)  # the stored size: no interpolation, plain timm is the same
+    torch.testing.assert_close(rebuilt(x), model(x), rtol=0, atol=0)
+    # other sizes: the position table is resized as model.pos_embed_interp says (teacher.json carries it)
+    set_pos_embed_interp(rebuilt, pos_embed_interp_of(model))
+    x = torch.randn(2, 3, tiny.local, tiny.local)
     torch.testing.assert_close(rebuilt(x), model(x), rtol=0, atol=0)
 
 

@@ -15,8 +15,11 @@ with plain torch and nothing of ``dino.train_step``/``dino.optim``/``dino.loss``
    (peak ``base_lr * batch / 256``);
 6. teacher ``<- lambda teacher + (1 - lambda) student`` over parameters.
 
-Continuing a reference full checkpoint therefore takes the reference's next step with
-``optim.clip_mode=per_param`` (the paper presets' default); the global clip does not.
+Both loops here share our timm backbone, so this test holds the step's maths (loss, clip, freeze, AdamW groups,
+EMA, centre) to the paper's, not the backbone: ``tests/dino/test_pos_embed_reference.py`` checks one step from a
+reference full checkpoint against the reference code itself, local crops and their position embeddings included.
+The per-parameter clip (``optim.clip_mode=per_param``, the paper presets' default) is the reference's; the global
+clip is not.
 """
 
 from __future__ import annotations

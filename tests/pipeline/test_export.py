@@ -6,7 +6,7 @@ import pytest
 import timm
 import torch
 
-from dino.backbone import backbone_kwargs
+from dino.backbone import backbone_kwargs, pos_embed_interp_of, set_pos_embed_interp
 from dino.train_step import build_student_teacher
 from pipeline.weights.checkpoint import (
     TEACHER_META,
@@ -37,7 +37,14 @@ def _teacher(arch=ARCH, kw=KW):
 def test_exported_teacher_loads_into_timm_and_gives_the_same_features(tmp_path, arch, kw):
     ARCH = arch  # noqa: N806  (the same body for both families)
     teacher = _teacher(arch, kw)
-    meta = {"arch": ARCH, "timm_kwargs": backbone_kwargs(ARCH, 32, kw), "image_size": 32, "run_id": "abc"}
+    interp = pos_embed_interp_of(teacher.backbone)  # as teacher_meta writes it
+    meta = {
+        "arch": ARCH,
+        "timm_kwargs": backbone_kwargs(ARCH, 32, kw),
+        "pos_embed_interp": interp,
+        "image_size": 32,
+        "run_id": "abc",
+    }
     out = export_teacher(tmp_path / "t", teacher.state_dict(), meta)
     assert sorted(p.name for p in out.iterdir()) == sorted([TEACHER_META, TEACHER_WEIGHTS])  # no temp files left
 
@@ -46,6 +53,7 @@ def test_exported_teacher_loads_into_timm_and_gives_the_same_features(tmp_path, 
     plain = timm.create_model(ARCH, num_classes=0, **meta["timm_kwargs"])
     plain.load_state_dict(load_file(str(out / TEACHER_WEIGHTS)))  # strict: timm's own key names
     plain.eval()
+    set_pos_embed_interp(plain, interp)  # plain timm resizes the table its own way at sizes other than 32 px
     loaded, meta_back = load_teacher(out)
     assert meta_back["run_id"] == "abc" and meta_back["arch"] == ARCH
     for size in (32, 16):  # global and local resolution (dynamic_img_size)
@@ -98,3 +106,34 @@ def test_export_from_a_checkpoint_records_the_evaluation_view(tmp_path, knn_size
     with torch.no_grad():
         x = torch.randn(2, 3, 32, 32)
         torch.testing.assert_close(loaded(x), teacher.backbone(x), rtol=0, atol=0)  # exact, as above
+
+
+def test_teacher_json_says_how_the_position_table_is_interpolated_and_load_teacher_applies_it(tmp_path):
+    """``pos_embed_interp`` in ``teacher.json`` (the run's ``model.pos_embed_interp``); a teacher.json without
+    it (written before the setting existed) loads with timm's interpolation, which those runs trained with."""
+    import json
+
+    from dino.backbone import create_backbone
+    from pipeline.config import load_config
+    from pipeline.train.snapshots import teacher_meta
+
+    assert teacher_meta(load_config("smoke").to_dict(), "r", 1, 0)["pos_embed_interp"] == "reference"
+    timm_cfg = load_config("smoke", ["model.pos_embed_interp=timm"]).to_dict()
+    assert teacher_meta(timm_cfg, "r", 1, 0)["pos_embed_interp"] == "timm"
+
+    teacher = _teacher()
+    base = {"arch": ARCH, "timm_kwargs": backbone_kwargs(ARCH, 32, KW), "image_size": 32, "run_id": "abc"}
+    old = export_teacher(tmp_path / "old", teacher.state_dict(), base)
+    assert "pos_embed_interp" not in json.loads((old / TEACHER_META).read_text())
+    new = export_teacher(tmp_path / "new", teacher.state_dict(), {**base, "pos_embed_interp": "reference"})
+    x = torch.randn(3, 3, 16, 16)  # a local crop: the size where the two interpolations differ
+    outs = {}
+    for folder, mode in ((old, "timm"), (new, "reference")):
+        loaded, _ = load_teacher(folder)
+        assert pos_embed_interp_of(loaded) == mode
+        backbone = create_backbone(ARCH, 0.0, 32, KW, pos_embed_interp=mode).eval()
+        backbone.load_state_dict(teacher.backbone.state_dict())
+        with torch.no_grad():
+            outs[mode] = loaded(x)
+            torch.testing.assert_close(outs[mode], backbone(x), rtol=0, atol=0)  # exact: the same modules and ops
+    assert (outs["timm"] - outs["reference"]).abs().max() > 1e-4
