@@ -200,6 +200,13 @@ class EpisodeEvent:
     since: int
 
 
+# Conditions that also describe the expected start of a run: a randomly initialised teacher gives nearly the same
+# output for every image, so after centring and sharpening it is close to uniform, and the student soon matches it
+# (KL near 0), until the features start to tell images apart. A one-hot teacher or a non-finite value is never the
+# expected start.
+START_REASONS = ("entropy_uniform", "kl_to_zero")
+
+
 class CollapseEpisodes:
     """Episodes of collapse over a run's logging windows: when one begins, and when it is over.
 
@@ -209,12 +216,20 @@ class CollapseEpisodes:
     ``monitor.patience`` consecutive windows, as many as it took to report one: a window where any condition
     holds, even below patience, resets that count.
 
+    The start of a run (global steps below ``grace_steps``) is allowed a uniform teacher: :data:`START_REASONS`
+    are not reported there. Their counts still run, so a teacher still uniform when the allowance ends is
+    reported at that window (``since`` is then the step it was first seen, in the allowance). ``entropy_zero``
+    and ``nonfinite`` are reported at any step.
+
     Args:
         monitor: The run's :class:`CollapseMonitor` (its counts are read after each update).
+        grace_steps: Global steps of the start allowance (0: none).
     """
 
-    def __init__(self, monitor: CollapseMonitor) -> None:
+    def __init__(self, monitor: CollapseMonitor, grace_steps: int = 0) -> None:
         self.monitor = monitor
+        self.grace_steps = max(int(grace_steps), 0)
+        self.first_seen: dict[str, int] = {}  # step where each condition's current run of windows began
         self.reason: str | None = None  # the episode under way, None when there is none
         self.since = 0  # the step where it began
         self.clear_windows = 0  # consecutive windows with no condition holding, since then
@@ -226,9 +241,15 @@ class CollapseEpisodes:
         windows, else None); ``event`` says that an episode begins or is over at this window, else None.
         """
         verdict = self.monitor.update(entropy, kl)
+        for reason, count in self.monitor.counts.items():
+            if count == 1:
+                self.first_seen[reason] = step
+        if verdict in START_REASONS and step < self.grace_steps:
+            verdict = None  # the expected uniform start
         event = None
         if verdict and verdict != self.reason:
-            event, self.since, self.clear_windows = EpisodeEvent("begins", verdict, step), step, 0
+            since = self.first_seen.get(verdict, step) if step >= self.grace_steps > 0 else step
+            event, self.since, self.clear_windows = EpisodeEvent("begins", verdict, since), since, 0
         if verdict or any(self.monitor.counts.values()):
             self.reason, self.clear_windows = verdict or self.reason, 0
         elif self.reason:

@@ -183,6 +183,7 @@ class ModelConfig(_Section):
     hidden_dim: int = Field(gt=0)
     bottleneck_dim: int = Field(gt=0)
     norm_last_layer: bool
+    pos_embed_interp: Literal["reference", "timm"] = "reference"  # dino.backbone.POS_EMBED_INTERP
     init_from: str | None
 
     @field_validator("model_kwargs")
@@ -372,10 +373,18 @@ class TrackingConfig(_Section):
 class HealthConfig(_Section):
     collapse_action: Literal["warn", "stop"]
     collapse_patience: int = Field(gt=0)
+    collapse_grace_epochs: int | Literal["auto"] = Field(default="auto")  # dino.health.CollapseEpisodes
     nonfinite: Literal["stop", "skip"]
     max_skipped_steps: int = Field(ge=0)
     attention_every_epochs: int = Field(ge=0)
     attention_images: int = Field(gt=0)
+
+    @field_validator("collapse_grace_epochs")
+    @classmethod
+    def _grace(cls, v):
+        if v != "auto" and v < 0:
+            raise ValueError(f"must be auto or >= 0 epochs, got {v}")
+        return v
 
 
 class LogConfig(_Section):
@@ -387,6 +396,10 @@ class KnnConfig(_Section):
     image_size: int | None = Field(gt=0)
     ks: tuple[int, ...] = Field(min_length=1)
     temperature: float = Field(gt=0.0)
+    every_epochs: int = Field(default=1, ge=0)  # pipeline/train/online_knn.py
+    online_queries: int = Field(default=1000, ge=0)  # 0 = no online k-NN
+    online_database: int = Field(default=5000, gt=0)
+    online_max_fraction: float = Field(default=0.1, gt=0.0, le=1.0)
     batch_size: int = Field(gt=0)
     actors: int = Field(gt=0)
     index: Literal["flat", "ivf", "hnsw"]

@@ -207,6 +207,7 @@ def epoch_record(
     recent_walls: list[float],
     teacher_entropy: float,
     entropy_ratio: float,
+    online_knn: float | None = None,
 ) -> dict[str, Any]:
     """What rank 0 sends the driver at an epoch end (plain numbers; it crosses Ray).
 
@@ -218,6 +219,7 @@ def epoch_record(
         wall_s: seconds since the previous epoch record (or the loop's start), epoch-end work included.
         recent_walls: ``wall_s`` of this process's earlier epochs, oldest first (for the ETA).
         teacher_entropy: h(Pt) of the epoch's last logging window (nats), and ``entropy_ratio`` = h / log K.
+        online_knn: the teacher's online k-NN top-1 (percent) measured at this epoch end, or None.
     """
     epoch, planned = int(summary["epoch"]), int(planned_epochs)
     return {
@@ -232,6 +234,7 @@ def epoch_record(
         "entropy_ratio": float(entropy_ratio),
         "wall_s": float(wall_s),
         "eta_s": eta_seconds([*recent_walls, wall_s], done=epoch, planned=planned),
+        "online_knn": None if online_knn is None else float(online_knn),
     }
 
 
@@ -247,14 +250,16 @@ def eta_seconds(walls: list[float], done: int, planned: int, window: int = 3) ->
 
 def epoch_line(r: dict[str, Any]) -> str:
     """One epoch's summary line, e.g.
-    ``epoch 3/10: loss 6.4972, 412 img/s, data wait 12 %, teacher entropy 6.931 (0.63 of log K), 40 s, ETA 4 min 40 s``.
+    ``epoch 3/10: loss 6.4972, 412 img/s, data wait 12 %, teacher entropy 6.931 (0.63 of log K), k-NN 41.2 %,
+    40 s, ETA 4 min 40 s`` (the k-NN part at the epochs where the online k-NN was measured).
     """
     ips = r["images"] / r["train_s"] if r["train_s"] > 0 else 0.0
     wait = r["data_wait_s"] / r["train_s"] if r["train_s"] > 0 else 0.0
+    knn = f"k-NN {r['online_knn']:.1f} %, " if r.get("online_knn") is not None else ""
     return (
         f"epoch {r['epoch']}/{r['planned_epochs']}: loss {r['mean_loss']:.4f}, {format_rate(ips)} img/s, "
         f"data wait {100 * wait:.0f} %, teacher entropy {r['teacher_entropy']:.3f} ({r['entropy_ratio']:.2f} of "
-        f"log K), {format_duration(r['wall_s'])}, ETA {format_duration(r['eta_s'])}"
+        f"log K), {knn}{format_duration(r['wall_s'])}, ETA {format_duration(r['eta_s'])}"
     )
 
 

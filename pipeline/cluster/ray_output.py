@@ -17,6 +17,8 @@ resources``, ``Started training worker group ...``,       "WARNING")`` (its own 
 ``core_worker.cc ... has constructor arguments in the     :data:`NOISE`: Ray's actors (Ray Train's own,
 object store and max_restarts > 0`` (ray #53727)          Ray Data's pool) are built so; nothing to act on
 ``Token authentication is enabled for this Ray cluster``  :data:`NOISE` (a local cluster on 127.0.0.1)
+``Task MapWorker(MapBatches(...)).submit failed ...        :data:`NOISE`: the stream's actors stopped at
+killed by `ray.kill``` (the raylet)                       the end of training, a block in flight retried
 Ray Data's progress bars                                  ``DataContext.enable_progress_bars = False``
 ``RayDeprecationWarning: ExecutionOptions.                :data:`WARNINGS`: raised by Ray Train's own
 exclude_resources``                                       default ingest options
@@ -26,10 +28,10 @@ database tables``, download progress bars                 new store is created o
 ========================================================  =============================================
 
 Nothing else is filtered: errors, tracebacks and every other warning of Ray's or MLflow's still show, and
-``logging.ray_verbose=true`` shows everything as Ray prints it. Two known-harmless lines remain: the
-``core_worker.cc`` note above when the driver itself starts an actor pool (the k-NN pass), which Ray's C++
-core writes straight to the terminal, and MLflow's ``UserWarning: Add type hints to the predict method``,
-which ``log_model`` raises under its own ``simplefilter("once")`` (a filter here cannot override it).
+``logging.ray_verbose=true`` shows everything as Ray prints it. The ``core_worker.cc`` note above is also
+written by Ray's C++ core straight to this process's stderr when the driver itself starts an actor pool (the
+k-NN pass): :func:`native_stderr_filtered` drops it there, for the length of that pass. MLflow's
+``Add type hints to the predict method`` does not arise: the model's ``predict`` has its type hint.
 """
 
 from __future__ import annotations
@@ -37,8 +39,11 @@ from __future__ import annotations
 import logging
 import os
 import re
+import sys
+import threading
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 NOISE = tuple(
@@ -50,6 +55,8 @@ NOISE = tuple(
         r"core_worker\.cc:\d+: Actor with class name: .* "
         r"has constructor arguments in the object store and max_restarts > 0",
         r"Token authentication is enabled for this Ray cluster\. Set RAY_AUTH_MODE=disabled to opt out",
+        r"Task MapWorker\(MapBatches\(\w+\)\)\.submit failed\. There are infinite retries remaining, so the task "
+        r"will be retried\. Error: The actor is dead because it was killed by `ray\.kill`",
         r"Passing a Python object as `python_model` causes it to be serialized using CloudPickle",
         r"Validating input example against model signature",
         r"^(Creating initial MLflow database tables|Updating database tables)",
@@ -145,6 +152,54 @@ def quiet_forwarded(verbose: bool) -> bool:
             if name == "ray_print_logs":
                 return True
     return False
+
+
+@contextmanager
+def native_stderr_filtered(verbose: bool = False, drop: Callable[[str], bool] = is_noise) -> Iterator[None]:
+    """Within the block, lines written to this process's file descriptor 2 (Python's ``sys.stderr`` and native
+    code alike, e.g. Ray's C++ core) pass through a pipe, and those ``drop`` names (:data:`NOISE`) are left out.
+
+    Everything else reaches the real stderr as it was written: a chunk ending without a newline (a progress bar's
+    carriage-return update) is passed on at once, whole lines are checked one by one. On leaving the block the
+    descriptor is restored and what is still in the pipe is passed on before returning. With ``verbose``, or
+    where descriptor 2 cannot be redirected, the block runs as it is.
+    """
+    if verbose:
+        yield
+        return
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        read_end, write_end = os.pipe()
+    except OSError:
+        yield
+        return
+
+    def pump() -> None:
+        pending = b""
+        while chunk := os.read(read_end, 65536):
+            pending += chunk
+            *lines, pending = pending.split(b"\n")
+            out = b"".join(line + b"\n" for line in lines if not drop(line.decode("utf-8", "replace")))
+            if pending.endswith(b"\r"):  # a progress update in place: show it now
+                out, pending = out + pending, b""
+            if out:
+                os.write(saved, out)
+        if pending and not drop(pending.decode("utf-8", "replace")):
+            os.write(saved, pending)
+
+    thread = threading.Thread(target=pump, name="stderr-filter", daemon=True)
+    thread.start()
+    os.dup2(write_end, 2)
+    os.close(write_end)
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)  # the pipe's last writer closed: the pump reads to its end and stops
+        thread.join(timeout=10)
+        os.close(read_end)
+        os.close(saved)
 
 
 def train_logging_config(verbose: bool):

@@ -61,6 +61,17 @@ class PretrainResult:
         return log_timeline(self.tracking_uri, self.run_id, timeline)
 
 
+def online_knn_paths(p: Prepared) -> dict[str, tuple[str, ...]]:
+    """``LoopPlan``'s online k-NN sources: as the final k-NN's protocol (:func:`knn_protocol`), none without one."""
+    from pipeline.data.sources import knn_protocol
+
+    protocol, _ = knn_protocol(p.train, p.val)
+    if protocol is None or not p.cfg.knn.online_queries:
+        return {}
+    train = tuple(p.train.paths) if protocol == "paper" else ()
+    return {"knn_val_paths": tuple(p.val.paths), "knn_train_paths": train}
+
+
 def pretrain(p: Prepared) -> PretrainResult:
     """Start Ray (if needed), train with a ``TorchTrainer``, export the final teacher, log it to MLflow."""
     import ray
@@ -81,6 +92,7 @@ def pretrain(p: Prepared) -> PretrainResult:
         run_id=run_id,
         counter_name=f"dino_sample_counter_{run_id}",
         attention_paths=tuple(p.val.paths) if p.val is not None else (),
+        **online_knn_paths(p),
         deadline=training_deadline(started, cfg.optim.time_budget_minutes),
         started=started,
         init_weights=ray.put(p.start) if p.start is not None else None,  # every node reads it from the object store

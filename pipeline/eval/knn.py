@@ -303,6 +303,7 @@ def evaluate_teacher(
     Returns ``{"teacher": {"top1", "top5", "by_k"}, "random_init": ..., "index_dir", "n_db", "n_queries",
     "recall_at_k", "mlflow_run_id", ...}`` (accuracies in percent; ``top1``/``top5`` at ``knn.k``).
     """
+    from pipeline.cluster.ray_output import native_stderr_filtered
     from pipeline.eval.embed import embed_splits
     from pipeline.weights.checkpoint import TEACHER_WEIGHTS, load_teacher
     from pipeline.weights.teacher_source import file_sha256
@@ -319,7 +320,8 @@ def evaluate_teacher(
         )
     model, meta = load_teacher(teacher_dir)
     image_size = kn.image_size or meta["image_size"]  # knn.image_size overrides the size the teacher was exported for
-    spec = BackboneSpec(meta["arch"], meta["timm_kwargs"], image_size, seed=cfg.seed)
+    interp = meta.get("pos_embed_interp", "timm")
+    spec = BackboneSpec(meta["arch"], meta["timm_kwargs"], image_size, seed=cfg.seed, pos_embed_interp=interp)
     models = {"teacher": (spec, model.state_dict())}
     if random_baseline and val is not None:
         models["random_init"] = (spec, None)
@@ -328,14 +330,16 @@ def evaluate_teacher(
     splits = {"database": train} | ({"queries": val} if val is not None else {})
 
     t0 = time.perf_counter()
-    emb = (embed_fn or embed_splits)(
-        splits,
-        models,
-        batch_size=kn.batch_size,
-        actors=kn.actors,
-        read_cpus=cfg.ray.read_cpus_per_task,
-        ray_config=cfg.ray,
-    )
+    # Ray's C++ core notes each embedding actor's start on this process's stderr (a line with nothing to act on)
+    with native_stderr_filtered(cfg.logging.ray_verbose):
+        emb = (embed_fn or embed_splits)(
+            splits,
+            models,
+            batch_size=kn.batch_size,
+            actors=kn.actors,
+            read_cpus=cfg.ray.read_cpus_per_task,
+            ray_config=cfg.ray,
+        )
     embed_s = time.perf_counter() - t0
     db = emb["teacher"]["database"]
     queries = emb["teacher"]["queries"] if val is not None else None

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd  # the predict method's type hint: MLflow reads it when the class is defined
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +130,9 @@ class TeacherEmbedder(PythonModel):
         model, meta = load_teacher(context.artifacts[ARTIFACT_KEY])
         self.model, self.image_size = model.to(self.device), int(meta["image_size"])
 
-    def predict(self, context, model_input, params: dict[str, Any] | None = None) -> np.ndarray:
+    # Hinted as a DataFrame (what the pyfunc's column signature hands it): MLflow takes that hint as "validate
+    # against the logged signature", and warns about a predict method without one.
+    def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> np.ndarray:
         images = _image_column(model_input)
         return embed_image_bytes(self.model, images, self.image_size, self.device)
 

@@ -45,6 +45,9 @@ METRIC_NAMES = {
     # the driver's final count and the k-NN run
     "data_skipped_samples": "data/skipped_samples",
     "embed_s": "knn/embed_s",
+    # the teacher's k-NN top-1 on a fixed subset while training (pipeline/train/online_knn.py), and its cost
+    "knn_online_top1": "knn/online_top1",
+    "knn_online_s": "knn/online_s",
     "index_build_s": "index/build_s",
 }
 # Families named by pattern: knn_top1, knn_top5_k20, knn_random_init_top1_k10, index_recall_at_10.

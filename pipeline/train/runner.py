@@ -48,6 +48,10 @@ class LoopPlan:
     run_id: str
     counter_name: str | None = None  # the run's SampleCounter actor (bad samples by reason)
     attention_paths: tuple[str, ...] = ()  # val shards whose first images get attention maps (rank 0)
+    # the online k-NN's sources (pipeline/train/online_knn.py): labelled val shards, and labelled train shards
+    # (empty: leave-one-out within the val subset); no val shards: no online k-NN
+    knn_val_paths: tuple[str, ...] = ()
+    knn_train_paths: tuple[str, ...] = ()
     deadline: float | None = None  # time.time() by which training must end (optim.time_budget_minutes), or None
     started: float | None = None  # time.time() when the pretraining call started (optim.teacher_snapshot_minutes)
     init_weights: Any = (
@@ -130,6 +134,7 @@ class DinoRunner:
             norm_last_layer=m.norm_last_layer,
             hidden_dim=m.hidden_dim,
             bottleneck_dim=m.bottleneck_dim,
+            pos_embed_interp=m.pos_embed_interp,
         )
         start = _start_weights(plan.init_weights)  # model.init_from (not kept: the models hold it now)
         if start is not None:  # before DDP (which broadcasts rank 0's weights anyway)
@@ -150,7 +155,11 @@ class DinoRunner:
         self.optimizer = build_optimizer(self.student_module)  # fused AdamW on CUDA
         self.autocast_dtype, self.scaler = precision_settings(device, o.precision)
         self.channels_last = o.channels_last and device.type == "cuda"
-        self.collapse = CollapseEpisodes(CollapseMonitor(m.out_dim, patience=cfg.health.collapse_patience))
+        grace = cfg.health.collapse_grace_epochs
+        grace = o.warmup_epochs if grace == "auto" else grace
+        self.collapse = CollapseEpisodes(
+            CollapseMonitor(m.out_dim, patience=cfg.health.collapse_patience), grace_steps=grace * plan.steps_per_epoch
+        )
         self.skipped_steps = 0  # non-finite steps skipped (health.nonfinite = skip), this run
         self.steps_in_epoch = 0  # steps of the current epoch done (checkpointed: mid-epoch resume)
         self.data_exhausted = False  # the run's batch stream ended (fewer good samples than planned)

@@ -61,6 +61,8 @@ class WorkerSession:
             self.counter = ray.get_actor(plan.counter_name)
         self.tracker: MetricsTracker | NullTracker = NullTracker()
         self.attention = None  # rank 0: pipeline.train.attention.AttentionProbe, or None
+        self.online_knn = None  # rank 0: pipeline.train.online_knn.OnlineKnn, or None
+        self.train_s = 0.0  # seconds of training steps in this process (the online k-NN's cost cap)
         self.snapshots = None  # rank 0: pipeline.train.snapshots.SnapshotSchedule, or None
         self.walls: list[float] = []  # wall seconds of each epoch of this process, epoch ends included (the ETA)
         self.t_record = time.perf_counter()
@@ -164,6 +166,7 @@ class WorkerSession:
             log.info("worker group resized: %s", note)
         self.tracker.set_tag("world_size", str(runner.world_size))
         self.attention = _attention_probe(self.cfg, plan, self.device, self.tracker)
+        self.online_knn = _online_knn(self.cfg, plan, self.device)
         self.snapshots = _snapshot_schedule(self.cfg, plan, self.tracker, self.fresh)
         if self.attention is not None:
             # The weights before the first step (random init, or model.init_from), and the centre prior: step 0.
@@ -173,11 +176,11 @@ class WorkerSession:
                 if self.fresh
                 else probe.restore_start
             )
-            _safely(start, "at the start")
+            _safely(start, "attention maps at the start")
 
     def end_epoch(self, runner: DinoRunner, summary: dict[str, Any]) -> bool:
         """Everything at an epoch end, in order: a run-wide stop, the epoch's loss, the time budget, the epoch
-        line, the attention maps, teacher snapshots, then the report (with a checkpoint every
+        line (with the online k-NN), the attention maps, teacher snapshots, then the report (with a checkpoint every
         ``ray.checkpoint_every_epochs`` and at the last epoch). Returns False when the run stops here."""
         import ray.train
 
@@ -191,13 +194,14 @@ class WorkerSession:
             log.info("time budget: %s", budget[1])
             self.tracker.set_tag(*budget)
             self.tracker.log_metrics({"planned_epochs": runner.planned_epochs}, step=runner.global_step)
-        self._record_epoch(runner, summary)
         last = runner.epoch >= runner.planned_epochs or runner.data_exhausted
+        self.train_s += float(summary.get("epoch_time_s", 0.0))
+        self._record_epoch(runner, summary, self.measure_knn(runner, last))
         if self.attention is not None and (runner.epoch % self.cfg.health.attention_every_epochs == 0 or last):
             probe = self.attention
             _safely(
                 lambda: probe.at_epoch(runner.teacher.backbone, self.tracker, runner.epoch, runner.global_step),
-                f"at epoch {runner.epoch}",
+                f"attention maps at epoch {runner.epoch}",
             )
         if self.snapshots is not None:
             _snapshot_if_due(self.snapshots, runner, self.cfg, self.plan, self.tracker)
@@ -211,6 +215,21 @@ class WorkerSession:
             ray.train.report(metrics)
         self.epoch_end_s = time.perf_counter() - t_end
         return True
+
+    def measure_knn(self, runner: DinoRunner, last: bool) -> float | None:
+        """Rank 0: the online k-NN top-1 of the teacher when due (logged to MLflow), else None."""
+        knn = self.online_knn
+        if knn is None or not knn.due(runner.epoch, last, self.train_s):
+            return None
+        top1: list[float] = []
+        _safely(
+            lambda: top1.append(knn.measure(runner.teacher.backbone, runner.epoch)),
+            f"online k-NN at epoch {runner.epoch}",
+        )
+        if not top1:
+            return None
+        self.tracker.log_metrics({"knn_online_top1": top1[0], "knn_online_s": knn.last_cost_s}, step=runner.global_step)
+        return top1[0]
 
     def save_checkpoint(self, runner: DinoRunner, metrics: dict[str, Any]) -> None:
         """Report ``metrics`` with a checkpoint: rank 0 writes the state, every rank reports. A storage that
@@ -245,7 +264,7 @@ class WorkerSession:
             ray.get(self.counter.stop.remote(summary["stopped"]))
         ray.train.report({**summary, "global_step": runner.global_step})
 
-    def _record_epoch(self, runner: DinoRunner, summary: dict[str, Any]) -> None:
+    def _record_epoch(self, runner: DinoRunner, summary: dict[str, Any], online_knn: float | None = None) -> None:
         """Rank 0: the epoch's line for the driver to print (:func:`pipeline.progress.epoch_line`)."""
         if self.counter is None:
             return
@@ -258,6 +277,7 @@ class WorkerSession:
             recent_walls=self.walls,
             teacher_entropy=runner.last_entropy[0],
             entropy_ratio=runner.last_entropy[1],
+            online_knn=online_knn,
         )
         self.counter.epoch_done.remote(record)
         self.walls.append(wall)
@@ -288,6 +308,34 @@ def _attention_probe(cfg: Config, plan: LoopPlan, device: torch.device, tracker:
         )
     except Exception as e:  # a diagnostic: never a reason to fail the run
         log.warning("attention maps disabled: cannot read val images (%s)", e)
+        return None
+
+
+def _online_knn(cfg: Config, plan: LoopPlan, device: torch.device):
+    """Rank 0: the online k-NN (:class:`~pipeline.train.online_knn.OnlineKnn`) of the plan's sources, or None."""
+    kn = cfg.knn
+    if not plan.knn_val_paths or not kn.online_queries:
+        return None
+    from pipeline.data.shards import members_from_config
+    from pipeline.train.online_knn import OnlineKnn
+
+    try:
+        return OnlineKnn.load(
+            list(plan.knn_train_paths) or None,
+            list(plan.knn_val_paths),
+            queries=kn.online_queries,
+            database=kn.online_database,
+            size=kn.image_size or cfg.augment.global_size,
+            layout=members_from_config(cfg.data),
+            every_epochs=kn.every_epochs,
+            max_fraction=kn.online_max_fraction,
+            k=kn.k,
+            temperature=kn.temperature,
+            device=device,
+            batch_size=kn.batch_size,
+        )
+    except Exception as e:  # a diagnostic: never a reason to fail the run
+        log.warning("online k-NN disabled: cannot read its images (%s)", e)
         return None
 
 
@@ -322,9 +370,9 @@ def _snapshot_if_due(snapshots, runner: DinoRunner, cfg: Config, plan: LoopPlan,
         log.warning("teacher snapshot at %.1f min (marks %s) failed: %s", elapsed, due, e)
 
 
-def _safely(measure: Callable[[], None], when: str) -> None:
-    """Runs a measurement of the attention probe; a failure is a warning (a diagnostic must never stop training)."""
+def _safely(measure: Callable[[], None], what: str) -> None:
+    """Runs a diagnostic measurement; a failure is a warning (a diagnostic must never stop training)."""
     try:
         measure()
     except Exception as e:
-        log.warning("attention maps %s failed: %s", when, e)
+        log.warning("%s failed: %s", what, e)

@@ -246,3 +246,29 @@ def test_an_episode_begins_once_and_is_over_after_as_many_clear_windows_as_it_to
     _, second = episodes.update(*flat, step=100)
     assert first == EpisodeEvent("begins", "entropy_zero", 80)
     assert second == EpisodeEvent("begins", "kl_to_zero", 100)
+
+
+def test_the_start_of_a_run_may_be_uniform_but_a_teacher_still_uniform_after_it_is_reported():
+    from dino.health import CollapseEpisodes, EpisodeEvent
+
+    uniform, one_hot = (LOG_K, 0.0), (0.0, 1.0)  # entropy_uniform (+ kl_to_zero); entropy_zero
+    episodes = CollapseEpisodes(CollapseMonitor(K, patience=2), grace_steps=40)
+    # The expected start (steps 0-30): uniform for 4 windows, nothing said; then it leaves: nothing ever said.
+    seen = [episodes.update(*w, step=10 * i) for i, w in enumerate([uniform] * 4 + [HEALTHY] * 3)]
+    assert [v for v, _ in seen] == [None] * 7 and [e for _, e in seen] == [None] * 7
+
+    # Still uniform when the allowance ends: reported at once, at the first window past it, as begun at step 20.
+    episodes = CollapseEpisodes(CollapseMonitor(K, patience=2), grace_steps=40)
+    seen = [episodes.update(*uniform, step=10 * i) for i in range(2, 6)]
+    assert [v for v, _ in seen] == [None, None, "entropy_uniform", "entropy_uniform"]
+    assert seen[2][1] == EpisodeEvent("begins", "entropy_uniform", 20)
+
+    # Uniform again after the teacher had left it, past the allowance: a collapse, reported after patience.
+    _, event = episodes.update(*HEALTHY, step=60)
+    verdicts = [episodes.update(*uniform, step=s)[0] for s in (70, 80)]
+    assert verdicts == [None, "entropy_uniform"]
+
+    # A one-hot teacher is never the expected start: reported inside the allowance.
+    episodes = CollapseEpisodes(CollapseMonitor(K, patience=2), grace_steps=1000)
+    seen = [episodes.update(*one_hot, step=s) for s in (10, 20)]
+    assert seen[1] == ("entropy_zero", EpisodeEvent("begins", "entropy_zero", 20))

@@ -64,6 +64,10 @@ def test_schema_and_default_yaml_have_the_same_keys():
         (["augment.local_scale=[0.5, 0.1]"], "local_scale must satisfy"),
         (["augment.local_size=300"], "local_size 300 must not exceed global_size"),
         (["loss.momentum_teacher=1.5"], "'loss.momentum_teacher' (got 1.5)"),
+        (
+            ["model.pos_embed_interp=bogus"],
+            "'model.pos_embed_interp' (got 'bogus'): Input should be 'reference' or 'timm'",
+        ),
         (["ray.augment_actors_min=9"], "augment_actors_min 9 exceeds augment_actors_max"),
         (["ray.use_gpu=maybe"], "'ray.use_gpu"),
         (["ray.augment_priority=low"], "'ray.augment_priority"),

@@ -144,7 +144,9 @@ def test_eta_is_epochs_left_times_the_recent_epoch_time():
     assert eta_seconds([], done=0, planned=5) == 0.0
 
 
-def _record(epoch=2, planned=10, wall=20.0, walls=(40.0,), loss=6.49724, steps=46, wait=2.4, train_s=19.5):
+def _record(
+    epoch=2, planned=10, wall=20.0, walls=(40.0,), loss=6.49724, steps=46, wait=2.4, train_s=19.5, online_knn=None
+):
     summary = {"epoch": epoch, "steps": steps, "mean_loss": loss, "epoch_time_s": train_s, "data_wait_s": wait}
     return epoch_record(
         summary,
@@ -154,6 +156,7 @@ def _record(epoch=2, planned=10, wall=20.0, walls=(40.0,), loss=6.49724, steps=4
         recent_walls=list(walls),
         teacher_entropy=6.9312,
         entropy_ratio=0.6251,
+        online_knn=online_knn,
     )
 
 
@@ -163,6 +166,14 @@ def test_the_epoch_line_has_loss_rate_data_wait_entropy_and_eta():
     # 1,472 images in 19.5 s of steps = 75.5 img/s; 2.4 s of it waiting for data = 12 %.
     assert epoch_line(r) == (
         "epoch 2/10: loss 6.4972, 75 img/s, data wait 12 %, teacher entropy 6.931 (0.63 of log K), 20 s, ETA 2 min 40 s"
+    )
+
+
+def test_the_epoch_line_shows_the_online_knn_where_it_was_measured():
+    assert _record()["online_knn"] is None
+    assert epoch_line(_record(online_knn=41.25)) == (
+        "epoch 2/10: loss 6.4972, 75 img/s, data wait 12 %, teacher entropy 6.931 (0.63 of log K), k-NN 41.2 %, "
+        "20 s, ETA 2 min 40 s"
     )
 
 
@@ -218,6 +229,8 @@ SILENCED = [
     "Passing a Python object as `python_model` causes it to be serialized using CloudPickle, it requires exercising "
     "caution as Python object serialization mechanisms may execute arbitrary code during deserialization.",
     "Validating input example against model signature",
+    "Task MapWorker(MapBatches(MultiCropMapper)).submit failed. There are infinite retries remaining, so the task will "
+    "be retried. Error: The actor is dead because it was killed by `ray.kill`.",
     "Creating initial MLflow database tables...",
     "Updating database tables",
 ]
@@ -284,3 +297,24 @@ def test_the_known_warnings_are_ignored_by_message_only():
         warnings.warn("`ExecutionOptions.other_thing` is deprecated", RayDeprecationWarning, stacklevel=2)
         warnings.warn("something else", UserWarning, stacklevel=2)
     assert [str(w.message) for w in caught] == ["`ExecutionOptions.other_thing` is deprecated", "something else"]
+
+
+def test_native_stderr_loses_only_its_noise_lines(capfd):
+    """What Ray's C++ core writes to descriptor 2 (not through Python) is filtered like forwarded lines."""
+    import os
+
+    from pipeline.cluster.ray_output import native_stderr_filtered
+
+    with native_stderr_filtered():
+        os.write(2, (SILENCED[1] + "\n").encode())  # the core_worker note, as the C++ core writes it
+        os.write(2, b"[2026-12-03 16:51:26,578 E 24999 25040] core_worker.cc:1234: Failed to connect to the GCS\n")
+        os.write(2, b"embedding 50 %\r")  # a progress update in place passes at once
+        os.write(2, b"a last line without a newline")
+    os.write(2, b"; after\n")
+    assert capfd.readouterr().err == (
+        "[2026-12-03 16:51:26,578 E 24999 25040] core_worker.cc:1234: Failed to connect to the GCS\n"
+        "embedding 50 %\ra last line without a newline; after\n"
+    )
+    with native_stderr_filtered(verbose=True):  # everything as written
+        os.write(2, (SILENCED[1] + "\n").encode())
+    assert capfd.readouterr().err == SILENCED[1] + "\n"

@@ -185,3 +185,15 @@ def test_registering_in_a_local_store_uses_that_store_not_the_working_directory(
     assert MlflowClient(store).get_model_version("tiny-local", "1").run_id == run_id
     assert not (elsewhere / "mlflow.db").exists()  # no stray default store where the job was started (the sqlite
     # store's artifacts do go to ./mlruns: MLflow's default artifact root for a database store without one)
+
+
+def test_defining_the_model_class_prints_no_type_hint_warning():
+    """MLflow warns when a PythonModel's predict has no input type hint; the hint is the DataFrame it is given."""
+    out = subprocess.run(
+        [sys.executable, "-W", "always", "-c", "import pipeline.eval.teacher_model"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    assert "type hints" not in out.stderr + out.stdout, out.stderr

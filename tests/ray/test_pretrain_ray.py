@@ -53,7 +53,7 @@ def test_two_worker_pretraining_tracks_exports_and_evaluates(tmp_path, ray_clust
     for m in epochs:
         assert re.fullmatch(
             r"epoch \d/2: loss \d+\.\d{4}, [\d.,]+ img/s, data wait \d+ %, teacher entropy "
-            r"\d+\.\d{3} \(\d\.\d\d of log K\), \d+ s, ETA \d+ s",
+            r"\d+\.\d{3} \(\d\.\d\d of log K\), k-NN \d+\.\d %, \d+ s, ETA \d+ s",
             m,
         ), m
     assert epochs[-1].endswith("ETA 0 s")
@@ -93,6 +93,14 @@ def test_two_worker_pretraining_tracks_exports_and_evaluates(tmp_path, ray_clust
     assert client.get_metric_history(result.run_id, "train/teacher_temp")[0].value == pytest.approx(
         cfg.loss.warmup_teacher_temp
     )
+
+    # The online k-NN (knn.every_epochs 1): the teacher's top-1 on the val images against the train images at
+    # each epoch end, as the epoch line shows it (one decimal).
+    online = client.get_metric_history(result.run_id, "knn/online_top1")
+    assert [m.step for m in online] == [p.steps_per_epoch, total]
+    assert [f"k-NN {m.value:.1f} %" in line for m, line in zip(online, epochs, strict=True)] == [True, True]
+    assert all(0.0 <= m.value <= 100.0 for m in online)
+    assert len(client.get_metric_history(result.run_id, "knn/online_s")) == 2
 
     artifacts = {a.path for a in client.list_artifacts(result.run_id)}
     assert {"config.json", "teacher"} <= artifacts
