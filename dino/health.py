@@ -202,8 +202,9 @@ class EpisodeEvent:
 
 # Conditions that also describe the expected start of a run: a randomly initialised teacher gives nearly the same
 # output for every image, so after centring and sharpening it is close to uniform, and the student soon matches it
-# (KL near 0), until the features start to tell images apart. A one-hot teacher or a non-finite value is never the
-# expected start.
+# (KL near 0), until the features start to tell images apart. Only with a uniform teacher: a student that matches a
+# teacher that is not uniform (KL near 0, h(Pt) below log K) is a collapse at any step, and so are a one-hot
+# teacher and a non-finite value.
 START_REASONS = ("entropy_uniform", "kl_to_zero")
 
 
@@ -217,9 +218,9 @@ class CollapseEpisodes:
     holds, even below patience, resets that count.
 
     The start of a run (global steps below ``grace_steps``) is allowed a uniform teacher: :data:`START_REASONS`
-    are not reported there. Their counts still run, so a teacher still uniform when the allowance ends is
-    reported at that window (``since`` is then the step it was first seen, in the allowance). ``entropy_zero``
-    and ``nonfinite`` are reported at any step.
+    are not reported there in a window whose teacher is uniform. Their counts still run, so a teacher still uniform when the allowance ends is
+    reported at that window (``since`` is then the step it was first seen, in the allowance). ``entropy_zero``,
+    ``nonfinite`` and a KL near 0 beside a teacher that is not uniform are reported at any step.
 
     Args:
         monitor: The run's :class:`CollapseMonitor` (its counts are read after each update).
@@ -240,12 +241,13 @@ class CollapseEpisodes:
         ``verdict`` is :meth:`CollapseMonitor.update`'s (a reason while a condition has lasted ``patience``
         windows, else None); ``event`` says that an episode begins or is over at this window, else None.
         """
+        uniform = self.monitor.conditions(entropy, kl)["entropy_uniform"]
         verdict = self.monitor.update(entropy, kl)
         for reason, count in self.monitor.counts.items():
             if count == 1:
                 self.first_seen[reason] = step
-        if verdict in START_REASONS and step < self.grace_steps:
-            verdict = None  # the expected uniform start
+        if verdict in START_REASONS and uniform and step < self.grace_steps:
+            verdict = None  # the expected start: a uniform teacher, and a student that matches it
         event = None
         if verdict and verdict != self.reason:
             since = self.first_seen.get(verdict, step) if step >= self.grace_steps > 0 else step

@@ -268,6 +268,12 @@ def test_the_start_of_a_run_may_be_uniform_but_a_teacher_still_uniform_after_it_
     verdicts = [episodes.update(*uniform, step=s)[0] for s in (70, 80)]
     assert verdicts == [None, "entropy_uniform"]
 
+    # A student copying a teacher that is not uniform (KL near 0, h mid-way) is a collapse inside the allowance too.
+    episodes = CollapseEpisodes(CollapseMonitor(K, patience=2), grace_steps=1000)
+    copied = (0.9 * LOG_K, 0.0)
+    seen = [episodes.update(*copied, step=s) for s in (10, 20)]
+    assert seen[1] == ("kl_to_zero", EpisodeEvent("begins", "kl_to_zero", 20))
+
     # A one-hot teacher is never the expected start: reported inside the allowance.
     episodes = CollapseEpisodes(CollapseMonitor(K, patience=2), grace_steps=1000)
     seen = [episodes.update(*one_hot, step=s) for s in (10, 20)]
