@@ -218,9 +218,10 @@ class CollapseEpisodes:
     holds, even below patience, resets that count.
 
     The start of a run (global steps below ``grace_steps``) is allowed a uniform teacher: :data:`START_REASONS`
-    are not reported there in a window whose teacher is uniform. Their counts still run, so a teacher still uniform when the allowance ends is
-    reported at that window (``since`` is then the step it was first seen, in the allowance). ``entropy_zero``,
-    ``nonfinite`` and a KL near 0 beside a teacher that is not uniform are reported at any step.
+    are not reported there in a window whose teacher is uniform. Their counts still run, so a teacher still
+    uniform when the allowance ends is reported at that window (``since`` is then the step it was first seen, in
+    the allowance). ``entropy_zero``, ``nonfinite`` and a KL near 0 beside a teacher that is not uniform are
+    reported at any step.
 
     Args:
         monitor: The run's :class:`CollapseMonitor` (its counts are read after each update).
