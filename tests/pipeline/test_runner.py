@@ -226,9 +226,9 @@ def test_a_collapse_episode_that_ends_is_said_to_be_over(caplog):
 @pytest.mark.slow
 def test_a_learning_rate_that_collapses_the_demo_is_reported_inside_the_start_allowance(tmp_path, caplog):
     """The demo's recipe on its data, in process, at 100x its learning rate: the teacher drifts to uniform while the
-    student copies it (KL -> 0 with h(Pt) below log K) in epoch 2, inside the 4-epoch start allowance of the demo
-    preset. That is not the expected start (the teacher is not uniform yet), so it is reported there; by epoch 3 the
-    teacher is uniform for good (measured: h = 0.98 log K and KL = 0.0008 nats at step 186, h = log K at 279)."""
+    student copies it (KL -> 0 with h(Pt) below log K) within the first epochs, inside the demo preset's 6-epoch
+    start allowance. That is not the expected start (the teacher is not uniform yet), so it is reported there
+    (measured with 20-50 % local crops: h = 0.98 log K and KL = 0.0008 nats at step 186, h = log K by step 279)."""
     import numpy as np
 
     from pipeline.data import MultiCropMapper, load_split, read_shard_tables, spec_from_config
@@ -236,7 +236,7 @@ def test_a_learning_rate_that_collapses_the_demo_is_reported_inside_the_start_al
 
     root = make_synthetic_dataset(tmp_path / "data", n_train=3000, n_val=32, image_size=32, seed=0)
     cfg = load_config("local", [f"data.root={root}", "optim.base_lr=0.8", "health.attention_every_epochs=0"])
-    assert cfg.health.collapse_grace_epochs == 4 and cfg.health.collapse_patience == 5
+    assert cfg.health.collapse_grace_epochs == 6 and cfg.health.collapse_patience == 5
     rows = []
     for table in read_shard_tables({"path": load_split(str(root), "train").paths}, rows_per_table=256):
         rows += table.to_pylist()
