@@ -2,6 +2,14 @@
 
     python benchmarks/training/recipe_probe.py --name base --epochs 15 --eval-at 8
     python benchmarks/training/recipe_probe.py --name lr2 --epochs 15 --eval-at 8 optim.base_lr=0.008
+    python benchmarks/training/recipe_probe.py --preset local --data data/synthetic/shapes-v5-32px-3000-1000-s0 \
+        --epochs 10 --eval-at 0,1,2,3,4,5,6,7,8,9 --attention --name demo
+
+With ``--attention`` (a ViT, val shards with object masks: the synthetic shapes set) each evaluation also scores
+the teacher's last-layer ``[CLS]`` attention against the masks of the first 256 val images as the training job
+does (the paper's Jaccard, mean of heads and best head, next to a centred prior), and, for every block, the
+attention's *object lift*: the share of the ``[CLS]`` attention on object pixels over the objects' share of the
+image (1 = indifferent to the objects).
 
 The question a recipe change must answer is "more k-NN accuracy after the same number of epochs?";
 ``quality.py`` answers a different one (after a wall-clock budget, through the whole pipeline) and takes
@@ -131,6 +139,31 @@ def _pool_augment(picked) -> dict[str, Any]:
     return _augment(_ROWS, picked, _MAPPER)
 
 
+def object_lift_by_block(backbone, images, masks, device: str = "cpu") -> list[float]:
+    """Per block ``b`` of a ViT, the mean over images of (``[CLS]`` attention of block ``b`` on object pixels, heads
+    averaged) / (object share of the image): the attention's preference for the objects, 1 = none."""
+    import torch
+
+    from dino.attention import upsample_masks
+    from pipeline.train.attention import teacher_attention
+
+    model = getattr(backbone, "_orig_mod", backbone)
+    blocks = model.blocks
+    gt = torch.from_numpy(masks >= 0.5).double()  # (B, H, W)
+    share = gt.mean((-2, -1)).clamp(min=1e-9)
+    lifts = []
+    try:
+        for b in range(len(blocks)):
+            model.blocks = torch.nn.Sequential(*list(blocks)[: b + 1])
+            attn = teacher_attention(model, images, device).double().mean(1)  # (B, h, w)
+            attn = attn / attn.sum((-2, -1), keepdim=True)
+            per_pixel = upsample_masks(attn, *gt.shape[-2:]) / (gt.shape[-1] * gt.shape[-2] / attn[0].numel())
+            lifts.append(float(((per_pixel * gt).sum((-2, -1)) / share).mean()))
+    finally:
+        model.blocks = blocks
+    return lifts
+
+
 def probe(
     cfg,
     epochs: int,
@@ -141,6 +174,7 @@ def probe(
     view_sizes: list[int] | None = None,
     device: str = "cpu",
     workers: int = 0,
+    attention: bool = False,
 ) -> dict[str, Any]:
     """Train ``cfg``'s recipe for ``epochs`` epochs in this process; k-NN top-1 at ``eval_at`` and the end.
 
@@ -153,6 +187,10 @@ def probe(
     teacher's entropy and the teacher-student KL (:mod:`dino.health`, nats); each epoch reports their means
     beside the loss (``log out_dim`` is the uniform teacher). ``view_sizes``: the final teacher is also evaluated
     on views of these sizes.
+
+    ``attention``: each evaluation also scores the teacher's ``[CLS]`` attention against the val masks (module
+    docstring) into ``"attention": {epoch: {"mean_heads", "best_head", "object_lift_by_block"}}`` and
+    ``"attention_centre_prior"``.
 
     Returns ``{"epochs": [{"epoch", "loss", "teacher_entropy", "kl", "seconds"}...], "knn_top1": {epoch: %},
     "knn_top1_by_view": {size: %}, "steps": n, ...}``.
@@ -195,11 +233,40 @@ def probe(
         "knn_top1": {},
     }
 
+    masked = None
+    if attention:
+        from dino.attention import attention_jaccard, centre_prior
+        from pipeline.train.attention import JACCARD_IMAGES, attention_scores, fixed_val_masked, teacher_attention
+
+        images, masks = fixed_val_masked(
+            load_split(root, cfg.data.val_split).paths, JACCARD_IMAGES, cfg.augment.global_size
+        )
+        if not len(images):
+            raise ValueError(f"--attention: the val shards of {root} carry no object masks")
+        masked = (images, masks)
+        _, heads, gh, gw = teacher_attention(runner.teacher.backbone, images[:1], device).shape
+        prior = centre_prior(heads, gh, gw).expand(len(images), heads, gh, gw)
+        report["attention_centre_prior"] = attention_jaccard(prior, torch.from_numpy(masks))["mean_heads"]
+        report["attention"] = {}
+
     def evaluate(epoch: int) -> None:
         t = time.perf_counter()
         acc = knn_top1(runner.teacher.backbone, views, k, cfg.knn.temperature, device=device)
         report["knn_top1"][epoch] = acc
-        say(f"epoch {epoch}: teacher k-NN top-1 (k={k}) {acc:.2f} ({time.perf_counter() - t:.0f} s)")
+        line = f"epoch {epoch}: teacher k-NN top-1 (k={k}) {acc:.2f}"
+        if masked is not None:
+            scores = attention_scores(runner.teacher.backbone, *masked, device)
+            lifts = object_lift_by_block(runner.teacher.backbone, *masked, device)
+            report["attention"][epoch] = {
+                "mean_heads": scores["mean_heads"],
+                "best_head": scores["best_head"],
+                "object_lift_by_block": lifts,
+            }
+            line += (
+                f", attention Jaccard {scores['mean_heads']:.3f} (best head {scores['best_head']:.3f}; centre prior "
+                f"{report['attention_centre_prior']:.3f}), object lift by block {', '.join(f'{x:.2f}' for x in lifts)}"
+            )
+        say(f"{line} ({time.perf_counter() - t:.0f} s)")
 
     if 0 in eval_at:
         evaluate(0)
@@ -274,6 +341,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "--device", default="cpu", help="torch device to train and embed on (default: cpu; cuda on a GPU machine)"
     )
     p.add_argument("--workers", type=int, default=0, help="augmentation processes (default 0: in this process)")
+    p.add_argument(
+        "--attention", action="store_true", help="also score the teacher's [CLS] attention against the val masks"
+    )
     p.add_argument("overrides", nargs="*", help="config overrides key=value, applied after the preset")
     args = p.parse_args(argv)
 
@@ -310,6 +380,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         view_sizes=view_sizes,
         device=args.device,
         workers=args.workers,
+        attention=args.attention,
     )
     report.update(
         name=args.name,

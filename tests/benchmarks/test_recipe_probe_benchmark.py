@@ -100,3 +100,16 @@ def test_bad_arguments_are_one_line_errors(bench, capsys, argv, message):
     with pytest.raises(SystemExit):
         bench.main(argv)
     assert message in capsys.readouterr().err
+
+
+def test_attention_scores_each_evaluation_against_the_val_masks(bench, shapes, tmp_path):
+    report = bench.main(["--preset", "local", "--data", str(shapes), "--epochs", "1", "--eval-at", "0", "--attention",
+                         "--name", "att", "--out", str(tmp_path / "out"), "--cache", "", *TINY])  # fmt: skip
+    assert sorted(report["attention"]) == [0, 1] and 0.0 < report["attention_centre_prior"] < 1.0
+    for scores in report["attention"].values():
+        assert 0.0 <= scores["mean_heads"] <= 1.0 and 0.0 <= scores["best_head"] <= 1.0
+        # one lift per block of the local preset's 4-block ViT; a lift is a ratio of two shares (>= 0)
+        assert len(scores["object_lift_by_block"]) == 4 and all(x >= 0 for x in scores["object_lift_by_block"])
+    # At random initialisation the attention is near uniform, so its share on the objects is their share of the
+    # image: a lift of 1 up to the maps' small deviations (measured 0.989-0.993 on these 40 images).
+    assert all(0.9 < x < 1.1 for x in report["attention"][0]["object_lift_by_block"])
