@@ -145,7 +145,7 @@ def object_lift_by_block(backbone, images, masks, device: str = "cpu") -> list[f
     import torch
 
     from dino.attention import upsample_masks
-    from pipeline.train.attention import teacher_attention
+    from pipeline.train import teacher_attention
 
     model = getattr(backbone, "_orig_mod", backbone)
     blocks = model.blocks
@@ -236,7 +236,7 @@ def probe(
     masked = None
     if attention:
         from dino.attention import attention_jaccard, centre_prior
-        from pipeline.train.attention import JACCARD_IMAGES, attention_scores, fixed_val_masked, teacher_attention
+        from pipeline.train import JACCARD_IMAGES, attention_scores, fixed_val_masked, teacher_attention
 
         images, masks = fixed_val_masked(
             load_split(root, cfg.data.val_split).paths, JACCARD_IMAGES, cfg.augment.global_size
