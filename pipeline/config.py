@@ -33,6 +33,13 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _auto_or_epochs(v):
+    """A setting that is ``"auto"`` or an epoch count: a negative count is refused."""
+    if v != "auto" and v < 0:
+        raise ValueError(f"must be 'auto' or an epoch count >= 0, got {v}")
+    return v
+
+
 def _range(v: tuple[float, float], lo: float, hi: float, name: str) -> tuple[float, float]:
     if not (lo <= v[0] <= v[1] <= hi):
         raise ValueError(f"{name} must satisfy {lo} <= low <= high <= {hi}, got {list(v)}")
@@ -231,9 +238,7 @@ class OptimConfig(_Section):
     @field_validator("freeze_backbone_epochs")
     @classmethod
     def _freeze(cls, v):
-        if v != "auto" and v < 0:
-            raise ValueError(f"must be 'auto' or an epoch count >= 0, got {v}")
-        return v
+        return _auto_or_epochs(v)
 
     @field_validator("teacher_snapshot_minutes")
     @classmethod
@@ -382,9 +387,7 @@ class HealthConfig(_Section):
     @field_validator("collapse_grace_epochs")
     @classmethod
     def _grace(cls, v):
-        if v != "auto" and v < 0:
-            raise ValueError(f"must be auto or >= 0 epochs, got {v}")
-        return v
+        return _auto_or_epochs(v)
 
 
 class LogConfig(_Section):

@@ -237,6 +237,24 @@ def _evaluate(
     return results, tables
 
 
+def _embed(cfg, splits: dict[str, SplitInfo], models, embed_fn=None):
+    """One embedding pass of ``splits`` with ``models`` (:func:`pipeline.eval.embed.embed_splits`, or ``embed_fn``),
+    the driver's stderr free of Ray's C++ core note on each embedding actor's start (a line with nothing to act on)."""
+    from pipeline.cluster.ray_output import native_stderr_filtered
+    from pipeline.eval.embed import embed_splits
+
+    kn = cfg.knn
+    with native_stderr_filtered(cfg.logging.ray_verbose):
+        return (embed_fn or embed_splits)(
+            splits,
+            models,
+            batch_size=kn.batch_size,
+            actors=kn.actors,
+            read_cpus=cfg.ray.read_cpus_per_task,
+            ray_config=cfg.ray,
+        )
+
+
 def knn_accuracies(
     cfg,
     train: SplitInfo,
@@ -252,20 +270,11 @@ def knn_accuracies(
     each image against the others). Returns ``{name: {"top1", "top5", "by_k"}}`` (percent; ``top1``/``top5`` at
     ``knn.k``).
     """
-    from pipeline.eval.embed import embed_splits
-
     kn = cfg.knn
     ks = sorted(set(kn.ks) | {kn.k})
     loo = protocol == "leave_one_out"
     splits = {"queries": val} if loo else {"database": train, "queries": val}
-    emb = (embed_fn or embed_splits)(
-        splits,
-        models,
-        batch_size=kn.batch_size,
-        actors=kn.actors,
-        read_cpus=cfg.ray.read_cpus_per_task,
-        ray_config=cfg.ray,
-    )
+    emb = _embed(cfg, splits, models, embed_fn)
     classes = val.classes if loo else train.classes
     out = {}
     for name in models:
@@ -303,8 +312,6 @@ def evaluate_teacher(
     Returns ``{"teacher": {"top1", "top5", "by_k"}, "random_init": ..., "index_dir", "n_db", "n_queries",
     "recall_at_k", "mlflow_run_id", ...}`` (accuracies in percent; ``top1``/``top5`` at ``knn.k``).
     """
-    from pipeline.cluster.ray_output import native_stderr_filtered
-    from pipeline.eval.embed import embed_splits
     from pipeline.weights.checkpoint import TEACHER_WEIGHTS, load_teacher
     from pipeline.weights.teacher_source import file_sha256
 
@@ -330,16 +337,7 @@ def evaluate_teacher(
     splits = {"database": train} | ({"queries": val} if val is not None else {})
 
     t0 = time.perf_counter()
-    # Ray's C++ core notes each embedding actor's start on this process's stderr (a line with nothing to act on)
-    with native_stderr_filtered(cfg.logging.ray_verbose):
-        emb = (embed_fn or embed_splits)(
-            splits,
-            models,
-            batch_size=kn.batch_size,
-            actors=kn.actors,
-            read_cpus=cfg.ray.read_cpus_per_task,
-            ray_config=cfg.ray,
-        )
+    emb = _embed(cfg, splits, models, embed_fn)
     embed_s = time.perf_counter() - t0
     db = emb["teacher"]["database"]
     queries = emb["teacher"]["queries"] if val is not None else None
